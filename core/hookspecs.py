@@ -1,0 +1,325 @@
+"""Every hook ftengine calls. This file is the plugin API reference.
+
+A plugin is a module (or object) with functions named like the specs below and decorated with
+``ftengine.hookimpl``. An implementation may accept any subset of a hook's arguments, by name.
+Hooks marked *firstresult* stop at the first implementation that returns something other than
+``None``; the others call every implementation and collect the results in a list.
+
+A plugin may also declare, as module attributes:
+
+* ``requires = ("lora",)``: plugins that must be active alongside it;
+* ``conflicts = ("full",)``: plugins that must not be active alongside it.
+
+Some hooks are *exclusive*: at most one active non-default plugin may implement them (two
+losses, two model loaders, ...). Selecting two such plugins is an error naming both, reported
+before any model is loaded. See ``ftengine.plugins.EXCLUSIVE_HOOKS``.
+
+The phases of a run, in order: configure, build, train, save. ``ftengine merge`` runs build,
+loads an adapter and merges it; inference runs build, loads adapters and switches between them.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("ftengine")
+
+# --------------------------------------------------------------------------------------------
+# configure: plugin setup, CLI, config
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def ftengine_addhooks(pluginmanager):
+    """Add a plugin's own hook specifications, so other plugins can extend it.
+
+    Called once for every registered plugin, including plugins registered later (historic).
+    The ``lora`` plugin uses it to add ``ftengine_lora_variant`` and ``ftengine_lora_kernel``.
+
+    :param pluginmanager: the ``pluggy.PluginManager``; call
+        ``pluginmanager.add_hookspecs(module)``.
+    """
+
+
+@hookspec
+def ftengine_register_commands(cli):
+    """Add commands to the ``ftengine`` command-line interface.
+
+    Called once when the CLI starts, for every installed plugin (not only the selected ones),
+    so that plugin commands show in ``ftengine --help``.
+
+    :param cli: the ``click.Group`` behind ``ftengine``; call ``cli.command()`` or
+        ``cli.add_command``.
+    """
+
+
+@hookspec
+def ftengine_config_section(register):
+    """Declare this plugin's configuration section.
+
+    :param register: call ``register("lora", LoraOptions)`` where ``LoraOptions`` is a pydantic
+        model. Its fields (with defaults) become the ``lora:`` section of the YAML config and
+        the ``-o lora.key=value`` overrides. Unknown keys and bad values in the section are
+        reported with every other configuration error, at once.
+    """
+
+
+@hookspec
+def ftengine_validate(config, active):
+    """Check that the configuration and the active plugin set make sense together.
+
+    Called after every config section parsed, before any model is loaded.
+
+    :param config: the validated ``ftengine.config.Config``.
+    :param active: the names of the active plugins (a ``frozenset`` of str).
+    :return: a list of messages, each naming the offending key or plugin and the fix (an empty
+        list or ``None`` when all is well). All messages from all plugins are shown together.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# build: model, quantisation, adapters, trainable parameters, optimiser, data
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def ftengine_load_model(config):
+    """Load the base model and its tokenizer. Exclusive, firstresult.
+
+    The default implementation (plugin ``hf_loader``) reads a local transformers directory, a
+    hub id or a ``.gguf`` file (dequantised once and cached as safetensors), and fetches the
+    embedded default model when ``config.model`` is ``"default"``.
+
+    :param config: the run ``Config``.
+    :return: ``(model, tokenizer)``: a ``transformers`` causal LM in float32 on CPU, and its
+        tokenizer (with a pad token).
+    """
+
+
+@hookspec(firstresult=True)
+def ftengine_quantize_model(model, config):
+    """Quantise the frozen base weights in place. Exclusive, firstresult.
+
+    Called after the model moved to its device and before adapters are injected, so adapter
+    layers wrap the quantised layers.
+
+    :param model: the base model.
+    :param config: the run ``Config``.
+    :return: ``True`` when the model was quantised (``None`` to pass).
+    """
+
+
+@hookspec
+def ftengine_inject_adapters(model, config):
+    """Wrap the modules this plugin adapts, in place.
+
+    Each adapter plugin wraps only its own modules and freezes nothing else itself (the core
+    freezes every parameter not named by ``ftengine_trainable_params``). Injection must be
+    deterministic given ``torch.manual_seed(config.train.seed)``, so that a resumed run can
+    rebuild the same adapters and load their trained values.
+
+    :param model: the (possibly quantised) base model.
+    :param config: the run ``Config``.
+    """
+
+
+@hookspec(firstresult=True)
+def ftengine_wrap_model(model, config):
+    """Return a module that wraps the whole model, or ``None``. Exclusive, firstresult.
+
+    For adapters that change the model's inputs rather than its layers (prompt tuning prepends
+    virtual tokens). The wrapper must keep the causal-LM interface: ``forward(input_ids=,
+    attention_mask=, labels=)`` returning an object with ``.logits`` aligned to ``input_ids``,
+    ``generate(...)``, ``config``, and ``get_base_model()`` returning the wrapped model.
+
+    :param model: the model with adapters injected.
+    :param config: the run ``Config``.
+    """
+
+
+@hookspec
+def ftengine_trainable_params(model, config):
+    """Name the parameters this plugin trains.
+
+    The core trains the union over all plugins, freezes every other parameter, and checkpoints
+    exactly these (so a LoRA checkpoint holds only the adapter).
+
+    :param model: the model after injection and wrapping.
+    :param config: the run ``Config``.
+    :return: an iterable of names as in ``model.named_parameters()``.
+    """
+
+
+@hookspec(firstresult=True)
+def ftengine_make_optimizer(model, params, config):
+    """Build the optimiser. Exclusive, firstresult; the default is AdamW (plugin ``adamw``).
+
+    :param model: the model being trained.
+    :param params: ``[(name, parameter), ...]`` of every trainable parameter, in a fixed order.
+    :param config: the run ``Config`` (``config.train.lr``, ``config.train.weight_decay``).
+    :return: a ``torch.optim.Optimizer``.
+    """
+
+
+@hookspec(firstresult=True)
+def ftengine_load_dataset(config, tokenizer):
+    """Read and tokenise the training and evaluation data. Exclusive, firstresult.
+
+    The default (plugin ``sft``) reads JSONL prompt/response or chat rows and masks everything
+    but the response tokens. Bad rows raise ``ftengine.errors.DataError`` naming ``file:line``
+    and the field, before training starts.
+
+    :param config: the run ``Config`` (``config.data``, ``config.train.max_length``).
+    :param tokenizer: the tokenizer from ``ftengine_load_model``.
+    :return: an ``ftengine.state.Datasets``: ``train`` and ``eval`` lists of examples, and a
+        ``collate(examples) -> batch`` function that pads a list of examples into tensors.
+    """
+
+
+@hookspec(firstresult=True)
+def ftengine_compute_loss(model, batch, state):
+    """Compute the loss of one micro-batch. Exclusive, firstresult; the default is SFT.
+
+    The loss is returned as a *sum* with its *count* (target tokens for SFT, pairs for DPO),
+    so that gradient accumulation divides by the total count over all micro-batches of an
+    optimiser step rather than averaging per-micro-batch means.
+
+    :param model: the model being trained (or evaluated, under ``torch.no_grad``).
+    :param batch: what ``Datasets.collate`` returned, moved to the model's device.
+    :param state: the ``ftengine.state.RunState``.
+    :return: an ``ftengine.state.LossOutput(loss_sum, count, metrics)``; ``metrics`` values are
+        sums too, divided by the total count when logged.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# train: callbacks and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def ftengine_on_train_start(model, state):
+    """Called once after the model, optimiser and data are ready, before the first step.
+
+    :param model: the model to train.
+    :param state: the ``RunState`` (``state.step`` is above 0 when resuming).
+    """
+
+
+@hookspec
+def ftengine_on_log(state, record):
+    """Called for each metrics record: every ``train.log_every`` steps and every evaluation.
+
+    The core writes each record as one line of ``metrics.jsonl``; the ``progress`` plugin
+    shows them.
+
+    :param state: the ``RunState``.
+    :param record: a dict; training records hold ``step``, ``loss``, ``lr``,
+        ``tokens_per_s``; evaluation records hold ``step`` and ``eval_*`` keys.
+    """
+
+
+@hookspec
+def ftengine_on_step_end(model, state):
+    """Called after every optimiser step (after logging and checkpointing for that step).
+
+    :param model: the model being trained.
+    :param state: the ``RunState``.
+    """
+
+
+@hookspec
+def ftengine_eval_metrics(model, tokenizer, datasets, state):
+    """Compute evaluation metrics besides the eval loss.
+
+    Called every ``train.eval_every`` steps, at the end of training, and by the default job
+    before training. The model is in eval mode under ``torch.no_grad``.
+
+    :param model: the model being trained.
+    :param tokenizer: its tokenizer.
+    :param datasets: the ``Datasets``; each example keeps its source row under ``"row"``.
+    :param state: the ``RunState``.
+    :return: a dict of metric name to number (names without the ``eval_`` prefix; the core
+        adds it). Two plugins returning the same name is an error.
+    """
+
+
+@hookspec
+def ftengine_on_train_end(model, state):
+    """Called once after the last step, before the result is saved.
+
+    :param model: the trained model.
+    :param state: the ``RunState``.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# save, load, merge, inference
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def ftengine_save_model(model, tokenizer, config, path):
+    """Save what this plugin trained into the directory ``path``.
+
+    Adapter plugins write PEFT-format files (``adapter_config.json`` +
+    ``adapter_model.safetensors``); ``full`` writes a transformers model directory. Write
+    atomically with ``ftengine.checkpoint.atomic_write``.
+
+    :param model: the trained model.
+    :param tokenizer: its tokenizer.
+    :param config: the run ``Config``.
+    :param path: a ``pathlib.Path`` to an existing directory.
+    :return: a list of the files written, or ``None`` if this plugin saves nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def ftengine_load_adapter(model, path, name, config):
+    """Load a saved adapter directory into ``model`` under ``name``. Firstresult.
+
+    An implementation reads ``adapter_config.json``, returns ``None`` for a ``peft_type`` it
+    does not handle, and otherwise loads the adapter or raises an error naming the first
+    module or tensor that does not fit, leaving the model unchanged.
+
+    :param model: a model built for inference (possibly already holding other adapters).
+    :param path: the adapter directory (``pathlib.Path``).
+    :param name: the name to load it under (``"default"`` unless several are loaded).
+    :param config: the run ``Config``.
+    :return: the model to use from now on (the same object or a wrapper), or ``None``.
+    """
+
+
+@hookspec
+def ftengine_set_active_adapter(model, name):
+    """Make adapter ``name`` the active one; ``None`` disables all adapters (the base model).
+
+    Used to swap adapters at inference and as DPO's reference model (adapters disabled).
+
+    :param model: a model holding adapters.
+    :param name: an adapter name, or ``None``.
+    """
+
+
+@hookspec
+def ftengine_merge_adapters(model):
+    """Fold the active adapters into the base weights; merging twice changes nothing.
+
+    :param model: a model holding adapters.
+    """
+
+
+@hookspec
+def ftengine_unmerge_adapters(model):
+    """Undo ``ftengine_merge_adapters``, restoring the base weights.
+
+    :param model: a model holding merged adapters.
+    """
+
+
+@hookspec
+def ftengine_unwrap_merged(model):
+    """After a merge, replace adapter layers by plain modules so the model saves as a plain
+    transformers model (``qlora`` also dequantises here).
+
+    :param model: a model whose adapters are merged.
+    :return: the model to save (the same object or a replacement), or ``None``.
+    """

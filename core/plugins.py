@@ -1,0 +1,205 @@
+"""Finding, selecting and registering plugins.
+
+Plugins come from three places:
+
+* built-ins: every module or package inside ``ftengine.plugins``, by module name. Those whose
+  module says ``default = True`` (the HF loader, SFT, AdamW, the progress display) are always
+  active unless blocked with ``--plugin no:NAME``; the others are selected by name.
+* installed packages: entry points in the group ``ftengine`` (``[project.entry-points.ftengine]``
+  ``myplugin = "my_package.plugin"``), selected by their entry-point name.
+* a local module: ``--plugin my_package.my_module`` (any importable dotted path).
+
+Selection problems (unknown names, missing requirements, conflicts, two plugins claiming one
+exclusive hook, misspelled hook implementations) are collected and raised together as one
+``PluginError`` before any model is loaded.
+"""
+
+import difflib
+import importlib
+import importlib.metadata
+import os
+import pkgutil
+import sys
+from dataclasses import dataclass
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+PROJECT = "ftengine"
+
+# At most one active non-default plugin may implement each of these.
+EXCLUSIVE_HOOKS = (
+    "ftengine_load_model",
+    "ftengine_quantize_model",
+    "ftengine_wrap_model",
+    "ftengine_make_optimizer",
+    "ftengine_load_dataset",
+    "ftengine_compute_loss",
+)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a plugin comes from, before it is imported."""
+
+    name: str
+    source: str  # "builtin", "entry point (dist x.y)" or "module"
+    target: str  # dotted module path or entry-point value
+
+
+def builtin_plugins():
+    """Built-in plugins by name: every module and package directly inside ``ftengine.plugins``."""
+    import ftengine.plugins as package
+
+    return {
+        m.name: PluginInfo(m.name, "builtin", f"ftengine.plugins.{m.name}")
+        for m in pkgutil.iter_modules(package.__path__)
+        if not m.name.startswith("_")
+    }
+
+
+def entry_point_plugins():
+    """Installed third-party plugins by entry-point name."""
+    found = {}
+    for ep in importlib.metadata.entry_points(group=PROJECT):
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+        found[ep.name] = PluginInfo(ep.name, f"entry point ({dist})", ep.value)
+    return found
+
+
+def available_plugins():
+    """Every plugin that can be selected by name; built-ins win over entry points."""
+    return {**entry_point_plugins(), **builtin_plugins()}
+
+
+def import_plugin(info):
+    """Import a plugin's module (or the object an entry point names)."""
+    module_path, _, attr = info.target.partition(":")
+    obj = importlib.import_module(module_path)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def plugin_name(plugin):
+    """A plugin's name: its ``name`` attribute, else the last part of its module name."""
+    return getattr(plugin, "name", None) or plugin.__name__.rsplit(".", 1)[-1]
+
+
+def new_plugin_manager():
+    """A plugin manager with ftengine's hook specs and, if asked, hook tracing."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if os.environ.get("FTENGINE_TRACE_HOOKS"):
+        pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
+        pm.enable_tracing()
+    return pm
+
+
+def _did_you_mean(name, choices):
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def select_plugins(requested):
+    """Import and register the default plugins plus ``requested``; check the set.
+
+    :param requested: names from ``--plugin`` and the config's ``plugins:`` list. ``no:NAME``
+        blocks a default plugin.
+    :return: a plugin manager holding exactly the active plugins. Each registered plugin's
+        name is ``pm.get_name(plugin)``; ``pm.ftengine_defaults`` is the set of default names.
+    :raises PluginError: listing every problem with the selection.
+    """
+    problems = []
+    known = available_plugins()
+    blocked = {r[3:] for r in requested if r.startswith("no:")}
+    wanted = [r for r in dict.fromkeys(requested) if not r.startswith("no:")]
+
+    infos = []
+    for name in wanted:
+        if name in known:
+            infos.append(known[name])
+        elif "." in name:
+            infos.append(PluginInfo(name.rsplit(".", 1)[-1], "module", name))
+        else:
+            problems.append(
+                f"plugin '{name}': unknown.{_did_you_mean(name, list(known))} "
+                f"Run 'ftengine plugins' to list the available plugins."
+            )
+
+    plugins = {}
+    defaults = set()
+    for info in known.values():
+        if info.source == "builtin" and info.name not in blocked and info not in infos:
+            module = import_plugin(info)
+            if getattr(module, "default", False):
+                plugins[info.name] = module
+                defaults.add(info.name)
+    for info in infos:
+        try:
+            plugins[info.name] = import_plugin(info)
+        except Exception as exc:  # a plugin that fails to import must fail loudly
+            problems.append(f"plugin '{info.name}' ({info.target}) failed to import: {exc!r}")
+
+    pm = new_plugin_manager()
+    for name, plugin in plugins.items():
+        pm.register(plugin, name=name)
+    pm.ftengine_defaults = frozenset(defaults)
+    active = frozenset(plugins)
+
+    conflicting = set()
+    for name, plugin in plugins.items():
+        for needed in getattr(plugin, "requires", ()):
+            if needed not in active:
+                problems.append(f"plugin '{name}' requires plugin '{needed}': add --plugin {needed}.")
+        conflicting |= {tuple(sorted((name, o))) for o in getattr(plugin, "conflicts", ()) if o in active}
+    for a, b in sorted(conflicting):
+        problems.append(f"plugins '{a}' and '{b}' conflict: select only one of them.")
+    for hook_name in EXCLUSIVE_HOOKS:
+        owners = [
+            pm.get_name(impl.plugin)
+            for impl in getattr(pm.hook, hook_name).get_hookimpls()
+            if pm.get_name(impl.plugin) not in defaults
+        ]
+        if len(owners) > 1:
+            problems.append(
+                f"plugins {' and '.join(repr(o) for o in sorted(owners))} both implement "
+                f"{hook_name}, which only one plugin may provide: select one of them."
+            )
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        problems.append(f"{exc} (a misspelled hook implementation?)")
+    if problems:
+        raise PluginError(problems)
+    return pm
+
+
+def active_names(pm):
+    """The names of the plugins registered in ``pm``."""
+    return frozenset(pm.get_name(p) for p in pm.get_plugins())
+
+
+def describe_plugins():
+    """Rows for ``ftengine plugins``: name, version, source, default, hooks implemented."""
+    rows = []
+    for info in sorted(available_plugins().values(), key=lambda i: (i.source != "builtin", i.name)):
+        try:
+            plugin = import_plugin(info)
+        except Exception as exc:
+            rows.append((info.name, "?", info.source, False, f"import failed: {exc!r}"))
+            continue
+        hooks = sorted(n for n in dir(plugin) if n.startswith("ftengine_"))
+        version = getattr(plugin, "__version__", None) or _dist_version(info)
+        rows.append((info.name, version, info.source, getattr(plugin, "default", False), hooks))
+    return rows
+
+
+def _dist_version(info):
+    if info.source == "builtin":
+        from . import __version__
+
+        return __version__
+    return info.source.rsplit(" ", 1)[-1].rstrip(")")

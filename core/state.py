@@ -1,0 +1,48 @@
+"""Small records passed between the core and plugins."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Datasets:
+    """What ``ftengine_load_dataset`` returns.
+
+    ``train`` and ``eval`` are lists of examples (dicts); ``collate`` pads a list of examples
+    into a batch of tensors. Each example keeps its source row under ``"row"`` for metrics that
+    need the raw text (generation-based evaluation).
+    """
+
+    train: list
+    eval: list
+    collate: Callable[[list], dict]
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """A micro-batch loss as a sum over ``count`` units (target tokens, preference pairs)."""
+
+    loss: torch.Tensor
+    count: int
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """The state of a run that plugins may read."""
+
+    config: Any
+    pm: Any
+    output_dir: Path
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    step: int = 0
+    max_steps: int = 0
+    epoch: int = 0
+    tokens_seen: int = 0
+    tokenizer: Any = None
+    extra: dict = field(default_factory=dict)

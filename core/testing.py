@@ -1,0 +1,113 @@
+"""Test helpers for ftengine and for plugin authors (also a pytest plugin: ``tiny_model_dir``).
+
+Everything here is built in-process and offline: a byte-level BPE tokenizer with a chat
+template, and a randomly initialised Llama-architecture model a few hundred KB in size, with a
+fixed seed so every test sees the same weights.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (256 byte tokens + 3 specials) with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS,
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(seed=0, vocab_size=259, hidden_size=32, layers=2, tie_word_embeddings=False):
+    """A random-init Llama causal LM (fp32, eval mode) that is the same for the same seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=257,
+        eos_token_id=258,
+        pad_token_id=256,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Default init gives near-uniform logits; a larger scale makes adapter effects visible.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def save_tiny_model(path, seed=0, **kwargs):
+    """Write a tiny model and tokenizer as a transformers directory; return the path."""
+    path = Path(path)
+    tiny_model(seed=seed, **kwargs).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    """Write ``rows`` (dicts) as JSONL; return the path."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sft_rows(n=16, seed=0):
+    """Small prompt/response rows with a learnable pattern (answer = reversed word)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    rows = []
+    for _ in range(n):
+        word = rng.choice(words)
+        rows.append({"prompt": f"Reverse: {word}", "response": word[::-1]})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A transformers directory holding the tiny model and tokenizer (built once per session)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """``(train.jsonl, eval.jsonl)`` paths of small prompt/response data."""
+    return (
+        write_jsonl(tmp_path / "train.jsonl", sft_rows(16, seed=0)),
+        write_jsonl(tmp_path / "eval.jsonl", sft_rows(4, seed=1)),
+    )

@@ -1,0 +1,1 @@
+"""Built-in plugins: each module here is one plugin, selected by its module name."""
