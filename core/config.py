@@ -1,0 +1,202 @@
+"""Run configuration: YAML file + ``-o section.key=value`` overrides, validated all at once.
+
+The core owns the ``model``, ``output_dir``, ``plugins``, ``data`` and ``train`` keys; each
+plugin adds one section through ``ftengine_config_section``. Every problem (unknown key, bad
+value, contradictory options, a plugin's own checks) is collected into one ``ConfigError``
+whose lines name the key, where it was set (``file:line`` or ``-o``) and the fix.
+"""
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+CORE_KEYS = ("model", "output_dir", "plugins", "data", "train")
+
+
+class Section(BaseModel):
+    """Base class for a config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataOptions(Section):
+    train: str | None = Field(None, description="training data, JSONL")
+    eval: str | None = Field(None, description="evaluation data, JSONL")
+
+
+class TrainOptions(Section):
+    max_steps: PositiveInt | None = Field(None, description="optimiser steps (or set epochs)")
+    epochs: PositiveFloat | None = Field(None, description="passes over the data (default 1)")
+    batch_size: PositiveInt = Field(8, description="examples per micro-batch")
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimiser step")
+    lr: PositiveFloat = Field(2e-4, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: NonNegativeInt = Field(0, description="linear warmup, then cosine decay")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    max_grad_norm: PositiveFloat | None = Field(1.0, description="gradient clipping; null = off")
+    max_length: PositiveInt = Field(512, description="longer sequences are truncated (counted)")
+    seed: int = 0
+    log_every: PositiveInt = 1
+    eval_every: NonNegativeInt = Field(0, description="evaluate every N steps; 0 = at the end only")
+    save_every: NonNegativeInt = Field(0, description="checkpoint every N steps; 0 = never")
+    eval_batch_size: PositiveInt = 16
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set train.max_steps or train.epochs, not both")
+        return self
+
+
+class BaseConfig(Section):
+    """The core keys; plugin sections are added by ``config_model``."""
+
+    model: str = Field("default", description="local HF dir, hub id, .gguf file or 'default'")
+    output_dir: str = Field("runs/latest", description="where checkpoints and results go")
+    plugins: list[str] = Field(default_factory=list, description="plugins to activate")
+    data: DataOptions = Field(default_factory=DataOptions)
+    train: TrainOptions = Field(default_factory=TrainOptions)
+
+
+def config_model(sections):
+    """The pydantic model of a whole config: the core keys plus ``sections`` (name -> model)."""
+    fields = {name: (model, Field(default_factory=model)) for name, model in sections.items()}
+    return create_model("Config", __base__=BaseConfig, **fields)
+
+
+def plugin_sections(pm):
+    """Collect ``{section name: model}`` from ``ftengine_config_section``; duplicates are errors."""
+    sections, problems = {}, []
+
+    def register(name, model):
+        if name in sections or name in CORE_KEYS:
+            problems.append(f"config section '{name}' is registered twice: rename one plugin's section")
+        sections[name] = model
+
+    pm.hook.ftengine_config_section(register=register)
+    if problems:
+        raise ConfigError(problems)
+    return sections
+
+
+# --------------------------------------------------------------------------------------------
+# reading YAML and overrides, remembering where each key was set
+# --------------------------------------------------------------------------------------------
+
+
+def _yaml_lines(node, prefix, out):
+    """Map dotted key paths to 1-based line numbers by walking YAML nodes."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (str(key_node.value),)
+            out[path] = key_node.start_mark.line + 1
+            _yaml_lines(value_node, path, out)
+
+
+def read_yaml(path):
+    """Read a YAML config file into ``(dict, {key path: "file:line"})``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: the config must be a mapping of sections, not {type(data).__name__}"])
+    lines = {}
+    _yaml_lines(node, (), lines)
+    return data, {key: f"{path}:{line}" for key, line in lines.items()}
+
+
+def apply_overrides(data, origins, overrides):
+    """Apply ``section.key=value`` strings (values parsed as YAML) to ``data`` in place."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"-o {item}: expected section.key=value, e.g. -o train.lr=1e-4")
+            continue
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        target = data
+        for part in parts[:-1]:
+            if not isinstance(target.get(part, {}), dict):
+                problems.append(f"-o {item}: '{part}' is not a section")
+                break
+            target = target.setdefault(part, {})
+        else:
+            target[parts[-1]] = value
+            origins[tuple(parts)] = f"-o {key}"
+    if problems:
+        raise ConfigError(problems)
+
+
+def _allowed_keys(model, loc):
+    """Field names allowed at ``loc`` (a tuple of keys) of a pydantic model."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error, model, origins, plugin_for_section):
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc) or "(config)"
+    where = origins.get(loc) or origins.get(loc[:1])
+    prefix = f"{where}: {key}" if where else key
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+        hint = f" Did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
+        if len(loc) == 1 and loc[0] in plugin_for_section:
+            hint = f" It belongs to plugin '{plugin_for_section[loc[0]]}': add --plugin {plugin_for_section[loc[0]]}, or remove the section."
+        known = ", ".join(allowed)
+        return f"{prefix}: unknown key.{hint} Known keys here: {known}."
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and error["type"] not in ("missing",):
+        message += f" (got {error['input']!r})"
+    return f"{prefix}: {message}"
+
+
+def build_config(data, origins, sections, plugin_for_section=None):
+    """Validate ``data`` against the core keys plus ``sections``; raise every problem at once."""
+    model = config_model(sections)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(e, model, origins, plugin_for_section or {}) for e in exc.errors()]
+        raise ConfigError(problems) from None
+
+
+def dump_config(config):
+    """The config as plain data (for ``config.yaml`` in the output dir and checkpoints)."""
+    return config.model_dump(mode="json")

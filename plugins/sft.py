@@ -1,0 +1,44 @@
+"""Supervised fine-tuning data and loss (default plugin).
+
+Data: JSONL rows ``{"prompt", "response"}`` or ``{"messages": [...]}``; the loss covers the
+response (assistant) tokens only. The loss is returned as a sum over target tokens with their
+count, so the core normalises gradient accumulation by the total target tokens of the step.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ftengine import hookimpl
+from ftengine.data import IGNORE_INDEX, collate_sft, load_sft_file
+from ftengine.state import Datasets, LossOutput
+
+default = True
+
+
+@hookimpl(trylast=True)
+def ftengine_load_dataset(config, tokenizer):
+    train, stats = load_sft_file(config.data.train, tokenizer, config.train.max_length)
+    eval_examples, eval_stats = [], {}
+    if config.data.eval:
+        eval_examples, eval_stats = load_sft_file(config.data.eval, tokenizer, config.train.max_length)
+    return Datasets(
+        train=train,
+        eval=eval_examples,
+        collate=lambda examples: collate_sft(examples, tokenizer.pad_token_id),
+        stats={"train": stats, "eval": eval_stats},
+    )
+
+
+def token_logprob_sum(logits, labels):
+    """Sum of cross-entropy over positions whose (shifted) label is not ignored, and its count."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+@hookimpl(trylast=True)
+def ftengine_compute_loss(model, batch, state):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss, count = token_logprob_sum(logits, batch["labels"])
+    return LossOutput(loss=loss, count=count)
