@@ -108,7 +108,7 @@ def ftengine_quantize_model(model, config):
 
 
 @hookspec
-def ftengine_inject_adapters(model, config):
+def ftengine_inject_adapters(model, config, pluginmanager):
     """Wrap the modules this plugin adapts, in place.
 
     Each adapter plugin wraps only its own modules and freezes nothing else itself (the core
@@ -118,6 +118,8 @@ def ftengine_inject_adapters(model, config):
 
     :param model: the (possibly quantised) base model.
     :param config: the run ``Config``.
+    :param pluginmanager: the run's plugin manager, to call hooks a plugin added itself
+        (``lora`` calls ``ftengine_lora_variant`` here).
     """
 
 
@@ -273,7 +275,7 @@ def ftengine_save_model(model, tokenizer, config, path):
 
 
 @hookspec(firstresult=True)
-def ftengine_load_adapter(model, path, name, config):
+def ftengine_load_adapter(model, path, name, config, pluginmanager):
     """Load a saved adapter directory into ``model`` under ``name``. Firstresult.
 
     An implementation reads ``adapter_config.json``, returns ``None`` for a ``peft_type`` it
@@ -284,6 +286,8 @@ def ftengine_load_adapter(model, path, name, config):
     :param path: the adapter directory (``pathlib.Path``).
     :param name: the name to load it under (``"default"`` unless several are loaded).
     :param config: the run ``Config``.
+    :param pluginmanager: the plugin manager (to check e.g. that ``dora`` is active for a DoRA
+        adapter).
     :return: the model to use from now on (the same object or a wrapper), or ``None``.
     """
 

@@ -94,7 +94,7 @@ def build(config, pm, device=None):
         info["weight_bytes_quantized"] = weight_bytes(model)
     # Adapters are created from this seed, so a resumed run rebuilds them identically.
     torch.manual_seed(config.train.seed)
-    pm.hook.ftengine_inject_adapters(model=model, config=config)
+    pm.hook.ftengine_inject_adapters(model=model, config=config, pluginmanager=pm)
     model = pm.hook.ftengine_wrap_model(model=model, config=config) or model
     model.to(device)
     trainable = set()
