@@ -147,6 +147,7 @@ def select_plugins(requested):
     for name, plugin in plugins.items():
         pm.register(plugin, name=name)
     pm.ftengine_defaults = frozenset(defaults)
+    pm.hook.ftengine_addhooks.call_historic(kwargs={"pluginmanager": pm})
     active = frozenset(plugins)
 
     conflicting = set()
