@@ -87,7 +87,7 @@ def _fmt(value):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins_command(as_json):
     """List the available plugins, where they come from and the hooks they implement."""
-    from .plugins import describe_plugins
+    from .pluginmanager import describe_plugins
 
     rows = describe_plugins()
     if as_json:
@@ -104,7 +104,7 @@ def plugins_command(as_json):
 
 def _register_plugin_commands():
     """Let every available plugin add commands (they show in --help even when not selected)."""
-    from .plugins import available_plugins, import_plugin, new_plugin_manager
+    from .pluginmanager import available_plugins, import_plugin, new_plugin_manager
 
     pm = new_plugin_manager()
     for info in available_plugins().values():

@@ -5,7 +5,7 @@ bundled contact-extraction task, scoring the validation split before and after t
 data is generated (seeded) into the cache the first time.
 """
 
-from .plugins import builtin_plugins
+from .pluginmanager import builtin_plugins
 
 
 def default_job_config():

@@ -12,7 +12,7 @@ A plugin may also declare, as module attributes:
 
 Some hooks are *exclusive*: at most one active non-default plugin may implement them (two
 losses, two model loaders, ...). Selecting two such plugins is an error naming both, reported
-before any model is loaded. See ``ftengine.plugins.EXCLUSIVE_HOOKS``.
+before any model is loaded. See ``ftengine.pluginmanager.EXCLUSIVE_HOOKS``.
 
 The phases of a run, in order: configure, build, train, save. ``ftengine merge`` runs build,
 loads an adapter and merges it; inference runs build, loads adapters and switches between them.

@@ -17,7 +17,7 @@ import torch
 from . import checkpoint
 from .config import apply_overrides, build_config, dump_config, plugin_sections, read_yaml
 from .errors import ConfigError, FtengineError
-from .plugins import active_names, available_plugins, select_plugins
+from .pluginmanager import active_names, available_plugins, select_plugins
 from .state import RunState
 
 # --------------------------------------------------------------------------------------------
