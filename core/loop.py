@@ -160,7 +160,7 @@ def evaluate(model, tokenizer, datasets, state):
             batch = to_device(datasets.collate(datasets.eval[start : start + config.train.eval_batch_size]), state.device)
             with _autocast(state):
                 out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
-            loss_sum, count = loss_sum + float(out.loss), count + out.count
+            loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
         record["eval_loss"] = loss_sum / max(count, 1)
     for metrics in pm.hook.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state):
         for key, value in (metrics or {}).items():
@@ -260,7 +260,7 @@ def train(config, pm, resume=False, eval_before=False):
                 with _autocast(state):
                     out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
                 out.loss.backward()
-                loss_sum, count = loss_sum + float(out.loss), count + out.count
+                loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 for key, value in out.metrics.items():
                     metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
