@@ -20,7 +20,6 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     create_model,
-    model_validator,
 )
 
 from .errors import ConfigError
@@ -57,12 +56,6 @@ class TrainOptions(Section):
     eval_batch_size: PositiveInt = 16
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @model_validator(mode="after")
-    def _one_length(self):
-        if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("set train.max_steps or train.epochs, not both")
-        return self
 
 
 class BaseConfig(Section):
@@ -187,14 +180,26 @@ def _describe(error, model, origins, plugin_for_section):
     return f"{prefix}: {message}"
 
 
+def _contradictions(data, origins):
+    """Problems between keys, checked on the raw data so they show beside per-key errors."""
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if train.get("max_steps") is not None and train.get("epochs") is not None:
+        where = origins.get(("train", "epochs"))
+        return [f"{where + ': ' if where else ''}train.epochs: set train.max_steps or train.epochs, not both"]
+    return []
+
+
 def build_config(data, origins, sections, plugin_for_section=None):
     """Validate ``data`` against the core keys plus ``sections``; raise every problem at once."""
     model = config_model(sections)
+    problems = _contradictions(data, origins)
     try:
-        return model.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(e, model, origins, plugin_for_section or {}) for e in exc.errors()]
-        raise ConfigError(problems) from None
+        problems = [_describe(e, model, origins, plugin_for_section or {}) for e in exc.errors()] + problems
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def dump_config(config):

@@ -1,0 +1,17 @@
+import pytest
+
+
+@pytest.fixture
+def run_overrides(tiny_model_dir, tiny_data, tmp_path):
+    """``-o`` overrides for a short run on the tiny model and data."""
+    train, evaluation = tiny_data
+    return [
+        f"model={tiny_model_dir}",
+        f"data.train={train}",
+        f"data.eval={evaluation}",
+        f"output_dir={tmp_path / 'out'}",
+        "train.max_steps=4",
+        "train.batch_size=4",
+        "train.lr=1e-3",
+    ]
+

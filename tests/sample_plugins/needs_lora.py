@@ -1,0 +1,4 @@
+"""A plugin that requires another and conflicts with full fine-tuning."""
+
+requires = ("lorax",)
+conflicts = ("full",)

@@ -1,0 +1,10 @@
+"""Plain SGD: its update is proportional to the gradient, so tests can compare gradients."""
+
+import torch
+
+from ftengine import hookimpl
+
+
+@hookimpl
+def ftengine_make_optimizer(model, params, config):
+    return torch.optim.SGD([p for _, p in params], lr=config.train.lr)

@@ -1,0 +1,265 @@
+"""The bundled "contacts" task: generator, scoring, preference pairs and the eval plugin."""
+
+import calendar
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftengine.plugins import contacts
+from ftengine.plugins.contacts import task
+from ftengine.state import Datasets
+from ftengine.testing import tiny_model, tiny_tokenizer
+
+E164 = re.compile(r"\+1\d{10}")
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+EMAIL = re.compile(r"[a-z0-9._]+@[a-z0-9.]+")
+MONTHS = {name: i for i, name in enumerate(calendar.month_name) if name}
+MONTHS.update({abbr: i for i, abbr in enumerate(calendar.month_abbr) if abbr})
+MONTH = "|".join(sorted(MONTHS, key=len, reverse=True))
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return task.generate_examples(600, seed=0)
+
+
+def dates_in(message):
+    """ISO dates of every date spelling the task promises to use, parsed independently."""
+    found = {m.group(0) for m in re.finditer(r"\b\d{4}-\d{2}-\d{2}\b", message)}
+    for m, d, y in re.findall(r"\b(\d{1,2})/(\d{1,2})/(\d{4})\b", message):
+        found.add(f"{y}-{int(m):02d}-{int(d):02d}")
+    for month, d, y in re.findall(rf"\b({MONTH}) (\d{{1,2}})(?:st|nd|rd|th)?, (\d{{4}})", message):
+        found.add(f"{y}-{MONTHS[month]:02d}-{int(d):02d}")
+    for d, month, y in re.findall(rf"\b(\d{{1,2}})(?:st|nd|rd|th)? (?:of )?({MONTH}) (\d{{4}})", message):
+        found.add(f"{y}-{MONTHS[month]:02d}-{int(d):02d}")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# generator
+# --------------------------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_per_seed():
+    assert task.generate_examples(40, seed=3) == task.generate_examples(40, seed=3)
+    other = task.generate_examples(40, seed=4)
+    assert {e["message"] for e in other}.isdisjoint(e["message"] for e in task.generate_examples(40, seed=3))
+
+
+def test_write_splits_files_are_disjoint_and_well_formed(tmp_path):
+    paths = task.write_splits(tmp_path, n_train=120, n_valid=30, n_prefs=40, n_prefs_valid=10, seed=0)
+    assert set(paths) == {"train", "valid", "prefs_train", "prefs_valid"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{s}.jsonl" for s in paths)
+    rows = {split: [json.loads(line) for line in path.read_text().splitlines()] for split, path in paths.items()}
+    assert [len(rows[s]) for s in ("train", "valid", "prefs_train", "prefs_valid")] == [120, 30, 40, 10]
+    for split in ("train", "valid"):
+        for row in rows[split]:
+            assert list(row) == ["messages"]
+            user, assistant = row["messages"]
+            assert user["role"] == "user" and user["content"].startswith(task.USER_PREFIX)
+            assert assistant == {"role": "assistant", "content": task.compact(json.loads(assistant["content"]))}
+    for split in ("prefs_train", "prefs_valid"):
+        for row in rows[split]:
+            assert list(row) == ["prompt", "chosen", "rejected"]
+    messages = {
+        split: {(r["messages"][0] if "messages" in r else r["prompt"][0])["content"] for r in split_rows}
+        for split, split_rows in rows.items()
+    }
+    assert sum(map(len, messages.values())) == len(set().union(*messages.values())) == 200
+    # The same seed writes the same files.
+    again = task.write_splits(tmp_path / "again", n_train=120, n_valid=30, n_prefs=40, n_prefs_valid=10, seed=0)
+    assert all(again[s].read_text() == paths[s].read_text() for s in paths)
+
+
+def test_records_follow_the_conventions(examples):
+    for example in examples:
+        record = example["record"]
+        assert tuple(record) == task.KEYS
+        assert example["messages"][1]["content"] == json.dumps(record, separators=(",", ":"))
+        name, age, city, email, phone, date = record.values()
+        assert name is None or (name.strip() == name and not name.split()[0] in task.TITLES)
+        assert age is None or type(age) is int
+        assert city is None or city in task.CITIES
+        assert email is None or EMAIL.fullmatch(email)
+        assert phone is None or E164.fullmatch(phone)
+        assert date is None or ISO_DATE.fullmatch(date)
+
+
+def test_messages_carry_exactly_the_record(examples):
+    for example in examples:
+        message, record = example["message"], example["record"]
+        assert example["messages"][0]["content"] == task.USER_PREFIX + message
+        if record["name"]:
+            assert record["name"] in message
+        if record["age"] is not None:
+            assert re.search(rf"\b{record['age']}\b", message)
+        if record["city"]:
+            assert record["city"] in message
+        else:
+            assert not any(re.search(rf"\b{re.escape(city)}\b", message) for city in task.CITIES)
+        if record["email"]:
+            assert record["email"] in message.lower()
+        else:
+            assert "@" not in message
+        if record["phone"]:
+            assert record["phone"][2:] in re.sub(r"\D", "", message)
+        else:
+            assert "555" not in message
+        if record["date"]:
+            assert dates_in(message) == {record["date"]}
+        else:
+            assert not re.search(r"\b20\d\d\b", message)
+
+
+def test_inputs_vary_in_the_ways_the_task_promises(examples):
+    messages = [e["message"] for e in examples]
+    records = [e["record"] for e in examples]
+    assert any(re.search(r"\(\d{3}\) 555-01\d\d", m) for m in messages)
+    assert any(re.search(r"\b\d{3}\.555\.01\d\d", m) for m in messages)
+    assert any(re.search(r"\b\d{3}55501\d\d\b", m) for m in messages)
+    assert any(re.search(r"\d{2}/\d{2}/\d{4}", m) for m in messages)
+    assert any(re.search(r"the \d+(st|nd|rd|th) of", m) for m in messages)
+    assert any(re.search(r"\b(Dr|Ms|Mr|Mrs|Prof)\. ", m) for m in messages)
+    assert any(r["email"] and r["email"] not in m for m, r in zip(messages, records))
+    for key in task.KEYS:
+        nulls = sum(r[key] is None for r in records) / len(records)
+        assert nulls < 0.1 if key == "name" else 0.15 < nulls < 0.7
+    assert 15 <= sum(len(m.split()) for m in messages) / len(messages) <= 45
+
+
+# --------------------------------------------------------------------------------------------
+# score
+# --------------------------------------------------------------------------------------------
+
+REFERENCE = {"name": "Jane Doe", "age": 34, "city": "Boston", "email": "jane.doe@example.com",
+             "phone": "+16175550142", "date": "2025-03-03"}
+PERFECT = task.compact(REFERENCE)
+
+
+def test_score_perfect_output():
+    assert task.score([PERFECT, f"  {PERFECT}\n"], [REFERENCE, REFERENCE]) == {
+        "schema_valid": 1.0, "exact_match": 1.0, **{f"field_{k}": 1.0 for k in task.KEYS}
+    }
+
+
+def test_score_wrong_key_order_is_schema_invalid_but_fields_count():
+    reordered = task.compact({k: REFERENCE[k] for k in reversed(task.KEYS)})
+    result = task.score([reordered], [REFERENCE])
+    assert result["schema_valid"] == result["exact_match"] == 0.0
+    assert all(result[f"field_{k}"] == 1.0 for k in task.KEYS)
+
+
+@pytest.mark.parametrize("output", [
+    f"Here is the contact record: {PERFECT}",
+    f"```json\n{PERFECT}\n```",
+    PERFECT[:-1] + ',"name":"Jane Doe"}',  # a duplicate key
+])
+def test_score_unparseable_output_is_wrong_everywhere(output):
+    assert set(task.score([output], [REFERENCE]).values()) == {0.0}
+
+
+def test_score_pretty_printed_json_is_schema_invalid_but_fields_count():
+    result = task.score([json.dumps(REFERENCE, indent=2)], [REFERENCE])
+    assert result["schema_valid"] == result["exact_match"] == 0.0
+    assert all(result[f"field_{k}"] == 1.0 for k in task.KEYS)
+
+
+def test_score_one_wrong_field():
+    predictions = [PERFECT, task.compact({**REFERENCE, "age": "34"}), "not json"]
+    result = task.score(predictions, [REFERENCE] * 3)
+    assert result["schema_valid"] == pytest.approx(2 / 3)
+    assert result["exact_match"] == pytest.approx(1 / 3)
+    assert result["field_age"] == pytest.approx(1 / 3)
+    assert result["field_name"] == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------------------------
+# preference pairs
+# --------------------------------------------------------------------------------------------
+
+
+def mistake_of(correct, rejected):
+    """Which of the task's mistakes ``rejected`` makes, judged from the text alone."""
+    parsed = task.parse_output(rejected)
+    if parsed is None:
+        return "extra_prose" if task.compact(correct) in rejected else None
+    if parsed == correct:
+        return "key_order" if list(parsed) != list(correct) else None
+    if set(parsed) < set(correct):
+        (dropped,) = set(correct) - set(parsed)
+        return "dropped_null_key" if correct[dropped] is None and parsed == {
+            k: v for k, v in correct.items() if k != dropped} else None
+    differing = [k for k in task.KEYS if parsed.get(k) != correct[k]]
+    if list(parsed) != list(task.KEYS) or len(differing) != 1:
+        return None
+    key, wrong = differing[0], parsed[differing[0]]
+    if key == "name" and wrong.endswith(" " + correct["name"]) and wrong.split()[0] in task.TITLES:
+        return "title_in_name"
+    if key == "date" and not ISO_DATE.fullmatch(wrong) and dates_in(wrong) == {correct["date"]}:
+        return "date_format"
+    if key == "phone" and not E164.fullmatch(wrong) and re.sub(r"\D", "", wrong)[-10:] == correct["phone"][2:]:
+        return "phone_format"
+    if key == "email" and wrong.lower() == correct["email"]:
+        return "email_case"
+    return None
+
+
+def test_preference_pairs_reject_one_realistic_mistake():
+    rows = task.generate_preferences(300, seed=0)
+    assert rows == task.generate_preferences(300, seed=0)
+    for row in rows:
+        (chosen,), (rejected,) = row["chosen"], row["rejected"]
+        assert chosen["role"] == rejected["role"] == "assistant"
+        assert row["prompt"][0]["content"].startswith(task.USER_PREFIX)
+        correct = json.loads(chosen["content"])
+        assert tuple(correct) == task.KEYS and chosen["content"] == task.compact(correct)
+        assert rejected["content"] != chosen["content"]
+        assert mistake_of(correct, rejected["content"]) == row["mistake"]
+    assert {row["mistake"] for row in rows} == set(task.MISTAKES)
+
+
+# --------------------------------------------------------------------------------------------
+# the plugin
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(), tiny_tokenizer()
+
+
+def test_predict_left_padding_gives_the_same_answer_batched_or_alone(tiny):
+    model, tokenizer = tiny
+    rows = [{"messages": e["messages"]} for e in task.generate_examples(3, seed=5)]
+    rows.sort(key=lambda r: len(r["messages"][0]["content"]))
+    assert len({len(r["messages"][0]["content"]) for r in rows}) == 3
+    batched = contacts.predict(model, tokenizer, rows, batch_size=3, max_new_tokens=6)
+    assert len(batched) == 3 and all(isinstance(text, str) for text in batched)
+    alone = [contacts.predict(model, tokenizer, [row], batch_size=1, max_new_tokens=6)[0] for row in rows]
+    assert batched == alone
+
+
+def test_eval_metrics_hook_scores_the_eval_rows(tiny):
+    model, tokenizer = tiny
+    model.train()
+    rows = [{"messages": e["messages"]} for e in task.generate_examples(5, seed=6)]
+    options = contacts.ContactsOptions(eval_batch_size=2, max_new_tokens=4, eval_limit=3)
+    state = SimpleNamespace(config=SimpleNamespace(contacts=options), device=torch.device("cpu"),
+                            autocast_dtype=None)
+    datasets = Datasets(train=[], eval=[{"row": row} for row in rows], collate=list)
+    metrics = contacts.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state)
+    assert set(metrics) == {"schema_valid", "exact_match", *(f"field_{k}" for k in task.KEYS)}
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert model.training  # put back as it was
+
+
+def test_config_section_rejects_unknown_keys():
+    registered = {}
+    contacts.ftengine_config_section(register=registered.__setitem__)
+    assert registered == {"contacts": contacts.ContactsOptions}
+    assert contacts.ContactsOptions().eval_batch_size == 16
+    with pytest.raises(ValueError):
+        contacts.ContactsOptions(eval_batch_sise=8)

@@ -1,0 +1,125 @@
+"""The training loop: gradient accumulation, determinism, resume, atomic checkpoints, full FT."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ftengine import checkpoint, hookimpl
+from ftengine.loop import configure, train
+
+
+def losses(output_dir):
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def run(overrides, plugins=("full",), resume=False):
+    config, pm = configure(None, list(plugins), overrides)
+    return train(config, pm, resume=resume)
+
+
+def test_full_finetuning_learns_and_saves_a_loadable_model(run_overrides, tmp_path):
+    summary = run(run_overrides + ["train.max_steps=8"])
+    history = losses(tmp_path / "out")
+    assert history[-1][1] < history[0][1]
+    assert summary["after"]["eval_loss"] < 6.0
+    model = AutoModelForCausalLM.from_pretrained(summary["saved"])
+    assert sum(p.numel() for p in model.parameters()) == 35168
+
+
+def test_metrics_jsonl_has_train_and_eval_records(run_overrides, tmp_path):
+    run(run_overrides + ["train.eval_every=2", "train.log_every=1"])
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    eval_records = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(train_records[0])
+    assert [r["step"] for r in eval_records] == [2, 4]
+
+
+def test_gradient_accumulation_normalises_by_total_target_tokens(run_overrides, tmp_path):
+    """4 micro-batches of 1 must equal 1 batch of 4: each target token weighs the same."""
+    common = run_overrides + ["train.max_steps=1", "train.max_grad_norm=null", "train.lr=0.5"]
+    one = run(common + ["train.batch_size=4", "train.grad_accum=1", f"output_dir={tmp_path / 'one'}"], ("full", "sample_plugins.sgd"))
+    many = run(common + ["train.batch_size=1", "train.grad_accum=4", f"output_dir={tmp_path / 'many'}"], ("full", "sample_plugins.sgd"))
+    assert losses(tmp_path / "one")[0][1] == pytest.approx(losses(tmp_path / "many")[0][1], rel=1e-6)
+    a = AutoModelForCausalLM.from_pretrained(one["saved"]).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(many["saved"]).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=2e-6)
+
+
+def test_same_seed_same_losses(run_overrides, tmp_path):
+    run(run_overrides + [f"output_dir={tmp_path / 'a'}"])
+    run(run_overrides + [f"output_dir={tmp_path / 'b'}"])
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+class KillAfter:
+    """A plugin that interrupts training after a given step, like a killed process."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def ftengine_on_step_end(self, state):
+        if state.step == self.step:
+            raise KeyboardInterrupt(f"killed after step {self.step}")
+
+
+def test_resume_reproduces_the_uninterrupted_run(run_overrides, tmp_path):
+    overrides = run_overrides + ["train.max_steps=6", "train.save_every=3"]
+    run(overrides + [f"output_dir={tmp_path / 'straight'}"])
+    resumed_dir = tmp_path / "resumed"
+    config, pm = configure(None, ["full"], overrides + [f"output_dir={resumed_dir}"])
+    pm.register(KillAfter(4))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, pm)
+    assert [p.name for p in checkpoint.checkpoint_dirs(resumed_dir)] == ["step-000003"]
+    run(overrides + [f"output_dir={resumed_dir}"], resume=True)
+    assert losses(resumed_dir) == losses(tmp_path / "straight")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(run_overrides):
+    from ftengine.errors import FtengineError
+
+    with pytest.raises(FtengineError, match="no complete checkpoint found"):
+        run(run_overrides, resume=True)
+
+
+def test_killed_mid_save_leaves_previous_checkpoint_usable(run_overrides, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dies_on_second_checkpoint(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("killed mid-save")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", dies_on_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(run_overrides + ["train.max_steps=4", "train.save_every=2"])
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step-000002"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not (out / "final").exists()
+    run(run_overrides + ["train.max_steps=4", "train.save_every=2"], resume=True)
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4]
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = checkpoint.atomic_write_text(tmp_path / "f.txt", "old")
+
+    def fails(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(target, fails)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
