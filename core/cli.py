@@ -42,14 +42,19 @@ def cli():
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output_dir.")
 @click.option("--eval-before/--no-eval-before", default=None, help="Also evaluate before training (default: on for the default job).")
 def run(config_file, plugins, overrides, resume, eval_before):
-    """Train: CONFIG_FILE (YAML) plus --plugin and -o overrides; no CONFIG_FILE = the default job."""
+    """Train: CONFIG_FILE (YAML) plus --plugin and -o overrides.
+
+    With neither CONFIG_FILE nor --plugin, runs the embedded default job (overrides apply on
+    top of it, e.g. -o train.max_steps=10).
+    """
     from .default_job import default_job_config
     from .loop import configure, train
 
-    base = default_job_config() if config_file is None else None
+    default_job = config_file is None and not plugins
+    base = default_job_config() if default_job else None
     config, pm = configure(config_file, plugins, overrides, base=base)
     if eval_before is None:
-        eval_before = config_file is None
+        eval_before = default_job
     summary = train(config, pm, resume=resume, eval_before=eval_before)
     print_summary(summary)
 
