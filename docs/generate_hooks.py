@@ -1,0 +1,35 @@
+"""Render core/hookspecs.py into docs/hooks.md: ``python docs/generate_hooks.py``.
+
+tests/test_docs.py fails when docs/hooks.md is out of date, so the reference cannot rot.
+"""
+
+import inspect
+from pathlib import Path
+
+from ftengine import hookspecs
+
+HEADER = """# Hook reference
+
+Generated from `core/hookspecs.py` by `python docs/generate_hooks.py`; do not edit by hand.
+Implement a hook with `@ftengine.hookimpl` on a function of the same name; an implementation
+may take any subset of the arguments. See [writing plugins](writing-plugins.md).
+
+"""
+
+
+def render():
+    parts = [HEADER, inspect.getdoc(hookspecs), "\n"]
+    specs = [f for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("ftengine_")]
+    for function in sorted(specs, key=lambda f: f.__code__.co_firstlineno):  # source order = phase order
+        name = function.__name__
+        options = function.ftengine_spec  # set by HookspecMarker
+        flags = [flag for flag in ("firstresult", "historic") if options.get(flag)]
+        parts.append(f"\n## `{name}{inspect.signature(function)}`\n")
+        if flags:
+            parts.append(f"\n*{', '.join(flags)}*\n")
+        parts.append("\n" + inspect.getdoc(function) + "\n")
+    return "".join(parts)
+
+
+if __name__ == "__main__":
+    Path(__file__).with_name("hooks.md").write_text(render())

@@ -1,0 +1,46 @@
+"""The docs cannot rot: the hook reference is generated, and every hook and option is documented."""
+
+import importlib.util
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ftengine import hookspecs
+from ftengine.cli import cli
+from ftengine.config import TrainOptions
+
+DOCS = Path(__file__).parent.parent / "docs"
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_hook_reference_is_up_to_date():
+    spec = importlib.util.spec_from_file_location("generate_hooks", DOCS / "generate_hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (DOCS / "hooks.md").read_text() == module.render(), "run: python docs/generate_hooks.py"
+
+
+def test_every_hook_has_a_documented_signature():
+    reference = (DOCS / "hooks.md").read_text()
+    for name in dir(hookspecs):
+        if name.startswith("ftengine_"):
+            assert f"`{name}(" in reference
+
+
+def test_every_train_option_is_in_the_config_docs():
+    text = (DOCS / "configuration.md").read_text()
+    for key in TrainOptions.model_fields:
+        assert f"`train.{key}`" in text, key
+
+
+def test_readme_opens_with_the_two_commands():
+    lines = README.read_text().splitlines()
+    commands = [line for line in lines[:30] if line.startswith(("ftengine ", "make ", "pip ", "python"))]
+    assert any("ftengine run" in c for c in commands)
+    assert any("make test" in c for c in commands)
+
+
+def test_cli_help_lists_the_commands():
+    output = CliRunner().invoke(cli, ["--help"]).output
+    for command in ("run", "plugins"):
+        assert command in output
