@@ -1,0 +1,125 @@
+"""Generation-based evaluation for the bundled "contacts" task (``--plugin contacts``).
+
+The task (``ftengine.plugins.contacts.task``, data in ``examples/contacts``) teaches a model to
+answer a message about a person with one line of compact JSON: ``name, age, city, email,
+phone, date``. The eval loss says little about that behaviour, so at every evaluation this
+plugin generates greedily for the eval rows and scores the answers against the reference
+assistant turn: ``schema_valid``, ``exact_match`` and ``field_<key>`` accuracies, logged as
+``eval_schema_valid``, ``eval_exact_match``, ...
+
+Options, in the ``contacts:`` config section: ``eval_batch_size``, ``max_new_tokens`` and
+``eval_limit`` (score only the first N eval rows, to keep evaluation cheap on a CPU).
+"""
+
+import json
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ftengine import hookimpl
+
+from . import task
+
+conflicts = ()
+requires = ()
+
+
+class ContactsOptions(BaseModel):
+    """The ``contacts:`` config section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eval_batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+
+
+def _reference_record(index, row):
+    """The record in the assistant answer that ends a chat row."""
+    messages = row.get("messages") or []
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError(
+            f"contacts: eval row {index} is not a chat row ending with the assistant answer; "
+            f"the contacts plugin scores the rows written by examples/contacts/generate.py."
+        )
+    return json.loads(messages[-1]["content"])
+
+
+def _stop_token_ids(tokenizer):
+    """eos, plus the token that closes an assistant turn in the chat template when it differs
+    (a base model's eos is often ``<|endoftext|>`` while its template ends turns with
+    ``<|im_end|>``, which is what fine-tuning teaches it to emit)."""
+    sentinel = "\x00answer\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}], tokenize=False
+    )
+    after_answer = tokenizer(rendered.split(sentinel, 1)[1], add_special_tokens=False)["input_ids"]
+    stop_ids = [tokenizer.eos_token_id]
+    if after_answer and after_answer[0] in tokenizer.all_special_ids and after_answer[0] not in stop_ids:
+        stop_ids.append(after_answer[0])
+    return stop_ids
+
+
+def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96):
+    """Greedy answers of ``model`` to the user turns of chat ``rows``, in row order.
+
+    Every message but a final assistant one is the prompt. Prompts are left padded, so every
+    row's answer starts right after its own prompt, and batched by length to pad little.
+    """
+    prompts = []
+    for row in rows:
+        messages = row["messages"]
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    stop_ids = _stop_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(by_length), batch_size):
+                batch = by_length[start : start + batch_size]
+                # The chat template already holds any special tokens the model expects.
+                encoded = tokenizer(
+                    [prompts[i] for i in batch],
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="left",
+                    add_special_tokens=False,
+                ).to(device)
+                generated = model.generate(
+                    input_ids=encoded["input_ids"],
+                    attention_mask=encoded["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stop_ids,
+                )
+                new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+                for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    answers[i] = text
+    finally:
+        model.train(was_training)
+    return answers
+
+
+@hookimpl
+def ftengine_config_section(register):
+    register("contacts", ContactsOptions)
+
+
+@hookimpl
+def ftengine_eval_metrics(model, tokenizer, datasets, state):
+    options = state.config.contacts
+    rows = [example["row"] for example in datasets.eval][: options.eval_limit]
+    if not rows:
+        return {}
+    references = [_reference_record(i, row) for i, row in enumerate(rows)]
+    with torch.autocast(
+        state.device.type, dtype=state.autocast_dtype, enabled=state.autocast_dtype is not None
+    ):
+        predictions = predict(model, tokenizer, rows, options.eval_batch_size, options.max_new_tokens)
+    return task.score(predictions, references)
