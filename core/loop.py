@@ -25,13 +25,14 @@ from .state import RunState
 # --------------------------------------------------------------------------------------------
 
 
-def configure(config_path=None, plugins=(), overrides=(), base=None):
+def configure(config_path=None, plugins=(), overrides=(), base=None, require_data=True):
     """Read and validate a run's config and select its plugins; raise every problem at once.
 
     :param config_path: a YAML file, or ``None``.
     :param plugins: plugin names added to the config's ``plugins:`` list.
     :param overrides: ``section.key=value`` strings.
     :param base: a dict of defaults the file and overrides apply on top of (the default job).
+    :param require_data: ``False`` for jobs that train nothing (merge, inference).
     :return: ``(config, pm)``.
     """
     data, origins = dict(base or {}), {}
@@ -46,7 +47,7 @@ def configure(config_path=None, plugins=(), overrides=(), base=None):
     owners = {name: name for name in available_plugins()}
     config = build_config(data, origins, sections, plugin_for_section=owners)
     problems = [m for messages in pm.hook.ftengine_validate(config=config, active=active_names(pm)) for m in messages or ()]
-    if not config.data.train:
+    if require_data and not config.data.train:
         problems.append("data.train: no training data given: set data.train to a JSONL file")
     if problems:
         raise ConfigError(problems)
