@@ -1,0 +1,109 @@
+"""fused_lora: LoRA layers computed by fused Triton kernels on CUDA.
+
+    ftengine run job.yaml --plugin lora --plugin fused_lora
+
+The ``lora`` plugin calls ``ftengine_lora_kernel(layer, name)`` once per LoRA layer and adapter;
+this plugin answers with a forward function built on ``kernel.fused_lora_linear`` (base GEMM,
+LoRA and dropout in fused kernels), or ``None`` where the fused path does not apply, and the
+layer then runs eagerly. ``summary()`` says in one line what was fused and why the rest was not.
+
+Nothing here imports Triton until a layer is actually fused: plugin discovery imports this
+module on every machine, and the kernel module fixes its interpreter mode when imported.
+"""
+
+import importlib.util
+import weakref
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ftengine import hookimpl
+
+requires = ("lora",)
+
+# layer -> {adapter name: None if fused, else why not}; weak, so layers of dropped models drop out.
+_decisions = weakref.WeakKeyDictionary()
+
+
+@hookimpl
+def ftengine_lora_kernel(layer, name):
+    """The fused forward of adapter ``name`` of ``layer``, or ``None`` where unsupported."""
+    reason = _environment_problem() or unsupported_reason(layer, name)
+    _decisions.setdefault(layer, {})[name] = reason
+    return None if reason else fused_forward(layer, name)
+
+
+def summary():
+    """One line, e.g. "fused_lora: 82 layers fused, 2 fell back (LoRA variant 'dora' not supported: 2)"."""
+    problem = _environment_problem()
+    if problem:
+        return f"fused_lora: inactive ({problem})"
+    reasons = Counter(reason for adapters in _decisions.values() for reason in adapters.values())
+    fused = reasons.pop(None, 0)
+    line = f"fused_lora: {fused} layers fused, {sum(reasons.values())} fell back"
+    if reasons:
+        line += " (" + ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common()) + ")"
+    return line
+
+
+def _environment_problem():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if importlib.util.find_spec("triton") is None:
+        return "triton missing"
+    return None
+
+
+def unsupported_reason(layer, name):
+    """Why the fused kernels cannot compute adapter ``name`` of ``layer``, or ``None``.
+
+    Needs Triton importable (the limits live in the kernel module).
+    """
+    from .kernel import MAX_RANK, SUPPORTED_DTYPES
+
+    base = layer.base_layer
+    variant = layer.variant[name]
+    if layer.merged:
+        return "adapter merged into the base weight"
+    if variant is not None:
+        return f"LoRA variant '{getattr(variant, 'name', type(variant).__name__)}' not supported"
+    if type(base) is not nn.Linear:
+        return f"base layer {type(base).__name__} not supported"
+    if layer.lora_A[name].weight.shape[0] > MAX_RANK:
+        return f"r > {MAX_RANK}"
+    if base.weight.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {base.weight.dtype} not supported"
+    if base.weight.device.type != "cuda":
+        return "not on a CUDA device"
+    return None
+
+
+def fused_forward(layer, name):
+    """``fn(x) -> y``: the whole output of ``layer`` (base + adapter ``name``) through the kernels.
+
+    Reads the weights, scaling and dropout probability at every call (so loaded or rescaled
+    adapters are seen) and applies dropout only while ``layer.training``; each call with dropout
+    draws a fresh seed from torch's CPU generator. It computes in the activation dtype (the
+    autocast dtype under autocast): adapter weights kept in fp32 are cast to it, differentiably.
+    The caller handles merged and disabled adapters, as it does for its eager path.
+    """
+    from .kernel import fused_lora_linear
+
+    def forward(x):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        base = layer.base_layer
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return fused_lora_linear(
+            x.to(dtype),
+            base.weight.to(dtype),
+            bias,
+            layer.lora_A[name].weight.to(dtype),
+            layer.lora_B[name].weight.to(dtype),
+            layer.scaling[name],
+            getattr(layer.lora_dropout[name], "p", 0.0),
+            training=layer.training,
+        )
+
+    return forward

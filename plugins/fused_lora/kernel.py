@@ -1,0 +1,488 @@
+"""Fused LoRA linear layer in Triton: ``y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ (+ bias)``.
+
+Five kernels, two GEMMs carrying the rank-r work inside their accumulators::
+
+    forward   S  = dropout(X) Aᵀ            _lora_down   (mask from Philox, never stored)
+              Y  = X Wᵀ + s·S Bᵀ + bias     _lora_fwd    (S Bᵀ joins the base accumulator)
+    backward  dS = s·G B,  dB = s·Gᵀ S      _lora_grad_sb (G read once for both, + dbias)
+              dA = dSᵀ dropout(X)           _lora_grad_a (mask regenerated from the seed)
+              dX = G W + (dS A) ⊙ D         _lora_grad_x (LoRA part masked in the epilogue)
+
+On CUDA the kernels are compiled and autotuned. With ``TRITON_INTERPRET=1`` set before this
+module is imported they run on CPU tensors through Triton's interpreter, with one small fixed
+block configuration and every ``tl.dot`` operand upcast to fp32 (the interpreter's bf16 dot is
+wrong, triton#11584). The mode is fixed when this module is imported, as ``triton.jit`` fixes it.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+MAX_RANK = 128
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Under the interpreter: small blocks so CPU tests are quick, yet several blocks per dimension
+# (ragged edges, grouped ordering and split reductions all get exercised).
+_INTERPRETER_META = {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_T": 2}
+_INTERPRETER_PROGRAMS = 4
+
+
+def _config(block_t, block_n, block_k, group_t, warps, stages):
+    meta = {"BLOCK_T": block_t, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_T": group_t}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+# Matmul tiles after Triton's matmul tutorial. In _lora_fwd the output tile is T x N and K is
+# reduced; in _lora_grad_x the output tile is T x K and N is reduced.
+_GEMM_CONFIGS = [
+    _config(128, 256, 64, 8, warps=8, stages=3),
+    _config(256, 128, 64, 8, warps=8, stages=3),
+    _config(128, 128, 64, 8, warps=8, stages=4),
+    _config(128, 128, 32, 8, warps=4, stages=4),
+    _config(64, 128, 64, 8, warps=4, stages=4),
+    _config(64, 64, 32, 8, warps=4, stages=3),
+]
+# The skinny kernels are memory-bound passes over X or G against a [*, r] operand; small
+# BLOCK_T keeps enough programs for short T.
+_SKINNY_CONFIGS = [
+    _config(16, 64, 128, 1, warps=4, stages=3),
+    _config(32, 64, 128, 1, warps=4, stages=3),
+    _config(64, 64, 64, 1, warps=4, stages=3),
+    _config(64, 128, 64, 1, warps=4, stages=3),
+    _config(128, 64, 64, 1, warps=8, stages=3),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    return [triton.Config(_INTERPRETER_META)] if INTERPRETED else configs
+
+
+def _autotune(configs, key, reset_to_zero=None):
+    """Autotune on GPU, keyed on the shape (T bucketed to a power of two, so that ragged batches
+    share one tuning); under the interpreter, always the one small configuration."""
+    return triton.autotune(
+        configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by={"early_config_prune": _prune}
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_offsets(rows, cols, stride_row, stride_col, num_rows, num_cols):
+    """Offsets and in-bounds mask of the tile ``[rows, cols]`` of a ``num_rows x num_cols`` matrix."""
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    return offsets, (rows < num_rows)[:, None] & (cols < num_cols)[None, :]
+
+
+@triton.jit
+def _load(base, rows, cols, stride_row, stride_col, num_rows, num_cols):
+    """The tile ``base[rows, cols]``, zero outside the matrix (so padded rows and ranks add 0)."""
+    offsets, mask = _tile_offsets(rows, cols, stride_row, stride_col, num_rows, num_cols)
+    return tl.load(base + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(base, rows, cols, num_rows, num_cols, value):
+    """Store ``value`` into the tile ``base[rows, cols]`` of a row-major matrix."""
+    offsets, mask = _tile_offsets(rows, cols, num_cols, 1, num_rows, num_cols)
+    tl.store(base + offsets, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _accumulate(base, rows, cols, num_rows, num_cols, value):
+    """Atomically add ``value`` into the tile ``base[rows, cols]`` of a row-major fp32 matrix."""
+    offsets, mask = _tile_offsets(rows, cols, num_cols, 1, num_rows, num_cols)
+    tl.atomic_add(base + offsets, value, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dropout_scale(seed, rows, cols, k, p, keep_scale):
+    """Dropout multiplier of X[rows, cols]: ``keep_scale`` where kept, 0 where dropped.
+
+    Philox on the flat index ``row * k + col`` of X, so every kernel regenerates the same mask.
+    """
+    offsets = rows.to(tl.int64)[:, None] * k + cols[None, :]
+    return tl.where(tl.rand(seed, offsets) >= p, keep_scale, 0.0)
+
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program, GROUP_M row blocks at a time, for L2 reuse."""
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    first_m = pid // (GROUP_M * blocks_n) * GROUP_M
+    group_size = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    in_group = pid % (GROUP_M * blocks_n)
+    return first_m + in_group % group_size, in_group // group_size
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@_autotune(_SKINNY_CONFIGS, key=["T_BUCKET", "k", "r"])
+@triton.jit(do_not_specialize=["seed"])
+def _lora_down(
+    X, A, S,
+    T, k, r, T_BUCKET,
+    stride_xt, stride_xk, stride_ar, stride_ak,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+):  # fmt: skip
+    """S[T, r] = dropout(X) Aᵀ; one program per BLOCK_T rows, looping over k."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ranks = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = _load(X, rows, cols, stride_xt, stride_xk, T, k)
+        if HAS_DROPOUT:
+            x = (x.to(tl.float32) * _dropout_scale(seed, rows, cols, k, p, keep_scale)).to(x.dtype)
+        a_t = _load(A, cols, ranks, stride_ak, stride_ar, k, r)
+        acc = _mma(x, a_t, acc, UPCAST, PRECISION)
+    _store(S, rows, ranks, T, r, acc)
+
+
+@_autotune(_GEMM_CONFIGS, key=["T_BUCKET", "n", "k", "r"])
+@triton.jit
+def _lora_fwd(
+    X, W, S, B, bias, Y,
+    T, n, k, r, T_BUCKET,
+    stride_xt, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+    scale,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+):  # fmt: skip
+    """Y[T, n] = X Wᵀ + s·S Bᵀ (+ bias): the rank-r product is one more step of the K loop."""
+    pid_t, pid_n = _grouped_tile(T, n, BLOCK_T, BLOCK_N, GROUP_T)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = _load(X, rows, cols, stride_xt, stride_xk, T, k)
+        w_t = _load(W, cols, outs, stride_wk, stride_wn, k, n)
+        acc = _mma(x, w_t, acc, UPCAST, PRECISION)
+    s = _load(S, rows, ranks, r, 1, T, r)
+    s = (s.to(tl.float32) * scale).to(S.dtype.element_ty)
+    b_t = _load(B, ranks, outs, stride_br, stride_bn, r, n)
+    acc = _mma(s, b_t, acc, UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias + outs, mask=outs < n, other=0.0).to(tl.float32)[None, :]
+    _store(Y, rows, outs, T, n, acc)
+
+
+@_autotune(_SKINNY_CONFIGS, key=["T_BUCKET", "n", "r"], reset_to_zero=["dS", "dB", "dbias"])
+@triton.jit
+def _lora_grad_sb(
+    G, B, S, dS, dB, dbias,
+    T, n, r, T_BUCKET,
+    stride_gt, stride_gn, stride_bn, stride_br,
+    scale,
+    HAS_DBIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+):  # fmt: skip
+    """dS[T, r] = s·G B and dB[n, r] = s·Gᵀ S (and dbias = Σ_t G) from one read of G.
+
+    Program (i, j) takes row block i of G and every num_programs(1)-th column block from j.
+    dS sums over n and dB over T, so one of them always crosses programs: both are fp32 atomic
+    adds into zeroed buffers (dS only when the columns are split). A deterministic split would
+    need a [T / BLOCK_T, n, r] partial buffer, as large as G itself at r = 64.
+    """
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ranks = tl.arange(0, BLOCK_R)
+    s = _load(S, rows, ranks, r, 1, T, r)
+    ds = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for n0 in range(tl.program_id(1) * BLOCK_N, n, tl.num_programs(1) * BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N)
+        g = _load(G, rows, outs, stride_gt, stride_gn, T, n)
+        b = _load(B, outs, ranks, stride_bn, stride_br, n, r)
+        ds = _mma(g, b, ds, UPCAST, PRECISION)
+        db = _mma(tl.trans(g), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST, PRECISION)
+        _accumulate(dB, outs, ranks, n, r, db * scale)
+        if HAS_DBIAS:
+            tl.atomic_add(dbias + outs, tl.sum(g.to(tl.float32), axis=0), mask=outs < n, sem="relaxed")
+    if tl.num_programs(1) == 1:
+        _store(dS, rows, ranks, T, r, ds * scale)
+    else:
+        _accumulate(dS, rows, ranks, T, r, ds * scale)
+
+
+@_autotune(_SKINNY_CONFIGS, key=["T_BUCKET", "k", "r"], reset_to_zero=["dA"])
+@triton.jit(do_not_specialize=["seed"])
+def _lora_grad_a(
+    dS, X, dA,
+    T, k, r, T_BUCKET,
+    stride_xt, stride_xk,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+):  # fmt: skip
+    """dA[r, k] = dSᵀ dropout(X), the mask regenerated from the seed.
+
+    Program (i, j) owns column block i of X and every num_programs(1)-th row block from j; the
+    T reduction is split over programs (atomic adds) so that few column blocks still fill the
+    device.
+    """
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for t0 in range(tl.program_id(1) * BLOCK_T, T, tl.num_programs(1) * BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        x = _load(X, rows, cols, stride_xt, stride_xk, T, k)
+        if HAS_DROPOUT:
+            x = (x.to(tl.float32) * _dropout_scale(seed, rows, cols, k, p, keep_scale)).to(x.dtype)
+        ds_t = _load(dS, ranks, rows, 1, r, r, T)
+        acc = _mma(ds_t.to(x.dtype), x, acc, UPCAST, PRECISION)
+    _accumulate(dA, ranks, cols, r, k, acc)
+
+
+@_autotune(_GEMM_CONFIGS, key=["T_BUCKET", "n", "k", "r"])
+@triton.jit(do_not_specialize=["seed"])
+def _lora_grad_x(
+    G, W, dS, A, dX,
+    T, n, k, r, T_BUCKET,
+    stride_gt, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
+):  # fmt: skip
+    """dX[T, k] = G W + (dS A) ⊙ D.
+
+    Without dropout dS A joins the base accumulator. With dropout the mask multiplies only the
+    LoRA part, so it gets its own accumulator tile, masked and added in the epilogue.
+    """
+    pid_t, pid_k = _grouped_tile(T, k, BLOCK_T, BLOCK_K, GROUP_T)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, n, BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N)
+        g = _load(G, rows, outs, stride_gt, stride_gn, T, n)
+        w = _load(W, outs, cols, stride_wn, stride_wk, n, k)
+        acc = _mma(g, w, acc, UPCAST, PRECISION)
+    ds = _load(dS, rows, ranks, r, 1, T, r).to(dX.dtype.element_ty)
+    a = _load(A, ranks, cols, stride_ar, stride_ak, r, k)
+    if HAS_DROPOUT:
+        lora = _mma(ds, a, tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
+        acc += lora * _dropout_scale(seed, rows, cols, k, p, keep_scale)
+    else:
+        acc = _mma(ds, a, acc, UPCAST, PRECISION)
+    _store(dX, rows, cols, T, k, acc)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(M, T, k, seed, p, keep_scale, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    _store(M, rows, cols, T, k, _dropout_scale(seed, rows, cols, k, p, keep_scale))
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+
+def _keep_scale(p):
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
+def dropout_mask(shape, p, seed, device="cpu"):
+    """The dropout multiplier D (0 or 1/(1-p)) the kernels apply to X of ``shape`` ``(T, k)``.
+
+    For tests and references: ``fused_lora_linear`` uses exactly ``x.reshape(T, k) * D``.
+    """
+    T, k = shape
+    mask = torch.empty(T, k, device=device, dtype=torch.float32)
+    grid = (triton.cdiv(T, 32), triton.cdiv(k, 32))
+    _dropout_mask_kernel[grid](mask, T, k, seed, float(p), _keep_scale(p), BLOCK_T=32, BLOCK_K=32)
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device):
+    """Programs that fill the device: two per SM (a fixed small number under the interpreter)."""
+    if INTERPRETED:
+        return _INTERPRETER_PROGRAMS
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split(blocks, max_split, device):
+    """How many ways to split a reduction so ``blocks`` x split programs fill the device."""
+    return max(1, min(max_split, triton.cdiv(_target_programs(device), blocks)))
+
+
+def _dot_precision(dtype):
+    """fp32 dots follow torch's matmul precision (tf32 unless "highest"); 16-bit ones ignore it."""
+    if dtype != torch.float32:
+        return None
+    return "ieee" if INTERPRETED or torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _common_meta(x, r):
+    return {
+        "UPCAST": INTERPRETED,
+        "PRECISION": _dot_precision(x.dtype),
+        "BLOCK_R": max(16, triton.next_power_of_2(r)),
+    }
+
+
+class FusedLoraFunction(torch.autograd.Function):
+    r"""LoRA linear layer with a frozen base weight, forward and backward in fused Triton kernels.
+
+    Inputs: X ``[T, k]``, frozen W ``[n, k]``, optional bias ``[n]``, A ``[r, k]``, B ``[n, r]``,
+    scale s (α/r, or α/√r for rsLoRA), dropout probability p and a Philox seed. The dropout
+    multiplier D has D_ij = 1/(1-p) where ``rand(seed, i·k + j) >= p`` and 0 elsewhere, and
+    X̂ = X ⊙ D (X̂ = X when p = 0).
+
+    Forward::
+
+        S = X̂ Aᵀ                      [T, r]
+        Y = X Wᵀ + s · S Bᵀ + 1 biasᵀ  [T, n]
+
+    Backward, with G = ∂L/∂Y. Y_ij = Σ_c X_ic W_jc + s Σ_q S_iq B_jq + bias_j, hence::
+
+        ∂L/∂B_jq = s Σ_i G_ij S_iq               dB = s · Gᵀ S
+        ∂L/∂S_iq = s Σ_j G_ij B_jq               dS = s · G B
+        S_iq = Σ_c X̂_ic A_qc                   ⇒  dA = dSᵀ X̂
+        ∂L/∂X̂ = dS A,  ∂X̂_ic/∂X_ic = D_ic     ⇒  dX = G W + (dS A) ⊙ D
+        dbias = Σ_i G_i·
+
+    W is frozen: no dW is formed. Saved for backward: X, S and the seed (D is regenerated);
+    W, A, B are parameters, saved by reference.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+        T, k = x.shape
+        n, r = lora_b.shape
+        meta = _common_meta(x, r)
+        dropout = {"seed": seed, "p": float(dropout_p), "keep_scale": _keep_scale(dropout_p)}
+        s = torch.empty(T, r, device=x.device, dtype=x.dtype)
+        y = torch.empty(T, n, device=x.device, dtype=x.dtype)
+        if T > 0:
+            bucket = triton.next_power_of_2(T)
+            _lora_down[lambda m: (triton.cdiv(T, m["BLOCK_T"]),)](
+                x, lora_a, s, T, k, r, bucket, *x.stride(), *lora_a.stride(),
+                **dropout, HAS_DROPOUT=dropout_p > 0, **meta,
+            )  # fmt: skip
+            _lora_fwd[lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n, m["BLOCK_N"]),)](
+                x, weight, s, lora_b, bias, y, T, n, k, r, bucket,
+                *x.stride(), *weight.stride(), *lora_b.stride(), float(scale),
+                HAS_BIAS=bias is not None, **meta,
+            )  # fmt: skip
+        ctx.save_for_backward(x, weight, lora_a, lora_b, s)
+        ctx.scale, ctx.dropout = float(scale), dropout
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        T, k = x.shape
+        n, r = lora_b.shape
+        meta = _common_meta(x, r)
+        f32 = {"device": x.device, "dtype": torch.float32}
+        ds, db, da = torch.zeros(T, r, **f32), torch.zeros(n, r, **f32), torch.zeros(r, k, **f32)
+        dbias = torch.zeros(n, **f32) if need_bias else None
+        dx = torch.empty(T, k, device=x.device, dtype=x.dtype) if need_x else None
+        if T > 0:
+            bucket = triton.next_power_of_2(T)
+            sb_grid = lambda m: (  # noqa: E731
+                triton.cdiv(T, m["BLOCK_T"]),
+                _split(triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(n, m["BLOCK_N"]), x.device),
+            )
+            _lora_grad_sb[sb_grid](
+                g, lora_b, s, ds, db, dbias, T, n, r, bucket, *g.stride(), *lora_b.stride(), ctx.scale,
+                HAS_DBIAS=need_bias, **meta,
+            )  # fmt: skip
+            if need_a:
+                a_grid = lambda m: (  # noqa: E731
+                    triton.cdiv(k, m["BLOCK_K"]),
+                    _split(triton.cdiv(k, m["BLOCK_K"]), triton.cdiv(T, m["BLOCK_T"]), x.device),
+                )
+                _lora_grad_a[a_grid](
+                    ds, x, da, T, k, r, bucket, *x.stride(),
+                    **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, **meta,
+                )  # fmt: skip
+            if need_x:
+                _lora_grad_x[lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(k, m["BLOCK_K"]),)](
+                    g, weight, ds, lora_a, dx, T, n, k, r, bucket,
+                    *g.stride(), *weight.stride(), *lora_a.stride(),
+                    **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, **meta,
+                )  # fmt: skip
+        grad_a = da.to(lora_a.dtype) if need_a else None
+        grad_b = db.to(lora_b.dtype) if need_b else None
+        grad_bias = dbias.to(x.dtype) if need_bias else None
+        return dx, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None, training=True):
+    """``x Wᵀ + bias + scale · dropout(x) Aᵀ Bᵀ`` through the fused kernels.
+
+    :param x: ``[..., k]`` activations (leading dimensions are flattened into tokens).
+    :param weight: the base weight ``[n, k]``, frozen: no gradient is computed for it.
+    :param bias: ``[n]`` or ``None``.
+    :param lora_a: ``[r, k]``, ``r <= 128``.
+    :param lora_b: ``[n, r]``.
+    :param scale: the LoRA scaling (α/r, or α/√r for rsLoRA).
+    :param dropout_p: dropout probability on the LoRA input, applied only when ``training``.
+    :param seed: the Philox seed of the dropout mask; ``None`` draws one from torch's CPU
+        generator (reproducible under ``torch.manual_seed``).
+    :return: ``[..., n]``, in x's dtype. All tensors share one device and one dtype (fp32,
+        fp16 or bf16); CPU tensors need ``TRITON_INTERPRET=1``.
+    """
+    k = x.shape[-1]
+    r = lora_a.shape[0]
+    n = weight.shape[0]
+    _check(x, weight, bias, lora_a, lora_b, k, n, r)
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"fused_lora_linear: dropout_p must be in [0, 1], got {dropout_p}")
+    if p > 0 and seed is None:
+        seed = int(torch.randint(2**31 - 1, ()).item())
+    y = FusedLoraFunction.apply(x.reshape(-1, k), weight, bias, lora_a, lora_b, scale, p, seed or 0)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _check(x, weight, bias, lora_a, lora_b, k, n, r):
+    problems = []
+    if weight.requires_grad and torch.is_grad_enabled():
+        problems.append("weight must be frozen (requires_grad=False): dW is never computed")
+    expected = {"weight": (weight, (n, k)), "lora_a": (lora_a, (r, k)), "lora_b": (lora_b, (n, r)), "bias": (bias, (n,))}
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if not 1 <= r <= MAX_RANK:
+        problems.append(f"rank {r} is outside 1..{MAX_RANK}")
+    tensors = [t for t in (x, weight, bias, lora_a, lora_b) if t is not None]
+    if x.dtype not in SUPPORTED_DTYPES:
+        problems.append(f"dtype {x.dtype} is not one of fp32, fp16, bf16")
+    if any(t.dtype != x.dtype for t in tensors):
+        dtypes = ", ".join(str(t.dtype) for t in tensors)
+        problems.append(f"dtypes differ ({dtypes}): cast to one dtype first")
+    if any(t.device != x.device for t in tensors):
+        problems.append("tensors are on different devices")
+    if x.device.type == "cpu" and not INTERPRETED:
+        problems.append("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before this module is imported")
+    if problems:
+        raise ValueError("fused_lora_linear: " + "; ".join(problems))

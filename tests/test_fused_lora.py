@@ -1,0 +1,248 @@
+"""The fused LoRA kernels against an eager PyTorch reference, run by Triton's interpreter on CPU.
+
+Shapes stay small (the interpreter executes every program in Python); the block size under the
+interpreter is 16-32, so these shapes still cover ragged edges and several blocks per dimension.
+"""
+
+import os
+
+# Before triton is imported anywhere: the kernels are decorated for the interpreter at import.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+pytest.importorskip("triton", reason="the fused_lora kernels are written in Triton, which is not installed")
+
+from ftengine.plugins import fused_lora  # noqa: E402
+from ftengine.plugins.fused_lora import kernel  # noqa: E402
+from ftengine.plugins.fused_lora.kernel import dropout_mask, fused_lora_linear  # noqa: E402
+
+assert kernel.INTERPRETED, "the kernel module was imported before TRITON_INTERPRET=1 was set"
+
+SEED = 1234
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def eager_lora(x, weight, bias, lora_a, lora_b, scale, mask):
+    """The reference: ``x Wᵀ + bias + scale · (x ⊙ mask) Aᵀ Bᵀ`` in plain torch ops."""
+    y = x @ weight.T + scale * ((x * mask) @ lora_a.T) @ lora_b.T
+    return y if bias is None else y + bias
+
+
+def make_inputs(T, k, n, r, dtype, bias, gen_seed=0):
+    gen = torch.Generator().manual_seed(gen_seed)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+
+    return {
+        "x": rand(T, k).requires_grad_(),
+        "weight": rand(n, k, std=k**-0.5),
+        "bias": rand(n).requires_grad_() if bias else None,
+        "lora_a": rand(r, k, std=k**-0.5).requires_grad_(),
+        "lora_b": rand(n, r, std=r**-0.5).requires_grad_(),
+    }
+
+
+def assert_close(got, want, dtype, what):
+    """Equal within the dtype's tolerance, relative to the largest entry of the reference."""
+    error = (got.double() - want.double()).abs().max().item()
+    bound = TOLERANCE[dtype] * max(want.double().abs().max().item(), 1.0)
+    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize(
+    "T, k, n, r, p, bias, dtype",
+    [
+        (37, 45, 29, 4, 0.0, True, torch.float32),  # nothing a multiple of a block
+        (37, 45, 29, 4, 0.25, False, torch.float32),
+        (64, 96, 96, 16, 0.1, True, torch.float32),
+        (50, 64, 80, 64, 0.0, False, torch.float32),
+        (64, 96, 72, 64, 0.3, True, torch.float32),
+        (48, 64, 64, 16, 0.2, True, torch.bfloat16),
+        (33, 40, 48, 8, 0.1, False, torch.float16),
+    ],
+    ids=lambda value: str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None,
+)
+def test_matches_eager_reference(T, k, n, r, p, bias, dtype):
+    scale = 3.0 / r**0.5  # rsLoRA-style; never 1, so a dropped scale shows
+    fused = make_inputs(T, k, n, r, dtype, bias)
+    y = fused_lora_linear(**fused, scale=scale, dropout_p=p, seed=SEED)
+    grad = torch.randn(T, n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y.backward(grad)
+
+    mask = dropout_mask((T, k), p, SEED)
+    if p > 0:
+        assert 0 < (mask == 0).float().mean() < 1, "dropout dropped nothing or everything"
+    # Reference in fp64 from the same (rounded) inputs and the same mask.
+    ref = {name: t if t is None else t.detach().double().requires_grad_(t.requires_grad) for name, t in fused.items()}
+    y_ref = eager_lora(**ref, scale=scale, mask=mask.double())
+    y_ref.backward(grad.double())
+
+    assert y.dtype == dtype and y.shape == (T, n)
+    assert_close(y, y_ref, dtype, "output")
+    for name in ("x", "lora_a", "lora_b", "bias"):
+        if fused[name] is not None:
+            assert_close(fused[name].grad, ref[name].grad, dtype, f"grad of {name}")
+    assert fused["weight"].grad is None
+
+
+def test_dropout_mask_is_seeded_and_scaled():
+    p = 0.3
+    mask = dropout_mask((40, 50), p, SEED)
+    assert torch.equal(mask, dropout_mask((40, 50), p, SEED))
+    assert not torch.equal(mask, dropout_mask((40, 50), p, SEED + 1))
+    assert torch.all((mask == 0) | torch.isclose(mask, torch.tensor(1 / (1 - p))))
+    assert abs((mask == 0).float().mean().item() - p) < 0.05
+
+
+def test_batch_dims_eval_mode_and_input_without_grad():
+    inputs = make_inputs(24, 40, 36, 8, torch.float32, bias=True)
+    x = inputs.pop("x").detach()[None].expand(2, 24, 40)  # leading dims, a non-contiguous view
+    y = fused_lora_linear(x, **inputs, scale=0.5, dropout_p=0.5, seed=SEED, training=False)
+    y.sum().backward()
+
+    ref = {name: t.detach().requires_grad_(t.requires_grad) for name, t in inputs.items()}
+    y_ref = eager_lora(x, **ref, scale=0.5, mask=torch.ones(()))  # eval: no dropout
+    y_ref.sum().backward()
+    assert y.shape == (2, 24, 36)
+    assert_close(y, y_ref, torch.float32, "output")
+    for name in ("lora_a", "lora_b", "bias"):
+        assert_close(inputs[name].grad, ref[name].grad, torch.float32, f"grad of {name}")
+
+
+def test_rejects_trainable_base_weight_and_bad_shapes():
+    inputs = make_inputs(8, 16, 16, 4, torch.float32, bias=False)
+    inputs["weight"].requires_grad_()
+    with pytest.raises(ValueError, match="frozen"):
+        fused_lora_linear(**inputs, scale=1.0)
+    with torch.no_grad():  # inference never forms dW, so a trainable W is fine there
+        fused_lora_linear(**inputs, scale=1.0)
+    inputs["weight"].requires_grad_(False)
+    inputs["lora_b"] = torch.zeros(16, 5)
+    with pytest.raises(ValueError, match=r"lora_b has shape \(16, 5\)"):
+        fused_lora_linear(**inputs, scale=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the plugin
+# --------------------------------------------------------------------------------------------
+
+
+class StandInLoraLinear(nn.Module):
+    """What ``ftengine.plugins.lora.layer.LoraLinear`` exposes to ``ftengine_lora_kernel``."""
+
+    def __init__(self, base, r, alpha, dropout, variant=None):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
+        nn.init.normal_(self.lora_B["default"].weight)  # nonzero, unlike a fresh adapter
+        self.lora_dropout = nn.ModuleDict({"default": nn.Dropout(dropout) if dropout else nn.Identity()})
+        self.scaling = {"default": alpha / r}
+        self.variant = {"default": variant}
+        self.merged = False
+
+    def eager(self, x, mask):
+        A, B = self.lora_A["default"].weight, self.lora_B["default"].weight
+        return eager_lora(x, self.base_layer.weight, self.base_layer.bias, A, B, self.scaling["default"], mask)
+
+
+class Linear4bit(nn.Linear):
+    """Stands in for a quantised base layer: an nn.Linear subclass."""
+
+
+def stand_in(k=24, n=20, r=4, dropout=0.0, **kwargs):
+    torch.manual_seed(0)
+    return StandInLoraLinear(nn.Linear(k, n), r, alpha=8, dropout=dropout, **kwargs)
+
+
+def test_unsupported_reasons():
+    merged = stand_in()
+    merged.merged = True
+    cases = {
+        "adapter merged": merged,
+        "LoRA variant 'object' not supported": stand_in(variant=object()),
+        "base layer Linear4bit not supported": StandInLoraLinear(Linear4bit(8, 8), 4, 8, 0.0),
+        "r > 128": stand_in(r=129),
+        "dtype torch.float64 not supported": stand_in().double(),
+        "not on a CUDA device": stand_in(),
+    }
+    for expected, layer in cases.items():
+        assert expected in fused_lora.unsupported_reason(layer, "default")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
+def test_hook_declines_without_cuda(monkeypatch):
+    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
+    assert fused_lora.ftengine_lora_kernel(layer=stand_in(), name="default") is None
+    assert fused_lora.summary() == "fused_lora: inactive (no CUDA device)"
+
+
+def test_hook_fuses_supported_layers_and_summarises(monkeypatch):
+    # Pretend the environment and the device allow fusing, so the returned function runs here
+    # through the interpreter; the DoRA-like layer must still fall back.
+    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
+    monkeypatch.setattr(fused_lora, "_environment_problem", lambda: None)
+    real_reason = fused_lora.unsupported_reason
+    monkeypatch.setattr(
+        fused_lora, "unsupported_reason", lambda layer, name: real_reason(layer, name) if layer.variant[name] else None
+    )
+    layer, dora = stand_in(dropout=0.2), stand_in(variant=object())
+    forward = fused_lora.ftengine_lora_kernel(layer=layer, name="default")
+    assert fused_lora.ftengine_lora_kernel(layer=dora, name="default") is None
+    assert fused_lora.summary() == "fused_lora: 1 layers fused, 1 fell back (LoRA variant 'object' not supported: 1)"
+
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    torch.manual_seed(7)
+    y = forward(x)
+    torch.manual_seed(7)  # the same draw gives the same seed, hence the same mask
+    mask = dropout_mask((18, 24), 0.2, int(torch.randint(2**31 - 1, ()).item())).reshape(2, 9, 24)
+    assert_close(y, layer.eager(x, mask), torch.float32, "training output")
+    assert not torch.equal(forward(x), y), "each call must draw a fresh dropout seed"
+
+    y.sum().backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
+    assert layer.base_layer.weight.grad is None
+
+    layer.eval()
+    assert_close(forward(x), layer.eager(x, torch.ones(())), torch.float32, "eval output")
+
+
+def test_forward_casts_fp32_adapter_to_activation_dtype():
+    layer = stand_in()
+    layer.base_layer.to(torch.bfloat16)  # bf16 base, fp32 adapter weights (as PEFT keeps them)
+    x = torch.randn(16, 24).to(torch.bfloat16)
+    y = fused_lora.fused_forward(layer, "default")(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    reference = layer.to(torch.float64).eager(x.double(), torch.ones(()))
+    assert_close(y, reference, torch.bfloat16, "output")
+
+
+def test_lora_layer_gives_the_same_outputs_and_gradients_with_the_kernel():
+    layers = pytest.importorskip("ftengine.plugins.lora.layer", reason="the lora plugin is not installed")
+    torch.manual_seed(0)
+    layer = layers.LoraLinear(nn.Linear(40, 36).requires_grad_(False))
+    layer.add_adapter("default", r=8, alpha=16, dropout=0.1)
+    layer.set_active_adapter("default")
+    nn.init.normal_(layer.lora_B["default"].weight)
+    layer.eval()  # dropout off: the eager layer and the kernel then see the same input
+    x = torch.randn(2, 11, 40)
+
+    def outputs_and_grads():
+        inputs = x.clone().requires_grad_()
+        y = layer(inputs)
+        y.square().sum().backward()
+        grads = [inputs.grad] + [p.grad for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+        layer.zero_grad()
+        return [y.detach()] + grads
+
+    eager = outputs_and_grads()
+    layer.kernel["default"] = fused_lora.fused_forward(layer, "default")
+    fused = outputs_and_grads()
+    for what, got, want in zip(("output", "grad of x", "grad of A", "grad of B"), fused, eager):
+        assert_close(got, want, torch.float32, what)
