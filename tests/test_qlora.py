@@ -1,0 +1,277 @@
+"""QLoRA on CPU: the real bitsandbytes NF4 path on a tiny Llama (hidden 64, so every linear
+layer's input width is a multiple of the 64-weight block), trained through the core loop."""
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ftengine.errors import ConfigError, PluginError
+from ftengine.loop import build, configure, train
+from ftengine.plugins import qlora
+from ftengine.testing import save_tiny_model, sft_rows, write_jsonl
+
+bnb = pytest.importorskip("bitsandbytes")
+from bitsandbytes.nn import Linear4bit  # noqa: E402
+
+# Our adapter on our 4-bit base against PEFT's on transformers' 4-bit base: both quantise the
+# same fp32 weights with the same kernel (identical packed bytes) and dequantise to fp32 before
+# the matmul. Measured: bitwise equal logits (max |diff| 0.0, logits up to ~6); the tolerance
+# only allows another BLAS to sum in another order. bitsandbytes' AVX512-BF16 CPU inference
+# path, which both sides switch off, would differ by ~0.12 (bfloat16 matmuls).
+PEFT_ATOL = 1e-5
+# Merged (dequantised base + adapter, one matmul) against unmerged (4-bit base + a separate
+# LoRA branch): the same fp32 values summed differently. Measured max |diff|: 8e-6.
+MERGE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    save_tiny_model(root / "model", hidden_size=64)
+    write_jsonl(root / "train.jsonl", sft_rows(16, seed=0))
+    write_jsonl(root / "eval.jsonl", sft_rows(4, seed=1))
+    return root
+
+
+def overrides(workdir, output="out", *extra):
+    return [
+        f"model={workdir / 'model'}",
+        f"data.train={workdir / 'train.jsonl'}",
+        f"data.eval={workdir / 'eval.jsonl'}",
+        f"output_dir={workdir / output}",
+        "train.batch_size=4",
+        "train.lr=3e-3",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    """A lora+qlora run of 8 steps: ``(summary, final adapter dir)``."""
+    config, pm = configure(None, ["lora", "qlora"], overrides(workdir, "out", "train.max_steps=8"))
+    summary = train(config, pm)
+    return summary, summary["saved"]
+
+
+def quantized_model(workdir, plugins=("lora", "qlora"), adapter=None):
+    """The tiny base as inference builds it (quantised when qlora is active), holding
+    ``adapter`` if given."""
+    config, pm = configure(None, list(plugins), overrides(workdir))
+    model, _ = pm.hook.ftengine_load_model(config=config)
+    pm.hook.ftengine_quantize_model(model=model, config=config)
+    if adapter is not None:
+        pm.hook.ftengine_load_adapter(model=model, path=adapter, name="default", config=config, pluginmanager=pm)
+        pm.hook.ftengine_set_active_adapter(model=model, name="default")
+    return model.eval(), pm
+
+
+INPUT_IDS = torch.tensor([[257, 82, 101, 118, 101, 114, 115, 101, 58, 32, 97, 108], [257, 100, 101, 108, 116, 97, 258, 256, 256, 256, 256, 256]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=INPUT_IDS).logits
+
+
+# --------------------------------------------------------------------------------------------
+# quantisation
+# --------------------------------------------------------------------------------------------
+
+
+def test_linear_layers_become_nf4_and_lora_wraps_them(workdir):
+    config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
+    model, _, info = build(config, pm)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, Linear4bit)
+    state = q_proj.base_layer.weight.quant_state
+    assert (state.quant_type, state.blocksize, state.nested) == ("nf4", 64, True)
+    assert q_proj.base_layer.compute_dtype == torch.float32  # "auto" on CPU
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14  # 7 per layer, 2 layers
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert info["weight_bytes_quantized"] < info["weight_bytes"]
+
+
+def test_quantized_weights_take_under_30_percent_of_fp16(workdir):
+    model, _ = quantized_model(workdir)
+    weights, packed = qlora.quantized_bytes(model)
+    assert weights == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)
+    assert packed <= 0.30 * 2 * weights
+    # At a SmolLM2 MLP's size the per-block scales amortise to the QLoRA paper's 4.127 bits.
+    options = qlora.QloraOptions()
+    layer = qlora.quantize_linear(torch.nn.Linear(576, 1536, bias=False), options, torch.float32)
+    weights, packed = qlora.quantized_bytes(torch.nn.Sequential(layer))
+    assert 8 * packed / weights == pytest.approx(4.127, abs=0.002)
+
+
+@pytest.mark.parametrize("option, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_compute_dtype(option, expected):
+    options = qlora.QloraOptions(compute_dtype=option)
+    assert qlora.compute_dtype(options, torch.device("cpu")) == expected
+    layer = qlora.quantize_linear(torch.nn.Linear(64, 32), options, qlora.compute_dtype(options, torch.device("cpu")))
+    x = torch.randn(3, 64)
+    assert layer.compute_dtype == expected and layer(x).dtype == torch.float32
+    assert qlora.compute_dtype(qlora.QloraOptions(), torch.device("cuda")) == torch.bfloat16
+
+
+def test_forward_and_backward_reach_only_the_adapters(workdir):
+    config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
+    model, _, _ = build(config, pm)
+    model.train()
+    model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_B["default"].weight.grad.abs().sum() > 0  # B starts at zero, so A's first gradient is zero
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+# --------------------------------------------------------------------------------------------
+# training, saving, loading
+# --------------------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss(workdir, trained):
+    summary, _ = trained
+    records = [json.loads(line) for line in (workdir / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert summary["build"]["weight_bytes_quantized"] < summary["build"]["weight_bytes"]
+
+
+def test_memory_line_is_printed_at_train_start(workdir, capsys):
+    config, pm = configure(None, ["lora", "qlora"], overrides(workdir, "report", "train.max_steps=1"))
+    train(config, pm)
+    assert "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight" in capsys.readouterr().err
+
+
+def test_saved_adapter_holds_only_lora_tensors(trained):
+    _, adapter = trained
+    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
+        keys = list(handle.keys())
+        dtypes = {handle.get_tensor(k).dtype for k in keys}
+    assert keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert dtypes == {torch.float32}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and "quantization_config" not in config
+
+
+def test_adapter_loads_on_a_full_precision_base_as_peft_loads_it(workdir, trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, adapter = trained
+    ours, _ = quantized_model(workdir, plugins=("lora",), adapter=adapter)
+    assert not any(isinstance(m, Linear4bit) for m in ours.modules())
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workdir / "model"), adapter).eval()
+    torch.testing.assert_close(logits(ours), logits(reference), rtol=0, atol=1e-5)
+
+
+def _peft_on_4bit_base(workdir, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model", quantization_config=quantization, dtype=torch.float32, device_map="cpu")
+    for module in base.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # as ours: compute in float32 in eval too
+    return PeftModel.from_pretrained(base, adapter).eval()
+
+
+def test_adapter_on_4bit_base_matches_peft_with_bitsandbytes(workdir, trained):
+    _, adapter = trained
+    ours, _ = quantized_model(workdir, adapter=adapter)
+    reference = _peft_on_4bit_base(workdir, adapter)
+    ours_q = ours.model.layers[1].mlp.down_proj.base_layer.weight
+    peft_q = reference.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
+    assert torch.equal(ours_q.data, peft_q.data)
+    torch.testing.assert_close(logits(ours), logits(reference), rtol=0, atol=PEFT_ATOL)
+
+
+# --------------------------------------------------------------------------------------------
+# merge
+# --------------------------------------------------------------------------------------------
+
+
+def test_merge_dequantizes_and_saves_a_plain_model(workdir, trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, adapter = trained
+    model, pm = quantized_model(workdir, adapter=adapter)
+    unmerged = logits(model)
+    pm.hook.ftengine_merge_adapters(model=model)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=MERGE_ATOL)
+    pm.hook.ftengine_merge_adapters(model=model)  # twice: no change
+    torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=MERGE_ATOL)
+
+    model = next(iter(pm.hook.ftengine_unwrap_merged(model=model)), model)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+    torch.testing.assert_close(logits(reloaded), unmerged, rtol=0, atol=MERGE_ATOL)
+
+
+def test_dora_on_4bit_base_trains_and_merges(workdir):
+    config, pm = configure(None, ["lora", "dora", "qlora"], overrides(workdir, "dora", "train.max_steps=3"))
+    summary = train(config, pm)
+    model, pm = quantized_model(workdir, plugins=("lora", "dora", "qlora"), adapter=summary["saved"])
+    unmerged = logits(model)
+    pm.hook.ftengine_merge_adapters(model=model)
+    torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=MERGE_ATOL)
+
+
+# --------------------------------------------------------------------------------------------
+# options and bad combinations fail early, naming the fix
+# --------------------------------------------------------------------------------------------
+
+
+def test_qlora_without_lora_names_the_missing_plugin(workdir):
+    with pytest.raises(PluginError, match=r"plugin 'qlora' requires plugin 'lora': add --plugin lora"):
+        configure(None, ["qlora"], overrides(workdir))
+
+
+def test_qlora_with_full_is_a_conflict(workdir):
+    with pytest.raises(PluginError, match=r"plugins 'full' and 'qlora' conflict"):
+        configure(None, ["lora", "qlora", "full"], overrides(workdir))
+
+
+def test_unsupported_blocksize_is_a_config_error(workdir):
+    with pytest.raises(ConfigError, match=r"qlora.blocksize: bitsandbytes supports blocksizes 32, 64, .*4096 \(got 48\)"):
+        configure(None, ["lora", "qlora"], overrides(workdir, "out", "qlora.blocksize=48"))
+
+
+def test_missing_bitsandbytes_says_how_to_install_it(workdir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    with pytest.raises(ConfigError, match=r"pip install bitsandbytes"):
+        configure(None, ["lora", "qlora"], overrides(workdir))
+
+
+def test_a_model_without_linear_layers_is_refused_by_name(workdir):
+    class ConvNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3)
+
+        def get_output_embeddings(self):
+            return None
+
+    config, _ = configure(None, ["lora", "qlora"], overrides(workdir))
+    with pytest.raises(ConfigError, match=r"ConvNet has no torch.nn.Linear layer"):
+        qlora.ftengine_quantize_model(ConvNet(), config)
+
+
+def test_paged_adamw_8bit_falls_back_to_adamw_on_cpu(workdir):
+    with pytest.warns(UserWarning, match=r"qlora.paged_adamw_8bit only applies on CUDA"):
+        config, pm = configure(None, ["lora", "qlora"], overrides(workdir, "out", "qlora.paged_adamw_8bit=true"))
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = pm.hook.ftengine_make_optimizer(model=None, params=[("w", param)], config=config)
+    assert type(optimizer) is torch.optim.AdamW
