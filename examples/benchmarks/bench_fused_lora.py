@@ -1,0 +1,280 @@
+"""Fused LoRA benchmark (CUDA only): the Triton kernels against PEFT and eager LoRA.
+
+    python examples/benchmarks/bench_fused_lora.py --out fused_lora.json
+    python examples/benchmarks/bench_fused_lora.py --e2e --out fused_lora_e2e.json
+
+Layer mode: one linear layer, k = n = 4096, bf16, T in {1024, 4096, 8192} tokens, r in {16, 64},
+dropout 0 and 0.1, alpha = 2r. Each row is the median forward + backward time
+(``triton.testing.do_bench``, gradients reset between runs) of
+
+* base:  the frozen base matmul alone (X requires grad, W does not), the floor;
+* peft:  PEFT's ``peft.tuners.lora.Linear`` from ``get_peft_model`` on a one-Linear module,
+  adapter weights in bf16 (``autocast_adapter_dtype=False``) like the others;
+* eager: the same LoRA in plain torch ops;
+* fused: ``fused_lora_linear``;
+
+printed as milliseconds, as ratios to base, and as fused's speedup over PEFT. Before timing, the
+outputs of peft, eager and fused are compared at dropout 0 (same weights).
+
+End-to-end mode (``--e2e``): a ~1.2B Llama (Llama-3.2-1B shape: hidden 2048, 16 layers,
+vocab 128256) with random weights in bf16, LoRA r=16, alpha=32, dropout 0.05 on every linear
+layer but the head, AdamW, one fixed batch of random tokens under bf16 autocast. Three setups,
+each in its own process so that its peak memory (``torch.cuda.max_memory_allocated``) is its
+own: PEFT (``get_peft_model``, its defaults), ftengine's ``LoraLinear`` eager, and the same
+layers with the fused kernel installed through the ``ftengine_lora_kernel`` hook, as the
+``lora`` plugin does at train start. Reports tokens/s over the timed steps and peak memory.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HIDDEN = 4096
+LAYER_TOKENS = (1024, 4096, 8192)
+LAYER_RANKS = (16, 64)
+LAYER_DROPOUTS = (0.0, 0.1)
+
+E2E_SETUPS = ("peft", "lora", "lora+fused_lora")
+LLAMA_1B = {
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+E2E_RANK, E2E_ALPHA, E2E_DROPOUT, E2E_LR = 16, 32, 0.05, 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# one layer
+# --------------------------------------------------------------------------------------------
+
+
+def peft_layer(weight, lora_a, lora_b, r, alpha, dropout):
+    """PEFT's LoRA layer around a bias-free Linear holding ``weight``, with our A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    class OneLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"])
+    layer = get_peft_model(OneLinear(), config, autocast_adapter_dtype=False).base_model.model.proj
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(weight)
+        layer.lora_A["default"].weight.copy_(lora_a)
+        layer.lora_B["default"].weight.copy_(lora_b)
+    return layer.train()
+
+
+def bench_layer(T, r, p):
+    from triton.testing import do_bench
+
+    from ftengine.plugins.fused_lora.kernel import fused_lora_linear
+
+    torch.manual_seed(0)
+    dtype, device = torch.bfloat16, "cuda"
+    x = torch.randn(T, HIDDEN, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(T, HIDDEN, device=device, dtype=dtype)
+    weight = torch.randn(HIDDEN, HIDDEN, device=device, dtype=dtype) / HIDDEN**0.5
+    lora_a = (torch.randn(r, HIDDEN, device=device, dtype=dtype) / HIDDEN**0.5).requires_grad_()
+    lora_b = (torch.randn(HIDDEN, r, device=device, dtype=dtype) / r**0.5).requires_grad_()
+    alpha = 2 * r
+    scale = alpha / r
+    peft = peft_layer(weight, lora_a.detach(), lora_b.detach(), r, alpha, p)
+    peft_params = [param for param in peft.parameters() if param.requires_grad]
+
+    forwards = {
+        "base": (lambda: x @ weight.T, [x]),
+        "peft": (lambda: peft(x), [x, *peft_params]),
+        "eager": (lambda: x @ weight.T + scale * (F.dropout(x, p) @ lora_a.T) @ lora_b.T, [x, lora_a, lora_b]),
+        "fused": (lambda: fused_lora_linear(x, weight, None, lora_a, lora_b, scale, p), [x, lora_a, lora_b]),
+    }
+    row = {"T": T, "k": HIDDEN, "n": HIDDEN, "r": r, "dropout": p}
+    if p == 0:
+        with torch.no_grad():
+            outputs = {name: forward().float() for name, (forward, _) in forwards.items() if name != "base"}
+        size = outputs["eager"].abs().max().item()
+        row["max_rel_diff_fused_vs_eager"] = (outputs["fused"] - outputs["eager"]).abs().max().item() / size
+        row["max_rel_diff_peft_vs_eager"] = (outputs["peft"] - outputs["eager"]).abs().max().item() / size
+
+    for name, (forward, grads) in forwards.items():
+
+        def step():
+            forward().backward(grad)
+
+        row[f"{name}_ms"] = do_bench(step, grad_to_none=grads, return_mode="median")
+    return row
+
+
+def print_layer_table(rows):
+    header = f"{'T':>5} {'r':>3} {'p':>4} | {'base ms':>8} | {'peft ms':>8} {'x':>5} | {'eager ms':>8} {'x':>5} "
+    header += f"| {'fused ms':>8} {'x':>5} | {'vs peft':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        base = row["base_ms"]
+        line = f"{row['T']:>5} {row['r']:>3} {row['dropout']:>4} | {base:>8.3f} "
+        for name in ("peft", "eager", "fused"):
+            line += f"| {row[f'{name}_ms']:>8.3f} {row[f'{name}_ms'] / base:>5.2f} "
+        line += f"| {row['peft_ms'] / row['fused_ms']:>6.2f}x"
+        print(line)
+    print("x: time relative to the base matmul alone; vs peft: PEFT's time over fused's.")
+
+
+# --------------------------------------------------------------------------------------------
+# end to end
+# --------------------------------------------------------------------------------------------
+
+
+def build_e2e(setup):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16)
+    if setup == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=E2E_RANK, lora_alpha=E2E_ALPHA, lora_dropout=E2E_DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+        return get_peft_model(model, config)
+
+    from ftengine.plugins import fused_lora
+    from ftengine.plugins.lora.layer import inject_adapter, select_targets
+
+    model.requires_grad_(False)
+    paths = select_targets(model, "all-linear")
+    layers = inject_adapter(model, paths, "default", r=E2E_RANK, alpha=E2E_ALPHA, dropout=E2E_DROPOUT)
+    for layer in layers:
+        layer.set_active_adapter("default")
+        if setup == "lora+fused_lora":
+            layer.kernel["default"] = fused_lora.ftengine_lora_kernel(layer=layer, name="default")
+    if setup == "lora+fused_lora":
+        print(fused_lora.summary(), file=sys.stderr)
+    return model
+
+
+def measure_e2e(setup, batch, seq, steps, warmup):
+    model = build_e2e(setup).train()
+    params = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=E2E_LR)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, LLAMA_1B["vocab_size"], (batch, seq), generator=generator).cuda()
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    return {
+        "setup": setup,
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "tokens_per_s": round(batch * seq * steps / elapsed),
+        "step_ms": round(1000 * elapsed / steps, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "trainable": sum(param.numel() for param in params),
+        "loss_first": round(float(losses[0]), 4),
+        "loss_last": round(float(losses[-1]), 4),
+    }
+
+
+def run_e2e(args):
+    results = []
+    for setup in E2E_SETUPS:
+        command = [
+            sys.executable, __file__, "--e2e-only", setup, "--batch", str(args.batch), "--seq", str(args.seq),
+            "--steps", str(args.steps), "--warmup", str(args.warmup),
+        ]  # fmt: skip
+        child = subprocess.run(command, capture_output=True, text=True)
+        if child.returncode != 0:
+            sys.exit(f"{setup} failed:\n{child.stderr[-3000:]}")
+        sys.stderr.write(child.stderr)
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    print(f"{'setup':<16} | {'tokens/s':>9} | {'step ms':>8} | {'peak GiB':>8} | {'loss first → last':>18}")
+    for row in results:
+        losses = f"{row['loss_first']:.4f} → {row['loss_last']:.4f}"
+        line = f"{row['setup']:<16} | {row['tokens_per_s']:>9} | {row['step_ms']:>8} | {row['peak_gib']:>8} | "
+        print(line + f"{losses:>18}")
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def environment():
+    import peft
+    import transformers
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--tokens", type=int, nargs="+", default=LAYER_TOKENS, help="layer mode: values of T")
+    parser.add_argument("--ranks", type=int, nargs="+", default=LAYER_RANKS, help="layer mode: values of r")
+    parser.add_argument("--e2e", action="store_true", help="time training steps of a ~1B Llama instead")
+    parser.add_argument("--batch", type=int, default=4, help="e2e: sequences per step")
+    parser.add_argument("--seq", type=int, default=1024, help="e2e: tokens per sequence")
+    parser.add_argument("--steps", type=int, default=10, help="e2e: timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="e2e: untimed steps first")
+    parser.add_argument("--e2e-only", choices=E2E_SETUPS, help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_fused_lora.py needs a CUDA device: the fused kernels only run compiled on GPU.")
+
+    if args.e2e_only:
+        print(json.dumps(measure_e2e(args.e2e_only, args.batch, args.seq, args.steps, args.warmup)))
+        return
+    results = {"environment": environment()}
+    if args.e2e:
+        results["e2e"] = run_e2e(args)
+    else:
+        rows = [bench_layer(T, r, p) for T in args.tokens for r in args.ranks for p in LAYER_DROPOUTS]
+        print_layer_table(rows)
+        worst = max(row.get("max_rel_diff_fused_vs_eager", 0.0) for row in rows)
+        print(f"largest relative difference, fused vs eager outputs at dropout 0: {worst:.2e}")
+        results["layer"] = rows
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump(results, out, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
