@@ -1,0 +1,204 @@
+"""LoRA: train low-rank updates of the linear layers; the base model stays frozen.
+
+    ftengine run job.yaml --plugin lora -o lora.r=8 -o lora.target_modules=[q_proj,v_proj]
+
+Adapters are named (``lora.adapter_name``); a model may hold several and use one or none at a
+time. Results are PEFT adapter directories (``peft_format``), which ``PeftModel.from_pretrained``
+loads and which ``ftengine merge`` folds into a plain transformers model.
+
+Other plugins extend LoRA through the hooks this plugin adds (``lora/hookspecs.py``): a
+*variant* changes what an adapter computes (``dora``), a *kernel* computes a layer faster
+(``fused_lora``).
+"""
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt, ValidationError
+
+from ftengine import hookimpl
+from ftengine.config import Section
+from ftengine.errors import AdapterError, ConfigError
+
+from . import hookspecs, peft_format
+from .layer import inject_adapter, linear_modules, lora_layers, select_targets, unwrap_merged
+
+conflicts = ("full",)
+
+
+class LoraOptions(Section):
+    r: PositiveInt = Field(16, description="rank of the update B·A")
+    alpha: float = Field(32, description="the update is scaled by alpha / r (alpha / sqrt(r) with rslora)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="layers to adapt: 'all-linear' (all but the output head), a regex matching the whole module path, or a list of names/path suffixes",
+    )
+    rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
+    init: Literal["kaiming", "gaussian"] = Field("kaiming", description="init of A (B starts at zero)")
+    adapter_name: str = Field("default", description="the adapter's name in the model")
+
+
+@hookimpl
+def ftengine_addhooks(pluginmanager):
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@hookimpl
+def ftengine_config_section(register):
+    register("lora", LoraOptions)
+
+
+@hookimpl
+def ftengine_validate(config, active):
+    options, problems = config.lora, []
+    if options.alpha <= 0:
+        problems.append(f"lora.alpha: must be positive (got {options.alpha}); the usual choice is 2 * lora.r")
+    if not options.adapter_name or "." in options.adapter_name:
+        problems.append(f"lora.adapter_name: {options.adapter_name!r} must be non-empty and without dots (it becomes part of parameter names)")
+    targets = options.target_modules
+    if isinstance(targets, list) and not targets:
+        problems.append("lora.target_modules: the list is empty; name the layers to adapt, e.g. [q_proj, v_proj], or use 'all-linear'")
+    elif isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            problems.append(f"lora.target_modules: {targets!r} is not a valid regular expression ({exc}); use a list of names or 'all-linear'")
+    return problems
+
+
+def _variant_for_adapter(pluginmanager, config, adapter, path):
+    """The variant a saved adapter needs: none for plain LoRA, else the active variant whose
+    ``peft_flag`` its config sets (only ``use_dora`` exists in PEFT's LoRA format)."""
+    if not adapter.get("use_dora"):
+        return None
+    variant = pluginmanager.hook.ftengine_lora_variant(config=config)
+    if variant is None or variant.peft_flag != "use_dora":
+        raise AdapterError(f"{path}: a DoRA adapter (use_dora: true); activate the dora plugin (--plugin dora) to load it")
+    return variant
+
+
+def _no_target_message(model, targets):
+    names = list(linear_modules(model))
+    return (
+        f"lora.target_modules: {targets!r} matches no linear layer of this model; "
+        f"its linear layers are named like {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+    )
+
+
+@hookimpl
+def ftengine_inject_adapters(model, config, pluginmanager):
+    """Add the adapter to train. A config without training data (``configure(require_data=False)``,
+    as ``ftengine merge`` and inference use) trains nothing: its adapters come from files."""
+    if config.data.train is None:
+        return
+    options = config.lora
+    paths = select_targets(model, options.target_modules)
+    if not paths:
+        raise ConfigError([_no_target_message(model, options.target_modules)])
+    variant = pluginmanager.hook.ftengine_lora_variant(config=config)
+    layers = inject_adapter(
+        model, paths, options.adapter_name, r=options.r, alpha=options.alpha, dropout=options.dropout,
+        rslora=options.rslora, init=options.init, variant=variant,
+    )  # fmt: skip
+    for layer in layers:
+        layer.set_active_adapter(options.adapter_name)
+
+
+@hookimpl
+def ftengine_trainable_params(model, config):
+    return [
+        f"{path}.{name}"
+        for path, layer in lora_layers(model)
+        for name, _ in layer.named_parameters()
+        if not name.startswith("base_layer.")
+    ]
+
+
+@hookimpl
+def ftengine_on_train_start(model, state):
+    for _, layer in lora_layers(model):
+        name = layer.active_adapter
+        if name is not None:
+            layer.kernel[name] = state.pm.hook.ftengine_lora_kernel(layer=layer, name=name)
+
+
+@hookimpl
+def ftengine_save_model(model, tokenizer, config, path):
+    files = peft_format.write_adapter(Path(path), lora_layers(model), config.lora.adapter_name, config.lora, config.model)
+    tokenizer.save_pretrained(path)
+    return [str(f) for f in files]
+
+
+@hookimpl
+def ftengine_load_adapter(model, path, name, config, pluginmanager):
+    """Load a PEFT LoRA/DoRA directory under ``name``; validate everything first, so a bad
+    adapter leaves the model as it was."""
+    path = Path(path)
+    adapter = peft_format.read_adapter_config(path)
+    if adapter.get("peft_type") != "LORA":
+        return None
+    try:
+        options = LoraOptions(
+            r=adapter["r"], alpha=adapter["lora_alpha"], dropout=adapter["lora_dropout"],
+            target_modules=adapter["target_modules"], rslora=adapter["use_rslora"],
+            init="gaussian" if adapter.get("init_lora_weights") == "gaussian" else "kaiming", adapter_name=name,
+        )  # fmt: skip
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise AdapterError(f"{path / peft_format.CONFIG_FILE}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+    variant = _variant_for_adapter(pluginmanager, config, adapter, path)
+    loaded = {n for _, layer in lora_layers(model) for n in layer.lora_A}
+    if name in loaded:
+        raise AdapterError(f"{path}: an adapter named '{name}' is already loaded; load this one under another name")
+
+    modules = linear_modules(model)
+    targets = select_targets(model, options.target_modules)
+    if not targets:
+        raise AdapterError(f"{path}: {_no_target_message(model, options.target_modules)}")
+    tensors = peft_format.read_adapter_tensors(path)
+
+    def expected_shapes(module):
+        shapes = {"lora_A.weight": (options.r, module.in_features), "lora_B.weight": (module.out_features, options.r)}
+        return shapes | (variant.parameter_shapes(module) if variant is not None else {})
+
+    peft_format.check_fits(path, modules, targets, tensors, expected_shapes)
+    layers = inject_adapter(
+        model, targets, name, r=options.r, alpha=options.alpha, dropout=options.dropout,
+        rslora=options.rslora, init=options.init, variant=variant,
+    )  # fmt: skip
+    with torch.no_grad():
+        for target, layer in zip(targets, layers):
+            parameters = dict(layer.named_parameters())
+            for suffix, tensor in tensors[target].items():
+                parameters[peft_format.parameter_name(suffix, name)].copy_(tensor)
+    return model
+
+
+@hookimpl
+def ftengine_set_active_adapter(model, name):
+    layers = lora_layers(model)
+    if name is not None and layers and not any(name in layer.lora_A for _, layer in layers):
+        known = sorted({n for _, layer in layers for n in layer.lora_A})
+        raise AdapterError(f"no adapter named '{name}' is loaded (loaded: {', '.join(known)})")
+    for _, layer in layers:
+        layer.set_active_adapter(name)
+
+
+@hookimpl
+def ftengine_merge_adapters(model):
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+@hookimpl
+def ftengine_unmerge_adapters(model):
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+@hookimpl
+def ftengine_unwrap_merged(model):
+    unwrap_merged(model)

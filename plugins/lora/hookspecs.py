@@ -1,0 +1,48 @@
+"""The hooks the ``lora`` plugin adds, so other plugins can extend LoRA without the core
+knowing about it. ``lora`` adds them through ``ftengine_addhooks``; implement them with
+``@ftengine.hookimpl`` in a plugin that ``requires = ("lora",)``.
+"""
+
+from ftengine.hookspecs import hookspec
+
+
+@hookspec(firstresult=True)
+def ftengine_lora_variant(config):
+    """Return the variant that changes how LoRA adapters compute, or ``None`` for plain LoRA.
+
+    Called once per ``ftengine_inject_adapters`` (and per loaded adapter whose
+    ``adapter_config.json`` sets the variant's flag). The ``dora`` plugin returns its DoRA
+    variant. A variant is an object with:
+
+    * ``name`` (str) and ``peft_flag`` (str): the ``adapter_config.json`` key that is ``true``
+      for adapters of this variant (``"use_dora"``);
+    * ``parameter_shapes(layer) -> {peft suffix: shape}``: the extra tensors one adapter of a
+      ``LoraLinear`` holds, named as in PEFT files (``{"lora_magnitude_vector": (out,)}``);
+    * ``add(layer, name)``: create those parameters on ``layer`` (in a ``ModuleDict`` or
+      ``ParameterDict`` attribute keyed by the adapter name) after ``lora_A``/``lora_B``
+      are initialised;
+    * ``forward(layer, name, x, base_output) -> output``: the layer's whole output, given
+      ``x`` (cast to the adapter's dtype, dropout not yet applied) and the base layer's output;
+    * ``merge(layer, name, weight) -> (merged_weight, undo)`` and
+      ``unmerge(layer, name, merged_weight, undo) -> weight``: fold the adapter into a dense
+      base weight and take it out again; ``undo`` is whatever ``unmerge`` needs that cannot be
+      recomputed from the merged weight (kept by the layer while merged).
+
+    :param config: the run ``Config``.
+    """
+
+
+@hookspec(firstresult=True)
+def ftengine_lora_kernel(layer, name):
+    """Return a function computing a ``LoraLinear``'s whole output for adapter ``name``, or
+    ``None`` to keep the eager forward.
+
+    Called by ``lora`` in ``ftengine_on_train_start`` for every adapter layer and its active
+    adapter; the result is stored in ``layer.kernel[name]`` and used while the adapter is active
+    and not merged. A kernel must give the eager forward's outputs and gradients (dropout,
+    scaling and variant included) or return ``None`` for layers it does not support.
+
+    :param layer: a ``ftengine.plugins.lora.layer.LoraLinear``.
+    :param name: the adapter name.
+    :return: ``fn(x) -> y`` or ``None``.
+    """

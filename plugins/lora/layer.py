@@ -1,0 +1,235 @@
+"""LoRA adapter layers: ``LoraLinear`` wraps a frozen linear layer and adds named adapters.
+
+::
+
+                     x  [..., in]
+             ┌────────┴─────────┐
+             │                  ▼
+             │         dropout[name](x)
+             ▼                  │
+      base_layer(x)       lora_A[name]   [in → r]   Kaiming-uniform (or Gaussian) init
+      (frozen W, b;             │
+       nn.Linear or       lora_B[name]   [r → out]  zero init: the output starts equal to the base
+       bnb Linear4bit)          │
+             │           × scaling[name] = alpha / r   (alpha / √r with rsLoRA)
+             └──────── + ───────┘
+                       │
+                       ▼  y = W x + b + scaling · B A dropout(x)
+
+A layer holds any number of adapters by name; one (``active_adapter``) or none is used. A
+*variant* (DoRA, from the ``ftengine_lora_variant`` hook) replaces the right-hand branch, and a
+*kernel* (from ``ftengine_lora_kernel``) may replace the whole forward. ``merge`` folds the
+active adapter into the base weight (``merged`` makes it idempotent); ``unmerge`` takes it out
+again by recomputing the same delta, so nothing but the ``merged`` flag is kept.
+
+The base layer is never copied: a wrapper only holds a reference to it. Adapter parameters are
+created in float32 on the base weight's device, whatever the base dtype (4-bit included).
+"""
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from ftengine.errors import AdapterError
+
+
+def lora_scaling(alpha, r, rslora):
+    """The factor on ``B A x``: ``alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def dense_weight(base_layer):
+    """The base layer's weight as a dense tensor; bitsandbytes 4-bit weights are dequantised."""
+    weight = base_layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(weight.data, quant_state)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus named LoRA adapters (see the module docstring).
+
+    Parameter names are ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight`` and, for DoRA,
+    ``lora_magnitude_vector.<adapter>``: PEFT's on-disk names with the adapter name removed.
+    """
+
+    def __init__(self, base_layer):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling = {}
+        self.variant = {}
+        self.kernel = {}
+        self.active_adapter = None
+        self.merged = False
+        # What the merged variant needs to unmerge and cannot recompute (DoRA's row norms).
+        self._unmerge_info = None
+        self.train(base_layer.training)
+
+    def add_adapter(self, name, *, r, alpha, dropout, rslora=False, init="kaiming", variant=None):
+        """Create adapter ``name`` (inactive): A initialised by ``init``, B zero."""
+        if name in self.lora_A:
+            raise AdapterError(f"an adapter named '{name}' is already loaded; load this one under another name")
+        device = self.base_layer.weight.device
+        lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(lora_A.weight, std=1 / r)
+            else:  # the default nn.Linear init, as in the LoRA paper's reference code
+                nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_B.weight)
+        self.lora_A[name] = lora_A
+        self.lora_B[name] = lora_B
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = lora_scaling(alpha, r, rslora)
+        self.variant[name] = variant
+        self.kernel[name] = None
+        if variant is not None:
+            variant.add(self, name)
+        for module in (lora_A, lora_B, self.lora_dropout[name]):
+            module.train(self.training)
+
+    def set_active_adapter(self, name):
+        """Use adapter ``name`` (``None``, or a name this layer lacks: the base layer alone)."""
+        name = name if name in self.lora_A else None
+        if self.merged and name != self.active_adapter:
+            self.unmerge()
+        self.active_adapter = name
+
+    def delta_weight(self, name):
+        """``scaling · B A``: the adapter's update of the base weight, ``[out, in]``."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def forward(self, x):
+        name = self.active_adapter
+        if name is None or self.merged:
+            return self.base_layer(x)
+        if self.kernel.get(name) is not None:
+            return self.kernel[name](x)
+        base_output = self.base_layer(x)
+        lora_A = self.lora_A[name]
+        x = x.to(lora_A.weight.dtype)
+        variant = self.variant[name]
+        if variant is not None:
+            output = variant.forward(self, name, x, base_output)
+        else:
+            output = base_output + self.lora_B[name](lora_A(self.lora_dropout[name](x))) * self.scaling[name]
+        return output.to(base_output.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the active adapter into ``base_layer.weight``; a no-op if merged or inactive.
+
+        The weight is read from ``base_layer`` now, so a plugin may first replace a quantised
+        base layer by a dense one (``qlora`` merges with ``tryfirst=True``).
+        """
+        name = self.active_adapter
+        if self.merged or name is None:
+            return
+        weight = self.base_layer.weight
+        variant = self.variant[name]
+        if variant is None:
+            weight.add_(self.delta_weight(name).to(weight.dtype))
+        else:
+            merged, self._unmerge_info = variant.merge(self, name, weight)
+            weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take the merged adapter out of the base weight again; a no-op if not merged."""
+        if not self.merged:
+            return
+        name = self.active_adapter
+        weight = self.base_layer.weight
+        variant = self.variant[name]
+        if variant is None:
+            weight.sub_(self.delta_weight(name).to(weight.dtype))
+        else:
+            weight.copy_(variant.unmerge(self, name, weight, self._unmerge_info))
+        self.merged, self._unmerge_info = False, None
+
+    def extra_repr(self):
+        adapters = ", ".join(f"{n}: r={self.lora_A[n].out_features}" for n in self.lora_A)
+        return f"adapters=[{adapters}], active={self.active_adapter!r}, merged={self.merged}"
+
+
+# --------------------------------------------------------------------------------------------
+# finding, wrapping and unwrapping layers in a model
+# --------------------------------------------------------------------------------------------
+
+
+def lora_layers(model):
+    """``[(path, LoraLinear), ...]`` in module order."""
+    return [(path, module) for path, module in model.named_modules() if isinstance(module, LoraLinear)]
+
+
+def linear_modules(model):
+    """Adaptable layers by path: ``nn.Linear`` (bitsandbytes ``Linear4bit`` included) and
+    ``LoraLinear`` wrappers, but not the layers inside a wrapper."""
+    found, wrapper_prefixes = {}, ()
+    for path, module in model.named_modules():
+        if path.startswith(wrapper_prefixes):
+            continue
+        if isinstance(module, LoraLinear):
+            wrapper_prefixes += (f"{path}.",)
+            found[path] = module
+        elif isinstance(module, nn.Linear):
+            found[path] = module
+    return found
+
+
+def select_targets(model, target_modules):
+    """Paths of the linear layers ``target_modules`` selects, as PEFT selects them.
+
+    ``"all-linear"``: every linear layer but the output head; another string: a regular
+    expression the whole path must match; a list: names equal to a path or to its last parts.
+    """
+    modules = linear_modules(model)
+    if target_modules == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [p for p, m in modules.items() if head is None or (m is not head and getattr(m, "base_layer", None) is not head)]
+    if isinstance(target_modules, str):
+        return [p for p in modules if re.fullmatch(target_modules, p)]
+    return [p for p in modules if any(p == t or p.endswith(f".{t}") for t in target_modules)]
+
+
+def wrap_linear(model, path):
+    """The ``LoraLinear`` at ``path``, wrapping the linear layer there first if needed."""
+    module = model.get_submodule(path)
+    if isinstance(module, LoraLinear):
+        return module
+    parent_path, _, child = path.rpartition(".")
+    wrapper = LoraLinear(module)
+    setattr(model.get_submodule(parent_path), child, wrapper)
+    return wrapper
+
+
+def inject_adapter(model, paths, name, *, r, alpha, dropout, rslora=False, init="kaiming", variant=None):
+    """Add adapter ``name`` to the linear layers at ``paths`` (wrapping them); return the layers."""
+    layers = [wrap_linear(model, path) for path in paths]
+    for layer in layers:
+        layer.add_adapter(name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, variant=variant)
+    return layers
+
+
+def unwrap_merged(model):
+    """Replace every ``LoraLinear`` by its base layer; active adapters must be merged first."""
+    layers = lora_layers(model)
+    unmerged = [path for path, layer in layers if layer.active_adapter is not None and not layer.merged]
+    if unmerged:
+        raise AdapterError(f"cannot unwrap '{unmerged[0]}': its active adapter is not merged (merge first)")
+    for path, layer in layers:
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, layer.base_layer)

@@ -1,0 +1,228 @@
+"""Reading and writing LoRA adapters exactly as PEFT does.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata
+``{"format": "pt"}``). Tensor keys are the in-memory parameter names without the adapter name,
+prefixed by ``base_model.model.``::
+
+    model.layers.0.self_attn.q_proj.lora_A.default.weight        (in memory)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (on disk)
+
+    ...q_proj.lora_magnitude_vector.default  ->  base_model.model....q_proj.lora_magnitude_vector
+
+Config keys written, as PEFT writes them: ``peft_type``, ``task_type``,
+``base_model_name_or_path``, ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
+``use_rslora``, ``use_dora``, ``bias``, ``fan_in_fan_out``, ``init_lora_weights``,
+``modules_to_save``. On reading, PEFT options ftengine does not implement are accepted at their
+neutral value and refused otherwise; keys ftengine does not know are dropped with a warning
+(a newer PEFT may add keys; PEFT itself reads adapters that way).
+"""
+
+import json
+import warnings
+
+from safetensors import safe_open
+
+from ftengine.checkpoint import atomic_save_safetensors, atomic_write_text
+from ftengine.errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+# PEFT options that change what an adapter computes and that ftengine does not implement: an
+# adapter may only hold them at a neutral value (this one, or null / false / {} / []).
+UNSUPPORTED_OPTIONS = {
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "lora_bias": False,
+    "rank_pattern": None,
+    "alpha_pattern": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "exclude_modules": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+    "kasa_config": None,
+    "velora_config": None,
+    "arrow_config": None,
+    "monteclora_config": None,
+}
+# PEFT keys that describe how an adapter was made, not what it computes.
+METADATA_KEYS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+    "peft_version", "auto_mapping", "init_lora_weights", "megatron_config", "megatron_core",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+    "ensure_weight_tying",
+}  # fmt: skip
+READ_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"}
+
+
+# --------------------------------------------------------------------------------------------
+# tensor names
+# --------------------------------------------------------------------------------------------
+
+
+def peft_key(module_path, parameter_name):
+    """The on-disk key of a ``LoraLinear`` parameter (``lora_A.<adapter>.weight``)."""
+    attribute, _adapter, *rest = parameter_name.split(".")
+    return ".".join([f"{KEY_PREFIX}{module_path}", attribute, *rest])
+
+
+def split_peft_key(key):
+    """``(module path, suffix)`` of an on-disk key: suffix like ``lora_A.weight``."""
+    path, sep, suffix = key.removeprefix(KEY_PREFIX).partition(".lora_")
+    if not key.startswith(KEY_PREFIX) or not sep:
+        raise AdapterError(f"'{key}' is not a PEFT LoRA tensor name (base_model.model.<module>.lora_...)")
+    return path, f"lora_{suffix}"
+
+
+def parameter_name(suffix, adapter):
+    """The in-memory name of an on-disk suffix: ``lora_A.weight`` -> ``lora_A.<adapter>.weight``."""
+    attribute, *rest = suffix.split(".")
+    return ".".join([attribute, adapter, *rest])
+
+
+def adapter_tensors(layers, adapter):
+    """``{on-disk key: tensor}`` of adapter ``adapter`` over ``[(path, LoraLinear), ...]``."""
+    tensors = {}
+    for path, layer in layers:
+        for name, param in layer.named_parameters():
+            if name.split(".")[1:2] == [adapter] and not name.startswith("base_layer."):
+                tensors[peft_key(path, name)] = param
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+def _json_number(value):
+    return int(value) if float(value).is_integer() else value
+
+
+def adapter_config(options, *, base_model, target_paths, variant):
+    """The ``adapter_config.json`` contents for an adapter made with ``options`` (``LoraOptions``).
+
+    ``all-linear`` is written as the list of the layers it selected, as PEFT writes it.
+    """
+    target_modules = options.target_modules
+    if target_modules == "all-linear":
+        target_modules = sorted(target_paths)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": options.r,
+        "lora_alpha": _json_number(options.alpha),
+        "lora_dropout": options.dropout,
+        "target_modules": target_modules,
+        "use_rslora": options.rslora,
+        "use_dora": variant is not None and variant.peft_flag == "use_dora",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": "gaussian" if options.init == "gaussian" else True,
+        "modules_to_save": None,
+    }
+
+
+def write_adapter(directory, layers, adapter, options, base_model):
+    """Write adapter ``adapter`` of ``[(path, LoraLinear), ...]`` into ``directory``; return the paths."""
+    layers = [(path, layer) for path, layer in layers if adapter in layer.lora_A]
+    if not layers:
+        raise AdapterError(f"the model holds no LoRA adapter named '{adapter}' to save")
+    variant = layers[0][1].variant[adapter]
+    config = adapter_config(options, base_model=base_model, target_paths=[p for p, _ in layers], variant=variant)
+    config_path = atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    weights_path = atomic_save_safetensors(directory / WEIGHTS_FILE, adapter_tensors(layers, adapter), metadata={"format": "pt"})
+    return [config_path, weights_path]
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+def _is_neutral(value, neutral):
+    return value == neutral or value in (None, False, {}, [])
+
+
+def read_adapter_config(directory):
+    """Read ``adapter_config.json``; return it as a dict, or raise ``AdapterError``.
+
+    Options ftengine cannot honour are errors naming the key; unknown keys are dropped with a
+    warning. Only the keys in ``READ_KEYS``, ``use_dora``, ``init_lora_weights`` and
+    ``peft_type`` are kept.
+    """
+    path = directory / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read the adapter config ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    if config.get("peft_type") != "LORA":
+        return config
+    unsupported = [k for k, neutral in UNSUPPORTED_OPTIONS.items() if k in config and not _is_neutral(config[k], neutral)]
+    if unsupported:
+        key = unsupported[0]
+        raise AdapterError(f"{path}: '{key}': {config[key]!r} is a PEFT option ftengine does not support (only {UNSUPPORTED_OPTIONS[key]!r})")
+    missing = sorted(READ_KEYS - set(config))
+    if missing:
+        raise AdapterError(f"{path}: missing key(s) {missing}")
+    unknown = sorted(set(config) - READ_KEYS - METADATA_KEYS - set(UNSUPPORTED_OPTIONS) - {"use_dora"})
+    if unknown:
+        warnings.warn(f"{path}: dropped key(s) unknown to ftengine: {', '.join(unknown)}", stacklevel=2)
+    return {k: v for k, v in config.items() if k in READ_KEYS | {"use_dora", "init_lora_weights", "peft_type"}}
+
+
+def read_adapter_tensors(directory):
+    """``{module path: {suffix: tensor}}`` from ``adapter_model.safetensors``."""
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter weights not found")
+    by_module = {}
+    with safe_open(path, framework="pt") as handle:
+        for key in handle.keys():
+            module, suffix = split_peft_key(key)
+            by_module.setdefault(module, {})[suffix] = handle.get_tensor(key)
+    return by_module
+
+
+def check_fits(directory, model_modules, target_paths, tensors, expected_shapes):
+    """Raise ``AdapterError`` naming the first module whose tensors do not fit the model.
+
+    :param model_modules: the model's adaptable layers by path (``layer.linear_modules``).
+    :param target_paths: the paths the adapter's ``target_modules`` select in this model.
+    :param tensors: ``{module path: {suffix: tensor}}`` from the file.
+    :param expected_shapes: ``fn(layer) -> {suffix: shape}`` for one module of this adapter.
+    """
+    where = directory / WEIGHTS_FILE
+    for path in tensors:
+        if path not in model_modules:
+            raise AdapterError(f"{where}: the adapter has weights for module '{path}', which the base model does not have (is it the right base model?)")
+        if path not in target_paths:
+            raise AdapterError(f"{where}: the adapter has weights for module '{path}', which its target_modules do not select")
+    for path in target_paths:
+        found = tensors.get(path)
+        if found is None:
+            raise AdapterError(f"{where}: no weights for module '{path}', which the adapter's target_modules select in this base model")
+        expected = expected_shapes(model_modules[path])
+        for suffix, shape in expected.items():
+            if suffix not in found:
+                raise AdapterError(f"{where}: module '{path}': tensor '{suffix}' is missing")
+            if tuple(found[suffix].shape) != tuple(shape):
+                raise AdapterError(
+                    f"{where}: module '{path}': {suffix} has shape {list(found[suffix].shape)} in the adapter "
+                    f"but the base model needs {list(shape)} (is it the right base model?)"
+                )
+        extra = sorted(set(found) - set(expected))
+        if extra:
+            raise AdapterError(f"{where}: module '{path}': unexpected tensor(s) {extra} (a LoRA variant that is not active?)")
