@@ -1,0 +1,307 @@
+"""Prompt tuning (Lester et al. 2021): learn ``num_virtual_tokens`` embeddings that are
+prepended to every input at the embedding layer; the model itself stays frozen.
+
+::
+
+    input_ids ──embed──► [B, L, D] ─┐
+    prompt_embeddings  [V, D] ──────┴─cat─► [B, V+L, D] ──► base model ──► logits[:, V:]
+
+The wrapper strips the ``V`` virtual positions from the logits, so what it returns is aligned
+to ``input_ids`` and the SFT and DPO losses need no change (virtual tokens never carry loss).
+
+Adapters are saved and loaded in PEFT's ``PROMPT_TUNING`` format: ``adapter_config.json`` and
+``adapter_model.safetensors`` holding one tensor ``prompt_embeddings`` ``[V, D]``. Several
+prompts can be loaded under different names and switched with ``ftengine_set_active_adapter``;
+``None`` switches the virtual tokens off (the base model, DPO's reference).
+"""
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt
+from safetensors import safe_open
+from torch import nn
+
+from ftengine import hookimpl
+from ftengine.checkpoint import atomic_save_safetensors, atomic_write_text
+from ftengine.config import Section
+from ftengine.errors import AdapterError
+
+# Both lora and prompt tuning write the adapter_config.json of a run: one adapter per run.
+conflicts = ("full", "lora")
+
+ADAPTER_NAME = "default"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+TENSOR_KEY = "prompt_embeddings"
+PEFT_INIT = {"text": "TEXT", "sample_vocab": "SAMPLE_VOCAB", "random": "RANDOM"}
+
+
+class PromptTuningOptions(Section):
+    num_virtual_tokens: PositiveInt = Field(20, description="learned embeddings prepended to every input")
+    init: Literal["text", "sample_vocab", "random"] = Field(
+        "random", description="start from init_text's embeddings, random vocabulary embeddings, or noise"
+    )
+    init_text: str | None = Field(None, description="text whose token embeddings start the prompt (init: text)")
+
+
+# --------------------------------------------------------------------------------------------
+# the wrapper
+# --------------------------------------------------------------------------------------------
+
+
+class PromptTuningModel(nn.Module):
+    """A causal LM with named virtual-token prompts, at most one active at a time.
+
+    Attributes the wrapper does not define (``gradient_checkpointing_enable``,
+    ``generation_config``, ...) are looked up on the base model, as PEFT's ``PeftModel`` does.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = model
+        self.prompt_embeddings = nn.ParameterDict()
+        self.adapter_configs = {}
+        self.active_adapter = None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self):
+        return self.base_model.get_input_embeddings().weight.device
+
+    def get_base_model(self):
+        return self.base_model
+
+    def add_prompt(self, name, embeddings, adapter_config):
+        """Hold ``embeddings`` ``[V, D]`` as prompt ``name``; the first prompt becomes active."""
+        self.prompt_embeddings[name] = nn.Parameter(embeddings.detach().to(torch.float32).clone())
+        self.adapter_configs[name] = adapter_config
+        if self.active_adapter is None and len(self.prompt_embeddings) == 1:
+            self.active_adapter = name
+
+    def set_active_adapter(self, name):
+        """Activate prompt ``name``; ``None`` or a name held by another plugin turns prompts off."""
+        self.active_adapter = name if name in self.prompt_embeddings else None
+
+    @property
+    def num_virtual_tokens(self):
+        """Virtual positions the active prompt adds (0 when none is active)."""
+        return 0 if self.active_adapter is None else self.prompt_embeddings[self.active_adapter].shape[0]
+
+    def _prepend(self, input_ids, attention_mask, inputs_embeds):
+        if inputs_embeds is None:
+            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
+        if self.active_adapter is None:
+            return inputs_embeds, attention_mask
+        prompt = self.prompt_embeddings[self.active_adapter].to(inputs_embeds.dtype)
+        prompt = prompt.unsqueeze(0).expand(batch, -1, -1)
+        prefix_mask = attention_mask.new_ones(batch, prompt.shape[1])
+        return torch.cat([prompt, inputs_embeds], dim=1), torch.cat([prefix_mask, attention_mask], dim=1)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
+        virtual = self.num_virtual_tokens
+        embeds, mask = self._prepend(input_ids, attention_mask, inputs_embeds)
+        if labels is not None and virtual:
+            labels = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)
+        outputs = self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
+        outputs.logits = outputs.logits[:, virtual:]
+        return outputs
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """Generate with the prompt prepended on the first step; the KV cache carries it after.
+
+        Returns ``input_ids`` followed by the new tokens, like ``generate`` on ``input_ids``.
+        """
+        if self.active_adapter is None:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        embeds, mask = self._prepend(input_ids, attention_mask, None)
+        # Given inputs_embeds alone, transformers returns only the generated tokens.
+        output = self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        if torch.is_tensor(output):
+            return torch.cat([input_ids, output], dim=1)
+        output.sequences = torch.cat([input_ids, output.sequences], dim=1)
+        return output
+
+
+# --------------------------------------------------------------------------------------------
+# initialisation and the PEFT config
+# --------------------------------------------------------------------------------------------
+
+
+def base_name_or_path(model):
+    return getattr(model, "name_or_path", None) or None
+
+
+def initial_prompt(model, options):
+    """The starting ``[V, D]`` prompt for ``options.init`` (seeded by the core's seed)."""
+    embedding = model.get_input_embeddings().weight.detach()
+    count = options.num_virtual_tokens
+    if options.init == "random":
+        # Noise at the scale of the real token embeddings, so the first steps are not dominated
+        # by out-of-distribution inputs (PEFT's RANDOM draws N(0, 1) whatever the model).
+        return torch.randn(count, embedding.shape[1], device=embedding.device) * embedding.float().std()
+    if options.init == "sample_vocab":
+        ids = torch.randint(0, embedding.shape[0], (count,), device=embedding.device)
+    else:
+        ids = torch.tensor(text_token_ids(model, options.init_text, count), device=embedding.device)
+    return embedding[ids].float()
+
+
+def text_token_ids(model, text, count):
+    """``text`` tokenised as PEFT does (special tokens included), repeated or cut to ``count``."""
+    from transformers import AutoTokenizer
+
+    source = base_name_or_path(model)
+    if source is None:
+        raise AdapterError(
+            "prompt_tuning.init: 'text' needs the base model's tokenizer, but the model was not "
+            "loaded from a path; use init: sample_vocab or random"
+        )
+    ids = AutoTokenizer.from_pretrained(source)(text)["input_ids"]
+    if not ids:
+        raise AdapterError("prompt_tuning.init_text: the text tokenises to nothing; give some words")
+    return (ids * -(-count // len(ids)))[:count]
+
+
+def peft_config(model, options):
+    """The ``adapter_config.json`` PEFT writes for a prompt-tuning adapter of ``model``."""
+    base = model.config
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_name_or_path(model),
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": base.num_attention_heads,
+        "num_layers": base.num_hidden_layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": options.num_virtual_tokens,
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": PEFT_INIT[options.init],
+        "prompt_tuning_init_text": options.init_text if options.init == "text" else None,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": model.get_input_embeddings().weight.shape[1],
+        "tokenizer_kwargs": None,
+        # PEFT refuses a TEXT config without it, even when only loading the trained values.
+        "tokenizer_name_or_path": base_name_or_path(model) if options.init == "text" else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def ftengine_config_section(register):
+    register("prompt_tuning", PromptTuningOptions)
+
+
+@hookimpl
+def ftengine_validate(config, active):
+    options = config.prompt_tuning
+    if options.init == "text" and not (options.init_text or "").strip():
+        return ["prompt_tuning.init_text: init is 'text' but no text is given: set prompt_tuning.init_text, or use init: sample_vocab"]
+    if options.init != "text" and options.init_text is not None:
+        return [f"prompt_tuning.init_text is only used with init: text (init is '{options.init}'): set init: text or remove init_text"]
+    return []
+
+
+@hookimpl
+def ftengine_wrap_model(model, config):
+    wrapper = PromptTuningModel(model)
+    options = config.prompt_tuning
+    wrapper.add_prompt(ADAPTER_NAME, initial_prompt(model, options), peft_config(model, options))
+    return wrapper
+
+
+@hookimpl
+def ftengine_trainable_params(model, config):
+    if not isinstance(model, PromptTuningModel):
+        return []
+    return [f"prompt_embeddings.{name}" for name in model.prompt_embeddings]
+
+
+@hookimpl
+def ftengine_set_active_adapter(model, name):
+    if isinstance(model, PromptTuningModel):
+        model.set_active_adapter(name)
+
+
+@hookimpl
+def ftengine_save_model(model, tokenizer, config, path):
+    if not isinstance(model, PromptTuningModel) or ADAPTER_NAME not in model.prompt_embeddings:
+        return None
+    path = Path(path)
+    written = [
+        atomic_save_safetensors(path / WEIGHTS_FILE, {TENSOR_KEY: model.prompt_embeddings[ADAPTER_NAME]}, {"format": "pt"}),
+        atomic_write_text(path / CONFIG_FILE, json.dumps(model.adapter_configs[ADAPTER_NAME], indent=2, sort_keys=True)),
+    ]
+    return [str(p) for p in written]
+
+
+def read_adapter(path):
+    """``(adapter_config, prompt [V, D])`` of a PEFT prompt-tuning directory, or ``None`` when
+    the directory holds another kind of adapter."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise AdapterError(f"{path}: no {CONFIG_FILE}; point at a directory saved by ftengine or PEFT")
+    adapter_config = json.loads(config_file.read_text())
+    if adapter_config.get("peft_type") != "PROMPT_TUNING":
+        return None
+    if adapter_config.get("task_type") != "CAUSAL_LM":
+        raise AdapterError(f"{config_file}: task_type is {adapter_config.get('task_type')!r}; only CAUSAL_LM prompts can be loaded")
+    if adapter_config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterError(f"{config_file}: num_transformer_submodules must be 1 for a causal LM")
+    with safe_open(path / WEIGHTS_FILE, framework="pt") as handle:
+        if TENSOR_KEY not in handle.keys():
+            raise AdapterError(f"{path / WEIGHTS_FILE}: no tensor '{TENSOR_KEY}' (found {sorted(handle.keys())[:3]})")
+        prompt = handle.get_tensor(TENSOR_KEY)
+    expected = (adapter_config.get("num_virtual_tokens"), adapter_config.get("token_dim"))
+    if tuple(prompt.shape) != expected:
+        raise AdapterError(f"{path / WEIGHTS_FILE}: '{TENSOR_KEY}' has shape {tuple(prompt.shape)}, its config says {expected}")
+    return adapter_config, prompt
+
+
+@hookimpl
+def ftengine_load_adapter(model, path, name, config, pluginmanager):
+    adapter = read_adapter(path)
+    if adapter is None:
+        return None
+    adapter_config, prompt = adapter
+    wrapper = model if isinstance(model, PromptTuningModel) else PromptTuningModel(model)
+    width = wrapper.get_input_embeddings().weight.shape[1]
+    if prompt.shape[1] != width:
+        raise AdapterError(f"{path}: '{TENSOR_KEY}' has token_dim {prompt.shape[1]} but the model's embeddings have {width}")
+    if name in wrapper.prompt_embeddings:
+        held = wrapper.prompt_embeddings[name]
+        if held.shape != prompt.shape:
+            raise AdapterError(f"{path}: '{TENSOR_KEY}' has shape {tuple(prompt.shape)} but adapter '{name}' holds {tuple(held.shape)}")
+        # In place, so an optimiser already holding this parameter trains the loaded values.
+        with torch.no_grad():
+            held.copy_(prompt)
+        wrapper.adapter_configs[name] = adapter_config
+        return wrapper
+    wrapper.add_prompt(name, prompt.to(wrapper.device), adapter_config)
+    return wrapper
+
+
+@hookimpl
+def ftengine_merge_adapters(model):
+    if isinstance(model, PromptTuningModel):
+        raise AdapterError("a prompt-tuning adapter cannot be merged into the weights: load it with the base model instead")
