@@ -46,6 +46,13 @@ def dense_weight(base_layer):
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:
         return weight
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU inference path, and
+        # dequantize_4bit would read that layout as garbage.
+        raise AdapterError(
+            "a 4-bit base weight is in bitsandbytes' CPU inference packing and cannot be dequantised; "
+            "set support_avx512bf16_for_cpu = False on Linear4bit layers (the qlora plugin does)"
+        )
     import bitsandbytes.functional as bnb_functional
 
     return bnb_functional.dequantize_4bit(weight.data, quant_state)
