@@ -1,20 +1,26 @@
-"""QLoRA on CPU: the real bitsandbytes NF4 path on a tiny Llama (hidden 64, so every linear
-layer's input width is a multiple of the 64-weight block), trained through the core loop."""
+"""QLoRA on CPU: the real bitsandbytes NF4 path on a tiny Llama, trained through the core loop.
+
+The tiny model is built at hidden size 64 so that, as in real models, every layer's input width
+is a multiple of the 64-weight block: bitsandbytes' AVX512-BF16 eval path needs that. qlora
+and these tests switch that path off, but nothing should depend on it.
+"""
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from bitsandbytes.nn import Linear4bit
 from safetensors import safe_open
 
+from ftengine.adapter_contract import AdapterContract
 from ftengine.errors import ConfigError, PluginError
+from ftengine.inference import load_for_inference, merge_adapter
 from ftengine.loop import build, configure, train
 from ftengine.plugins import qlora
+from ftengine.plugins.lora.layer import dense_weight, lora_layers
 from ftengine.testing import save_tiny_model, sft_rows, write_jsonl
-
-bnb = pytest.importorskip("bitsandbytes")
-from bitsandbytes.nn import Linear4bit  # noqa: E402
 
 # Our adapter on our 4-bit base against PEFT's on transformers' 4-bit base: both quantise the
 # same fp32 weights with the same kernel (identical packed bytes) and dequantise to fp32 before
@@ -56,16 +62,10 @@ def trained(workdir):
     return summary, summary["saved"]
 
 
-def quantized_model(workdir, plugins=("lora", "qlora"), adapter=None):
-    """The tiny base as inference builds it (quantised when qlora is active), holding
-    ``adapter`` if given."""
-    config, pm = configure(None, list(plugins), overrides(workdir))
-    model, _ = pm.hook.ftengine_load_model(config=config)
-    pm.hook.ftengine_quantize_model(model=model, config=config)
-    if adapter is not None:
-        pm.hook.ftengine_load_adapter(model=model, path=adapter, name="default", config=config, pluginmanager=pm)
-        pm.hook.ftengine_set_active_adapter(model=model, name="default")
-    return model.eval(), pm
+def for_inference(workdir, adapter=None, plugins=("lora", "qlora")):
+    """The tiny base as ``ftengine generate``/``merge`` build it, holding ``adapter`` if given."""
+    model, _, pm = load_for_inference(str(workdir / "model"), {"default": adapter} if adapter else {}, plugins)
+    return model, pm
 
 
 INPUT_IDS = torch.tensor([[257, 82, 101, 118, 101, 114, 115, 101, 58, 32, 97, 108], [257, 100, 101, 108, 116, 97, 258, 256, 256, 256, 256, 256]])
@@ -99,7 +99,7 @@ def test_linear_layers_become_nf4_and_lora_wraps_them(workdir):
 
 
 def test_quantized_weights_take_under_30_percent_of_fp16(workdir):
-    model, _ = quantized_model(workdir)
+    model, _ = for_inference(workdir)
     weights, packed = qlora.quantized_bytes(model)
     assert weights == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)
     assert packed <= 0.30 * 2 * weights
@@ -144,9 +144,10 @@ def test_training_lowers_the_loss(workdir, trained):
 
 
 def test_memory_line_is_printed_at_train_start(workdir, capsys):
-    config, pm = configure(None, ["lora", "qlora"], overrides(workdir, "report", "train.max_steps=1"))
-    train(config, pm)
-    assert "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight" in capsys.readouterr().err
+    config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
+    model, _, info = build(config, pm)
+    pm.hook.ftengine_on_train_start(model=model, state=SimpleNamespace(config=config, pm=pm, extra={"build": info}))
+    assert "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)" in capsys.readouterr().err
 
 
 def test_saved_adapter_holds_only_lora_tensors(trained):
@@ -165,7 +166,7 @@ def test_adapter_loads_on_a_full_precision_base_as_peft_loads_it(workdir, traine
     from transformers import AutoModelForCausalLM
 
     _, adapter = trained
-    ours, _ = quantized_model(workdir, plugins=("lora",), adapter=adapter)
+    ours, _ = for_inference(workdir, adapter, plugins=())
     assert not any(isinstance(m, Linear4bit) for m in ours.modules())
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workdir / "model"), adapter).eval()
     torch.testing.assert_close(logits(ours), logits(reference), rtol=0, atol=1e-5)
@@ -187,7 +188,7 @@ def _peft_on_4bit_base(workdir, adapter):
 
 def test_adapter_on_4bit_base_matches_peft_with_bitsandbytes(workdir, trained):
     _, adapter = trained
-    ours, _ = quantized_model(workdir, adapter=adapter)
+    ours, _ = for_inference(workdir, adapter)
     reference = _peft_on_4bit_base(workdir, adapter)
     ours_q = ours.model.layers[1].mlp.down_proj.base_layer.weight
     peft_q = reference.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
@@ -204,29 +205,52 @@ def test_merge_dequantizes_and_saves_a_plain_model(workdir, trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     _, adapter = trained
-    model, pm = quantized_model(workdir, adapter=adapter)
-    unmerged = logits(model)
+    unmerged = logits(for_inference(workdir, adapter)[0])
+    merged_dir = merge_adapter(str(workdir / "model"), adapter, tmp_path / "merged", plugins=("qlora",))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    torch.testing.assert_close(logits(merged), unmerged, rtol=0, atol=MERGE_ATOL)
+
+
+def test_merge_replaces_every_4bit_layer_even_unadapted_ones(workdir, tmp_path):
+    config, pm = configure(None, ["lora", "qlora"], overrides(workdir, "out", "lora.target_modules=[q_proj]"))
+    model, _, _ = build(config, pm)
     pm.hook.ftengine_merge_adapters(model=model)
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
-    torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=MERGE_ATOL)
-    pm.hook.ftengine_merge_adapters(model=model)  # twice: no change
-    torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=MERGE_ATOL)
-
-    model = next(iter(pm.hook.ftengine_unwrap_merged(model=model)), model)
-    model.save_pretrained(tmp_path / "merged")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert getattr(reloaded.config, "quantization_config", None) is None
-    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
-    torch.testing.assert_close(logits(reloaded), unmerged, rtol=0, atol=MERGE_ATOL)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
 
 
 def test_dora_on_4bit_base_trains_and_merges(workdir):
     config, pm = configure(None, ["lora", "dora", "qlora"], overrides(workdir, "dora", "train.max_steps=3"))
     summary = train(config, pm)
-    model, pm = quantized_model(workdir, plugins=("lora", "dora", "qlora"), adapter=summary["saved"])
+    model, pm = for_inference(workdir, summary["saved"])
     unmerged = logits(model)
     pm.hook.ftengine_merge_adapters(model=model)
     torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=MERGE_ATOL)
+
+
+class TestQloraContract(AdapterContract):
+    plugins = ["lora", "qlora"]
+    atol = MERGE_ATOL  # merged (one dense matmul) vs unmerged (4-bit base + LoRA branch)
+
+    def base_model(self, model_dir):
+        """The 4-bit base without adapters: what the adapter must leave unchanged."""
+        model = super().base_model(model_dir)
+        qlora.ftengine_quantize_model(model, SimpleNamespace(qlora=qlora.QloraOptions()))
+        return model
+
+    def test_unmerge_restores_the_base_weights(self, run):
+        """Merging dequantises the base for good, so unmerge restores the dequantised weights,
+        which must equal what the 4-bit layers held."""
+        dense = {path: dense_weight(layer.base_layer).clone() for path, layer in lora_layers(run.model)}
+        self.perturb(run)
+        unmerged = self.logits(run.model)
+        run.pm.hook.ftengine_merge_adapters(model=run.model)
+        run.pm.hook.ftengine_unmerge_adapters(model=run.model)
+        for path, layer in lora_layers(run.model):
+            torch.testing.assert_close(layer.base_layer.weight, dense[path], atol=self.unmerge_atol, rtol=0, msg=path)
+        torch.testing.assert_close(self.logits(run.model), unmerged, atol=self.atol, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
