@@ -15,3 +15,12 @@ def run_overrides(tiny_model_dir, tiny_data, tmp_path):
         "train.lr=1e-3",
     ]
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's model/data cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FTENGINE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()

@@ -36,7 +36,7 @@ def test_every_train_option_is_in_the_config_docs():
 def test_readme_opens_with_the_two_commands():
     lines = README.read_text().splitlines()
     commands = [line for line in lines[:30] if line.startswith(("ftengine ", "make ", "pip ", "python"))]
-    assert any("ftengine run" in c for c in commands)
+    assert any("make run" in c or "ftengine run" in c for c in commands)
     assert any("make test" in c for c in commands)
 
 
@@ -44,3 +44,13 @@ def test_cli_help_lists_the_commands():
     output = CliRunner().invoke(cli, ["--help"]).output
     for command in ("run", "plugins"):
         assert command in output
+
+
+def test_every_plugin_package_is_in_the_wheel():
+    """Editable installs find subpackages anyway; a wheel only holds those listed."""
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {f"ftengine.plugins.{p.parent.name}" for p in (root / "plugins").glob("*/__init__.py")}
+    assert packages <= listed
