@@ -9,6 +9,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import FtengineError
+from .inference import generate_command, merge
 
 console = Console()
 err_console = Console(stderr=True)
@@ -105,6 +106,10 @@ def plugins_command(as_json):
         hook_text = hooks if isinstance(hooks, str) else ", ".join(h.removeprefix("ftengine_") for h in hooks)
         table.add_row(name, str(version), source, "yes" if is_default else "", hook_text)
     console.print(table)
+
+
+cli.add_command(merge)
+cli.add_command(generate_command)
 
 
 def _register_plugin_commands():

@@ -281,7 +281,8 @@ def train(config, pm, resume=False, eval_before=False):
 
             if state.step % config.train.log_every == 0 or state.step == max_steps:
                 record = {"step": state.step, "epoch": state.epoch, "loss": loss_sum / max(count, 1), "lr": lr,
-                          "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed if elapsed else None}
+                          "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed if elapsed else None,
+                          "step_time_s": elapsed}
                 record.update({k: v / max(count, 1) for k, v in metric_sums.items()})
                 log(state, record, metrics_file)
             if config.train.eval_every and state.step % config.train.eval_every == 0 and state.step < max_steps:
