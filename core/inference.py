@@ -1,0 +1,148 @@
+"""Inference with adapters: load several over one base model, switch between them, merge.
+
+    model, tokenizer, pm = load_for_inference("models/base", {"support": "runs/a/final", "sales": "runs/b/final"})
+    set_adapter(model, pm, "sales")              # hot swap: no reload; None = the base model
+    generate(model, tokenizer, ["Hi!"], max_new_tokens=32)
+
+    ftengine generate --model models/base --adapter support=runs/a/final --prompt "Hi!"
+    ftengine merge --model models/base --adapter runs/a/final --out models/merged
+
+The plugins an adapter needs are read from its ``adapter_config.json`` (PEFT's ``peft_type``,
+and ``use_dora``); ``--plugin`` adds others (``qlora`` to run over a 4-bit base). Everything
+else goes through hooks: ``ftengine_load_adapter``, ``ftengine_set_active_adapter``,
+``ftengine_merge_adapters`` and ``ftengine_unwrap_merged``.
+"""
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from .checkpoint import atomic_directory
+from .errors import AdapterError
+from .loop import build, configure
+
+ADAPTER_CONFIG = "adapter_config.json"
+# PEFT's peft_type -> the plugin that loads it; and config flags that need one more plugin.
+PLUGIN_FOR_PEFT_TYPE = {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning"}
+PLUGIN_FOR_FLAG = {"use_dora": "dora"}
+
+
+def adapter_plugins(path):
+    """The plugins that load the adapter directory ``path``, from its ``adapter_config.json``."""
+    config_path = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text())
+    except OSError as exc:
+        raise AdapterError(f"{config_path}: cannot read the adapter config ({exc.strerror}); is {path} an adapter directory?") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    peft_type = config.get("peft_type")
+    if peft_type not in PLUGIN_FOR_PEFT_TYPE:
+        raise AdapterError(f"{config_path}: peft_type {peft_type!r} is not supported (supported: {', '.join(PLUGIN_FOR_PEFT_TYPE)})")
+    return [PLUGIN_FOR_PEFT_TYPE[peft_type], *(plugin for flag, plugin in PLUGIN_FOR_FLAG.items() if config.get(flag))]
+
+
+def load_for_inference(model_name, adapters, plugins=()):
+    """Build ``model_name`` and load ``adapters`` (``{name: directory}``) into it.
+
+    :return: ``(model, tokenizer, pm)``; the model is in eval mode, frozen, with the first
+        adapter active (the base model if ``adapters`` is empty).
+    """
+    needed = [*plugins, *(p for path in adapters.values() for p in adapter_plugins(path))]
+    config, pm = configure(plugins=list(dict.fromkeys(needed)), base={"model": model_name}, require_data=False)
+    model, tokenizer, _ = build(config, pm)
+    for name, path in adapters.items():
+        loaded = pm.hook.ftengine_load_adapter(model=model, path=Path(path), name=name, config=config, pluginmanager=pm)
+        if loaded is None:
+            raise AdapterError(f"{path}: no active plugin loads this adapter; add the plugin that made it with --plugin")
+        model = loaded
+    if adapters:
+        set_adapter(model, pm, next(iter(adapters)))
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer, pm
+
+
+def set_adapter(model, pm, name):
+    """Make adapter ``name`` the active one, or use the base model alone with ``None``."""
+    pm.hook.ftengine_set_active_adapter(model=model, name=name)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens=64):
+    """Greedy completions of ``prompts`` (user messages, rendered with the chat template when
+    the tokenizer has one), generated as one left-padded batch."""
+    if tokenizer.chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    else:
+        texts = list(prompts)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last position of each row
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
+    finally:
+        tokenizer.padding_side = padding_side
+    batch = batch.to(next(model.parameters()).device)
+    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def merge_adapter(model_name, adapter_dir, out_dir, plugins=()):
+    """Fold the adapter in ``adapter_dir`` into ``model_name`` and write a plain transformers
+    model (and tokenizer) to ``out_dir``, atomically; return its path."""
+    model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, plugins)
+    pm.hook.ftengine_merge_adapters(model=model)
+    model = next((m for m in pm.hook.ftengine_unwrap_merged(model=model) if m is not None), model)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# commands (added to the ``ftengine`` group in cli.py)
+# --------------------------------------------------------------------------------------------
+
+_plugin_option = click.option("--plugin", "-p", "plugins", multiple=True, help="Activate another plugin (repeatable), e.g. qlora.")
+
+
+@click.command()
+@click.option("--model", required=True, help="Base model: local transformers dir, hub id, .gguf file or 'default'.")
+@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="PEFT adapter directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the merged model to.")
+@_plugin_option
+def merge(model, adapter, out, plugins):
+    """Fold an adapter (LoRA, DoRA) into its base model and save a plain transformers model."""
+    click.echo(f"merged model written to {merge_adapter(model, adapter, out, plugins)}")
+
+
+def _named_adapters(ctx, param, values):
+    adapters = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"'{value}': expected NAME=DIR, e.g. support=runs/support/final")
+        if name in adapters:
+            raise click.BadParameter(f"'{name}' is given twice: name each adapter differently")
+        adapters[name] = path
+    return adapters
+
+
+@click.command(name="generate")
+@click.option("--model", default="default", show_default=True, help="Base model: local transformers dir, hub id, .gguf file or 'default'.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR", callback=_named_adapters, help="Load an adapter under NAME (repeatable).")
+@click.option("--use", help="The adapter to generate with (default: the first one).")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="A user message (repeatable; all run as one batch).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@_plugin_option
+def generate_command(model, adapters, use, prompts, max_new_tokens, plugins):
+    """Generate greedy completions with a base model and its adapters."""
+    if use is not None and use not in adapters:
+        raise click.BadParameter(f"'{use}' is not one of the loaded adapters ({', '.join(adapters) or 'none'})", param_hint="--use")
+    loaded, tokenizer, pm = load_for_inference(model, adapters, plugins)
+    if use is not None:
+        set_adapter(loaded, pm, use)
+    for prompt, completion in zip(prompts, generate(loaded, tokenizer, prompts, max_new_tokens)):
+        click.echo(f">>> {prompt}\n{completion}\n")
