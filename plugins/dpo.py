@@ -1,0 +1,425 @@
+"""Direct Preference Optimisation (Rafailov et al. 2023), with the IPO, hinge and robust losses.
+
+    ftengine run job.yaml --plugin lora --plugin dpo -o dpo.beta=0.1
+
+Data: JSONL rows ``{"prompt", "chosen", "rejected"}`` of strings, or chat rows whose
+``prompt`` (or ``messages``), ``chosen`` and ``rejected`` are lists of messages. Each pair is
+rendered with the chat template as prompt+chosen and prompt+rejected; the log-probability of a
+response is summed over its own tokens only (the assistant turns after the prompt).
+
+Every micro-batch is one forward pass over ``[chosen rows; rejected rows]`` (``2B`` rows
+padded together). The reference model is never a second copy when an adapter plugin trains:
+
+* adapters (lora, dora, qlora, prompt_tuning): the same model with its adapters switched off
+  (``ftengine_set_active_adapter(name=None)``), or, with ``dpo.init_adapter``, with the starting
+  adapter loaded a second time, frozen, under the name ``dpo_reference`` (as TRL does);
+* ``full``: a frozen copy made when training starts (reloaded from ``model`` on resume, as the
+  trained weights are no reference);
+* ``dpo.precompute_ref``: reference log-probs computed once before the first step over the
+  train and eval pairs, saved to ``<output_dir>/ref_logps.safetensors`` (reused on resume) and
+  looked up by example index, so training runs no reference forward at all.
+
+Losses and metrics follow TRL's ``DPOTrainer`` (``docs/dpo.md``). The loss and the metrics are
+sums over pairs with the number of pairs as the count.
+"""
+
+import copy
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveFloat
+from safetensors import safe_open
+
+from ftengine import hookimpl
+from ftengine.checkpoint import atomic_save_safetensors
+from ftengine.config import Section
+from ftengine.data import IGNORE_INDEX, pad_batch, read_jsonl, render_chat, require_messages, require_str, tokenize_with_mask
+from ftengine.errors import DataError, FtengineError
+from ftengine.loop import to_device
+from ftengine.pluginmanager import active_names
+from ftengine.state import Datasets, LossOutput
+
+METHOD_PLUGINS = ("lora", "dora", "qlora", "prompt_tuning", "full")
+REFERENCE_ADAPTER = "dpo_reference"
+REF_LOGPS_FILE = "ref_logps.safetensors"
+EVAL_SUMS = "dpo_eval_sums"
+SMOOTHED_LOSSES = ("sigmoid", "robust")
+
+
+class DpoOptions(Section):
+    beta: PositiveFloat = Field(0.1, description="how far the policy may move from the reference (IPO: its tau)")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="sigmoid = DPO")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="assumed chance a preference is flipped (sigmoid: conservative DPO; robust)"
+    )
+    precompute_ref: bool = Field(False, description="compute reference log-probs once before training")
+    init_adapter: str | None = Field(None, description="PEFT adapter directory to start from (e.g. the SFT adapter)")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+def _response(row, field, where):
+    if field not in row:
+        raise DataError(f"{where}: missing field '{field}'")
+    messages = require_messages(row[field], field, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: '{field}' has no assistant turn to score")
+    return messages
+
+
+def pair_messages(row, where):
+    """``(prompt, chosen, rejected)`` message lists of a preference row."""
+    key = "messages" if "messages" in row else "prompt"
+    if isinstance(row.get(key), list):
+        prompt = require_messages(row[key], key, where)
+        return prompt, _response(row, "chosen", where), _response(row, "rejected", where)
+    prompt = require_str(row, "prompt", where, allow_empty=True)
+    chosen, rejected = require_str(row, "chosen", where), require_str(row, "rejected", where)
+    user = [{"role": "user", "content": prompt}]
+    return user, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+
+
+def tokenize_response(tokenizer, prompt, response, field, where):
+    """Token ids of prompt+response and labels that keep only the response's assistant turns."""
+    text, spans = render_chat(tokenizer, prompt + response, where)
+    prompt_turns = sum(m["role"] == "assistant" for m in prompt)
+    ids, labels = tokenize_with_mask(tokenizer, text, spans[prompt_turns:])
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(f"{where}: field '{field}' is empty after tokenisation")
+    return ids, labels
+
+
+def load_preference_file(path, tokenizer, max_length, split):
+    """Tokenise a preference JSONL file; return ``(examples, stats)``.
+
+    Sequences longer than ``max_length`` keep their start (as TRL's ``keep_start``); a pair
+    whose chosen or rejected response is cut off entirely is dropped. Both are counted.
+    """
+    examples, truncated, dropped = [], 0, 0
+    for row, where in read_jsonl(path):
+        prompt, chosen, rejected = pair_messages(row, where)
+        sides = {field: tokenize_response(tokenizer, prompt, response, field, where) for field, response in (("chosen", chosen), ("rejected", rejected))}
+        if any(len(ids) > max_length for ids, _ in sides.values()):
+            truncated += 1
+            sides = {field: (ids[:max_length], labels[:max_length]) for field, (ids, labels) in sides.items()}
+            if any(all(label == IGNORE_INDEX for label in labels) for _, labels in sides.values()):
+                dropped += 1
+                continue
+        examples.append({
+            "chosen_ids": sides["chosen"][0], "chosen_labels": sides["chosen"][1],
+            "rejected_ids": sides["rejected"][0], "rejected_labels": sides["rejected"][1],
+            "index": len(examples), "split": split, "source": where,
+            # A chat row ending with the preferred answer, for generation-based metrics.
+            "row": {"messages": prompt + chosen},
+        })  # fmt: skip
+    return examples, {"rows": len(examples) + dropped, "truncated": truncated, "dropped": dropped}
+
+
+def collate_pairs(examples, pad_token_id):
+    """One batch of ``2B`` rows: the chosen sequences, then the rejected ones, padded together."""
+    ids = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+    return {
+        "input_ids": pad_batch(ids, pad_token_id),
+        "attention_mask": pad_batch([[1] * len(s) for s in ids], 0),
+        "labels": pad_batch(labels, IGNORE_INDEX),
+        "index": torch.tensor([e["index"] for e in examples]),
+        "split": examples[0]["split"],
+    }
+
+
+def load_preferences(config, tokenizer):
+    max_length = config.train.max_length
+    train, stats = load_preference_file(config.data.train, tokenizer, max_length, "train")
+    eval_examples, eval_stats = [], {}
+    if config.data.eval:
+        eval_examples, eval_stats = load_preference_file(config.data.eval, tokenizer, max_length, "eval")
+    return Datasets(
+        train=train,
+        eval=eval_examples,
+        collate=lambda examples: collate_pairs(examples, tokenizer.pad_token_id),
+        stats={"train": stats, "eval": eval_stats},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# log-probabilities and losses
+# --------------------------------------------------------------------------------------------
+
+
+def response_logps(logits, labels):
+    """Per row: the summed log-probability of the labelled tokens given what precedes them."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return -token_nll.sum(dim=1)
+
+
+def sequence_logps(model, batch):
+    """``(chosen, rejected)`` summed response log-probs of a pair batch, in one forward pass."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return response_logps(logits, batch["labels"]).chunk(2)
+
+
+def pair_losses(options, chosen_logratios, rejected_logratios, chosen_tokens, rejected_tokens):
+    """Per-pair losses from the policy/reference log-ratios of the chosen and rejected responses.
+
+    ``chosen_tokens``/``rejected_tokens`` (response lengths) are used by IPO only, which, as
+    TRL does, compares log-ratios averaged per token.
+    """
+    beta, smoothing = options.beta, options.label_smoothing
+    delta = chosen_logratios - rejected_logratios
+    if options.loss_type == "sigmoid":
+        # Conservative DPO: the preference is right with probability 1 - smoothing.
+        return -(1 - smoothing) * F.logsigmoid(beta * delta) - smoothing * F.logsigmoid(-beta * delta)
+    if options.loss_type == "robust":
+        # Chowdhury et al. 2024: an unbiased loss under label noise of rate `smoothing`.
+        return (-(1 - smoothing) * F.logsigmoid(beta * delta) + smoothing * F.logsigmoid(-beta * delta)) / (1 - 2 * smoothing)
+    if options.loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    # IPO (Azar et al. 2023, eq. 17) with beta as tau.
+    per_token = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+    return (per_token - 1 / (2 * beta)) ** 2
+
+
+def pair_metrics(options, policy, reference):
+    """Sums over pairs of the implicit rewards ``beta * (log pi - log ref)`` and their margin."""
+    chosen = options.beta * (policy[0] - reference[0]).detach()
+    rejected = options.beta * (policy[1] - reference[1]).detach()
+    return {
+        "rewards_chosen": float(chosen.sum()),
+        "rewards_rejected": float(rejected.sum()),
+        "reward_margin": float((chosen - rejected).sum()),
+        "reward_accuracy": float((chosen > rejected).sum()),
+        "logps_chosen": float(policy[0].detach().sum()),
+        "logps_rejected": float(policy[1].detach().sum()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the reference model
+# --------------------------------------------------------------------------------------------
+
+
+def training_adapter_name(config):
+    """The name the method plugin trains its adapter under (``lora.adapter_name`` or ``default``)."""
+    lora = getattr(config, "lora", None)
+    return lora.adapter_name if lora is not None else "default"
+
+
+@contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class Reference:
+    """Where reference log-probs come from, in order: the cache, a frozen copy, or the model
+    itself with adapter ``adapter`` active (``None``: adapters off) instead of the trained one."""
+
+    pm: object
+    trained_adapter: str
+    adapter: str | None = None
+    frozen: torch.nn.Module | None = None
+    cache: dict | None = None
+
+    @torch.no_grad()
+    def compute(self, model, batch):
+        if self.frozen is not None:
+            return sequence_logps(self.frozen, batch)
+        self.pm.hook.ftengine_set_active_adapter(model=model, name=self.adapter)
+        try:
+            with eval_mode(model):
+                return sequence_logps(model, batch)
+        finally:
+            self.pm.hook.ftengine_set_active_adapter(model=model, name=self.trained_adapter)
+
+    def logps(self, model, batch):
+        if self.cache is None:
+            return self.compute(model, batch)
+        return self.cache[batch["split"]][batch["index"].cpu()].to(batch["input_ids"].device).unbind(1)
+
+
+def frozen_copy(model, state):
+    """The full fine-tuning reference: the model as it starts, frozen. On resume the model
+    already holds trained weights, so the original is reloaded through the model loader."""
+    if state.step == 0:
+        reference = copy.deepcopy(model)
+    else:
+        reference, _ = state.pm.hook.ftengine_load_model(config=state.config)
+        reference.to(state.device)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def load_reference_adapter(model, state):
+    """Load ``dpo.init_adapter`` a second time, frozen, as the reference adapter; on a fresh run
+    also copy it into the trained adapter, which therefore starts from it."""
+    config, pm = state.config, state.pm
+    path = Path(config.dpo.init_adapter)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loaded = pm.hook.ftengine_load_adapter(model=model, path=path, name=REFERENCE_ADAPTER, config=config, pluginmanager=pm)
+    if loaded is None:
+        raise FtengineError(f"dpo.init_adapter: no active plugin loads the adapter in {path}; activate the plugin that trained it")
+    if loaded is not model:
+        raise FtengineError(f"dpo.init_adapter: loading {path} replaced the model; the method plugin must load adapters into the model in place")
+    trained = training_adapter_name(config)
+    # Loading may make the new adapter the active one; training goes on with the trained one.
+    pm.hook.ftengine_set_active_adapter(model=model, name=trained)
+    reference = {}
+    for name, param in model.named_parameters():
+        if name not in trainable:
+            param.requires_grad_(False)
+        parts = name.split(".")
+        if REFERENCE_ADAPTER in parts:
+            reference[".".join(trained if part == REFERENCE_ADAPTER else part for part in parts)] = param
+    mismatched = sorted(n for n, p in trainable.items() if n not in reference or reference[n].shape != p.shape)
+    if mismatched or len(reference) != len(trainable):
+        raise FtengineError(
+            f"dpo.init_adapter: the adapter in {path} does not have the shape of the one this run trains "
+            f"(first difference: {(mismatched or sorted(set(reference) - set(trainable)))[0]}); "
+            f"set the method's options (lora.r, target_modules, ...) to those of the adapter"
+        )
+    if state.step == 0:
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(reference[name])
+
+
+def data_fingerprint(datasets):
+    digest = hashlib.sha256()
+    for split in (datasets.train, datasets.eval):
+        digest.update(json.dumps([[e["chosen_ids"], e["rejected_ids"]] for e in split]).encode())
+    return digest.hexdigest()
+
+
+def precompute_ref_logps(model, reference, datasets, state):
+    """``{split: [N, 2] (chosen, rejected)}`` reference log-probs over every pair, batched."""
+    cache, size = {}, state.config.train.eval_batch_size
+    for split, examples in (("train", datasets.train), ("eval", datasets.eval)):
+        rows = []
+        for start in range(0, len(examples), size):
+            batch = to_device(datasets.collate(examples[start : start + size]), state.device)
+            with torch.autocast(state.device.type, dtype=state.autocast_dtype, enabled=state.autocast_dtype is not None):
+                rows.append(torch.stack(reference.compute(model, batch), dim=1).float().cpu())
+        cache[split] = torch.cat(rows) if rows else torch.zeros(0, 2)
+    return cache
+
+
+def read_ref_logps(path, fingerprint):
+    """The cached reference log-probs in ``path`` if they were computed for these pairs."""
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt") as handle:
+        if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+            return None
+        return {split: handle.get_tensor(split) for split in ("train", "eval")}
+
+
+def ref_logps_cache(model, reference, state, full):
+    """Reference log-probs for every pair: read from ``<output_dir>/ref_logps.safetensors`` when
+    resuming over the same pairs, else computed now (with a temporary frozen copy for ``full``)
+    and saved there. A fresh run always recomputes: the file may come from another model."""
+    # The hook does not hand the datasets over; reading them again gives the same examples.
+    datasets = load_preferences(state.config, state.tokenizer)
+    fingerprint = data_fingerprint(datasets)
+    path = state.output_dir / REF_LOGPS_FILE
+    cache = read_ref_logps(path, fingerprint) if state.step > 0 else None
+    if cache is None:
+        reference.frozen = frozen_copy(model, state) if full else None
+        cache = precompute_ref_logps(model, reference, datasets, state)
+        reference.frozen = None  # the cache replaces it: free the memory
+        atomic_save_safetensors(path, cache, metadata={"fingerprint": fingerprint})
+    return cache
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def ftengine_config_section(register):
+    register("dpo", DpoOptions)
+
+
+@hookimpl
+def ftengine_validate(config, active):
+    options, problems = config.dpo, []
+    if not active & set(METHOD_PLUGINS):
+        problems.append("plugin 'dpo' trains nothing by itself: add a method plugin, e.g. --plugin lora (or qlora, dora, prompt_tuning, full)")
+    if options.label_smoothing and options.loss_type not in SMOOTHED_LOSSES:
+        problems.append(
+            f"dpo.label_smoothing: the '{options.loss_type}' loss has no label smoothing; "
+            f"set it to 0 or use loss_type {' or '.join(SMOOTHED_LOSSES)}"
+        )
+    if options.init_adapter is not None:
+        if "full" in active:
+            problems.append("dpo.init_adapter: full fine-tuning has no adapter to start from; set model: to the SFT model directory instead")
+        elif not (Path(options.init_adapter) / "adapter_config.json").is_file():
+            problems.append(f"dpo.init_adapter: {options.init_adapter} holds no adapter_config.json; point it at a saved adapter (e.g. <sft output_dir>/final)")
+    return problems
+
+
+@hookimpl
+def ftengine_load_dataset(config, tokenizer):
+    return load_preferences(config, tokenizer)
+
+
+@hookimpl
+def ftengine_on_train_start(model, state):
+    options = state.config.dpo
+    full = "full" in active_names(state.pm)
+    reference = Reference(state.pm, training_adapter_name(state.config))
+    if options.init_adapter is not None:
+        load_reference_adapter(model, state)
+        reference.adapter = REFERENCE_ADAPTER
+    if options.precompute_ref:
+        reference.cache = ref_logps_cache(model, reference, state, full)
+    elif full:
+        reference.frozen = frozen_copy(model, state)
+    state.extra["dpo"] = reference
+
+
+def run_reference(state):
+    if "dpo" not in state.extra:
+        raise FtengineError("dpo: no reference model: ftengine_on_train_start must run before the first loss")
+    return state.extra["dpo"]
+
+
+@hookimpl
+def ftengine_compute_loss(model, batch, state):
+    options, reference = state.config.dpo, run_reference(state)
+    policy = sequence_logps(model, batch)
+    ref = reference.logps(model, batch)
+    tokens = (batch["labels"] != IGNORE_INDEX).sum(dim=1).chunk(2)
+    losses = pair_losses(options, policy[0] - ref[0], policy[1] - ref[1], *tokens)
+    metrics = pair_metrics(options, policy, ref)
+    if not model.training:
+        # The core's evaluation keeps only the loss; ftengine_eval_metrics reports these.
+        sums = state.extra.setdefault(EVAL_SUMS, {})
+        for key, value in {**metrics, "pairs": len(losses)}.items():
+            sums[key] = sums.get(key, 0) + value
+    return LossOutput(loss=losses.sum(), count=len(losses), metrics=metrics)
+
+
+@hookimpl
+def ftengine_eval_metrics(model, tokenizer, datasets, state):
+    sums = state.extra.pop(EVAL_SUMS, None)
+    if not sums:
+        return {}
+    pairs = sums.pop("pairs")
+    return {key: value / pairs for key, value in sums.items()}
