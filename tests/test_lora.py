@@ -81,7 +81,7 @@ def test_target_modules_matching_nothing_names_the_pattern_and_real_layers(tiny_
     [
         ({"target_modules": "(q_proj"}, "lora.target_modules: '(q_proj' is not a valid regular expression"),
         ({"target_modules": []}, "lora.target_modules: the list is empty"),
-        ({"alpha": 0}, "lora.alpha: must be positive"),
+        ({"alpha": 0}, "lora.alpha: Input should be greater than 0"),
         ({"adapter_name": "my.adapter"}, "lora.adapter_name: 'my.adapter' must be non-empty and without dots"),
         ({"dropout": 1.0}, "lora.dropout: Input should be less than 1"),
         ({"init": "pissa"}, "lora.init: Input should be 'kaiming' or 'gaussian'"),
@@ -102,8 +102,10 @@ def test_the_base_is_frozen_and_never_copied(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
     frozen = sum(p.numel() for p in run.model.parameters() if not p.requires_grad)
     assert frozen == 35168  # the tiny model's own parameter count: no base weight is duplicated
-    layer = run.model.model.layers[0].self_attn.q_proj
-    assert layer.base_layer.weight.data_ptr() == dict(run.model.named_parameters())["model.layers.0.self_attn.q_proj.base_layer.weight"].data_ptr()
+    model, _ = run.pm.hook.ftengine_load_model(config=run.config)
+    linears = {path: model.get_submodule(path) for path in ALL_LINEAR}
+    run.pm.hook.ftengine_inject_adapters(model=model, config=run.config, pluginmanager=run.pm)
+    assert all(model.get_submodule(path).base_layer is linear for path, linear in linears.items())
 
 
 @pytest.mark.parametrize("rslora, expected", [(False, 8 / 4), (True, 8 / 2)])
@@ -277,6 +279,16 @@ def test_unknown_config_keys_are_dropped_with_a_warning(saved_adapter, tiny_mode
     assert torch.equal(AdapterContract.logits(model), logits)
 
 
+def test_keys_a_config_leaves_out_take_peft_defaults_but_target_modules_is_required(saved_adapter, tiny_model_dir):
+    path, logits = saved_adapter
+    minimal = {"peft_type": "LORA", "r": 4, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}
+    (path / "adapter_config.json").write_text(json.dumps(minimal))
+    assert torch.equal(AdapterContract.logits(load(tiny_model_dir, path)), logits)
+    (path / "adapter_config.json").write_text(json.dumps({**minimal, "target_modules": None}))
+    with pytest.raises(AdapterError, match="target_modules is not set"):
+        load(tiny_model_dir, path)
+
+
 @pytest.mark.parametrize("key, value", [("bias", "all"), ("fan_in_fan_out", True), ("rank_pattern", {"q_proj": 8})])
 def test_peft_options_ftengine_cannot_honour_are_errors(saved_adapter, tiny_model_dir, key, value):
     path, _ = saved_adapter
@@ -286,12 +298,14 @@ def test_peft_options_ftengine_cannot_honour_are_errors(saved_adapter, tiny_mode
         load(tiny_model_dir, path)
 
 
-def test_loading_twice_under_one_name_is_an_error(saved_adapter, tiny_model_dir):
+def test_loading_twice_under_one_name_or_under_a_bad_name_is_an_error(saved_adapter, tiny_model_dir):
     path, _ = saved_adapter
     model, config, pm = inference_build(tiny_model_dir)
     pm.hook.ftengine_load_adapter(model=model, path=path, name="x", config=config, pluginmanager=pm)
     with pytest.raises(AdapterError, match="an adapter named 'x' is already loaded"):
         pm.hook.ftengine_load_adapter(model=model, path=path, name="x", config=config, pluginmanager=pm)
+    with pytest.raises(AdapterError, match="adapter name 'x.y' must be non-empty and without dots"):
+        pm.hook.ftengine_load_adapter(model=model, path=path, name="x.y", config=config, pluginmanager=pm)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ conflicts = ("full",)
 
 class LoraOptions(Section):
     r: PositiveInt = Field(16, description="rank of the update B·A")
-    alpha: float = Field(32, description="the update is scaled by alpha / r (alpha / sqrt(r) with rslora)")
+    alpha: float = Field(32, gt=0, description="the update is scaled by alpha / r (alpha / sqrt(r) with rslora)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[str] | str = Field(
         "all-linear",
@@ -51,13 +51,18 @@ def ftengine_config_section(register):
     register("lora", LoraOptions)
 
 
+def adapter_name_problem(name):
+    """Why ``name`` cannot name an adapter (it becomes part of parameter names), or ``None``."""
+    if not name or "." in name:
+        return f"{name!r} must be non-empty and without dots (it becomes part of parameter names)"
+    return None
+
+
 @hookimpl
-def ftengine_validate(config, active):
+def ftengine_validate(config):
     options, problems = config.lora, []
-    if options.alpha <= 0:
-        problems.append(f"lora.alpha: must be positive (got {options.alpha}); the usual choice is 2 * lora.r")
-    if not options.adapter_name or "." in options.adapter_name:
-        problems.append(f"lora.adapter_name: {options.adapter_name!r} must be non-empty and without dots (it becomes part of parameter names)")
+    if adapter_name_problem(options.adapter_name):
+        problems.append(f"lora.adapter_name: {adapter_name_problem(options.adapter_name)}")
     targets = options.target_modules
     if isinstance(targets, list) and not targets:
         problems.append("lora.target_modules: the list is empty; name the layers to adapt, e.g. [q_proj, v_proj], or use 'all-linear'")
@@ -72,7 +77,7 @@ def ftengine_validate(config, active):
 def _variant_for_adapter(pluginmanager, config, adapter, path):
     """The variant a saved adapter needs: none for plain LoRA, else the active variant whose
     ``peft_flag`` its config sets (only ``use_dora`` exists in PEFT's LoRA format)."""
-    if not adapter.get("use_dora"):
+    if not adapter["use_dora"]:
         return None
     variant = pluginmanager.hook.ftengine_lora_variant(config=config)
     if variant is None or variant.peft_flag != "use_dora":
@@ -80,10 +85,10 @@ def _variant_for_adapter(pluginmanager, config, adapter, path):
     return variant
 
 
-def _no_target_message(model, targets):
+def _no_target_message(model, key, targets):
     names = list(linear_modules(model))
     return (
-        f"lora.target_modules: {targets!r} matches no linear layer of this model; "
+        f"{key}: {targets!r} matches no linear layer of this model; "
         f"its linear layers are named like {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
     )
 
@@ -97,7 +102,7 @@ def ftengine_inject_adapters(model, config, pluginmanager):
     options = config.lora
     paths = select_targets(model, options.target_modules)
     if not paths:
-        raise ConfigError([_no_target_message(model, options.target_modules)])
+        raise ConfigError([_no_target_message(model, "lora.target_modules", options.target_modules)])
     variant = pluginmanager.hook.ftengine_lora_variant(config=config)
     layers = inject_adapter(
         model, paths, options.adapter_name, r=options.r, alpha=options.alpha, dropout=options.dropout,
@@ -137,14 +142,16 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     """Load a PEFT LoRA/DoRA directory under ``name``; validate everything first, so a bad
     adapter leaves the model as it was."""
     path = Path(path)
-    adapter = peft_format.read_adapter_config(path)
-    if adapter.get("peft_type") != "LORA":
+    if adapter_name_problem(name):
+        raise AdapterError(f"adapter name {adapter_name_problem(name)}")
+    adapter = peft_format.read_lora_config(path)
+    if adapter is None:
         return None
     try:
         options = LoraOptions(
             r=adapter["r"], alpha=adapter["lora_alpha"], dropout=adapter["lora_dropout"],
             target_modules=adapter["target_modules"], rslora=adapter["use_rslora"],
-            init="gaussian" if adapter.get("init_lora_weights") == "gaussian" else "kaiming", adapter_name=name,
+            init="gaussian" if adapter["init_lora_weights"] == "gaussian" else "kaiming", adapter_name=name,
         )  # fmt: skip
     except ValidationError as exc:
         error = exc.errors()[0]
@@ -157,7 +164,7 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     modules = linear_modules(model)
     targets = select_targets(model, options.target_modules)
     if not targets:
-        raise AdapterError(f"{path}: {_no_target_message(model, options.target_modules)}")
+        raise AdapterError(_no_target_message(model, f"{path / peft_format.CONFIG_FILE}: target_modules", options.target_modules))
     tensors = peft_format.read_adapter_tensors(path)
 
     def expected_shapes(module):

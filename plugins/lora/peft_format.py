@@ -55,11 +55,11 @@ UNSUPPORTED_OPTIONS = {
 # PEFT keys that describe how an adapter was made, not what it computes.
 METADATA_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-    "peft_version", "auto_mapping", "init_lora_weights", "megatron_config", "megatron_core",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "ensure_weight_tying",
+    "peft_version", "auto_mapping", "megatron_config", "megatron_core", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
 }  # fmt: skip
-READ_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"}
+# The keys ftengine reads, with the values PEFT's LoraConfig assumes when a config omits them.
+READ_KEYS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True, "target_modules": None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,12 +152,12 @@ def _is_neutral(value, neutral):
     return value == neutral or value in (None, False, {}, [])
 
 
-def read_adapter_config(directory):
-    """Read ``adapter_config.json``; return it as a dict, or raise ``AdapterError``.
+def read_lora_config(directory):
+    """The LoRA settings in ``adapter_config.json`` (the ``READ_KEYS``, defaults filled in), or
+    ``None`` when the adapter is not a LoRA adapter.
 
     Options ftengine cannot honour are errors naming the key; unknown keys are dropped with a
-    warning. Only the keys in ``READ_KEYS``, ``use_dora``, ``init_lora_weights`` and
-    ``peft_type`` are kept.
+    warning.
     """
     path = directory / CONFIG_FILE
     try:
@@ -169,18 +169,17 @@ def read_adapter_config(directory):
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     if config.get("peft_type") != "LORA":
-        return config
+        return None
     unsupported = [k for k, neutral in UNSUPPORTED_OPTIONS.items() if k in config and not _is_neutral(config[k], neutral)]
     if unsupported:
         key = unsupported[0]
         raise AdapterError(f"{path}: '{key}': {config[key]!r} is a PEFT option ftengine does not support (only {UNSUPPORTED_OPTIONS[key]!r})")
-    missing = sorted(READ_KEYS - set(config))
-    if missing:
-        raise AdapterError(f"{path}: missing key(s) {missing}")
-    unknown = sorted(set(config) - READ_KEYS - METADATA_KEYS - set(UNSUPPORTED_OPTIONS) - {"use_dora"})
+    if not config.get("target_modules"):
+        raise AdapterError(f"{path}: target_modules is not set (ftengine does not guess the adapted layers from the model type)")
+    unknown = sorted(set(config) - set(READ_KEYS) - METADATA_KEYS - set(UNSUPPORTED_OPTIONS))
     if unknown:
         warnings.warn(f"{path}: dropped key(s) unknown to ftengine: {', '.join(unknown)}", stacklevel=2)
-    return {k: v for k, v in config.items() if k in READ_KEYS | {"use_dora", "init_lora_weights", "peft_type"}}
+    return {key: config.get(key, default) for key, default in READ_KEYS.items()}
 
 
 def read_adapter_tensors(directory):
