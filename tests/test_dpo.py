@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ftengine import hookimpl
 from ftengine.adapter_contract import AdapterContract
 from ftengine.data import IGNORE_INDEX
-from ftengine.errors import ConfigError, DataError
+from ftengine.errors import ConfigError, DataError, FtengineError
 from ftengine.loop import build, configure, save, train
 from ftengine.plugins import dpo
 from ftengine.state import RunState
@@ -386,3 +386,12 @@ def test_init_adapter_starts_training_and_is_the_reference(tiny_model_dir, prefs
     assert records(tmp_path / "out")[0]["loss"] == pytest.approx(LOG2, abs=1e-6)  # started from the SFT adapter
     trained = load_file(summary["saved"] / "adapter_model.safetensors")
     assert not torch.equal(next(iter(trained.values())), load_file(sft_dir / "adapter_model.safetensors")[next(iter(trained))])
+
+
+def test_init_adapter_of_another_rank_is_refused(tiny_model_dir, prefs, tmp_path):
+    sft_config, sft_pm = configure(None, ["lora"], [f"model={tiny_model_dir}", f"data.train={prefs}", "lora.r=8"])
+    sft_model, tokenizer, _ = build(sft_config, sft_pm)
+    sft_dir = save(sft_model, tokenizer, sft_config, sft_pm, tmp_path / "sft")
+    overrides = dpo_overrides(tiny_model_dir, prefs, tmp_path, "lora.r=4", "train.max_steps=1", f"dpo.init_adapter={sft_dir}")
+    with pytest.raises(FtengineError, match="does not have the shape of the one this run trains"):
+        train(*configure(None, ["lora", "dpo"], overrides))
