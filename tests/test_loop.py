@@ -123,3 +123,18 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         checkpoint.atomic_write(target, fails)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_sft_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_model_dir, tiny_data):
+    """The loss computes the vocabulary head only where a target is predicted; same value."""
+    from ftengine.data import collate_sft, load_sft_file
+    from ftengine.plugins import sft
+    from ftengine.plugins.hf_loader import load_pretrained
+
+    model, tokenizer = load_pretrained(str(tiny_model_dir))
+    examples, _ = load_sft_file(tiny_data[0], tokenizer, 512)
+    batch = collate_sft(examples[:4], tokenizer.pad_token_id)
+    fast = sft.ftengine_compute_loss(model=model, batch=batch, state=None)
+    full_loss, full_count = sft.token_logprob_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    assert fast.count == full_count
+    torch.testing.assert_close(fast.loss, full_loss, rtol=1e-6, atol=1e-5)

@@ -1,0 +1,145 @@
+"""LoRA training step: ftengine vs PEFT on SmolLM2-135M-Instruct, same batches, one command.
+
+    python examples/benchmarks/bench_lora.py [--steps 8] [--warmup 2] [--out results.json]
+
+Each configuration runs in its own child process so its peak memory is its own (max RSS on
+CPU, ``torch.cuda.max_memory_allocated`` on CUDA):
+
+* ``ftengine``: the real training loop (``ftengine.loop.train``) with ``--plugin lora``;
+  step times come from its ``metrics.jsonl``.
+* ``peft``: ``peft.get_peft_model`` with the same LoRA config, and a plain loop doing what the
+  core loop does (summed token loss / target count, clipping, AdamW) on the same batches.
+
+Config: LoRA r=16, alpha=32, dropout 0.05, all linear layers but the head; batch 8 sequences
+truncated to 128 tokens from the contacts task; AdamW lr 1e-4; fp32 on CPU, bf16 autocast on
+CUDA. Reports the median step time after ``--warmup`` steps and the ratio ftengine / PEFT.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+R, ALPHA, DROPOUT, BATCH, LENGTH, LR = 16, 32, 0.05, 8, 128, 1e-4
+
+
+def contacts_train_file():
+    from ftengine.plugins.contacts.task import write_splits
+    from ftengine.plugins.hf_loader import cache_dir
+
+    data_dir = cache_dir() / "data" / "contacts-v1"
+    if not (data_dir / "train.jsonl").is_file():
+        write_splits(data_dir)
+    return data_dir / "train.jsonl"
+
+
+def peak_memory_mb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_ftengine(steps):
+    from ftengine.loop import configure, train
+
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [
+            "model=default", f"output_dir={out}", f"data.train={contacts_train_file()}",
+            f"train.max_steps={steps}", f"train.batch_size={BATCH}", f"train.max_length={LENGTH}",
+            f"train.lr={LR}", f"lora.r={R}", f"lora.alpha={ALPHA}", f"lora.dropout={DROPOUT}",
+        ]
+        config, pm = configure(None, ["lora", "no:progress"], overrides)
+        train(config, pm)
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time_s"] for r in records if "step_time_s" in r]
+
+
+def run_peft(steps):
+    from peft import LoraConfig, get_peft_model
+
+    from ftengine.data import collate_sft, load_sft_file
+    from ftengine.loop import configure, micro_batch
+    from ftengine.plugins.hf_loader import load_pretrained
+    from ftengine.plugins.sft import token_logprob_sum
+    from ftengine.state import Datasets
+
+    config, _ = configure(None, [], [f"data.train={contacts_train_file()}", f"train.batch_size={BATCH}"])
+    model, tokenizer = load_pretrained("default")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lora = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora).to(device).train()
+    examples, _ = load_sft_file(config.data.train, tokenizer, LENGTH)
+    datasets = Datasets(train=examples, eval=[], collate=lambda e: collate_sft(e, tokenizer.pad_token_id))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times = []
+    for step in range(steps):
+        started = time.perf_counter()
+        _, batch = micro_batch(datasets, config, step)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, count = token_logprob_sum(logits, batch["labels"])
+        (loss / count).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def child(name, steps):
+    torch.manual_seed(0)
+    times = {"ftengine": run_ftengine, "peft": run_peft}[name](steps)
+    print(json.dumps({"name": name, "step_times": times, "peak_memory_mb": peak_memory_mb()}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.steps)
+
+    contacts_train_file()  # generate the data once, outside the timed children
+    results = {}
+    for name in ("ftengine", "peft"):
+        output = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--steps", str(args.steps)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        result = json.loads(output.strip().splitlines()[-1])
+        result["median_step_s"] = statistics.median(result["step_times"][args.warmup :])
+        results[name] = result
+    ours, theirs = results["ftengine"], results["peft"]
+    summary = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "config": {"r": R, "alpha": ALPHA, "dropout": DROPOUT, "batch": BATCH, "max_length": LENGTH, "steps": args.steps, "warmup": args.warmup},
+        "results": results,
+        "step_time_ratio": ours["median_step_s"] / theirs["median_step_s"],
+        "peak_memory_ratio": ours["peak_memory_mb"] / theirs["peak_memory_mb"],
+    }
+    print(f"{'':10} {'median step (s)':>16} {'peak memory (MB)':>17}")
+    for name, result in results.items():
+        print(f"{name:10} {result['median_step_s']:16.3f} {result['peak_memory_mb']:17.0f}")
+    print(f"ratio ftengine/peft: step time {summary['step_time_ratio']:.3f}, peak memory {summary['peak_memory_ratio']:.3f}")
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
