@@ -55,3 +55,10 @@ def test_misspelled_hookimpl_is_an_error():
 def test_module_that_fails_to_import_is_reported():
     with pytest.raises(PluginError, match="failed to import"):
         select_plugins(["sample_plugins.does_not_exist"])
+
+
+def test_trace_switch_prints_hook_calls(monkeypatch, capsys):
+    monkeypatch.setenv("FTENGINE_TRACE_HOOKS", "1")
+    pm = select_plugins([])
+    pm.hook.ftengine_config_section(register=lambda name, model: None)
+    assert "ftengine_config_section" in capsys.readouterr().err
