@@ -121,8 +121,9 @@ class AdapterContract:
         run.model(**batch, labels=batch["input_ids"]).loss.backward()
         optimizer.step()
         run.model.eval()
+        parameters = dict(run.model.named_parameters())
         for name, before in frozen.items():
-            assert torch.equal(dict(run.model.named_parameters())[name], before), name
+            assert torch.equal(parameters[name], before), name
         run.pm.hook.ftengine_set_active_adapter(model=run.model, name=None)
         torch.testing.assert_close(self.logits(run.model), base_logits, atol=self.atol, rtol=0)
 
