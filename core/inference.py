@@ -29,8 +29,8 @@ PLUGIN_FOR_PEFT_TYPE = {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning"}
 PLUGIN_FOR_FLAG = {"use_dora": "dora"}
 
 
-def adapter_plugins(path):
-    """The plugins that load the adapter directory ``path``, from its ``adapter_config.json``."""
+def read_adapter_config(path):
+    """The ``adapter_config.json`` of the adapter directory ``path``, as a dict."""
     config_path = Path(path) / ADAPTER_CONFIG
     try:
         config = json.loads(config_path.read_text())
@@ -38,9 +38,17 @@ def adapter_plugins(path):
         raise AdapterError(f"{config_path}: cannot read the adapter config ({exc.strerror}); is {path} an adapter directory?") from None
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def adapter_plugins(path):
+    """The plugins that load the adapter directory ``path``, from its ``adapter_config.json``."""
+    config = read_adapter_config(path)
     peft_type = config.get("peft_type")
     if peft_type not in PLUGIN_FOR_PEFT_TYPE:
-        raise AdapterError(f"{config_path}: peft_type {peft_type!r} is not supported (supported: {', '.join(PLUGIN_FOR_PEFT_TYPE)})")
+        raise AdapterError(f"{Path(path) / ADAPTER_CONFIG}: peft_type {peft_type!r} is not supported (supported: {', '.join(PLUGIN_FOR_PEFT_TYPE)})")
     return [PLUGIN_FOR_PEFT_TYPE[peft_type], *(plugin for flag, plugin in PLUGIN_FOR_FLAG.items() if config.get(flag))]
 
 

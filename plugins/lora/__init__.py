@@ -155,7 +155,7 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
         )  # fmt: skip
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise AdapterError(f"{path / peft_format.CONFIG_FILE}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+        raise AdapterError(f"{path / peft_format.ADAPTER_CONFIG}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
     variant = _variant_for_adapter(pluginmanager, config, adapter, path)
     loaded = {n for _, layer in lora_layers(model) for n in layer.lora_A}
     if name in loaded:
@@ -164,7 +164,7 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     modules = linear_modules(model)
     targets = select_targets(model, options.target_modules)
     if not targets:
-        raise AdapterError(_no_target_message(model, f"{path / peft_format.CONFIG_FILE}: target_modules", options.target_modules))
+        raise AdapterError(_no_target_message(model, f"{path / peft_format.ADAPTER_CONFIG}: target_modules", options.target_modules))
     tensors = peft_format.read_adapter_tensors(path)
 
     def expected_shapes(module):

@@ -24,8 +24,8 @@ from safetensors import safe_open
 
 from ftengine.checkpoint import atomic_save_safetensors, atomic_write_text
 from ftengine.errors import AdapterError
+from ftengine.inference import ADAPTER_CONFIG, read_adapter_config
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
@@ -138,7 +138,7 @@ def write_adapter(directory, layers, adapter, options, base_model):
         raise AdapterError(f"the model holds no LoRA adapter named '{adapter}' to save")
     variant = layers[0][1].variant[adapter]
     config = adapter_config(options, base_model=base_model, target_paths=[p for p, _ in layers], variant=variant)
-    config_path = atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    config_path = atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     weights_path = atomic_save_safetensors(directory / WEIGHTS_FILE, adapter_tensors(layers, adapter), metadata={"format": "pt"})
     return [config_path, weights_path]
 
@@ -159,15 +159,8 @@ def read_lora_config(directory):
     Options ftengine cannot honour are errors naming the key; unknown keys are dropped with a
     warning.
     """
-    path = directory / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except OSError as exc:
-        raise AdapterError(f"{path}: cannot read the adapter config ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    path = directory / ADAPTER_CONFIG
+    config = read_adapter_config(directory)
     if config.get("peft_type") != "LORA":
         return None
     unsupported = [k for k, neutral in UNSUPPORTED_OPTIONS.items() if k in config and not _is_neutral(config[k], neutral)]
