@@ -7,6 +7,7 @@ import inspect
 from pathlib import Path
 
 from ftengine import hookspecs
+from ftengine.plugins.lora import hookspecs as lora_hookspecs
 
 HEADER = """# Hook reference
 
@@ -17,9 +18,9 @@ may take any subset of the arguments. See [writing plugins](writing-plugins.md).
 """
 
 
-def render():
-    parts = [HEADER, inspect.getdoc(hookspecs), "\n"]
-    specs = [f for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("ftengine_")]
+def render_specs(module):
+    parts = []
+    specs = [f for n, f in inspect.getmembers(module, inspect.isfunction) if n.startswith("ftengine_")]
     for function in sorted(specs, key=lambda f: f.__code__.co_firstlineno):  # source order = phase order
         name = function.__name__
         options = function.ftengine_spec  # set by HookspecMarker
@@ -28,6 +29,12 @@ def render():
         if flags:
             parts.append(f"\n*{', '.join(flags)}*\n")
         parts.append("\n" + inspect.getdoc(function) + "\n")
+    return parts
+
+
+def render():
+    parts = [HEADER, inspect.getdoc(hookspecs), "\n", *render_specs(hookspecs)]
+    parts += ["\n# Hooks added by the `lora` plugin\n\n", inspect.getdoc(lora_hookspecs), "\n", *render_specs(lora_hookspecs)]
     return "".join(parts)
 
 

@@ -21,10 +21,13 @@ def test_hook_reference_is_up_to_date():
 
 
 def test_every_hook_has_a_documented_signature():
+    from ftengine.plugins.lora import hookspecs as lora_hookspecs
+
     reference = (DOCS / "hooks.md").read_text()
-    for name in dir(hookspecs):
-        if name.startswith("ftengine_"):
-            assert f"`{name}(" in reference
+    for module in (hookspecs, lora_hookspecs):
+        for name in dir(module):
+            if name.startswith("ftengine_"):
+                assert f"`{name}(" in reference
 
 
 def test_every_train_option_is_in_the_config_docs():
