@@ -27,6 +27,7 @@ from torch import nn
 from ftengine import hookimpl
 from ftengine.checkpoint import atomic_save_safetensors, atomic_write_text
 from ftengine.config import Section
+from ftengine.data import IGNORE_INDEX
 from ftengine.errors import AdapterError
 
 # Both lora and prompt tuning write the adapter_config.json of a run: one adapter per run.
@@ -91,8 +92,10 @@ class PromptTuningModel(nn.Module):
             self.active_adapter = name
 
     def set_active_adapter(self, name):
-        """Activate prompt ``name``; ``None`` or a name held by another plugin turns prompts off."""
-        self.active_adapter = name if name in self.prompt_embeddings else None
+        """Activate prompt ``name``; ``None`` turns the virtual tokens off (the base model)."""
+        if name is not None and name not in self.prompt_embeddings:
+            raise AdapterError(f"no prompt named '{name}' is loaded (loaded: {', '.join(self.prompt_embeddings)})")
+        self.active_adapter = name
 
     @property
     def num_virtual_tokens(self):
@@ -116,7 +119,7 @@ class PromptTuningModel(nn.Module):
         virtual = self.num_virtual_tokens
         embeds, mask = self._prepend(input_ids, attention_mask, inputs_embeds)
         if labels is not None and virtual:
-            labels = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)
+            labels = torch.cat([labels.new_full((labels.shape[0], virtual), IGNORE_INDEX), labels], dim=1)
         outputs = self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
         outputs.logits = outputs.logits[:, virtual:]
         return outputs

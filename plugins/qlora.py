@@ -105,7 +105,7 @@ def _replace(model, name, module):
 def ftengine_quantize_model(model, config):
     device = next(model.parameters()).device
     dtype = compute_dtype(config.qlora, device)
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # Exactly nn.Linear: subclasses (nn.MultiheadAttention's out_proj) may read .weight directly.
     targets = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
     if not targets:

@@ -245,3 +245,10 @@ def test_training_lowers_the_loss_and_trains_only_the_prompt(run_overrides, tmp_
     assert summary["build"]["trainable"] == ["prompt_embeddings.default"]
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     assert sorted(p.name for p in summary["saved"].iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_activating_an_unknown_prompt_names_the_loaded_ones(tiny_model_dir, tmp_path):
+    run = build_run(tiny_model_dir, tmp_path)
+    with pytest.raises(AdapterError, match=r"no prompt named 'other' is loaded \(loaded: default\)"):
+        run.pm.hook.ftengine_set_active_adapter(model=run.model, name="other")
+    assert run.model.active_adapter == "default"

@@ -285,9 +285,6 @@ def test_a_model_without_linear_layers_is_refused_by_name(workdir):
             super().__init__()
             self.conv = torch.nn.Conv1d(4, 4, 3)
 
-        def get_output_embeddings(self):
-            return None
-
     config, _ = configure(None, ["lora", "qlora"], overrides(workdir))
     with pytest.raises(ConfigError, match=r"ConvNet has no torch.nn.Linear layer"):
         qlora.ftengine_quantize_model(ConvNet(), config)
