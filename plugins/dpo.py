@@ -25,6 +25,7 @@ sums over pairs with the number of pairs as the count.
 
 import copy
 import hashlib
+import inspect
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,17 +157,23 @@ def load_preferences(config, tokenizer):
 # --------------------------------------------------------------------------------------------
 
 
-def response_logps(logits, labels):
-    """Per row: the summed log-probability of the labelled tokens given what precedes them."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return -token_nll.sum(dim=1)
+def accepts_logits_to_keep(model):
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def sequence_logps(model, batch):
-    """``(chosen, rejected)`` summed response log-probs of a pair batch, in one forward pass."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return response_logps(logits, batch["labels"]).chunk(2)
+    """``(chosen, rejected)``: per row of a pair batch, in one forward pass, the summed
+    log-probability of the labelled (response) tokens given what precedes them."""
+    inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+    if accepts_logits_to_keep(model):
+        # The vocabulary projection dominates memory: run it only at positions that predict a
+        # response token in some row (position t predicts label t+1), as the SFT loss does.
+        positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        logits, targets = model(**inputs, logits_to_keep=positions).logits, labels[:, positions + 1]
+    else:
+        logits, targets = model(**inputs).logits[:, :-1], labels[:, 1:]
+    token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return (-token_nll.sum(dim=1)).chunk(2)
 
 
 def pair_losses(options, chosen_logratios, rejected_logratios, chosen_tokens, rejected_tokens):

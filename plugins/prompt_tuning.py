@@ -115,13 +115,20 @@ class PromptTuningModel(nn.Module):
         prefix_mask = attention_mask.new_ones(batch, prompt.shape[1])
         return torch.cat([prompt, inputs_embeds], dim=1), torch.cat([prefix_mask, attention_mask], dim=1)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, logits_to_keep=0, **kwargs):
+        """The base model's output for the real tokens. ``logits_to_keep`` counts real positions
+        too: a tensor of positions in ``input_ids``, or the last ``k`` (``k`` <= input length)."""
         virtual = self.num_virtual_tokens
         embeds, mask = self._prepend(input_ids, attention_mask, inputs_embeds)
         if labels is not None and virtual:
             labels = torch.cat([labels.new_full((labels.shape[0], virtual), IGNORE_INDEX), labels], dim=1)
+        if torch.is_tensor(logits_to_keep):
+            kwargs["logits_to_keep"] = logits_to_keep + virtual
+        elif logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         outputs = self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
-        outputs.logits = outputs.logits[:, virtual:]
+        if "logits_to_keep" not in kwargs:
+            outputs.logits = outputs.logits[:, virtual:]
         return outputs
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):

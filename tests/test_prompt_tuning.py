@@ -252,3 +252,13 @@ def test_activating_an_unknown_prompt_names_the_loaded_ones(tiny_model_dir, tmp_
     with pytest.raises(AdapterError, match=r"no prompt named 'other' is loaded \(loaded: default\)"):
         run.pm.hook.ftengine_set_active_adapter(model=run.model, name="other")
     assert run.model.active_adapter == "default"
+
+
+def test_logits_to_keep_counts_real_positions(tiny_model_dir, tmp_path):
+    run = build_run(tiny_model_dir, tmp_path)
+    inputs = AdapterContract.inputs()
+    with torch.no_grad():
+        full = run.model(**inputs).logits
+        positions = torch.tensor([0, 3, 11])
+        torch.testing.assert_close(run.model(**inputs, logits_to_keep=positions).logits, full[:, positions])
+        torch.testing.assert_close(run.model(**inputs, logits_to_keep=2).logits, full[:, -2:])
