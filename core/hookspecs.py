@@ -124,7 +124,7 @@ def ftengine_inject_adapters(model, config, pluginmanager):
 
 
 @hookspec(firstresult=True)
-def ftengine_wrap_model(model, config):
+def ftengine_wrap_model(model, tokenizer, config):
     """Return a module that wraps the whole model, or ``None``. Exclusive, firstresult.
 
     For adapters that change the model's inputs rather than its layers (prompt tuning prepends
@@ -133,6 +133,7 @@ def ftengine_wrap_model(model, config):
     ``generate(...)``, ``config``, and ``get_base_model()`` returning the wrapped model.
 
     :param model: the model with adapters injected.
+    :param tokenizer: the model's tokenizer (prompt tuning initialises from text with it).
     :param config: the run ``Config``.
     """
 
@@ -188,7 +189,7 @@ def ftengine_compute_loss(model, batch, state):
     :param batch: what ``Datasets.collate`` returned, moved to the model's device.
     :param state: the ``ftengine.state.RunState``.
     :return: an ``ftengine.state.LossOutput(loss_sum, count, metrics)``; ``metrics`` values are
-        sums too, divided by the total count when logged.
+        sums too, divided by the total count when logged (as ``eval_<name>`` in evaluation).
     """
 
 
@@ -198,10 +199,12 @@ def ftengine_compute_loss(model, batch, state):
 
 
 @hookspec
-def ftengine_on_train_start(model, state):
+def ftengine_on_train_start(model, datasets, state):
     """Called once after the model, optimiser and data are ready, before the first step.
 
     :param model: the model to train.
+    :param datasets: the ``Datasets`` from ``ftengine_load_dataset`` (DPO precomputes reference
+        log-probs over them).
     :param state: the ``RunState`` (``state.step`` is above 0 when resuming).
     """
 

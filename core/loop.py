@@ -96,7 +96,7 @@ def build(config, pm, device=None):
     # Adapters are created from this seed, so a resumed run rebuilds them identically.
     torch.manual_seed(config.train.seed)
     pm.hook.ftengine_inject_adapters(model=model, config=config, pluginmanager=pm)
-    model = pm.hook.ftengine_wrap_model(model=model, config=config) or model
+    model = pm.hook.ftengine_wrap_model(model=model, tokenizer=tokenizer, config=config) or model
     model.to(device)
     trainable = set()
     for names in pm.hook.ftengine_trainable_params(model=model, config=config):
@@ -156,13 +156,16 @@ def evaluate(model, tokenizer, datasets, state):
     model.eval()
     record = {}
     if datasets.eval:
-        loss_sum, count = 0.0, 0
+        loss_sum, count, metric_sums = 0.0, 0, {}
         for start in range(0, len(datasets.eval), config.train.eval_batch_size):
             batch = to_device(datasets.collate(datasets.eval[start : start + config.train.eval_batch_size]), state.device)
             with _autocast(state):
                 out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
             loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
+            for key, value in out.metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
         record["eval_loss"] = loss_sum / max(count, 1)
+        record.update({f"eval_{key}": value / max(count, 1) for key, value in metric_sums.items()})
     for metrics in pm.hook.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state):
         for key, value in (metrics or {}).items():
             if f"eval_{key}" in record:
@@ -244,7 +247,7 @@ def train(config, pm, resume=False, eval_before=False):
     checkpoint.atomic_write_text(output_dir / "config.json", json.dumps(dump_config(config), indent=1))
 
     with open(output_dir / "metrics.jsonl", "a") as metrics_file:
-        pm.hook.ftengine_on_train_start(model=model, state=state)
+        pm.hook.ftengine_on_train_start(model=model, datasets=datasets, state=state)
         if eval_before and not resume:
             summary["before"] = {"step": 0, **evaluate(model, tokenizer, datasets, state)}
             log(state, summary["before"], metrics_file)

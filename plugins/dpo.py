@@ -49,7 +49,6 @@ from ftengine.state import Datasets, LossOutput
 METHOD_PLUGINS = ("lora", "dora", "qlora", "prompt_tuning", "full")
 REFERENCE_ADAPTER = "dpo_reference"
 REF_LOGPS_FILE = "ref_logps.safetensors"
-EVAL_SUMS = "dpo_eval_sums"
 SMOOTHED_LOSSES = ("sigmoid", "robust")
 
 
@@ -336,12 +335,10 @@ def read_ref_logps(path, fingerprint):
         return {split: handle.get_tensor(split) for split in ("train", "eval")}
 
 
-def ref_logps_cache(model, reference, state, full):
+def ref_logps_cache(model, reference, datasets, state, full):
     """Reference log-probs for every pair: read from ``<output_dir>/ref_logps.safetensors`` when
     resuming over the same pairs, else computed now (with a temporary frozen copy for ``full``)
     and saved there. A fresh run always recomputes: the file may come from another model."""
-    # The hook does not hand the datasets over; reading them again gives the same examples.
-    datasets = load_preferences(state.config, state.tokenizer)
     fingerprint = data_fingerprint(datasets)
     path = state.output_dir / REF_LOGPS_FILE
     cache = read_ref_logps(path, fingerprint) if state.step > 0 else None
@@ -387,7 +384,7 @@ def ftengine_load_dataset(config, tokenizer):
 
 
 @hookimpl
-def ftengine_on_train_start(model, state):
+def ftengine_on_train_start(model, datasets, state):
     options = state.config.dpo
     full = "full" in active_names(state.pm)
     reference = Reference(state.pm, training_adapter_name(state.config))
@@ -395,7 +392,7 @@ def ftengine_on_train_start(model, state):
         load_reference_adapter(model, state)
         reference.adapter = REFERENCE_ADAPTER
     if options.precompute_ref:
-        reference.cache = ref_logps_cache(model, reference, state, full)
+        reference.cache = ref_logps_cache(model, reference, datasets, state, full)
     elif full:
         reference.frozen = frozen_copy(model, state)
     state.extra["dpo"] = reference
@@ -415,18 +412,4 @@ def ftengine_compute_loss(model, batch, state):
     tokens = (batch["labels"] != IGNORE_INDEX).sum(dim=1).chunk(2)
     losses = pair_losses(options, policy[0] - ref[0], policy[1] - ref[1], *tokens)
     metrics = pair_metrics(options, policy, ref)
-    if not model.training:
-        # The core's evaluation keeps only the loss; ftengine_eval_metrics reports these.
-        sums = state.extra.setdefault(EVAL_SUMS, {})
-        for key, value in {**metrics, "pairs": len(losses)}.items():
-            sums[key] = sums.get(key, 0) + value
     return LossOutput(loss=losses.sum(), count=len(losses), metrics=metrics)
-
-
-@hookimpl
-def ftengine_eval_metrics(model, tokenizer, datasets, state):
-    sums = state.extra.pop(EVAL_SUMS, None)
-    if not sums:
-        return {}
-    pairs = sums.pop("pairs")
-    return {key: value / pairs for key, value in sums.items()}

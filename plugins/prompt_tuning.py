@@ -156,7 +156,7 @@ def base_name_or_path(model):
     return getattr(model, "name_or_path", None) or None
 
 
-def initial_prompt(model, options):
+def initial_prompt(model, tokenizer, options):
     """The starting ``[V, D]`` prompt for ``options.init`` (seeded by the core's seed)."""
     embedding = model.get_input_embeddings().weight.detach()
     count = options.num_virtual_tokens
@@ -167,21 +167,13 @@ def initial_prompt(model, options):
     if options.init == "sample_vocab":
         ids = torch.randint(0, embedding.shape[0], (count,), device=embedding.device)
     else:
-        ids = torch.tensor(text_token_ids(model, options.init_text, count), device=embedding.device)
+        ids = torch.tensor(text_token_ids(tokenizer, options.init_text, count), device=embedding.device)
     return embedding[ids].float()
 
 
-def text_token_ids(model, text, count):
+def text_token_ids(tokenizer, text, count):
     """``text`` tokenised as PEFT does (special tokens included), repeated or cut to ``count``."""
-    from transformers import AutoTokenizer
-
-    source = base_name_or_path(model)
-    if source is None:
-        raise AdapterError(
-            "prompt_tuning.init: 'text' needs the base model's tokenizer, but the model was not "
-            "loaded from a path; use init: sample_vocab or random"
-        )
-    ids = AutoTokenizer.from_pretrained(source)(text)["input_ids"]
+    ids = tokenizer(text)["input_ids"]
     if not ids:
         raise AdapterError("prompt_tuning.init_text: the text tokenises to nothing; give some words")
     return (ids * -(-count // len(ids)))[:count]
@@ -232,10 +224,10 @@ def ftengine_validate(config, active):
 
 
 @hookimpl
-def ftengine_wrap_model(model, config):
+def ftengine_wrap_model(model, tokenizer, config):
     wrapper = PromptTuningModel(model)
     options = config.prompt_tuning
-    wrapper.add_prompt(ADAPTER_NAME, initial_prompt(model, options), peft_config(model, options))
+    wrapper.add_prompt(ADAPTER_NAME, initial_prompt(model, tokenizer, options), peft_config(model, options))
     return wrapper
 
 

@@ -56,7 +56,8 @@ def start(config, pm, model, tokenizer, tmp_path):
     """The state a run has when its first loss is computed (``ftengine_on_train_start`` done)."""
     state = RunState(config=config, pm=pm, output_dir=tmp_path / "out", device=torch.device("cpu"), tokenizer=tokenizer)
     state.output_dir.mkdir(parents=True, exist_ok=True)
-    pm.hook.ftengine_on_train_start(model=model, state=state)
+    datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
+    pm.hook.ftengine_on_train_start(model=model, datasets=datasets, state=state)
     return state
 
 
