@@ -7,7 +7,8 @@ Hooks marked *firstresult* stop at the first implementation that returns somethi
 
 A plugin may also declare, as module attributes:
 
-* ``requires = ("lora",)``: plugins that must be active alongside it;
+* ``requires = ("lora",)``: plugins that must be active alongside it; an entry that is a tuple
+  names alternatives (``requires = (("lora", "prompt_tuning"),)``: one of them);
 * ``conflicts = ("full",)``: plugins that must not be active alongside it.
 
 Some hooks are *exclusive*: at most one active non-default plugin may implement them (two

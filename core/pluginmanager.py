@@ -153,8 +153,11 @@ def select_plugins(requested):
     conflicting = set()
     for name, plugin in plugins.items():
         for needed in getattr(plugin, "requires", ()):
-            if needed not in active:
-                problems.append(f"plugin '{name}' requires plugin '{needed}': add --plugin {needed}.")
+            alternatives = (needed,) if isinstance(needed, str) else tuple(needed)
+            if not active & set(alternatives):
+                options = " or ".join(f"--plugin {a}" for a in alternatives)
+                wanted = " or ".join(f"'{a}'" for a in alternatives)
+                problems.append(f"plugin '{name}' requires plugin {wanted}: add {options}.")
         conflicting |= {tuple(sorted((name, o))) for o in getattr(plugin, "conflicts", ()) if o in active}
     for a, b in sorted(conflicting):
         problems.append(f"plugins '{a}' and '{b}' conflict: select only one of them.")

@@ -62,3 +62,9 @@ def test_trace_switch_prints_hook_calls(monkeypatch, capsys):
     pm = select_plugins([])
     pm.hook.ftengine_config_section(register=lambda name, model: None)
     assert "ftengine_config_section" in capsys.readouterr().err
+
+
+def test_a_requirement_can_name_alternatives():
+    select_plugins(["full", "sample_plugins.needs_either"])
+    with pytest.raises(PluginError, match=r"requires plugin 'full' or 'lorax': add --plugin full or --plugin lorax"):
+        select_plugins(["sample_plugins.needs_either"])

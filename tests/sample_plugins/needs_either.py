@@ -1,0 +1,3 @@
+"""A plugin that requires one of two plugins."""
+
+requires = (("full", "lorax"),)
