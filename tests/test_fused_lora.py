@@ -246,3 +246,11 @@ def test_lora_layer_gives_the_same_outputs_and_gradients_with_the_kernel():
     fused = outputs_and_grads()
     for what, got, want in zip(("output", "grad of x", "grad of A", "grad of B"), fused, eager):
         assert_close(got, want, torch.float32, what)
+
+
+def test_a_cpu_run_reports_the_plugin_inactive_and_trains_eagerly(run_overrides, capsys):
+    from ftengine.loop import configure, train
+
+    config, pm = configure(None, ["lora", "fused_lora"], run_overrides + ["train.max_steps=2"])
+    train(config, pm)
+    assert "fused_lora: inactive (no CUDA device)" in capsys.readouterr().err

@@ -34,6 +34,15 @@ def ftengine_lora_kernel(layer, name):
     return None if reason else fused_forward(layer, name)
 
 
+@hookimpl(trylast=True)
+def ftengine_on_train_start(model, state):
+    """Report, after ``lora`` asked for a kernel per layer, which layers run fused and why the
+    others fall back to the eager path (on CPU: that the plugin is inactive)."""
+    from rich.console import Console
+
+    Console(stderr=True).print(summary(), highlight=False)
+
+
 def summary():
     """One line, e.g. "fused_lora: 82 layers fused, 2 fell back (LoRA variant 'dora' not supported: 2)"."""
     problem = _environment_problem()
