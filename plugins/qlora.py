@@ -115,7 +115,24 @@ def ftengine_quantize_model(model, config):
         )
     for name, linear in targets:
         _replace(model, name, quantize_linear(linear, config.qlora, dtype))
+    if device.type == "cpu":
+        _release_checkpoint_mapping(model)
     return True
+
+
+def _release_checkpoint_mapping(model):
+    """Give the tensors left in full precision memory of their own.
+
+    On CPU transformers memory-maps the checkpoint, and the mapping, with every page read while
+    quantising, stays resident as long as any tensor (the embeddings, a norm) points into it:
+    the replaced float32 weights would go on taking their memory.
+    """
+    from bitsandbytes.nn import Params4bit
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if not isinstance(tensor, Params4bit):
+                tensor.data = tensor.data.clone()
 
 
 def quantized_bytes(model):

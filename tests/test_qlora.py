@@ -5,8 +5,10 @@ is a multiple of the 64-weight block: bitsandbytes' AVX512-BF16 eval path needs 
 and these tests switch that path off, but nothing should depend on it.
 """
 
+import gc
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -110,6 +112,20 @@ def test_quantized_weights_take_under_30_percent_of_fp16(workdir):
     assert 8 * packed / weights == pytest.approx(4.127, abs=0.002)
 
 
+def test_quantizing_on_cpu_unmaps_the_checkpoint_and_keeps_ties(tmp_path):
+    """transformers memory-maps the checkpoint; while any tensor points into the mapping, the
+    pages of the replaced float32 weights stay resident."""
+    model_dir = save_tiny_model(tmp_path / "tied", hidden_size=64, tie_word_embeddings=True)
+    checkpoint = str(model_dir / "model.safetensors")
+    full, _, _ = load_for_inference(str(model_dir), {}, ("lora",))
+    assert checkpoint in Path("/proc/self/maps").read_text()  # what the test would miss
+    del full
+    gc.collect()
+    quantized, _, _ = load_for_inference(str(model_dir), {}, ("lora", "qlora"))
+    assert checkpoint not in Path("/proc/self/maps").read_text()
+    assert quantized.lm_head.weight is quantized.model.embed_tokens.weight
+
+
 @pytest.mark.parametrize("option, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
 def test_compute_dtype(option, expected):
     options = qlora.QloraOptions(compute_dtype=option)
@@ -146,7 +162,7 @@ def test_training_lowers_the_loss(workdir, trained):
 def test_memory_line_is_printed_at_train_start(workdir, capsys):
     config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
     model, _, info = build(config, pm)
-    pm.hook.ftengine_on_train_start(model=model, state=SimpleNamespace(config=config, pm=pm, extra={"build": info}))
+    pm.hook.ftengine_on_train_start(model=model, datasets=None, state=SimpleNamespace(config=config, pm=pm, extra={"build": info}))
     assert "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)" in capsys.readouterr().err
 
 
