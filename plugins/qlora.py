@@ -8,7 +8,7 @@ default) before adapters are injected, so the LoRA layers wrap the 4-bit layers 
 adapters train. Embeddings, norms and ``lm_head`` keep their dtype.
 
 The quantised weights never leave the process: the adapter is saved by ``lora`` in PEFT
-format and loads on a full-precision or a 4-bit base. ``ftengine merge`` on a qlora run
+format and loads on a full-precision or a 4-bit base. ``ftengine merge --plugin qlora``
 dequantises the base first (``ftengine_merge_adapters``), so the merged model is a plain
 transformers model holding the dequantised base plus the adapter; see ``docs/qlora.md`` for
 why merging back into 4 bits is not offered.
@@ -61,7 +61,7 @@ def ftengine_config_section(register):
 
 
 @hookimpl
-def ftengine_validate(config, active):
+def ftengine_validate(config):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
