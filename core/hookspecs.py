@@ -311,6 +311,9 @@ def ftengine_set_active_adapter(model, name):
 def ftengine_merge_adapters(model):
     """Fold the active adapters into the base weights; merging twice changes nothing.
 
+    ``qlora`` implements it with ``tryfirst=True`` to replace 4-bit base layers by dequantised
+    ones before the adapters are folded in (merging into a 4-bit weight would re-quantise it).
+
     :param model: a model holding adapters.
     """
 
@@ -326,7 +329,7 @@ def ftengine_unmerge_adapters(model):
 @hookspec
 def ftengine_unwrap_merged(model):
     """After a merge, replace adapter layers by plain modules so the model saves as a plain
-    transformers model (``qlora`` also dequantises here).
+    transformers model.
 
     :param model: a model whose adapters are merged.
     :return: the model to save (the same object or a replacement), or ``None``.

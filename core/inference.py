@@ -27,6 +27,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 # PEFT's peft_type -> the plugin that loads it; and config flags that need one more plugin.
 PLUGIN_FOR_PEFT_TYPE = {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning"}
 PLUGIN_FOR_FLAG = {"use_dora": "dora"}
+# Plugins that change the base an adapter trains over; merge repeats them (base_plugins_of_run).
+BASE_CHANGING_PLUGINS = ("qlora",)
 
 
 def read_adapter_config(path):
@@ -52,14 +54,16 @@ def adapter_plugins(path):
     return [PLUGIN_FOR_PEFT_TYPE[peft_type], *(plugin for flag, plugin in PLUGIN_FOR_FLAG.items() if config.get(flag))]
 
 
-def load_for_inference(model_name, adapters, plugins=()):
+def load_for_inference(model_name, adapters, plugins=(), sections=None):
     """Build ``model_name`` and load ``adapters`` (``{name: directory}``) into it.
 
+    :param sections: config sections for the plugins (``{"qlora": {"blocksize": 64}}``).
     :return: ``(model, tokenizer, pm)``; the model is in eval mode, frozen, with the first
         adapter active (the base model if ``adapters`` is empty).
     """
     needed = [*plugins, *(p for path in adapters.values() for p in adapter_plugins(path))]
-    config, pm = configure(plugins=list(dict.fromkeys(needed)), base={"model": model_name}, require_data=False)
+    base = {"model": model_name, **(sections or {})}
+    config, pm = configure(plugins=list(dict.fromkeys(needed)), base=base, require_data=False)
     model, tokenizer, _ = build(config, pm)
     for name, path in adapters.items():
         loaded = pm.hook.ftengine_load_adapter(model=model, path=Path(path), name=name, config=config, pluginmanager=pm)
@@ -97,10 +101,26 @@ def generate(model, tokenizer, prompts, max_new_tokens=64):
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def base_plugins_of_run(adapter_dir):
+    """``(plugins, sections)`` that changed the base model in the run that saved ``adapter_dir``.
+
+    PEFT's format cannot say that the base was quantised; the run's ``config.json`` beside
+    ``final/`` can. Merging repeats the same quantisation, so the merged model is the one the
+    adapter was trained with.
+    """
+    run_config = Path(adapter_dir).parent / "config.json"
+    if not run_config.is_file():
+        return [], {}
+    config = json.loads(run_config.read_text())
+    plugins = [p for p in config.get("plugins", []) if p in BASE_CHANGING_PLUGINS]
+    return plugins, {p: config[p] for p in plugins if p in config}
+
+
 def merge_adapter(model_name, adapter_dir, out_dir, plugins=()):
     """Fold the adapter in ``adapter_dir`` into ``model_name`` and write a plain transformers
     model (and tokenizer) to ``out_dir``, atomically; return its path."""
-    model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, plugins)
+    run_plugins, sections = base_plugins_of_run(adapter_dir)
+    model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, [*plugins, *run_plugins], sections)
     pm.hook.ftengine_merge_adapters(model=model)
     model = next((m for m in pm.hook.ftengine_unwrap_merged(model=model) if m is not None), model)
     with atomic_directory(out_dir) as tmp:

@@ -24,7 +24,7 @@ from ftengine import hookimpl
 from ftengine.config import Section
 from ftengine.errors import ConfigError
 
-requires = ("lora",)
+requires = (("lora", "prompt_tuning"),)  # an adapter to train over the frozen 4-bit base
 conflicts = ("full",)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

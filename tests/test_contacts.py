@@ -140,9 +140,16 @@ PERFECT = task.compact(REFERENCE)
 
 
 def test_score_perfect_output():
-    assert task.score([PERFECT, f"  {PERFECT}\n"], [REFERENCE, REFERENCE]) == {
+    assert task.score([PERFECT, f"  {PERFECT} "], [REFERENCE, REFERENCE]) == {
         "schema_valid": 1.0, "exact_match": 1.0, **{f"field_{k}": 1.0 for k in task.KEYS}
     }
+
+
+def test_a_newline_makes_the_answer_invalid():
+    """Generation stops at the first newline, so a newline is all that is left of whatever
+    followed the JSON: the answer is not exactly one line."""
+    result = task.score([f"{PERFECT}\n"], [REFERENCE])
+    assert result["schema_valid"] == 0.0 and result["exact_match"] == 0.0 and result["field_name"] == 1.0
 
 
 def test_score_wrong_key_order_is_schema_invalid_but_fields_count():

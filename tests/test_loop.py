@@ -138,3 +138,12 @@ def test_sft_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_mode
     full_loss, full_count = sft.token_logprob_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
     assert fast.count == full_count
     torch.testing.assert_close(fast.loss, full_loss, rtol=1e-6, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(run_overrides, tmp_path):
+    run(run_overrides + [f"output_dir={tmp_path / 'plain'}"], plugins=("lora",))
+    run(run_overrides + [f"output_dir={tmp_path / 'ckpt'}", "train.gradient_checkpointing=true"], plugins=("lora",))
+    plain, checkpointed = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
+    assert [s for s, _ in plain] == [s for s, _ in checkpointed]
+    for (_, a), (_, b) in zip(plain, checkpointed):
+        assert a == pytest.approx(b, rel=1e-5)

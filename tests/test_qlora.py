@@ -222,7 +222,8 @@ def test_merge_dequantizes_and_saves_a_plain_model(workdir, trained, tmp_path):
 
     _, adapter = trained
     unmerged = logits(for_inference(workdir, adapter)[0])
-    merged_dir = merge_adapter(str(workdir / "model"), adapter, tmp_path / "merged", plugins=("qlora",))
+    # No --plugin qlora: merge reads the run's config.json beside final/ and quantises as trained.
+    merged_dir = merge_adapter(str(workdir / "model"), adapter, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert getattr(merged.config, "quantization_config", None) is None
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
@@ -275,7 +276,7 @@ class TestQloraContract(AdapterContract):
 
 
 def test_qlora_without_lora_names_the_missing_plugin(workdir):
-    with pytest.raises(PluginError, match=r"plugin 'qlora' requires plugin 'lora': add --plugin lora"):
+    with pytest.raises(PluginError, match=r"plugin 'qlora' requires plugin 'lora' or 'prompt_tuning': add --plugin lora or --plugin prompt_tuning"):
         configure(None, ["qlora"], overrides(workdir))
 
 
@@ -312,3 +313,14 @@ def test_paged_adamw_8bit_falls_back_to_adamw_on_cpu(workdir):
     param = torch.nn.Parameter(torch.zeros(2, 2))
     optimizer = pm.hook.ftengine_make_optimizer(model=None, params=[("w", param)], config=config)
     assert type(optimizer) is torch.optim.AdamW
+
+
+def test_prompt_tuning_over_a_4bit_base_trains(workdir):
+    """Issue 5: prompt tuning composes with qlora, as a plugin set, not only through hooks."""
+    config, pm = configure(None, ["prompt_tuning", "qlora"], overrides(workdir, "pt", "train.max_steps=6", "prompt_tuning.num_virtual_tokens=4"))
+    summary = train(config, pm)
+    assert summary["build"]["trainable"] == ["prompt_embeddings.default"]
+    assert summary["build"]["weight_bytes_quantized"] < summary["build"]["weight_bytes"]
+    records = [json.loads(line) for line in (workdir / "pt" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]

@@ -65,6 +65,9 @@ def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96):
 
     Every message but a final assistant one is the prompt. Prompts are left padded, so every
     row's answer starts right after its own prompt, and batched by length to pad little.
+    Generation stops at the first newline: the answer must be one line, so nothing after a
+    newline could make it valid (the newline is kept, so such an answer scores invalid). An
+    untrained model that pretty-prints JSON then costs a few tokens instead of all of them.
     """
     prompts = []
     for row in rows:
@@ -97,6 +100,8 @@ def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96):
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=stop_ids,
+                    stop_strings=["\n"],
+                    tokenizer=tokenizer,
                 )
                 new_tokens = generated[:, encoded["input_ids"].shape[1] :]
                 for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):

@@ -576,8 +576,8 @@ def score(predictions, references):
 
     :param predictions: the model's output texts.
     :param references: the correct records (dicts), in the same order.
-    :return: fractions in [0, 1]: ``schema_valid`` (a single line holding a JSON object with
-        exactly ``KEYS`` in order), ``exact_match`` (schema-valid and every field right), and
+    :return: fractions in [0, 1]: ``schema_valid`` (a single line, with no newline even at the
+        end, holding a JSON object with exactly ``KEYS`` in order), ``exact_match`` (schema-valid and every field right), and
         ``field_<key>`` (that field right in a parseable object; an unparseable output counts
         wrong for every field).
     """
@@ -591,7 +591,7 @@ def score(predictions, references):
         parsed = parse_output(text)
         if parsed is None:
             continue
-        is_valid = tuple(parsed) == KEYS and "\n" not in text.strip()
+        is_valid = tuple(parsed) == KEYS and "\n" not in text.strip(" \t")
         hits = {key: key in parsed and _same(parsed[key], reference[key]) for key in KEYS}
         valid += is_valid
         exact += is_valid and all(hits.values())
