@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from . import hookimpl
+
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -96,6 +98,19 @@ def sft_rows(n=16, seed=0):
         word = rng.choice(words)
         rows.append({"prompt": f"Reverse: {word}", "response": word[::-1]})
     return rows
+
+
+class KillAfter:
+    """A plugin that interrupts training after step ``step``, as if the process were killed:
+    ``pm.register(KillAfter(3))``, then ``pytest.raises(KeyboardInterrupt)`` around ``train``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def ftengine_on_step_end(self, state):
+        if state.step == self.step:
+            raise KeyboardInterrupt(f"killed after step {self.step}")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from ftengine.errors import ConfigError, DataError, FtengineError
 from ftengine.loop import build, configure, save, train
 from ftengine.plugins import dpo
 from ftengine.state import RunState
-from ftengine.testing import sft_rows, tiny_model, tiny_tokenizer, write_jsonl
+from ftengine.testing import KillAfter, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "contacts"
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
@@ -332,16 +332,6 @@ def test_full_uses_a_frozen_copy(tiny_model_dir, prefs, tmp_path, precompute):
     assert records(tmp_path / "out")[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
     assert summary["after"]["eval_reward_margin"] > 0.01  # the reference stayed where it started
     assert (tmp_path / "out" / dpo.REF_LOGPS_FILE).is_file() == precompute
-
-
-class KillAfter:
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def ftengine_on_step_end(self, state):
-        if state.step == self.step:
-            raise KeyboardInterrupt(f"killed after step {self.step}")
 
 
 def test_full_resumed_reloads_the_original_model_as_reference(tiny_model_dir, prefs, tmp_path):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ftengine import checkpoint, hookimpl
+from ftengine import checkpoint
 from ftengine.loop import configure, train
+from ftengine.testing import KillAfter
 
 
 def losses(output_dir):
@@ -55,18 +56,6 @@ def test_same_seed_same_losses(run_overrides, tmp_path):
     run(run_overrides + [f"output_dir={tmp_path / 'a'}"])
     run(run_overrides + [f"output_dir={tmp_path / 'b'}"])
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-
-
-class KillAfter:
-    """A plugin that interrupts training after a given step, like a killed process."""
-
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def ftengine_on_step_end(self, state):
-        if state.step == self.step:
-            raise KeyboardInterrupt(f"killed after step {self.step}")
 
 
 def test_resume_reproduces_the_uninterrupted_run(run_overrides, tmp_path):

@@ -15,7 +15,7 @@ from ftengine.adapter_contract import AdapterContract
 from ftengine.errors import AdapterError, ConfigError
 from ftengine.loop import build, configure, save, train
 from ftengine.plugins.lora.layer import LoraLinear, lora_layers, lora_scaling
-from ftengine.testing import save_tiny_model, sft_rows, write_jsonl
+from ftengine.testing import KillAfter, save_tiny_model, sft_rows, write_jsonl
 
 ALL_LINEAR = [f"model.layers.{i}.{m}" for i in range(2) for m in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -318,28 +318,14 @@ def losses(output_dir):
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
-class Interrupt(Exception):
-    pass
-
-
-class InterruptAfter:
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def ftengine_on_step_end(self, state):
-        if state.step == self.step:
-            raise Interrupt
-
-
 def test_resumed_lora_run_matches_the_uninterrupted_one(run_overrides, tmp_path):
     overrides = run_overrides + ["train.max_steps=6", "train.save_every=3", "lora.r=4", "lora.dropout=0.2", "train.lr=1e-2"]
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     train(*configure(None, ["lora"], overrides + [f"output_dir={straight_dir}"]))
 
     config, pm = configure(None, ["lora"], overrides + [f"output_dir={resumed_dir}"])
-    pm.register(InterruptAfter(4))
-    with pytest.raises(Interrupt):
+    pm.register(KillAfter(4))
+    with pytest.raises(KeyboardInterrupt):
         train(config, pm)
     (saved,) = checkpoint.checkpoint_dirs(resumed_dir)
     assert all(".lora_" in key for key in load_file(saved / "trainable.safetensors"))
