@@ -24,7 +24,14 @@ def _format(record):
 
 
 @hookimpl
-def ftengine_on_train_start(model, state):
+def ftengine_on_train_start(model, datasets, state):
+    for split, stats in datasets.stats.items():
+        if stats and stats.get("truncated"):
+            _console.print(
+                f"{split}: {stats['truncated']} of {stats['rows']} rows longer than "
+                f"train.max_length={state.config.train.max_length} were truncated "
+                f"({stats['dropped']} dropped: no response token left)"
+            )
     if not _console.is_terminal:
         return
     progress = Progress(

@@ -136,3 +136,8 @@ def test_gradient_checkpointing_gives_the_same_losses(run_overrides, tmp_path):
     assert [s for s, _ in plain] == [s for s, _ in checkpointed]
     for (_, a), (_, b) in zip(plain, checkpointed):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_truncation_is_reported_when_training_starts(run_overrides, capsys):
+    run(run_overrides + ["train.max_length=38", "train.max_steps=1"])
+    assert "train: 15 of 16 rows longer than train.max_length=38 were truncated (0 dropped" in capsys.readouterr().err
