@@ -162,7 +162,7 @@ def test_training_lowers_the_loss(workdir, trained):
 def test_memory_line_is_printed_at_train_start(workdir, capsys):
     config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
     model, _, info = build(config, pm)
-    pm.hook.ftengine_on_train_start(model=model, datasets=None, state=SimpleNamespace(config=config, pm=pm, extra={"build": info}))
+    pm.hook.ftengine_on_train_start(model=model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(config=config, pm=pm, extra={"build": info}))
     assert "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)" in capsys.readouterr().err
 
 
