@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .state import Datasets
 
 IGNORE_INDEX = -100
 
@@ -164,3 +165,14 @@ def load_sft_file(path, tokenizer, max_length):
                 continue
         examples.append({"input_ids": ids, "labels": labels, "row": row, "source": where})
     return examples, {"rows": len(examples) + dropped, "truncated": truncated, "dropped": dropped}
+
+
+def load_splits(config, read_file, collate):
+    """``Datasets`` from ``data.train`` and the optional ``data.eval``.
+
+    :param read_file: ``read_file(path, split) -> (examples, stats)`` for one JSONL file.
+    :param collate: pads a list of examples into a batch.
+    """
+    train, stats = read_file(config.data.train, "train")
+    eval_examples, eval_stats = read_file(config.data.eval, "eval") if config.data.eval else ([], {})
+    return Datasets(train=train, eval=eval_examples, collate=collate, stats={"train": stats, "eval": eval_stats})

@@ -40,11 +40,11 @@ from safetensors import safe_open
 from ftengine import hookimpl
 from ftengine.checkpoint import atomic_save_safetensors
 from ftengine.config import Section
-from ftengine.data import IGNORE_INDEX, pad_batch, read_jsonl, render_chat, require_messages, require_str, tokenize_with_mask
+from ftengine.data import IGNORE_INDEX, load_splits, pad_batch, read_jsonl, render_chat, require_messages, require_str, tokenize_with_mask
 from ftengine.errors import DataError, FtengineError
 from ftengine.loop import to_device
 from ftengine.pluginmanager import active_names
-from ftengine.state import Datasets, LossOutput
+from ftengine.state import LossOutput
 
 METHOD_PLUGINS = ("lora", "dora", "qlora", "prompt_tuning", "full")
 REFERENCE_ADAPTER = "dpo_reference"
@@ -138,16 +138,10 @@ def collate_pairs(examples, pad_token_id):
 
 
 def load_preferences(config, tokenizer):
-    max_length = config.train.max_length
-    train, stats = load_preference_file(config.data.train, tokenizer, max_length, "train")
-    eval_examples, eval_stats = [], {}
-    if config.data.eval:
-        eval_examples, eval_stats = load_preference_file(config.data.eval, tokenizer, max_length, "eval")
-    return Datasets(
-        train=train,
-        eval=eval_examples,
-        collate=lambda examples: collate_pairs(examples, tokenizer.pad_token_id),
-        stats={"train": stats, "eval": eval_stats},
+    return load_splits(
+        config,
+        lambda path, split: load_preference_file(path, tokenizer, config.train.max_length, split),
+        lambda examples: collate_pairs(examples, tokenizer.pad_token_id),
     )
 
 

@@ -10,23 +10,18 @@ import inspect
 import torch.nn.functional as F
 
 from ftengine import hookimpl
-from ftengine.data import IGNORE_INDEX, collate_sft, load_sft_file
-from ftengine.state import Datasets, LossOutput
+from ftengine.data import IGNORE_INDEX, collate_sft, load_sft_file, load_splits
+from ftengine.state import LossOutput
 
 default = True
 
 
 @hookimpl(trylast=True)
 def ftengine_load_dataset(config, tokenizer):
-    train, stats = load_sft_file(config.data.train, tokenizer, config.train.max_length)
-    eval_examples, eval_stats = [], {}
-    if config.data.eval:
-        eval_examples, eval_stats = load_sft_file(config.data.eval, tokenizer, config.train.max_length)
-    return Datasets(
-        train=train,
-        eval=eval_examples,
-        collate=lambda examples: collate_sft(examples, tokenizer.pad_token_id),
-        stats={"train": stats, "eval": eval_stats},
+    return load_splits(
+        config,
+        lambda path, split: load_sft_file(path, tokenizer, config.train.max_length),
+        lambda examples: collate_sft(examples, tokenizer.pad_token_id),
     )
 
 
