@@ -4,6 +4,7 @@ Shapes stay small (the interpreter executes every program in Python); the block 
 interpreter is 16-32, so these shapes still cover ragged edges and several blocks per dimension.
 """
 
+import json
 import os
 
 # Before triton is imported anywhere: the kernels are decorated for the interpreter at import.
@@ -159,7 +160,9 @@ def stand_in(k=24, n=20, r=4, dropout=0.0, **kwargs):
     return StandInLoraLinear(nn.Linear(k, n), r, alpha=8, dropout=dropout, **kwargs)
 
 
-def test_unsupported_reasons():
+def test_unsupported_reasons(monkeypatch):
+    assert fused_lora.unsupported_reason(stand_in(), "default") is None  # CPU, interpreted
+    monkeypatch.setattr(fused_lora, "_interpreted", lambda: False)
     merged = stand_in()
     merged.merged = True
     cases = {
@@ -175,25 +178,22 @@ def test_unsupported_reasons():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
-def test_hook_declines_without_cuda(monkeypatch):
+def test_hook_declines_without_cuda_or_interpreter(monkeypatch):
     monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
+    monkeypatch.setattr(fused_lora, "_interpreted", lambda: False)
     assert fused_lora.ftengine_lora_kernel(layer=stand_in(), name="default") is None
     assert fused_lora.summary() == "fused_lora: inactive (no CUDA device)"
 
 
 def test_hook_fuses_supported_layers_and_summarises(monkeypatch):
-    # Pretend the environment and the device allow fusing, so the returned function runs here
-    # through the interpreter; the DoRA-like layer must still fall back.
+    # Under the interpreter CPU layers are fused; the variant layer must still fall back.
     monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
-    monkeypatch.setattr(fused_lora, "_environment_problem", lambda: None)
-    real_reason = fused_lora.unsupported_reason
-    monkeypatch.setattr(
-        fused_lora, "unsupported_reason", lambda layer, name: real_reason(layer, name) if layer.variant[name] else None
-    )
-    layer, dora = stand_in(dropout=0.2), stand_in(variant=object())
+    layer, variant = stand_in(dropout=0.2), stand_in(variant=object())
     forward = fused_lora.ftengine_lora_kernel(layer=layer, name="default")
-    assert fused_lora.ftengine_lora_kernel(layer=dora, name="default") is None
-    assert fused_lora.summary() == "fused_lora: 1 layers fused, 1 fell back (LoRA variant 'object' not supported: 1)"
+    assert fused_lora.ftengine_lora_kernel(layer=variant, name="default") is None
+    assert fused_lora.summary() == (
+        "fused_lora (Triton interpreter: slow): 1 layers fused, 1 fell back (LoRA variant 'object' not supported: 1)"
+    )
 
     x = torch.randn(2, 9, 24, requires_grad=True)
     torch.manual_seed(7)
@@ -248,9 +248,32 @@ def test_lora_layer_gives_the_same_outputs_and_gradients_with_the_kernel():
         assert_close(got, want, torch.float32, what)
 
 
-def test_a_cpu_run_reports_the_plugin_inactive_and_trains_eagerly(run_overrides, capsys):
+def test_a_cpu_run_reports_the_plugin_inactive_and_trains_eagerly(run_overrides, capsys, monkeypatch):
     from ftengine.loop import configure, train
 
+    monkeypatch.setattr(fused_lora, "_interpreted", lambda: False)
     config, pm = configure(None, ["lora", "fused_lora"], run_overrides + ["train.max_steps=2"])
     train(config, pm)
     assert "fused_lora: inactive (no CUDA device)" in capsys.readouterr().err
+
+
+def test_a_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys, monkeypatch):
+    """Four steps of LoRA on the tiny model, every linear layer fused (through the interpreter)
+    or eager: the same losses. Dropout is 0 so that both paths see the same inputs."""
+    from ftengine.loop import configure, train
+
+    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
+
+    def losses(plugins, name):
+        overrides = run_overrides + [f"output_dir={tmp_path / name}", "lora.dropout=0", "lora.target_modules=all-linear"]
+        config, pm = configure(None, plugins, overrides)
+        train(config, pm)
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [record["loss"] for record in records if "loss" in record]
+
+    eager = losses(["lora"], "eager")
+    fused = losses(["lora", "fused_lora"], "fused")
+    assert "fused_lora (Triton interpreter: slow): 14 layers fused, 0 fell back" in capsys.readouterr().err
+    assert len(fused) == len(eager) == 4
+    assert fused == pytest.approx(eager, rel=1e-5)
+    assert eager[-1] < eager[0]

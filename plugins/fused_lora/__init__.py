@@ -6,6 +6,8 @@ The ``lora`` plugin calls ``ftengine_lora_kernel(layer, name)`` once per LoRA la
 this plugin answers with a forward function built on ``kernel.fused_lora_linear`` (base GEMM,
 LoRA and dropout in fused kernels), or ``None`` where the fused path does not apply, and the
 layer then runs eagerly. ``summary()`` says in one line what was fused and why the rest was not.
+With ``TRITON_INTERPRET=1`` the kernels run on CPU through Triton's interpreter (slowly), which
+is how the tests train with the plugin active on machines without a GPU.
 
 Nothing here imports Triton until a layer is actually fused: plugin discovery imports this
 module on every machine, and the kernel module fixes its interpreter mode when imported.
@@ -50,18 +52,27 @@ def summary():
         return f"fused_lora: inactive ({problem})"
     reasons = Counter(reason for adapters in _decisions.values() for reason in adapters.values())
     fused = reasons.pop(None, 0)
-    line = f"fused_lora: {fused} layers fused, {sum(reasons.values())} fell back"
+    mode = " (Triton interpreter: slow)" if _interpreted() else ""
+    line = f"fused_lora{mode}: {fused} layers fused, {sum(reasons.values())} fell back"
     if reasons:
         line += " (" + ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common()) + ")"
     return line
 
 
 def _environment_problem():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
     if importlib.util.find_spec("triton") is None:
         return "triton missing"
+    if not torch.cuda.is_available() and not _interpreted():
+        return "no CUDA device"
     return None
+
+
+def _interpreted():
+    """Whether the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``): on CPU
+    tensors, slowly; for tests and for trying the plugin without a GPU."""
+    from .kernel import INTERPRETED
+
+    return INTERPRETED
 
 
 def unsupported_reason(layer, name):
@@ -83,7 +94,7 @@ def unsupported_reason(layer, name):
         return f"r > {MAX_RANK}"
     if base.weight.dtype not in SUPPORTED_DTYPES:
         return f"dtype {base.weight.dtype} not supported"
-    if base.weight.device.type != "cuda":
+    if base.weight.device.type != "cuda" and not _interpreted():
         return "not on a CUDA device"
     return None
 
