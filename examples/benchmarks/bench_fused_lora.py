@@ -23,10 +23,15 @@ each in its own process so that its peak memory (``torch.cuda.max_memory_allocat
 own: PEFT (``get_peft_model``, its defaults), ftengine's ``LoraLinear`` eager, and the same
 layers with the fused kernel installed through the ``ftengine_lora_kernel`` hook, as the
 ``lora`` plugin does at train start. Reports tokens/s over the timed steps and peak memory.
+
+``--smoke`` runs either mode at toy sizes (hidden 64, a 2-layer Llama), on the CPU through
+Triton's interpreter when there is no GPU, timed with a wall clock: it proves the script runs
+end to end (CI does this) and its timings mean nothing.
 """
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -53,6 +58,28 @@ LLAMA_1B = {
     "tie_word_embeddings": True,
 }
 E2E_RANK, E2E_ALPHA, E2E_DROPOUT, E2E_LR = 16, 32, 0.05, 1e-4
+
+# --smoke: the same code paths at toy sizes.
+SMOKE_HIDDEN, SMOKE_TOKENS, SMOKE_RANKS = 64, (37,), (4, 16)
+SMOKE_LLAMA = {**LLAMA_1B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+SMOKE_LLAMA.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+SMOKE_E2E = {"batch": 2, "seq": 16, "steps": 1, "warmup": 1}
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def median_ms(step, grads, repeats=3):
+    """Median wall time of ``step`` in ms, gradients reset first: ``do_bench`` without a GPU."""
+    times = []
+    for _ in range(repeats):
+        for tensor in grads:
+            tensor.grad = None
+        started = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - started))
+    return sorted(times)[len(times) // 2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,18 +108,17 @@ def peft_layer(weight, lora_a, lora_b, r, alpha, dropout):
     return layer.train()
 
 
-def bench_layer(T, r, p):
-    from triton.testing import do_bench
-
+def bench_layer(T, r, p, hidden=HIDDEN):
     from ftengine.plugins.fused_lora.kernel import fused_lora_linear
 
     torch.manual_seed(0)
-    dtype, device = torch.bfloat16, "cuda"
-    x = torch.randn(T, HIDDEN, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(T, HIDDEN, device=device, dtype=dtype)
-    weight = torch.randn(HIDDEN, HIDDEN, device=device, dtype=dtype) / HIDDEN**0.5
-    lora_a = (torch.randn(r, HIDDEN, device=device, dtype=dtype) / HIDDEN**0.5).requires_grad_()
-    lora_b = (torch.randn(HIDDEN, r, device=device, dtype=dtype) / r**0.5).requires_grad_()
+    dtype = torch.bfloat16
+    on = {"device": device(), "dtype": dtype}
+    x = torch.randn(T, hidden, **on, requires_grad=True)
+    grad = torch.randn(T, hidden, **on)
+    weight = torch.randn(hidden, hidden, **on) / hidden**0.5
+    lora_a = (torch.randn(r, hidden, **on) / hidden**0.5).requires_grad_()
+    lora_b = (torch.randn(hidden, r, **on) / r**0.5).requires_grad_()
     alpha = 2 * r
     scale = alpha / r
     peft = peft_layer(weight, lora_a.detach(), lora_b.detach(), r, alpha, p)
@@ -104,7 +130,7 @@ def bench_layer(T, r, p):
         "eager": (lambda: x @ weight.T + scale * (F.dropout(x, p) @ lora_a.T) @ lora_b.T, [x, lora_a, lora_b]),
         "fused": (lambda: fused_lora_linear(x, weight, None, lora_a, lora_b, scale, p), [x, lora_a, lora_b]),
     }
-    row = {"T": T, "k": HIDDEN, "n": HIDDEN, "r": r, "dropout": p}
+    row = {"T": T, "k": hidden, "n": hidden, "r": r, "dropout": p}
     if p == 0:
         with torch.no_grad():
             outputs = {name: forward().float() for name, (forward, _) in forwards.items() if name != "base"}
@@ -117,7 +143,12 @@ def bench_layer(T, r, p):
         def step():
             forward().backward(grad)
 
-        row[f"{name}_ms"] = do_bench(step, grad_to_none=grads, return_mode="median")
+        if device() == "cuda":
+            from triton.testing import do_bench
+
+            row[f"{name}_ms"] = do_bench(step, grad_to_none=grads, return_mode="median")
+        else:
+            row[f"{name}_ms"] = median_ms(step, grads)
     return row
 
 
@@ -141,12 +172,12 @@ def print_layer_table(rows):
 # --------------------------------------------------------------------------------------------
 
 
-def build_e2e(setup):
+def build_e2e(setup, model_config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16)
+    with torch.device(device()):
+        model = LlamaForCausalLM(LlamaConfig(**model_config)).to(torch.bfloat16)
     if setup == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -170,25 +201,29 @@ def build_e2e(setup):
     return model
 
 
-def measure_e2e(setup, batch, seq, steps, warmup):
-    model = build_e2e(setup).train()
+def measure_e2e(setup, batch, seq, steps, warmup, model_config):
+    cuda = device() == "cuda"
+    model = build_e2e(setup, model_config).train()
     params = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=E2E_LR)
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, LLAMA_1B["vocab_size"], (batch, seq), generator=generator).cuda()
-    torch.cuda.reset_peak_memory_stats()
+    tokens = torch.randint(0, model_config["vocab_size"], (batch, seq), generator=generator).to(device())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     losses = []
     for step in range(warmup + steps):
         if step == warmup:
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device(), dtype=torch.bfloat16):
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     return {
         "setup": setup,
@@ -197,7 +232,7 @@ def measure_e2e(setup, batch, seq, steps, warmup):
         "steps": steps,
         "tokens_per_s": round(batch * seq * steps / elapsed),
         "step_ms": round(1000 * elapsed / steps, 1),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "trainable": sum(param.numel() for param in params),
         "loss_first": round(float(losses[0]), 4),
         "loss_last": round(float(losses[-1]), 4),
@@ -209,7 +244,7 @@ def run_e2e(args):
     for setup in E2E_SETUPS:
         command = [
             sys.executable, __file__, "--e2e-only", setup, "--batch", str(args.batch), "--seq", str(args.seq),
-            "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), *(["--smoke"] if args.smoke else []),
         ]  # fmt: skip
         child = subprocess.run(command, capture_output=True, text=True)
         if child.returncode != 0:
@@ -219,7 +254,8 @@ def run_e2e(args):
     print(f"{'setup':<16} | {'tokens/s':>9} | {'step ms':>8} | {'peak GiB':>8} | {'loss first → last':>18}")
     for row in results:
         losses = f"{row['loss_first']:.4f} → {row['loss_last']:.4f}"
-        line = f"{row['setup']:<16} | {row['tokens_per_s']:>9} | {row['step_ms']:>8} | {row['peak_gib']:>8} | "
+        peak = "-" if row["peak_gib"] is None else row["peak_gib"]
+        line = f"{row['setup']:<16} | {row['tokens_per_s']:>9} | {row['step_ms']:>8} | {peak:>8} | "
         print(line + f"{losses:>18}")
     return results
 
@@ -233,13 +269,14 @@ def environment():
     import triton
 
     return {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "python": platform.python_version(),
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
     }
 
 
@@ -253,19 +290,26 @@ def main():
     parser.add_argument("--seq", type=int, default=1024, help="e2e: tokens per sequence")
     parser.add_argument("--steps", type=int, default=10, help="e2e: timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="e2e: untimed steps first")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, CPU allowed: checks the script, times mean nothing")
     parser.add_argument("--e2e-only", choices=E2E_SETUPS, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_fused_lora.py needs a CUDA device: the fused kernels only run compiled on GPU.")
+    if args.smoke:
+        args.tokens, args.ranks = SMOKE_TOKENS, SMOKE_RANKS
+        vars(args).update(SMOKE_E2E)
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported; children inherit it
+    elif not torch.cuda.is_available():
+        sys.exit("bench_fused_lora.py needs a CUDA device (or --smoke to check the script on CPU).")
+    hidden, model_config = (SMOKE_HIDDEN, SMOKE_LLAMA) if args.smoke else (HIDDEN, LLAMA_1B)
 
     if args.e2e_only:
-        print(json.dumps(measure_e2e(args.e2e_only, args.batch, args.seq, args.steps, args.warmup)))
+        print(json.dumps(measure_e2e(args.e2e_only, args.batch, args.seq, args.steps, args.warmup, model_config)))
         return
-    results = {"environment": environment()}
+    results = {"environment": environment(), "smoke": args.smoke}
     if args.e2e:
         results["e2e"] = run_e2e(args)
     else:
-        rows = [bench_layer(T, r, p) for T in args.tokens for r in args.ranks for p in LAYER_DROPOUTS]
+        rows = [bench_layer(T, r, p, hidden) for T in args.tokens for r in args.ranks for p in LAYER_DROPOUTS]
         print_layer_table(rows)
         worst = max(row.get("max_rel_diff_fused_vs_eager", 0.0) for row in rows)
         print(f"largest relative difference, fused vs eager outputs at dropout 0: {worst:.2e}")
