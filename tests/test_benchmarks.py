@@ -33,6 +33,8 @@ def test_fused_lora_layer_benchmark_runs_and_agrees_with_eager(tmp_path):
             assert row["max_rel_diff_fused_vs_eager"] < BF16_TOLERANCE
             assert row["max_rel_diff_peft_vs_eager"] < BF16_TOLERANCE
     assert "vs peft" in child.stdout
+    assert [goal["goal"][:5] for goal in result["goals"]] == ["fused", "PEFT "]
+    assert "goal: PEFT / fused" in child.stdout and "(smoke run: not meaningful)" in child.stdout
 
 
 def test_fused_lora_end_to_end_benchmark_runs_all_three_setups(tmp_path):
@@ -44,3 +46,4 @@ def test_fused_lora_end_to_end_benchmark_runs_all_three_setups(tmp_path):
     first = [row["loss_first"] for row in rows.values()]
     assert max(first) - min(first) < 1e-2
     assert all(row["tokens_per_s"] > 0 and row["trainable"] == rows["peft"]["trainable"] for row in rows.values())
+    assert "goal: tokens/s" in child.stdout and len(result["goals"]) == 1

@@ -261,6 +261,35 @@ def run_e2e(args):
 
 
 # --------------------------------------------------------------------------------------------
+# the issue's goals
+# --------------------------------------------------------------------------------------------
+
+
+def layer_goals(rows):
+    """Fused ≤ 1.15× the base matmul at the largest T measured; ≥ 1.3× faster than PEFT."""
+    largest = max(row["T"] for row in rows)
+    overhead = max(row["fused_ms"] / row["base_ms"] for row in rows if row["T"] == largest)
+    speedup = min(row["peft_ms"] / row["fused_ms"] for row in rows)
+    return [
+        {"goal": f"fused / base at T={largest}, worst case <= 1.15", "value": overhead, "met": overhead <= 1.15},
+        {"goal": "PEFT / fused, worst case >= 1.3", "value": speedup, "met": speedup >= 1.3},
+    ]
+
+
+def e2e_goals(rows):
+    """End-to-end tokens/s with the plugin ≥ 1.2× PEFT's."""
+    tokens = {row["setup"]: row["tokens_per_s"] for row in rows}
+    speedup = tokens["lora+fused_lora"] / tokens["peft"]
+    return [{"goal": "tokens/s, lora+fused_lora / peft >= 1.2", "value": speedup, "met": speedup >= 1.2}]
+
+
+def print_goals(goals, smoke):
+    for goal in goals:
+        verdict = "(smoke run: not meaningful)" if smoke else ("met" if goal["met"] else "NOT MET")
+        print(f"goal: {goal['goal']}: {goal['value']:.2f} {verdict}")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def environment():
@@ -308,12 +337,15 @@ def main():
     results = {"environment": environment(), "smoke": args.smoke}
     if args.e2e:
         results["e2e"] = run_e2e(args)
+        results["goals"] = e2e_goals(results["e2e"])
     else:
         rows = [bench_layer(T, r, p, hidden) for T in args.tokens for r in args.ranks for p in LAYER_DROPOUTS]
         print_layer_table(rows)
         worst = max(row.get("max_rel_diff_fused_vs_eager", 0.0) for row in rows)
         print(f"largest relative difference, fused vs eager outputs at dropout 0: {worst:.2e}")
         results["layer"] = rows
+        results["goals"] = layer_goals(rows)
+    print_goals(results["goals"], args.smoke)
     if args.out:
         with open(args.out, "w") as out:
             json.dump(results, out, indent=2)
