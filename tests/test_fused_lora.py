@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="the fused_lora kernels are written in Trit
 
 from ftengine.plugins import fused_lora  # noqa: E402
 from ftengine.plugins.fused_lora import kernel  # noqa: E402
-from ftengine.plugins.fused_lora.kernel import dropout_mask, fused_lora_linear  # noqa: E402
+from ftengine.plugins.fused_lora.kernel import dora_row_norm, dropout_mask, fused_lora_linear  # noqa: E402
 
 assert kernel.INTERPRETED, "the kernel module was imported before TRITON_INTERPRET=1 was set"
 
@@ -29,6 +29,13 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 def eager_lora(x, weight, bias, lora_a, lora_b, scale, mask):
     """The reference: ``x Wᵀ + bias + scale · (x ⊙ mask) Aᵀ Bᵀ`` in plain torch ops."""
     y = x @ weight.T + scale * ((x * mask) @ lora_a.T) @ lora_b.T
+    return y if bias is None else y + bias
+
+
+def eager_dora(x, weight, bias, lora_a, lora_b, magnitude, scale):
+    """The reference: ``(m / ‖W + s·BA‖) ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + bias``, the norm detached."""
+    norm = torch.linalg.norm(weight + scale * lora_b @ lora_a, dim=1).detach()
+    y = (magnitude / norm) * (x @ weight.T + scale * (x @ lora_a.T) @ lora_b.T)
     return y if bias is None else y + bias
 
 
@@ -128,6 +135,80 @@ def test_rejects_trainable_base_weight_and_bad_shapes():
 
 
 # --------------------------------------------------------------------------------------------
+# DoRA
+# --------------------------------------------------------------------------------------------
+
+
+def make_dora_inputs(T, k, n, r, dtype, bias):
+    """``make_inputs`` plus an fp32 magnitude moved off ‖W‖, so that m / ‖W + s·BA‖ is far from 1."""
+    inputs = make_inputs(T, k, n, r, dtype, bias)
+    spread = 1 + 0.5 * torch.rand(n, generator=torch.Generator().manual_seed(2))
+    inputs["magnitude"] = (inputs["weight"].float().norm(dim=1) * spread).requires_grad_()
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "T, k, n, r, bias, dtype",
+    [
+        (37, 45, 29, 4, True, torch.float32),  # nothing a multiple of a block
+        (37, 45, 29, 16, False, torch.float32),
+        (50, 64, 80, 64, True, torch.float32),
+        (48, 64, 64, 16, True, torch.bfloat16),
+        (33, 40, 48, 4, False, torch.float16),
+    ],
+    ids=lambda value: str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None,
+)
+def test_dora_matches_eager_reference(T, k, n, r, bias, dtype):
+    scale = 3.0 / r**0.5
+    fused = make_dora_inputs(T, k, n, r, dtype, bias)
+    y = fused_lora_linear(**fused, scale=scale)
+    grad = torch.randn(T, n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y.backward(grad)
+
+    ref = {name: t if t is None else t.detach().double().requires_grad_(t.requires_grad) for name, t in fused.items()}
+    y_ref = eager_dora(**ref, scale=scale)
+    y_ref.backward(grad.double())
+
+    assert y.dtype == dtype and y.shape == (T, n)
+    assert_close(y, y_ref, dtype, "output")
+    for name in ("x", "lora_a", "lora_b", "magnitude", "bias"):
+        if fused[name] is not None:
+            assert_close(fused[name].grad, ref[name].grad, dtype, f"grad of {name}")
+    assert fused["magnitude"].grad.dtype == torch.float32
+    assert fused["weight"].grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dora_row_norm_matches_the_direct_norm(dtype):
+    inputs = make_inputs(8, 45, 29, 16, dtype, bias=False)
+    weight, lora_a, lora_b = inputs["weight"], inputs["lora_a"], inputs["lora_b"]
+    direct = torch.linalg.norm(weight.double() + 0.75 * lora_b.double() @ lora_a.double(), dim=1)
+    norm = dora_row_norm(weight, lora_a, lora_b, 0.75)
+    assert norm.dtype == torch.float32 and not norm.requires_grad  # a constant for backward
+    assert_close(norm, direct, torch.float32, "norm")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # must not drop the products to bf16
+        assert_close(dora_row_norm(weight, lora_a, lora_b, 0.75), direct, torch.float32, "norm under autocast")
+
+
+def test_dora_with_a_frozen_magnitude():
+    # Y is then not saved and no magnitude gradient is summed; the others must not change.
+    fused = make_dora_inputs(37, 45, 29, 4, torch.float32, bias=True)
+    fused["magnitude"].requires_grad_(False)
+    fused_lora_linear(**fused, scale=0.5).square().sum().backward()
+    ref = {name: t.detach().double().requires_grad_(t.requires_grad) for name, t in fused.items()}
+    eager_dora(**ref, scale=0.5).square().sum().backward()
+    for name in ("x", "lora_a", "lora_b", "bias"):
+        assert_close(fused[name].grad, ref[name].grad, torch.float32, f"grad of {name}")
+
+
+def test_dora_refuses_dropout_while_training():
+    inputs = make_dora_inputs(8, 16, 16, 4, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="DoRA"):
+        fused_lora_linear(**inputs, scale=1.0, dropout_p=0.1)
+    fused_lora_linear(**inputs, scale=1.0, dropout_p=0.1, training=False)  # eval: no dropout
+
+
+# --------------------------------------------------------------------------------------------
 # the plugin
 # --------------------------------------------------------------------------------------------
 
@@ -177,6 +258,17 @@ def test_unsupported_reasons(monkeypatch):
         assert expected in fused_lora.unsupported_reason(layer, "default")
 
 
+def test_dora_is_fused_without_dropout_only():
+    from ftengine.plugins.dora import DORA
+
+    assert fused_lora.unsupported_reason(stand_in(variant=DORA), "default") is None
+    assert fused_lora.unsupported_reason(stand_in(dropout=0.1, variant=DORA), "default") == (
+        "DoRA with dropout > 0 not supported (W·dropout(x) needs a second base GEMM)"
+    )
+    quantised = StandInLoraLinear(Linear4bit(8, 8), 4, 8, 0.0, variant=DORA)
+    assert fused_lora.unsupported_reason(quantised, "default") == "base layer Linear4bit not supported"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
 def test_hook_declines_without_cuda_or_interpreter(monkeypatch):
     monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
@@ -223,6 +315,16 @@ def test_forward_casts_fp32_adapter_to_activation_dtype():
     assert_close(y, reference, torch.bfloat16, "output")
 
 
+def outputs_and_grads(layer, x, params):
+    """The output of ``layer`` on ``x`` and the gradients of x and ``params`` for a square loss."""
+    inputs = x.clone().requires_grad_()
+    y = layer(inputs)
+    y.square().sum().backward()
+    grads = [inputs.grad] + [p.grad for p in params]
+    layer.zero_grad()
+    return [y.detach()] + grads
+
+
 def test_lora_layer_gives_the_same_outputs_and_gradients_with_the_kernel():
     layers = pytest.importorskip("ftengine.plugins.lora.layer", reason="the lora plugin is not installed")
     torch.manual_seed(0)
@@ -232,19 +334,40 @@ def test_lora_layer_gives_the_same_outputs_and_gradients_with_the_kernel():
     nn.init.normal_(layer.lora_B["default"].weight)
     layer.eval()  # dropout off: the eager layer and the kernel then see the same input
     x = torch.randn(2, 11, 40)
+    params = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
 
-    def outputs_and_grads():
-        inputs = x.clone().requires_grad_()
-        y = layer(inputs)
-        y.square().sum().backward()
-        grads = [inputs.grad] + [p.grad for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
-        layer.zero_grad()
-        return [y.detach()] + grads
-
-    eager = outputs_and_grads()
+    eager = outputs_and_grads(layer, x, params)
     layer.kernel["default"] = fused_lora.fused_forward(layer, "default")
-    fused = outputs_and_grads()
+    fused = outputs_and_grads(layer, x, params)
     for what, got, want in zip(("output", "grad of x", "grad of A", "grad of B"), fused, eager):
+        assert_close(got, want, torch.float32, what)
+
+
+def test_dora_layer_gives_the_same_outputs_and_gradients_with_the_kernel():
+    from ftengine.plugins.dora import DORA
+    from ftengine.plugins.lora.layer import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(40, 36).requires_grad_(False))
+    layer.add_adapter("default", r=8, alpha=16, dropout=0.0, variant=DORA)
+    layer.set_active_adapter("default")
+    with torch.no_grad():  # a nonzero B and a moved magnitude, so neither is a no-op
+        nn.init.normal_(layer.lora_B["default"].weight)
+        layer.lora_magnitude_vector["default"].mul_(1 + 0.5 * torch.rand(36))
+    layer.train()
+    x = torch.randn(2, 11, 40)
+    params = (
+        layer.lora_A["default"].weight,
+        layer.lora_B["default"].weight,
+        layer.lora_magnitude_vector["default"],
+    )
+
+    eager = outputs_and_grads(layer, x, params)
+    layer.kernel["default"] = fused_lora.ftengine_lora_kernel(layer=layer, name="default")
+    assert layer.kernel["default"] is not None
+    fused = outputs_and_grads(layer, x, params)
+    whats = ("output", "grad of x", "grad of A", "grad of B", "grad of the magnitude")
+    for what, got, want in zip(whats, fused, eager):
         assert_close(got, want, torch.float32, what)
 
 
@@ -257,23 +380,43 @@ def test_a_cpu_run_reports_the_plugin_inactive_and_trains_eagerly(run_overrides,
     assert "fused_lora: inactive (no CUDA device)" in capsys.readouterr().err
 
 
-def test_a_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys, monkeypatch):
-    """Four steps of LoRA on the tiny model, every linear layer fused (through the interpreter)
-    or eager: the same losses. Dropout is 0 so that both paths see the same inputs."""
+def training_metrics(run_overrides, output_dir, plugins, steps):
+    """``{"loss": [...], "grad_norm": [...]}`` per step of a run on the tiny model, every linear
+    layer adapted, LoRA dropout 0 (so that eager and fused layers see the same inputs). The
+    gradient norm is logged before clipping: Adam's steps barely change when a gradient is
+    rescaled, the norm does."""
     from ftengine.loop import configure, train
 
+    overrides = ["lora.dropout=0", "lora.target_modules=all-linear", f"train.max_steps={steps}"]
+    config, pm = configure(None, plugins, run_overrides + overrides + [f"output_dir={output_dir}"])
+    train(config, pm)
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if "loss" in record]
+    return {key: [record[key] for record in steps] for key in ("loss", "grad_norm")}
+
+
+def test_a_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys, monkeypatch):
+    """Four steps of LoRA on the tiny model, every linear layer fused (through the interpreter)
+    or eager: the same losses and gradient norms."""
     monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
-
-    def losses(plugins, name):
-        overrides = run_overrides + [f"output_dir={tmp_path / name}", "lora.dropout=0", "lora.target_modules=all-linear"]
-        config, pm = configure(None, plugins, overrides)
-        train(config, pm)
-        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [record["loss"] for record in records if "loss" in record]
-
-    eager = losses(["lora"], "eager")
-    fused = losses(["lora", "fused_lora"], "fused")
+    eager = training_metrics(run_overrides, tmp_path / "eager", ["lora"], steps=4)
+    fused = training_metrics(run_overrides, tmp_path / "fused", ["lora", "fused_lora"], steps=4)
     assert "fused_lora (Triton interpreter: slow): 14 layers fused, 0 fell back" in capsys.readouterr().err
-    assert len(fused) == len(eager) == 4
-    assert fused == pytest.approx(eager, rel=1e-5)
-    assert eager[-1] < eager[0]
+    assert len(fused["loss"]) == len(eager["loss"]) == 4
+    for key in ("loss", "grad_norm"):
+        assert fused[key] == pytest.approx(eager[key], rel=1e-5), key
+    assert eager["loss"][-1] < eager["loss"][0]
+
+
+def test_a_dora_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys, monkeypatch):
+    """As above with DoRA, so the magnitude trains too. Three steps and no evaluation, since the
+    interpreter is slow."""
+    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
+    no_eval = run_overrides + ["data.eval=null"]
+    eager = training_metrics(no_eval, tmp_path / "eager", ["lora", "dora"], steps=3)
+    fused = training_metrics(no_eval, tmp_path / "fused", ["lora", "dora", "fused_lora"], steps=3)
+    assert "fused_lora (Triton interpreter: slow): 14 layers fused, 0 fell back" in capsys.readouterr().err
+    assert len(fused["loss"]) == len(eager["loss"]) == 3
+    for key in ("loss", "grad_norm"):
+        assert fused[key] == pytest.approx(eager[key], rel=1e-5), key
+    assert eager["loss"][-1] < eager["loss"][0]

@@ -1,13 +1,14 @@
-"""fused_lora: LoRA layers computed by fused Triton kernels on CUDA.
+"""fused_lora: LoRA and DoRA layers computed by fused Triton kernels on CUDA.
 
     ftengine run job.yaml --plugin lora --plugin fused_lora
 
 The ``lora`` plugin calls ``ftengine_lora_kernel(layer, name)`` once per LoRA layer and adapter;
 this plugin answers with a forward function built on ``kernel.fused_lora_linear`` (base GEMM,
-LoRA and dropout in fused kernels), or ``None`` where the fused path does not apply, and the
-layer then runs eagerly. ``summary()`` says in one line what was fused and why the rest was not.
-With ``TRITON_INTERPRET=1`` the kernels run on CPU through Triton's interpreter (slowly), which
-is how the tests train with the plugin active on machines without a GPU.
+LoRA and dropout, or DoRA without dropout, in fused kernels), or ``None`` where the fused path
+does not apply, and the layer then runs eagerly. ``summary()`` says in one line what was fused
+and why the rest was not. With ``TRITON_INTERPRET=1`` the kernels run on CPU through Triton's
+interpreter (slowly), which is how the tests train with the plugin active on machines without a
+GPU.
 
 Nothing here imports Triton until a layer is actually fused: plugin discovery imports this
 module on every machine, and the kernel module fixes its interpreter mode when imported.
@@ -46,7 +47,7 @@ def ftengine_on_train_start(model, state):
 
 
 def summary():
-    """One line, e.g. "fused_lora: 82 layers fused, 2 fell back (LoRA variant 'dora' not supported: 2)"."""
+    """One line, e.g. "fused_lora: 82 layers fused, 2 fell back (base layer Linear4bit not supported: 2)"."""
     problem = _environment_problem()
     if problem:
         return f"fused_lora: inactive ({problem})"
@@ -86,8 +87,11 @@ def unsupported_reason(layer, name):
     variant = layer.variant[name]
     if layer.merged:
         return "adapter merged into the base weight"
-    if variant is not None:
-        return f"LoRA variant '{getattr(variant, 'name', type(variant).__name__)}' not supported"
+    variant_name = None if variant is None else getattr(variant, "name", type(variant).__name__)
+    if variant_name not in (None, "dora"):
+        return f"LoRA variant '{variant_name}' not supported"
+    if variant_name == "dora" and _dropout_p(layer, name) > 0:
+        return "DoRA with dropout > 0 not supported (W·dropout(x) needs a second base GEMM)"
     if type(base) is not nn.Linear:
         return f"base layer {type(base).__name__} not supported"
     if layer.lora_A[name].weight.shape[0] > MAX_RANK:
@@ -99,14 +103,19 @@ def unsupported_reason(layer, name):
     return None
 
 
+def _dropout_p(layer, name):
+    return getattr(layer.lora_dropout[name], "p", 0.0)
+
+
 def fused_forward(layer, name):
     """``fn(x) -> y``: the whole output of ``layer`` (base + adapter ``name``) through the kernels.
 
-    Reads the weights, scaling and dropout probability at every call (so loaded or rescaled
-    adapters are seen) and applies dropout only while ``layer.training``; each call with dropout
-    draws a fresh seed from torch's CPU generator. It computes in the activation dtype (the
-    autocast dtype under autocast): adapter weights kept in fp32 are cast to it, differentiably.
-    The caller handles merged and disabled adapters, as it does for its eager path.
+    Reads the weights, DoRA's magnitude, scaling and dropout probability at every call (so
+    loaded or rescaled adapters are seen) and applies dropout only while ``layer.training``;
+    each call with dropout draws a fresh seed from torch's CPU generator. It computes in the
+    activation dtype (the autocast dtype under autocast): adapter weights kept in fp32 are cast
+    to it, differentiably; DoRA's magnitude is passed as it is, since the kernels form m / ‖·‖
+    in fp32. The caller handles merged and disabled adapters, as it does for its eager path.
     """
     from .kernel import fused_lora_linear
 
@@ -115,6 +124,7 @@ def fused_forward(layer, name):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         base = layer.base_layer
         bias = None if base.bias is None else base.bias.to(dtype)
+        magnitude = None if layer.variant[name] is None else layer.lora_magnitude_vector[name]
         return fused_lora_linear(
             x.to(dtype),
             base.weight.to(dtype),
@@ -122,8 +132,9 @@ def fused_forward(layer, name):
             layer.lora_A[name].weight.to(dtype),
             layer.lora_B[name].weight.to(dtype),
             layer.scaling[name],
-            getattr(layer.lora_dropout[name], "p", 0.0),
+            _dropout_p(layer, name),
             training=layer.training,
+            magnitude=magnitude,
         )
 
     return forward

@@ -1,4 +1,5 @@
-"""Fused LoRA linear layer in Triton: ``y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ (+ bias)``.
+"""Fused LoRA linear layer in Triton: ``y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ (+ bias)``, and DoRA
+without dropout: ``y = g ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) (+ bias)``, g = m / ‖W + s·BA‖ per output row.
 
 Five kernels, two GEMMs carrying the rank-r work inside their accumulators::
 
@@ -7,6 +8,11 @@ Five kernels, two GEMMs carrying the rank-r work inside their accumulators::
     backward  dS = s·G B,  dB = s·Gᵀ S      _lora_grad_sb (G read once for both, + dbias)
               dA = dSᵀ dropout(X)           _lora_grad_a (mask regenerated from the seed)
               dX = G W + (dS A) ⊙ D         _lora_grad_x (LoRA part masked in the epilogue)
+
+DoRA adds a column scale g: _lora_fwd multiplies its accumulator by g before the bias, and
+_lora_grad_sb and _lora_grad_x scale G's tiles by g as they load them; _lora_grad_sb also sums
+G ⊙ (Y − bias) for the magnitude's gradient. The row norms (``dora_row_norm``) take W Aᵀ from
+_lora_down and the rest from small fp32 torch ops.
 
 On CUDA the kernels are compiled and autotuned. With ``TRITON_INTERPRET=1`` set before this
 module is imported they run on CPU tensors through Triton's interpreter, with one small fixed
@@ -111,6 +117,13 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _scale_columns(g, column_scale, cols, num_cols):
+    """``g ⊙ column_scale[cols]`` (broadcast over rows), back in g's dtype for the next dot."""
+    scale = tl.load(column_scale + cols, mask=cols < num_cols, other=0.0)
+    return (g.to(tl.float32) * scale[None, :]).to(g.dtype)
+
+
+@triton.jit
 def _dropout_scale(seed, rows, cols, k, p, keep_scale):
     """Dropout multiplier of X[rows, cols]: ``keep_scale`` where kept, 0 where dropped.
 
@@ -163,14 +176,16 @@ def _lora_down(
 @_autotune(_GEMM_CONFIGS, key=["T_BUCKET", "n", "k", "r"])
 @triton.jit
 def _lora_fwd(
-    X, W, S, B, bias, Y,
+    X, W, S, B, bias, column_scale, Y,
     T, n, k, r, T_BUCKET,
     stride_xt, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
     scale,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
 ):  # fmt: skip
-    """Y[T, n] = X Wᵀ + s·S Bᵀ (+ bias): the rank-r product is one more step of the K loop."""
+    """Y[T, n] = (X Wᵀ + s·S Bᵀ) ⊙ g (+ bias): the rank-r product is one more step of the K
+    loop; DoRA's column scale g (fp32 ``[n]``) multiplies the accumulator in the epilogue."""
     pid_t, pid_n = _grouped_tile(T, n, BLOCK_T, BLOCK_N, GROUP_T)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -185,27 +200,32 @@ def _lora_fwd(
     s = (s.to(tl.float32) * scale).to(S.dtype.element_ty)
     b_t = _load(B, ranks, outs, stride_br, stride_bn, r, n)
     acc = _mma(s, b_t, acc, UPCAST, PRECISION)
+    if HAS_COLUMN_SCALE:
+        acc *= tl.load(column_scale + outs, mask=outs < n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias + outs, mask=outs < n, other=0.0).to(tl.float32)[None, :]
     _store(Y, rows, outs, T, n, acc)
 
 
-@_autotune(_SKINNY_CONFIGS, key=["T_BUCKET", "n", "r"], reset_to_zero=["dS", "dB", "dbias"])
+@_autotune(_SKINNY_CONFIGS, key=["T_BUCKET", "n", "r"], reset_to_zero=["dS", "dB", "dbias", "GY"])
 @triton.jit
 def _lora_grad_sb(
-    G, B, S, dS, dB, dbias,
+    G, B, S, column_scale, Y, bias, dS, dB, dbias, GY,
     T, n, r, T_BUCKET,
     stride_gt, stride_gn, stride_bn, stride_br,
     scale,
-    HAS_DBIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr, HAS_GY: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
 ):  # fmt: skip
-    """dS[T, r] = s·G B and dB[n, r] = s·Gᵀ S (and dbias = Σ_t G) from one read of G.
+    """dS[T, r] = s·G' B and dB[n, r] = s·G'ᵀ S, G' = G ⊙ g, from one read of G; from the same
+    tiles dbias = Σ_t G and, for DoRA's magnitude, GY[n] = Σ_t G ⊙ (Y − bias).
 
-    Program (i, j) takes row block i of G and every num_programs(1)-th column block from j.
-    dS sums over n and dB over T, so one of them always crosses programs: both are fp32 atomic
-    adds into zeroed buffers (dS only when the columns are split). A deterministic split would
-    need a [T / BLOCK_T, n, r] partial buffer, as large as G itself at r = 64.
+    Without a column scale G' = G. Program (i, j) takes row block i of G and every
+    num_programs(1)-th column block from j. dS sums over n and dB over T, so one of them always
+    crosses programs: both are fp32 atomic adds into zeroed buffers (dS only when the columns
+    are split). A deterministic split would need a [T / BLOCK_T, n, r] partial buffer, as large
+    as G itself at r = 64.
     """
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ranks = tl.arange(0, BLOCK_R)
@@ -213,13 +233,22 @@ def _lora_grad_sb(
     ds = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for n0 in range(tl.program_id(1) * BLOCK_N, n, tl.num_programs(1) * BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
+        in_bounds = outs < n
         g = _load(G, rows, outs, stride_gt, stride_gn, T, n)
+        # dbias and GY take G itself, the rank-r products G ⊙ g.
+        if HAS_DBIAS:
+            tl.atomic_add(dbias + outs, tl.sum(g.to(tl.float32), axis=0), mask=in_bounds, sem="relaxed")
+        if HAS_GY:
+            y = _load(Y, rows, outs, n, 1, T, n).to(tl.float32)
+            if HAS_BIAS:
+                y -= tl.load(bias + outs, mask=in_bounds, other=0.0).to(tl.float32)[None, :]
+            tl.atomic_add(GY + outs, tl.sum(g.to(tl.float32) * y, axis=0), mask=in_bounds, sem="relaxed")
+        if HAS_COLUMN_SCALE:
+            g = _scale_columns(g, column_scale, outs, n)
         b = _load(B, outs, ranks, stride_bn, stride_br, n, r)
         ds = _mma(g, b, ds, UPCAST, PRECISION)
         db = _mma(tl.trans(g), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST, PRECISION)
         _accumulate(dB, outs, ranks, n, r, db * scale)
-        if HAS_DBIAS:
-            tl.atomic_add(dbias + outs, tl.sum(g.to(tl.float32), axis=0), mask=outs < n, sem="relaxed")
     if tl.num_programs(1) == 1:
         _store(dS, rows, ranks, T, r, ds * scale)
     else:
@@ -258,14 +287,16 @@ def _lora_grad_a(
 @_autotune(_GEMM_CONFIGS, key=["T_BUCKET", "n", "k", "r"])
 @triton.jit(do_not_specialize=["seed"])
 def _lora_grad_x(
-    G, W, dS, A, dX,
+    G, W, dS, A, column_scale, dX,
     T, n, k, r, T_BUCKET,
     stride_gt, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
     seed, p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
 ):  # fmt: skip
-    """dX[T, k] = G W + (dS A) ⊙ D.
+    """dX[T, k] = G' W + (dS A) ⊙ D, G' = G ⊙ g (each G tile scaled as it is loaded; G' = G
+    without a column scale).
 
     Without dropout dS A joins the base accumulator. With dropout the mask multiplies only the
     LoRA part, so it gets its own accumulator tile, masked and added in the epilogue.
@@ -278,6 +309,8 @@ def _lora_grad_x(
     for n0 in range(0, n, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         g = _load(G, rows, outs, stride_gt, stride_gn, T, n)
+        if HAS_COLUMN_SCALE:
+            g = _scale_columns(g, column_scale, outs, n)
         w = _load(W, outs, cols, stride_wn, stride_wk, n, k)
         acc = _mma(g, w, acc, UPCAST, PRECISION)
     ds = _load(dS, rows, ranks, r, 1, T, r).to(dX.dtype.element_ty)
@@ -346,13 +379,41 @@ def _common_meta(x, r):
     }
 
 
+def dora_row_norm(weight, lora_a, lora_b, scale):
+    """‖W_j + s·B_j A‖ for every output row j, in fp32, without forming the ``[n, k]`` matrix.
+
+    ``‖W_j + s B_j A‖² = ‖W_j‖² + 2s·Σ_q B_jq (W Aᵀ)_jq + s²·B_j (A Aᵀ) B_jᵀ``. W Aᵀ (n·k·r
+    FLOPs, next to the T·n·k of the base GEMM) is ``_lora_down`` with W in place of X: one read
+    of W in its own dtype, accumulated in fp32, where torch would first need an fp32 copy of a
+    16-bit W. The rest is ``[n, r]`` or smaller, in fp32 with autocast off. The sum is clamped
+    at 0 before the root, since rounding can take it below 0 where s·BA ≈ −W. A constant for
+    autograd: DoRA does not differentiate through the norm.
+    """
+    n, k = weight.shape
+    r = lora_a.shape[0]
+    weight_a = torch.empty(n, r, device=weight.device, dtype=torch.float32)
+    _lora_down[lambda m: (triton.cdiv(n, m["BLOCK_T"]),)](
+        weight, lora_a, weight_a, n, k, r, triton.next_power_of_2(n), *weight.stride(), *lora_a.stride(),
+        seed=0, p=0.0, keep_scale=1.0, HAS_DROPOUT=False, **_common_meta(weight, r),
+    )  # fmt: skip
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        a, b = lora_a.float(), lora_b.float()
+        squared = (
+            torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+            + 2 * scale * (b * weight_a).sum(dim=1)
+            + scale**2 * ((b @ (a @ a.T)) * b).sum(dim=1)
+        )
+    return squared.clamp_min(0).sqrt()
+
+
 class FusedLoraFunction(torch.autograd.Function):
-    r"""LoRA linear layer with a frozen base weight, forward and backward in fused Triton kernels.
+    r"""LoRA (or DoRA) linear layer with a frozen base weight, forward and backward in fused
+    Triton kernels.
 
     Inputs: X ``[T, k]``, frozen W ``[n, k]``, optional bias ``[n]``, A ``[r, k]``, B ``[n, r]``,
-    scale s (α/r, or α/√r for rsLoRA), dropout probability p and a Philox seed. The dropout
-    multiplier D has D_ij = 1/(1-p) where ``rand(seed, i·k + j) >= p`` and 0 elsewhere, and
-    X̂ = X ⊙ D (X̂ = X when p = 0).
+    DoRA's magnitude m ``[n]`` or ``None`` (plain LoRA), scale s (α/r, or α/√r for rsLoRA),
+    dropout probability p and a Philox seed. The dropout multiplier D has D_ij = 1/(1-p) where
+    ``rand(seed, i·k + j) >= p`` and 0 elsewhere, and X̂ = X ⊙ D (X̂ = X when p = 0).
 
     Forward::
 
@@ -367,16 +428,35 @@ class FusedLoraFunction(torch.autograd.Function):
         ∂L/∂X̂ = dS A,  ∂X̂_ic/∂X_ic = D_ic     ⇒  dX = G W + (dS A) ⊙ D
         dbias = Σ_i G_i·
 
+    DoRA (m given, p = 0 so X̂ = X). With ν_j = ‖W_j + s·B_j A‖ (``dora_row_norm``; detached, a
+    constant in backward, as in the paper and PEFT) and the column scale g = m / ν::
+
+        Z = X Wᵀ + s · S Bᵀ            (the LoRA accumulator)
+        Y = Z ⊙ 1 gᵀ + 1 biasᵀ         (g applied in _lora_fwd's epilogue, before the bias)
+
+    Y_ij = g_j Z_ij + bias_j, so ∂L/∂Z = G' = G ⊙ 1 gᵀ, and the LoRA formulas hold with G'
+    (each G tile is scaled as the kernels load it; G' is never stored)::
+
+        dS = s · G' B,  dB = s · G'ᵀ S,  dA = dSᵀ X,  dX = G' W + dS A
+        dbias = Σ_i G_i·                                  (unscaled: ∂Y_ij/∂bias_j = 1)
+        ∂L/∂m_j = Σ_i G_ij Z_ij / ν_j = Σ_i G_ij (Y_ij − bias_j) / m_j     (Z = (Y − bias) / g)
+
+    The last form needs the output rather than Z: _lora_grad_sb sums G ⊙ (Y − bias) over the
+    tokens from the G tiles it reads anyway, and the host divides by m. m_j = 0 is not
+    supported (dm_j = 0/0); m starts at ‖W_j‖, and where that is 0 PEFT's g is 0/0 already.
+
     W is frozen: no dW is formed. Saved for backward: X, S and the seed (D is regenerated);
-    W, A, B are parameters, saved by reference.
+    for DoRA also g, and Y if m trains. W, bias, A, B and m are parameters, saved by reference.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
         T, k = x.shape
         n, r = lora_b.shape
         meta = _common_meta(x, r)
         dropout = {"seed": seed, "p": float(dropout_p), "keep_scale": _keep_scale(dropout_p)}
+        is_dora = magnitude is not None
+        column_scale = magnitude.float() / dora_row_norm(weight, lora_a, lora_b, scale) if is_dora else None
         s = torch.empty(T, r, device=x.device, dtype=x.dtype)
         y = torch.empty(T, n, device=x.device, dtype=x.dtype)
         if T > 0:
@@ -386,25 +466,28 @@ class FusedLoraFunction(torch.autograd.Function):
                 **dropout, HAS_DROPOUT=dropout_p > 0, **meta,
             )  # fmt: skip
             _lora_fwd[lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n, m["BLOCK_N"]),)](
-                x, weight, s, lora_b, bias, y, T, n, k, r, bucket,
+                x, weight, s, lora_b, bias, column_scale, y, T, n, k, r, bucket,
                 *x.stride(), *weight.stride(), *lora_b.stride(), float(scale),
-                HAS_BIAS=bias is not None, **meta,
+                HAS_BIAS=bias is not None, HAS_COLUMN_SCALE=is_dora, **meta,
             )  # fmt: skip
-        ctx.save_for_backward(x, weight, lora_a, lora_b, s)
+        y_for_dm = y if ctx.needs_input_grad[5] else None
+        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, s, magnitude, column_scale, y_for_dm)
         ctx.scale, ctx.dropout = float(scale), dropout
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, lora_a, lora_b, s = ctx.saved_tensors
-        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        x, weight, bias, lora_a, lora_b, s, magnitude, column_scale, y = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, need_magnitude = ctx.needs_input_grad[:6]
         T, k = x.shape
         n, r = lora_b.shape
         meta = _common_meta(x, r)
         f32 = {"device": x.device, "dtype": torch.float32}
         ds, db, da = torch.zeros(T, r, **f32), torch.zeros(n, r, **f32), torch.zeros(r, k, **f32)
         dbias = torch.zeros(n, **f32) if need_bias else None
+        gy = torch.zeros(n, **f32) if need_magnitude else None
         dx = torch.empty(T, k, device=x.device, dtype=x.dtype) if need_x else None
+        has_column_scale = column_scale is not None
         if T > 0:
             bucket = triton.next_power_of_2(T)
             sb_grid = lambda m: (  # noqa: E731
@@ -412,8 +495,10 @@ class FusedLoraFunction(torch.autograd.Function):
                 _split(triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(n, m["BLOCK_N"]), x.device),
             )
             _lora_grad_sb[sb_grid](
-                g, lora_b, s, ds, db, dbias, T, n, r, bucket, *g.stride(), *lora_b.stride(), ctx.scale,
-                HAS_DBIAS=need_bias, **meta,
+                g, lora_b, s, column_scale, y, bias, ds, db, dbias, gy, T, n, r, bucket,
+                *g.stride(), *lora_b.stride(), ctx.scale,
+                HAS_DBIAS=need_bias, HAS_COLUMN_SCALE=has_column_scale, HAS_GY=need_magnitude,
+                HAS_BIAS=bias is not None, **meta,
             )  # fmt: skip
             if need_a:
                 a_grid = lambda m: (  # noqa: E731
@@ -426,18 +511,22 @@ class FusedLoraFunction(torch.autograd.Function):
                 )  # fmt: skip
             if need_x:
                 _lora_grad_x[lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(k, m["BLOCK_K"]),)](
-                    g, weight, ds, lora_a, dx, T, n, k, r, bucket,
+                    g, weight, ds, lora_a, column_scale, dx, T, n, k, r, bucket,
                     *g.stride(), *weight.stride(), *lora_a.stride(),
-                    **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, **meta,
+                    **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, HAS_COLUMN_SCALE=has_column_scale, **meta,
                 )  # fmt: skip
         grad_a = da.to(lora_a.dtype) if need_a else None
         grad_b = db.to(lora_b.dtype) if need_b else None
         grad_bias = dbias.to(x.dtype) if need_bias else None
-        return dx, None, grad_bias, grad_a, grad_b, None, None, None
+        grad_magnitude = (gy / magnitude.float()).to(magnitude.dtype) if need_magnitude else None
+        return dx, None, grad_bias, grad_a, grad_b, grad_magnitude, None, None, None
 
 
-def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None, training=True):
-    """``x Wᵀ + bias + scale · dropout(x) Aᵀ Bᵀ`` through the fused kernels.
+def fused_lora_linear(
+    x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None, training=True, magnitude=None
+):
+    """``x Wᵀ + bias + scale · dropout(x) Aᵀ Bᵀ`` through the fused kernels; with ``magnitude``,
+    DoRA: ``(m / ‖W + scale·BA‖) ⊙ (x Wᵀ + scale · x Aᵀ Bᵀ) + bias``, the norm per output row.
 
     :param x: ``[..., k]`` activations (leading dimensions are flattened into tokens).
     :param weight: the base weight ``[n, k]``, frozen: no gradient is computed for it.
@@ -446,29 +535,41 @@ def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, see
     :param lora_b: ``[n, r]``.
     :param scale: the LoRA scaling (α/r, or α/√r for rsLoRA).
     :param dropout_p: dropout probability on the LoRA input, applied only when ``training``.
+        DoRA needs 0 while training: there dropout(x) also enters the W term, a second base GEMM.
     :param seed: the Philox seed of the dropout mask; ``None`` draws one from torch's CPU
         generator (reproducible under ``torch.manual_seed``).
+    :param training: whether dropout applies.
+    :param magnitude: DoRA's magnitude ``[n]``, or ``None`` for LoRA. It may stay in fp32
+        whatever the dtype of the rest (PEFT keeps it so); the norm and m / norm are fp32.
     :return: ``[..., n]``, in x's dtype. All tensors share one device and one dtype (fp32,
-        fp16 or bf16); CPU tensors need ``TRITON_INTERPRET=1``.
+        fp16 or bf16), ``magnitude`` excepted; CPU tensors need ``TRITON_INTERPRET=1``.
     """
     k = x.shape[-1]
     r = lora_a.shape[0]
     n = weight.shape[0]
-    _check(x, weight, bias, lora_a, lora_b, k, n, r)
+    _check(x, weight, bias, lora_a, lora_b, magnitude, k, n, r)
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"fused_lora_linear: dropout_p must be in [0, 1], got {dropout_p}")
+    if p > 0 and magnitude is not None:
+        raise ValueError("fused_lora_linear: DoRA (magnitude given) needs dropout_p = 0 while training")
     if p > 0 and seed is None:
         seed = int(torch.randint(2**31 - 1, ()).item())
-    y = FusedLoraFunction.apply(x.reshape(-1, k), weight, bias, lora_a, lora_b, scale, p, seed or 0)
+    y = FusedLoraFunction.apply(x.reshape(-1, k), weight, bias, lora_a, lora_b, magnitude, scale, p, seed or 0)
     return y.reshape(*x.shape[:-1], n)
 
 
-def _check(x, weight, bias, lora_a, lora_b, k, n, r):
+def _check(x, weight, bias, lora_a, lora_b, magnitude, k, n, r):
     problems = []
     if weight.requires_grad and torch.is_grad_enabled():
         problems.append("weight must be frozen (requires_grad=False): dW is never computed")
-    expected = {"weight": (weight, (n, k)), "lora_a": (lora_a, (r, k)), "lora_b": (lora_b, (n, r)), "bias": (bias, (n,))}
+    expected = {
+        "weight": (weight, (n, k)),
+        "lora_a": (lora_a, (r, k)),
+        "lora_b": (lora_b, (n, r)),
+        "bias": (bias, (n,)),
+        "magnitude": (magnitude, (n,)),
+    }
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -480,7 +581,7 @@ def _check(x, weight, bias, lora_a, lora_b, k, n, r):
     if any(t.dtype != x.dtype for t in tensors):
         dtypes = ", ".join(str(t.dtype) for t in tensors)
         problems.append(f"dtypes differ ({dtypes}): cast to one dtype first")
-    if any(t.device != x.device for t in tensors):
+    if any(t.device != x.device for t in tensors) or (magnitude is not None and magnitude.device != x.device):
         problems.append("tensors are on different devices")
     if x.device.type == "cpu" and not INTERPRETED:
         problems.append("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before this module is imported")
