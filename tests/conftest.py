@@ -1,4 +1,10 @@
+import os
+
 import pytest
+
+# Kernels run in-process through Triton's interpreter, on CPU as on a GPU machine. Set before any
+# test module can import triton: Triton fixes interpreter mode when it is first imported.
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture

@@ -5,14 +5,10 @@ interpreter is 16-32, so these shapes still cover ragged edges and several block
 """
 
 import json
-import os
 
-# Before triton is imported anywhere: the kernels are decorated for the interpreter at import.
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 pytest.importorskip("triton", reason="the fused_lora kernels are written in Triton, which is not installed")
 
@@ -20,7 +16,7 @@ from ftengine.plugins import fused_lora  # noqa: E402
 from ftengine.plugins.fused_lora import kernel  # noqa: E402
 from ftengine.plugins.fused_lora.kernel import dora_row_norm, dropout_mask, fused_lora_linear  # noqa: E402
 
-assert kernel.INTERPRETED, "the kernel module was imported before TRITON_INTERPRET=1 was set"
+assert kernel.INTERPRETED, "the kernel module was imported before conftest.py set TRITON_INTERPRET=1"
 
 SEED = 1234
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
