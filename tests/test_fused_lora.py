@@ -6,15 +6,24 @@ interpreter is 16-32, so these shapes still cover ragged edges and several block
 
 import json
 
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from torch import nn
+
+from ftengine.plugins import qlora
 
 pytest.importorskip("triton", reason="the fused_lora kernels are written in Triton, which is not installed")
 
 from ftengine.plugins import fused_lora  # noqa: E402
 from ftengine.plugins.fused_lora import kernel  # noqa: E402
-from ftengine.plugins.fused_lora.kernel import dora_row_norm, dropout_mask, fused_lora_linear  # noqa: E402
+from ftengine.plugins.fused_lora.kernel import (  # noqa: E402
+    dequantize_nf4,
+    dora_row_norm,
+    dropout_mask,
+    fused_lora_linear,
+    nf4_weight,
+)
 
 assert kernel.INTERPRETED, "the kernel module was imported before conftest.py set TRITON_INTERPRET=1"
 
@@ -228,8 +237,8 @@ class StandInLoraLinear(nn.Module):
         return eager_lora(x, self.base_layer.weight, self.base_layer.bias, A, B, self.scaling["default"], mask)
 
 
-class Linear4bit(nn.Linear):
-    """Stands in for a quantised base layer: an nn.Linear subclass."""
+class LinearSubclass(nn.Linear):
+    """A subclass may compute otherwise than nn.Linear does: it falls back."""
 
 
 def stand_in(k=24, n=20, r=4, dropout=0.0, **kwargs):
@@ -245,7 +254,7 @@ def test_unsupported_reasons(monkeypatch):
     cases = {
         "adapter merged": merged,
         "LoRA variant 'object' not supported": stand_in(variant=object()),
-        "base layer Linear4bit not supported": StandInLoraLinear(Linear4bit(8, 8), 4, 8, 0.0),
+        "base layer LinearSubclass not supported": StandInLoraLinear(LinearSubclass(8, 8), 4, 8, 0.0),
         "r > 128": stand_in(r=129),
         "dtype torch.float64 not supported": stand_in().double(),
         "not on a CUDA device": stand_in(),
@@ -261,8 +270,6 @@ def test_dora_is_fused_without_dropout_only():
     assert fused_lora.unsupported_reason(stand_in(dropout=0.1, variant=DORA), "default") == (
         "DoRA with dropout > 0 not supported (W·dropout(x) needs a second base GEMM)"
     )
-    quantised = StandInLoraLinear(Linear4bit(8, 8), 4, 8, 0.0, variant=DORA)
-    assert fused_lora.unsupported_reason(quantised, "default") == "base layer Linear4bit not supported"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
@@ -411,6 +418,174 @@ def test_a_dora_training_run_gives_the_same_losses_with_the_plugin(run_overrides
     no_eval = run_overrides + ["data.eval=null"]
     eager = training_metrics(no_eval, tmp_path / "eager", ["lora", "dora"], steps=3)
     fused = training_metrics(no_eval, tmp_path / "fused", ["lora", "dora", "fused_lora"], steps=3)
+    assert "fused_lora (Triton interpreter: slow): 14 layers fused, 0 fell back" in capsys.readouterr().err
+    assert len(fused["loss"]) == len(eager["loss"]) == 3
+    for key in ("loss", "grad_norm"):
+        assert fused[key] == pytest.approx(eager[key], rel=1e-5), key
+    assert eager["loss"][-1] < eager["loss"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA: an NF4 base, dequantised inside the GEMMs
+# --------------------------------------------------------------------------------------------
+
+
+def linear4bit(k, n, bias=True, double_quant=True, blocksize=64, quant_type="nf4", compute_dtype=torch.float32):
+    """A bitsandbytes ``Linear4bit`` quantised from a seeded ``nn.Linear``, as ``qlora`` builds it."""
+    torch.manual_seed(0)
+    options = qlora.QloraOptions(double_quant=double_quant, blocksize=blocksize, quant_type=quant_type)
+    return qlora.quantize_linear(nn.Linear(k, n, bias=bias), options, compute_dtype).requires_grad_(False)
+
+
+def bnb_weight(layer):
+    """The weight bitsandbytes' own dequantisation gives (fp32, the dtype it was quantised from)."""
+    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def flat_layout_weight(layer):
+    """NF4 by its definition, in torch ops: W.flatten()[f] = code[nibble f] · absmax[f // blocksize],
+    the high nibble of byte f // 2 for even f."""
+    weight = nf4_weight(layer.weight)
+    n, k = weight.shape
+    flat = torch.arange(n * k)
+    byte = weight.packed[flat // 2].long()
+    nibble = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)
+    return (weight.code[nibble] * weight.absmax[flat // weight.blocksize]).reshape(n, k)
+
+
+@pytest.mark.parametrize(
+    "n, k, double_quant, blocksize",
+    [
+        (29, 45, True, 64),  # odd k and odd n·k: rows start mid-byte and mid-block
+        (29, 45, False, 64),  # fp32 scales, stored as they are
+        (36, 46, True, 32),  # n·k = 1656, not a multiple of 128; 64-wide tiles span 3 blocks
+        (40, 200, True, 128),
+        (64, 64, True, 64),  # rows aligned to blocks
+    ],
+)
+def test_nf4_loader_matches_bitsandbytes_bitwise(n, k, double_quant, blocksize):
+    layer = linear4bit(k, n, double_quant=double_quant, blocksize=blocksize)
+    assert layer.weight.quant_state.nested == double_quant
+    assert torch.equal(dequantize_nf4(nf4_weight(layer.weight)), bnb_weight(layer))
+
+
+def test_nf4_loader_keeps_the_flat_layout_where_the_bitsandbytes_cpu_kernel_does_not():
+    """bitsandbytes 0.50.2's CPU dequantisation (on this AVX512 machine) puts the wrong scales
+    on rows whose width is a multiple of 16 but not of the blocksize; its quantiser and its
+    generic torch dequantisation use the flat layout, as the loader does."""
+    layer = linear4bit(32, 16)
+    assert torch.equal(dequantize_nf4(nf4_weight(layer.weight)), flat_layout_weight(layer))
+
+
+def test_nf4_block_scales_are_cached_per_weight_and_recomputed_when_their_source_changes():
+    layer = linear4bit(45, 29)
+    state = layer.weight.quant_state
+    first = nf4_weight(layer.weight).absmax
+    assert nf4_weight(layer.weight).absmax is first
+    state.absmax = state.absmax.clone()  # as QuantState.to swaps it for a copy on another device
+    assert nf4_weight(layer.weight).absmax is not first
+    state.offset += 0.5  # in place: the same tensor, a new version
+    assert torch.allclose(nf4_weight(layer.weight).absmax, first + 0.5)
+    assert torch.equal(dequantize_nf4(nf4_weight(layer.weight)), bnb_weight(layer))
+
+
+@pytest.mark.parametrize(
+    "T, k, n, r, p, bias, dtype",
+    [
+        (37, 45, 29, 4, 0.0, True, torch.float32),  # nothing a multiple of a block
+        (37, 45, 29, 16, 0.25, False, torch.float32),
+        (50, 64, 80, 64, 0.1, True, torch.float32),
+        (48, 46, 40, 16, 0.2, True, torch.bfloat16),
+        (33, 40, 48, 64, 0.0, False, torch.bfloat16),
+        (33, 40, 48, 4, 0.1, True, torch.float16),
+    ],
+    ids=lambda value: str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None,
+)
+def test_nf4_base_matches_eager_reference(T, k, n, r, p, bias, dtype):
+    """The reference multiplies by bitsandbytes' dequantised weight, rounded to the compute
+    dtype as its matmul does."""
+    scale = 3.0 / r**0.5
+    base = linear4bit(k, n, bias=bias)
+    fused = make_inputs(T, k, n, r, dtype, bias)
+    y = fused_lora_linear(**{**fused, "weight": nf4_weight(base.weight)}, scale=scale, dropout_p=p, seed=SEED)
+    grad = torch.randn(T, n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y.backward(grad)
+
+    ref = {name: t if t is None else t.detach().double().requires_grad_(t.requires_grad) for name, t in fused.items()}
+    ref["weight"] = bnb_weight(base).to(dtype).double()
+    y_ref = eager_lora(**ref, scale=scale, mask=dropout_mask((T, k), p, SEED).double())
+    y_ref.backward(grad.double())
+
+    assert y.dtype == dtype and y.shape == (T, n)
+    assert_close(y, y_ref, dtype, "output")
+    for name in ("x", "lora_a", "lora_b", "bias"):
+        if fused[name] is not None:
+            assert_close(fused[name].grad, ref[name].grad, dtype, f"grad of {name}")
+
+
+def test_nf4_base_refuses_dora_and_a_malformed_weight():
+    inputs = make_dora_inputs(8, 45, 29, 4, torch.float32, bias=False)
+    inputs["weight"] = nf4_weight(linear4bit(45, 29).weight)
+    with pytest.raises(ValueError, match="DoRA .* needs a dense weight"):
+        fused_lora_linear(**inputs, scale=1.0)
+    inputs.pop("magnitude")
+    inputs["weight"] = inputs["weight"]._replace(absmax=inputs["weight"].absmax[:-1])
+    with pytest.raises(ValueError, match="NF4 absmax is 20 x torch.float32, expected 21"):
+        fused_lora_linear(**inputs, scale=1.0)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lora_layer_on_a_4bit_base_gives_the_same_outputs_and_gradients_with_the_kernel(compute_dtype):
+    """The eager layer runs bitsandbytes' 4-bit matmul (in its compute dtype) and the LoRA
+    branch in fp32; the kernel computes both in the compute dtype."""
+    from ftengine.plugins.lora.layer import LoraLinear
+
+    layer = LoraLinear(linear4bit(40, 36, compute_dtype=compute_dtype))
+    layer.add_adapter("default", r=8, alpha=16, dropout=0.1)
+    layer.set_active_adapter("default")
+    nn.init.normal_(layer.lora_B["default"].weight)
+    layer.base_layer.bias.requires_grad_()
+    layer.eval()  # dropout off: the eager layer and the kernel then see the same input
+    x = torch.randn(2, 11, 40)
+    params = (layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.base_layer.bias)
+
+    eager = outputs_and_grads(layer, x, params)
+    layer.kernel["default"] = fused_lora.ftengine_lora_kernel(layer=layer, name="default")
+    assert layer.kernel["default"] is not None
+    fused = outputs_and_grads(layer, x, params)
+    assert fused[0].dtype == torch.float32  # x's dtype, as Linear4bit returns
+    assert torch.equal(fused[0].to(compute_dtype).float(), fused[0])  # computed in the compute dtype
+    whats = ("output", "grad of x", "grad of A", "grad of B", "grad of the bias")
+    for what, got, want in zip(whats, fused, eager):
+        assert_close(got, want, compute_dtype, what)
+
+
+def test_unsupported_reasons_on_a_4bit_base():
+    from ftengine.plugins.dora import DORA
+
+    nf4 = StandInLoraLinear(linear4bit(64, 32), 4, 8, 0.0)
+    assert fused_lora.unsupported_reason(nf4, "default") is None
+    fp4 = StandInLoraLinear(linear4bit(64, 32, quant_type="fp4"), 4, 8, 0.0)
+    assert fused_lora.unsupported_reason(fp4, "default") == "4-bit base quant_type fp4 not supported (NF4 only)"
+    dora = StandInLoraLinear(linear4bit(64, 32), 4, 8, 0.0, variant=DORA)
+    assert fused_lora.unsupported_reason(dora, "default") == (
+        "DoRA on a 4-bit base not supported (its row norms need the dense W)"
+    )
+    nf4.base_layer.weight.quant_state.packing_format_for_cpu = True
+    assert fused_lora.unsupported_reason(nf4, "default") == "4-bit base in bitsandbytes' CPU inference packing"
+    with pytest.raises(ValueError, match="CPU inference packing"):
+        nf4_weight(nf4.base_layer.weight)
+
+
+def test_a_qlora_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys, monkeypatch):
+    """Three steps of LoRA on the tiny model quantised to NF4, every linear layer fused or
+    eager: the same losses and gradient norms. Blocks of 32 weights, so that every layer's
+    width (32 or 64) is a multiple of the block, where bitsandbytes' CPU kernel dequantises
+    right (see the flat-layout test above); no evaluation, since the interpreter is slow."""
+    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
+    no_eval = run_overrides + ["data.eval=null", "qlora.blocksize=32"]
+    eager = training_metrics(no_eval, tmp_path / "eager", ["lora", "qlora"], steps=3)
+    fused = training_metrics(no_eval, tmp_path / "fused", ["lora", "qlora", "fused_lora"], steps=3)
     assert "fused_lora (Triton interpreter: slow): 14 layers fused, 0 fell back" in capsys.readouterr().err
     assert len(fused["loss"]) == len(eager["loss"]) == 3
     for key in ("loss", "grad_norm"):

@@ -12,7 +12,8 @@ block are worth pruning; none of this measures speed.
 
 Kernel arguments are typed by name, following the kernel module's conventions: sizes, strides
 and the seed are int32, ``scale``/``p``/``keep_scale`` fp32, buffers named in ``FP32_BUFFERS``
-fp32, and every other pointer has the activation dtype.
+fp32, those in ``UINT8_BUFFERS`` (the packed NF4 weight) uint8, and every other pointer has the
+activation dtype. The NF4 block size is qlora's default, 64.
 """
 
 import argparse
@@ -39,7 +40,9 @@ from ftengine.plugins.fused_lora import kernel  # noqa: E402
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 INT_ARGS = {"T", "n", "k", "r", "T_BUCKET", "seed"}
 FLOAT_ARGS = {"scale", "p", "keep_scale"}
-FP32_BUFFERS = {"dS", "dB", "dbias", "dA", "GY", "M", "column_scale"}
+FP32_BUFFERS = {"dS", "dB", "dbias", "dA", "GY", "M", "column_scale", "W_absmax", "W_code"}
+UINT8_BUFFERS = {"W_packed"}
+NF4_BLOCKSIZE = 64
 TUNED = {"BLOCK_T", "BLOCK_N", "BLOCK_K", "GROUP_T"}
 # The largest dynamic shared memory one block may use (CUDA occupancy tables), by sm version.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -64,6 +67,8 @@ def signature(fn, dtype, constexprs):
             types[name] = "i32"
         elif name in FLOAT_ARGS:
             types[name] = "fp32"
+        elif name in UINT8_BUFFERS:
+            types[name] = "*u8"
         else:
             types[name] = "*fp32" if name in FP32_BUFFERS else "*" + DTYPES[dtype]
     return types
@@ -83,6 +88,8 @@ def compile_one(fn, dtype, config, flags, arch, rank):
         "PRECISION": "tf32" if dtype == "fp32" else None,
         "BLOCK_R": max(16, triton.next_power_of_2(rank)),  # as kernel._common_meta
     }
+    if "NF4_BLOCKSIZE" in fn.arg_names:
+        constexprs["NF4_BLOCKSIZE"] = NF4_BLOCKSIZE
     source = ASTSource(
         fn=fn,
         signature=signature(fn, dtype, constexprs),

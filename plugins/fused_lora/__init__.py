@@ -4,17 +4,18 @@
 
 The ``lora`` plugin calls ``ftengine_lora_kernel(layer, name)`` once per LoRA layer and adapter;
 this plugin answers with a forward function built on ``kernel.fused_lora_linear`` (base GEMM,
-LoRA and dropout, or DoRA without dropout, in fused kernels), or ``None`` where the fused path
-does not apply, and the layer then runs eagerly. ``summary()`` says in one line what was fused
-and why the rest was not. With ``TRITON_INTERPRET=1`` the kernels run on CPU through Triton's
-interpreter (slowly), which is how the tests train with the plugin active on machines without a
-GPU.
+LoRA and dropout, or DoRA without dropout, in fused kernels; a QLoRA base in bitsandbytes NF4 is
+dequantised inside the GEMMs), or ``None`` where the fused path does not apply, and the layer
+then runs eagerly. ``summary()`` says in one line what was fused and why the rest was not. With
+``TRITON_INTERPRET=1`` the kernels run on CPU through Triton's interpreter (slowly), which is
+how the tests train with the plugin active on machines without a GPU.
 
 Nothing here imports Triton until a layer is actually fused: plugin discovery imports this
 module on every machine, and the kernel module fixes its interpreter mode when imported.
 """
 
 import importlib.util
+import sys
 import weakref
 from collections import Counter
 
@@ -47,7 +48,7 @@ def ftengine_on_train_start(model, state):
 
 
 def summary():
-    """One line, e.g. "fused_lora: 82 layers fused, 2 fell back (base layer Linear4bit not supported: 2)"."""
+    """One line, e.g. "fused_lora: 82 layers fused, 2 fell back (r > 128: 2)"."""
     problem = _environment_problem()
     if problem:
         return f"fused_lora: inactive ({problem})"
@@ -92,14 +93,38 @@ def unsupported_reason(layer, name):
         return f"LoRA variant '{variant_name}' not supported"
     if variant_name == "dora" and _dropout_p(layer, name) > 0:
         return "DoRA with dropout > 0 not supported (W·dropout(x) needs a second base GEMM)"
-    if type(base) is not nn.Linear:
+    quantized = _is_4bit(base)
+    if not quantized and type(base) is not nn.Linear:
         return f"base layer {type(base).__name__} not supported"
+    if quantized and (reason := _4bit_unsupported_reason(base, variant_name)):
+        return reason
     if layer.lora_A[name].weight.shape[0] > MAX_RANK:
         return f"r > {MAX_RANK}"
-    if base.weight.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {base.weight.dtype} not supported"
+    dtype = base.compute_dtype if quantized else base.weight.dtype
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:  # None: a 4-bit base computes in x's
+        return f"dtype {dtype} not supported"
     if base.weight.device.type != "cuda" and not _interpreted():
         return "not on a CUDA device"
+    return None
+
+
+def _is_4bit(base):
+    """Whether ``base`` is a bitsandbytes ``Linear4bit``. One exists only once bitsandbytes is
+    imported, so it is not imported here (that takes seconds)."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    return bnb_nn is not None and isinstance(base, bnb_nn.Linear4bit)
+
+
+def _4bit_unsupported_reason(base, variant_name):
+    state = getattr(base.weight, "quant_state", None)
+    if state is None:
+        return "4-bit base weight not quantised"
+    if state.quant_type != "nf4":
+        return f"4-bit base quant_type {state.quant_type} not supported (NF4 only)"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "4-bit base in bitsandbytes' CPU inference packing"
+    if variant_name == "dora":
+        return "DoRA on a 4-bit base not supported (its row norms need the dense W)"
     return None
 
 
@@ -115,19 +140,21 @@ def fused_forward(layer, name):
     each call with dropout draws a fresh seed from torch's CPU generator. It computes in the
     activation dtype (the autocast dtype under autocast): adapter weights kept in fp32 are cast
     to it, differentiably; DoRA's magnitude is passed as it is, since the kernels form m / ‖·‖
-    in fp32. The caller handles merged and disabled adapters, as it does for its eager path.
+    in fp32. A 4-bit base is read in place (``kernel.nf4_weight``) and the layer computes in its
+    ``compute_dtype`` and returns x's dtype, as ``Linear4bit.forward`` does. The caller handles
+    merged and disabled adapters, as it does for its eager path.
     """
-    from .kernel import fused_lora_linear
+    from .kernel import fused_lora_linear, nf4_weight
 
     def forward(x):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         base = layer.base_layer
+        quantized = _is_4bit(base)
+        dtype = _compute_dtype(base, x)
         bias = None if base.bias is None else base.bias.to(dtype)
         magnitude = None if layer.variant[name] is None else layer.lora_magnitude_vector[name]
-        return fused_lora_linear(
+        y = fused_lora_linear(
             x.to(dtype),
-            base.weight.to(dtype),
+            nf4_weight(base.weight) if quantized else base.weight.to(dtype),
             bias,
             layer.lora_A[name].weight.to(dtype),
             layer.lora_B[name].weight.to(dtype),
@@ -136,5 +163,15 @@ def fused_forward(layer, name):
             training=layer.training,
             magnitude=magnitude,
         )
+        return y.to(x.dtype) if quantized else y
 
     return forward
+
+
+def _compute_dtype(base, x):
+    """A ``Linear4bit``'s compute_dtype (x's if unset), which its forward casts x to; for a
+    dense base the activation dtype (the autocast dtype under autocast)."""
+    if _is_4bit(base):
+        return base.compute_dtype or x.dtype
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

@@ -14,6 +14,10 @@ _lora_grad_sb and _lora_grad_x scale G's tiles by g as they load them; _lora_gra
 G ⊙ (Y − bias) for the magnitude's gradient. The row norms (``dora_row_norm``) take W Aᵀ from
 _lora_down and the rest from small fp32 torch ops.
 
+QLoRA: W may be a frozen 4-bit NF4 weight in bitsandbytes' layout (``Nf4Weight``). _lora_fwd and
+_lora_grad_x then load its packed bytes and per-block scales instead of a W tile and dequantise
+it in registers (``_load_nf4``); the dense W is never formed.
+
 On CUDA the kernels are compiled and autotuned. With ``TRITON_INTERPRET=1`` set before this
 module is imported they run on CPU tensors through Triton's interpreter, with one small fixed
 block configuration and every ``tl.dot`` operand upcast to fp32 (the interpreter's bf16 dot is
@@ -21,6 +25,8 @@ wrong, triton#11584). The mode is fixed when this module is imported, as ``trito
 """
 
 import functools
+import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -91,6 +97,44 @@ def _load(base, rows, cols, stride_row, stride_col, num_rows, num_cols):
     """The tile ``base[rows, cols]``, zero outside the matrix (so padded rows and ranks add 0)."""
     offsets, mask = _tile_offsets(rows, cols, stride_row, stride_col, num_rows, num_cols)
     return tl.load(base + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_nf4(packed, absmax, code, outs, k0, n, k, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """The tile ``W[outs, k0 : k0 + BLOCK_K]`` of an NF4 weight, dequantised to fp32.
+
+    bitsandbytes' layout: W[j, c] has the flat index f = j·k + c; its 4-bit code is in byte
+    f // 2 (the high nibble for even f) and its value is ``code[nibble] · absmax[f //
+    BLOCKSIZE]``, the fp32 product ``dequantize_4bit`` forms. Gathering a scale and a level per
+    weight would make the pipeline stage each as a [BLOCK_N, BLOCK_K] fp32 tile in shared
+    memory; instead each row loads the SPAN scales its BLOCK_K weights can fall in, and the 16
+    levels are scalars picked by a select chain.
+
+    Outside W the values are finite but not zero, unlike ``_load``'s: in both GEMMs the other
+    operand is zero there (X's or G's masked columns), or the product falls outside the stored
+    tile, so zeroing them would cost a select per weight for nothing.
+    """
+    SPAN: tl.constexpr = (BLOCK_K - 1) // BLOCKSIZE + 2
+    in_row = tl.arange(0, BLOCK_K)
+    row_start = outs.to(tl.int64) * k + k0  # flat index of W[j, k0]
+    first_block = row_start // BLOCKSIZE
+    # Per weight, int32: its position from the start of its row's first block (f - first_block ·
+    # BLOCKSIZE); the blocksize is even, so that position's parity is f's.
+    row_offset = (row_start % BLOCKSIZE).to(tl.int32)
+    within = row_offset[:, None] + in_row[None, :]
+    mask = (outs < n)[:, None] & (k0 + in_row < k)[None, :]
+    byte = tl.load(packed + (first_block * (BLOCKSIZE // 2))[:, None] + within // 2, mask=mask, other=0)
+    nibble = tl.where(within % 2 == 0, byte >> 4, byte & 0xF).to(tl.int32)
+    row_end = row_offset + tl.minimum(k - k0, BLOCK_K)  # past the row's last weight in W
+    scale = tl.zeros((outs.shape[0], BLOCK_K), dtype=tl.float32)
+    for i in tl.static_range(SPAN):
+        # Only the blocks that the row's weights in W fall in: those exist.
+        row_scale = tl.load(absmax + first_block + i, mask=(outs < n) & (i * BLOCKSIZE < row_end), other=0.0)
+        scale = tl.where(within // BLOCKSIZE == i, row_scale[:, None], scale)
+    level = tl.zeros(nibble.shape, dtype=tl.float32) + tl.load(code)
+    for i in tl.static_range(1, 16):
+        level = tl.where(nibble == i, tl.load(code + i), level)
+    return level * scale
 
 
 @triton.jit
@@ -176,16 +220,20 @@ def _lora_down(
 @_autotune(_GEMM_CONFIGS, key=["T_BUCKET", "n", "k", "r"])
 @triton.jit
 def _lora_fwd(
-    X, W, S, B, bias, column_scale, Y,
+    X, W, W_packed, W_absmax, W_code, S, B, bias, column_scale, Y,
     T, n, k, r, T_BUCKET,
     stride_xt, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
     scale,
     HAS_BIAS: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_NF4_WEIGHT: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
 ):  # fmt: skip
     """Y[T, n] = (X Wᵀ + s·S Bᵀ) ⊙ g (+ bias): the rank-r product is one more step of the K
-    loop; DoRA's column scale g (fp32 ``[n]``) multiplies the accumulator in the epilogue."""
+    loop; DoRA's column scale g (fp32 ``[n]``) multiplies the accumulator in the epilogue.
+
+    With HAS_NF4_WEIGHT, W is read as W_packed / W_absmax / W_code (``Nf4Weight``) and each tile
+    is dequantised in registers to X's dtype before its dot."""
     pid_t, pid_n = _grouped_tile(T, n, BLOCK_T, BLOCK_N, GROUP_T)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -194,7 +242,11 @@ def _lora_fwd(
     for k0 in range(0, k, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = _load(X, rows, cols, stride_xt, stride_xk, T, k)
-        w_t = _load(W, cols, outs, stride_wk, stride_wn, k, n)
+        if HAS_NF4_WEIGHT:
+            w = _load_nf4(W_packed, W_absmax, W_code, outs, k0, n, k, BLOCK_K, NF4_BLOCKSIZE)
+            w_t = tl.trans(w.to(X.dtype.element_ty))
+        else:
+            w_t = _load(W, cols, outs, stride_wk, stride_wn, k, n)
         acc = _mma(x, w_t, acc, UPCAST, PRECISION)
     s = _load(S, rows, ranks, r, 1, T, r)
     s = (s.to(tl.float32) * scale).to(S.dtype.element_ty)
@@ -287,11 +339,12 @@ def _lora_grad_a(
 @_autotune(_GEMM_CONFIGS, key=["T_BUCKET", "n", "k", "r"])
 @triton.jit(do_not_specialize=["seed"])
 def _lora_grad_x(
-    G, W, dS, A, column_scale, dX,
+    G, W, W_packed, W_absmax, W_code, dS, A, column_scale, dX,
     T, n, k, r, T_BUCKET,
     stride_gt, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
     seed, p, keep_scale,
     HAS_DROPOUT: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_NF4_WEIGHT: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
 ):  # fmt: skip
@@ -299,7 +352,8 @@ def _lora_grad_x(
     without a column scale).
 
     Without dropout dS A joins the base accumulator. With dropout the mask multiplies only the
-    LoRA part, so it gets its own accumulator tile, masked and added in the epilogue.
+    LoRA part, so it gets its own accumulator tile, masked and added in the epilogue. An NF4 W
+    is dequantised tile by tile as in _lora_fwd.
     """
     pid_t, pid_k = _grouped_tile(T, k, BLOCK_T, BLOCK_K, GROUP_T)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -311,7 +365,11 @@ def _lora_grad_x(
         g = _load(G, rows, outs, stride_gt, stride_gn, T, n)
         if HAS_COLUMN_SCALE:
             g = _scale_columns(g, column_scale, outs, n)
-        w = _load(W, outs, cols, stride_wn, stride_wk, n, k)
+        if HAS_NF4_WEIGHT:
+            w = _load_nf4(W_packed, W_absmax, W_code, outs, pid_k * BLOCK_K, n, k, BLOCK_K, NF4_BLOCKSIZE)
+            w = w.to(G.dtype.element_ty)
+        else:
+            w = _load(W, outs, cols, stride_wn, stride_wk, n, k)
         acc = _mma(g, w, acc, UPCAST, PRECISION)
     ds = _load(dS, rows, ranks, r, 1, T, r).to(dX.dtype.element_ty)
     a = _load(A, ranks, cols, stride_ar, stride_ak, r, k)
@@ -328,6 +386,17 @@ def _dropout_mask_kernel(M, T, k, seed, p, keep_scale, BLOCK_T: tl.constexpr, BL
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     _store(M, rows, cols, T, k, _dropout_scale(seed, rows, cols, k, p, keep_scale))
+
+
+@triton.jit
+def _nf4_dequantize_kernel(
+    W_packed, W_absmax, W_code, out, n, k,
+    NF4_BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _load_nf4(W_packed, W_absmax, W_code, outs, k0, n, k, BLOCK_K, NF4_BLOCKSIZE)
+    _store(out, outs, k0 + tl.arange(0, BLOCK_K), n, k, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,6 +418,94 @@ def dropout_mask(shape, p, seed, device="cpu"):
     grid = (triton.cdiv(T, 32), triton.cdiv(k, 32))
     _dropout_mask_kernel[grid](mask, T, k, seed, float(p), _keep_scale(p), BLOCK_T=32, BLOCK_K=32)
     return mask
+
+
+class Nf4Weight(NamedTuple):
+    """A frozen ``[n, k]`` weight quantised to 4-bit NF4 in bitsandbytes' layout (``nf4_weight``
+    builds one from a ``Linear4bit``): W[j, c] has the flat index f = j·k + c, its 4-bit code
+    is in byte f // 2 of ``packed`` (the high nibble for even f), and its value is
+    ``code[nibble] · absmax[f // blocksize]`` in fp32, rounded to the activation dtype.
+    """
+
+    packed: torch.Tensor  # uint8, ⌈n·k / 2⌉ bytes
+    absmax: torch.Tensor  # fp32 scale of each block of ``blocksize`` consecutive weights
+    code: torch.Tensor  # fp32 [16]: the NF4 levels
+    blocksize: int
+    shape: tuple  # (n, k)
+
+    @property
+    def device(self):
+        return self.packed.device
+
+
+# id(Linear4bit weight) -> (the tensors its fp32 block scales came from, their versions, the
+# scales); an entry goes when its weight is collected.
+_block_scales_cache = {}
+
+
+def nf4_weight(weight):
+    """The ``Nf4Weight`` of a bitsandbytes NF4 weight (``Linear4bit.weight``, a ``Params4bit``)."""
+    state = weight.quant_state
+    if state.quant_type != "nf4" or len(state.shape) != 2:
+        raise ValueError(f"nf4_weight: expected a 2-D NF4 weight, got {state.quant_type} of shape {tuple(state.shape)}")
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "nf4_weight: the weight is in bitsandbytes' AVX512-BF16 CPU inference packing, not the NF4 layout; "
+            "set support_avx512bf16_for_cpu = False on the Linear4bit layer (the qlora plugin does)"
+        )
+    packed = weight.data.view(torch.uint8).reshape(-1)
+    return Nf4Weight(packed, _block_scales(weight, state), state.code, state.blocksize, tuple(state.shape))
+
+
+def _block_scales(weight, state):
+    """The fp32 scale of each block of ``weight``.
+
+    With double quantisation the scales are stored as 8-bit codes with scales of their own and
+    an offset; they are dequantised as ``dequantize_4bit`` does, once per weight (n·k/blocksize
+    floats). The cache is keyed on the weight's id, dropped with the weight (tensors cannot key a
+    WeakKeyDictionary: its lookups compare them with ==, and a ``QuantState`` is unhashable), and
+    each entry is checked against the very tensors it came from, which it holds so that their
+    ids cannot be reused, and their versions: ``QuantState.to`` swaps those tensors in place.
+    """
+    if not state.nested:
+        return state.absmax
+    sources = (state.absmax, state.offset, state.state2.absmax, state.state2.code)
+    versions = tuple(source._version for source in sources)
+    key = id(weight)
+    cached = _block_scales_cache.get(key)
+    if cached is not None and all(a is b for a, b in zip(cached[0], sources)) and cached[1] == versions:
+        return cached[2]
+    import bitsandbytes.functional as bnb_functional
+
+    with torch.no_grad():
+        scales = (bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    if cached is None:
+        weakref.finalize(weight, _block_scales_cache.pop, key, None)
+    _block_scales_cache[key] = (sources, versions, scales)
+    return scales
+
+
+def dequantize_nf4(weight, dtype=torch.float32):
+    """The dense ``[n, k]`` matrix of an ``Nf4Weight``, through the loader the GEMMs use.
+
+    For tests and references: the fused kernels never form it.
+    """
+    n, k = weight.shape
+    out = torch.empty(n, k, device=weight.device, dtype=dtype)
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, 64))
+    _nf4_dequantize_kernel[grid](
+        weight.packed, weight.absmax, weight.code, out, n, k, NF4_BLOCKSIZE=weight.blocksize, BLOCK_N=32, BLOCK_K=64
+    )
+    return out
+
+
+def _weight_operands(weight):
+    """The kernel arguments for the frozen W, dense or NF4: ``(W, W_packed, W_absmax, W_code)``,
+    its strides ``(stride_wn, stride_wk)``, and the constexprs."""
+    if isinstance(weight, Nf4Weight):
+        pointers = (None, weight.packed, weight.absmax, weight.code)
+        return pointers, (weight.shape[1], 1), {"HAS_NF4_WEIGHT": True, "NF4_BLOCKSIZE": weight.blocksize}
+    return (weight, None, None, None), weight.stride(), {"HAS_NF4_WEIGHT": False, "NF4_BLOCKSIZE": 1}
 
 
 @functools.lru_cache(maxsize=None)
@@ -447,6 +604,10 @@ class FusedLoraFunction(torch.autograd.Function):
 
     W is frozen: no dW is formed. Saved for backward: X, S and the seed (D is regenerated);
     for DoRA also g, and Y if m trains. W, bias, A, B and m are parameters, saved by reference.
+
+    W may be an ``Nf4Weight`` (QLoRA, LoRA only): the formulas are those above with W the
+    dequantised weight, which _lora_fwd and _lora_grad_x form tile by tile in registers. The
+    record is kept on ctx: its tensors are frozen buffers, not autograd inputs.
     """
 
     @staticmethod
@@ -457,6 +618,7 @@ class FusedLoraFunction(torch.autograd.Function):
         dropout = {"seed": seed, "p": float(dropout_p), "keep_scale": _keep_scale(dropout_p)}
         is_dora = magnitude is not None
         column_scale = magnitude.float() / dora_row_norm(weight, lora_a, lora_b, scale) if is_dora else None
+        weight_pointers, weight_strides, weight_meta = _weight_operands(weight)
         s = torch.empty(T, r, device=x.device, dtype=x.dtype)
         y = torch.empty(T, n, device=x.device, dtype=x.dtype)
         if T > 0:
@@ -466,18 +628,23 @@ class FusedLoraFunction(torch.autograd.Function):
                 **dropout, HAS_DROPOUT=dropout_p > 0, **meta,
             )  # fmt: skip
             _lora_fwd[lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n, m["BLOCK_N"]),)](
-                x, weight, s, lora_b, bias, column_scale, y, T, n, k, r, bucket,
-                *x.stride(), *weight.stride(), *lora_b.stride(), float(scale),
-                HAS_BIAS=bias is not None, HAS_COLUMN_SCALE=is_dora, **meta,
+                x, *weight_pointers, s, lora_b, bias, column_scale, y, T, n, k, r, bucket,
+                *x.stride(), *weight_strides, *lora_b.stride(), float(scale),
+                HAS_BIAS=bias is not None, HAS_COLUMN_SCALE=is_dora, **weight_meta, **meta,
             )  # fmt: skip
         y_for_dm = y if ctx.needs_input_grad[5] else None
-        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, s, magnitude, column_scale, y_for_dm)
+        quantized = isinstance(weight, Nf4Weight)
+        dense_weight = None if quantized else weight
+        ctx.save_for_backward(x, dense_weight, bias, lora_a, lora_b, s, magnitude, column_scale, y_for_dm)
+        ctx.nf4_weight = weight if quantized else None
         ctx.scale, ctx.dropout = float(scale), dropout
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, bias, lora_a, lora_b, s, magnitude, column_scale, y = ctx.saved_tensors
+        if ctx.nf4_weight is not None:
+            weight = ctx.nf4_weight
         need_x, _, need_bias, need_a, need_b, need_magnitude = ctx.needs_input_grad[:6]
         T, k = x.shape
         n, r = lora_b.shape
@@ -510,10 +677,12 @@ class FusedLoraFunction(torch.autograd.Function):
                     **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, **meta,
                 )  # fmt: skip
             if need_x:
+                weight_pointers, weight_strides, weight_meta = _weight_operands(weight)
                 _lora_grad_x[lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(k, m["BLOCK_K"]),)](
-                    g, weight, ds, lora_a, column_scale, dx, T, n, k, r, bucket,
-                    *g.stride(), *weight.stride(), *lora_a.stride(),
-                    **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, HAS_COLUMN_SCALE=has_column_scale, **meta,
+                    g, *weight_pointers, ds, lora_a, column_scale, dx, T, n, k, r, bucket,
+                    *g.stride(), *weight_strides, *lora_a.stride(),
+                    **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, HAS_COLUMN_SCALE=has_column_scale,
+                    **weight_meta, **meta,
                 )  # fmt: skip
         grad_a = da.to(lora_a.dtype) if need_a else None
         grad_b = db.to(lora_b.dtype) if need_b else None
@@ -529,7 +698,9 @@ def fused_lora_linear(
     DoRA: ``(m / ‖W + scale·BA‖) ⊙ (x Wᵀ + scale · x Aᵀ Bᵀ) + bias``, the norm per output row.
 
     :param x: ``[..., k]`` activations (leading dimensions are flattened into tokens).
-    :param weight: the base weight ``[n, k]``, frozen: no gradient is computed for it.
+    :param weight: the base weight ``[n, k]``, frozen: no gradient is computed for it. A tensor,
+        or an ``Nf4Weight`` (QLoRA: ``nf4_weight(linear4bit.weight)``), dequantised inside the
+        GEMMs to x's dtype; not with ``magnitude`` (DoRA's norm needs the dense W).
     :param bias: ``[n]`` or ``None``.
     :param lora_a: ``[r, k]``, ``r <= 128``.
     :param lora_b: ``[n, r]``.
@@ -542,7 +713,8 @@ def fused_lora_linear(
     :param magnitude: DoRA's magnitude ``[n]``, or ``None`` for LoRA. It may stay in fp32
         whatever the dtype of the rest (PEFT keeps it so); the norm and m / norm are fp32.
     :return: ``[..., n]``, in x's dtype. All tensors share one device and one dtype (fp32,
-        fp16 or bf16), ``magnitude`` excepted; CPU tensors need ``TRITON_INTERPRET=1``.
+        fp16 or bf16), ``magnitude`` and an NF4 weight excepted; CPU tensors need
+        ``TRITON_INTERPRET=1``.
     """
     k = x.shape[-1]
     r = lora_a.shape[0]
@@ -561,7 +733,10 @@ def fused_lora_linear(
 
 def _check(x, weight, bias, lora_a, lora_b, magnitude, k, n, r):
     problems = []
-    if weight.requires_grad and torch.is_grad_enabled():
+    quantized = isinstance(weight, Nf4Weight)
+    if quantized:
+        problems += _nf4_problems(weight, magnitude)
+    elif weight.requires_grad and torch.is_grad_enabled():
         problems.append("weight must be frozen (requires_grad=False): dW is never computed")
     expected = {
         "weight": (weight, (n, k)),
@@ -575,15 +750,37 @@ def _check(x, weight, bias, lora_a, lora_b, magnitude, k, n, r):
             problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
     if not 1 <= r <= MAX_RANK:
         problems.append(f"rank {r} is outside 1..{MAX_RANK}")
-    tensors = [t for t in (x, weight, bias, lora_a, lora_b) if t is not None]
+    tensors = [t for t in (x, None if quantized else weight, bias, lora_a, lora_b) if t is not None]
     if x.dtype not in SUPPORTED_DTYPES:
         problems.append(f"dtype {x.dtype} is not one of fp32, fp16, bf16")
     if any(t.dtype != x.dtype for t in tensors):
         dtypes = ", ".join(str(t.dtype) for t in tensors)
         problems.append(f"dtypes differ ({dtypes}): cast to one dtype first")
-    if any(t.device != x.device for t in tensors) or (magnitude is not None and magnitude.device != x.device):
+    nf4_tensors = [weight.packed, weight.absmax, weight.code] if quantized else []  # dtypes: _nf4_problems
+    on_devices = tensors + nf4_tensors + ([] if magnitude is None else [magnitude])
+    if any(t.device != x.device for t in on_devices):
         problems.append("tensors are on different devices")
     if x.device.type == "cpu" and not INTERPRETED:
         problems.append("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before this module is imported")
     if problems:
         raise ValueError("fused_lora_linear: " + "; ".join(problems))
+
+
+def _nf4_problems(weight, magnitude):
+    n, k = weight.shape
+    blocksize = weight.blocksize
+    problems = []
+    if magnitude is not None:
+        problems.append("DoRA (magnitude given) needs a dense weight: its row norms read W")
+    if blocksize < 2 or blocksize % 2:
+        return problems + [f"NF4 blocksize {blocksize} is not even"]  # _load_nf4 relies on it
+    expected = {
+        "packed": (torch.uint8, triton.cdiv(n * k, 2)),
+        "absmax": (torch.float32, triton.cdiv(n * k, blocksize)),
+        "code": (torch.float32, 16),
+    }
+    for name, (dtype, numel) in expected.items():
+        tensor = getattr(weight, name)
+        if tensor.dtype != dtype or tensor.numel() != numel:
+            problems.append(f"NF4 {name} is {tensor.numel()} x {tensor.dtype}, expected {numel} x {dtype}")
+    return problems
