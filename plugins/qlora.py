@@ -113,11 +113,42 @@ def ftengine_quantize_model(model, config):
             [f"qlora: {type(model).__name__} has no torch.nn.Linear layer besides the output head to quantise; "
              f"use --plugin lora without qlora"]
         )
+    if device.type == "cpu":
+        _refuse_widths_misread_on_cpu(targets, config.qlora.blocksize)
     for name, linear in targets:
         _replace(model, name, quantize_linear(linear, config.qlora, dtype))
     if device.type == "cpu":
         _release_checkpoint_mapping(model)
     return True
+
+
+def _misread_on_cpu(in_features, blocksize):
+    """Whether bitsandbytes' CPU dequantisation reads this width with the wrong block scales.
+
+    Seen in bitsandbytes 0.50.2: a row-major weight whose input width is a multiple of 16 but
+    not of the blocksize dequantises with the scales of the wrong blocks (at width 32 and
+    blocksize 64, every row gets block 0's), so the base model is silently wrong. Its quantiser
+    and its other dequantisation paths use the flat layout and are right.
+    """
+    return in_features % 16 == 0 and in_features % blocksize != 0
+
+
+def _refuse_widths_misread_on_cpu(targets, blocksize):
+    misread = [(name, linear.in_features) for name, linear in targets if _misread_on_cpu(linear.in_features, blocksize)]
+    if not misread:
+        return
+    import bitsandbytes
+
+    named = ", ".join(f"{name} (in_features {width})" for name, width in misread[:3])
+    if len(misread) > 3:
+        named += f" and {len(misread) - 3} more"
+    safe = [size for size in BLOCKSIZES if not any(_misread_on_cpu(linear.in_features, size) for _, linear in targets)]
+    fix = f"use -o qlora.blocksize={max(safe)} (it divides every such width)" if safe else "train on CUDA"
+    raise ConfigError(
+        [f"qlora.blocksize: {blocksize} does not divide the input width of {named}; bitsandbytes "
+         f"{bitsandbytes.__version__} dequantises such layers on CPU with the wrong block scales. {fix}; "
+         f"see docs/qlora.md"]
+    )  # fmt: skip
 
 
 def _release_checkpoint_mapping(model):

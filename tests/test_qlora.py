@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 from bitsandbytes.nn import Linear4bit
 from safetensors import safe_open
 
@@ -22,7 +23,7 @@ from ftengine.inference import load_for_inference, merge_adapter
 from ftengine.loop import build, configure, train
 from ftengine.plugins import qlora
 from ftengine.plugins.lora.layer import dense_weight, lora_layers
-from ftengine.testing import save_tiny_model, sft_rows, write_jsonl
+from ftengine.testing import save_tiny_model, sft_rows, tiny_model, write_jsonl
 
 # Our adapter on our 4-bit base against PEFT's on transformers' 4-bit base: both quantise the
 # same fp32 weights with the same kernel (identical packed bytes) and dequantise to fp32 before
@@ -249,12 +250,13 @@ def test_dora_on_4bit_base_trains_and_merges(workdir):
 
 class TestQloraContract(AdapterContract):
     plugins = ["lora", "qlora"]
+    overrides = {"qlora": {"blocksize": 32}}  # the shared tiny model is 32 wide: see test_cpu_misread_widths_*
     atol = MERGE_ATOL  # merged (one dense matmul) vs unmerged (4-bit base + LoRA branch)
 
     def base_model(self, model_dir):
         """The 4-bit base without adapters: what the adapter must leave unchanged."""
         model = super().base_model(model_dir)
-        qlora.ftengine_quantize_model(model, SimpleNamespace(qlora=qlora.QloraOptions()))
+        qlora.ftengine_quantize_model(model, SimpleNamespace(qlora=qlora.QloraOptions(**self.overrides["qlora"])))
         return model
 
     def test_unmerge_restores_the_base_weights(self, run):
@@ -288,6 +290,32 @@ def test_qlora_with_full_is_a_conflict(workdir):
 def test_unsupported_blocksize_is_a_config_error(workdir):
     with pytest.raises(ConfigError, match=r"qlora.blocksize: bitsandbytes supports blocksizes 32, 64, .*4096 \(got 48\)"):
         configure(None, ["lora", "qlora"], overrides(workdir, "out", "qlora.blocksize=48"))
+
+
+def test_cpu_misread_widths_are_refused_naming_the_layer_and_a_blocksize_that_works():
+    model = tiny_model(hidden_size=32)  # input widths 32 and 64: blocksize 64 does not divide 32
+    with pytest.raises(ConfigError) as error:
+        qlora.ftengine_quantize_model(model, SimpleNamespace(qlora=qlora.QloraOptions(blocksize=64)))
+    message = str(error.value)
+    assert "model.layers.0.self_attn.q_proj (in_features 32)" in message
+    assert "and 9 more" in message  # q, k, v, o, gate, up (width 32; down is 64) in each of 2 layers
+    assert "use -o qlora.blocksize=32 (it divides every such width)" in message
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear), "nothing was quantised"
+    qlora.ftengine_quantize_model(model, SimpleNamespace(qlora=qlora.QloraOptions(blocksize=32)))
+
+
+def test_bitsandbytes_cpu_dequantisation_still_misreads_those_widths():
+    """The reason for the refusal above. When this fails, bitsandbytes has fixed its CPU
+    dequantisation: drop ``qlora._refuse_widths_misread_on_cpu`` and this test."""
+    import bitsandbytes.functional as bnb
+
+    weight = torch.randn(8, 32) * torch.arange(1, 9)[:, None]  # each row its own scale
+    packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    flat_packed, flat_state = bnb.quantize_4bit(weight.reshape(-1), blocksize=64, quant_type="nf4")
+    row_major = bnb.dequantize_4bit(packed, state)
+    flat = bnb.dequantize_4bit(flat_packed, flat_state).reshape(8, 32)
+    assert (flat - weight).abs().max() < 0.2 * weight.abs().max()  # NF4 error, relative
+    assert not torch.allclose(row_major, flat), "fixed upstream: see the docstring"
 
 
 def test_missing_bitsandbytes_says_how_to_install_it(workdir, monkeypatch):
