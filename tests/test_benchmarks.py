@@ -54,7 +54,8 @@ def test_fused_lora_end_to_end_benchmark_runs_all_three_setups(tmp_path):
 
 def test_every_fused_lora_kernel_compiles_for_the_h100(tmp_path):
     """The interpreter does not catch what only the GPU compiler rejects; Triton compiles for a
-    named target without a GPU, down to a cubin through its own ptxas."""
+    named target without a GPU, down to a cubin through its own ptxas. Every kernel, in each
+    variant the plugin launches (LoRA, DoRA, NF4 base)."""
     out = tmp_path / "resources.json"
     script = BENCH_FUSED_LORA.parent / "compile_fused_lora.py"
     command = [sys.executable, str(script), "--quick", "--arch", "90", "--dtype", "bf16", "fp32", "--rank", "64"]
@@ -64,5 +65,8 @@ def test_every_fused_lora_kernel_compiles_for_the_h100(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     kernels = {row["kernel"] for row in rows}
     assert {"_lora_down", "_lora_fwd", "_lora_grad_sb", "_lora_grad_a", "_lora_grad_x"} <= kernels
-    assert len(rows) == len(kernels) * 2 * 2  # two dtypes, flags off and on
+    compiled = {(row["kernel"], row["variant"], row["dtype"]) for row in rows}
+    for dtype in ("bf16", "fp32"):
+        assert {(kernel, "lora", dtype) for kernel in kernels} <= compiled
+        assert {("_lora_fwd", "dora", dtype), ("_lora_fwd", "nf4", dtype), ("_lora_grad_x", "nf4", dtype)} <= compiled
     assert all(row["registers"] > 0 for row in rows)

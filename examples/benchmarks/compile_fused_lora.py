@@ -6,7 +6,7 @@
 
 Triton compiles ahead of time for a named target (``GPUTarget``) down to a cubin with the
 ``ptxas`` it ships, so a machine with no GPU can still prove that each kernel compiles for each
-dtype, flag setting and autotune config, and read off what ``ptxas`` reports: registers per
+dtype, variant (LoRA, DoRA, NF4 base) and autotune config, and read off what ``ptxas`` reports: registers per
 thread, spill stores and shared memory. Configs that spill or do not fit the shared memory of a
 block are worth pruning; none of this measures speed.
 
@@ -74,10 +74,25 @@ def signature(fn, dtype, constexprs):
     return types
 
 
+# The flag settings the plugin launches: LoRA with dropout and bias, DoRA (no dropout), and
+# LoRA with dropout on an NF4 base. A kernel without a flag ignores it.
+VARIANTS = {
+    "lora": {"HAS_DROPOUT": True, "HAS_COLUMN_SCALE": False, "HAS_GY": False, "HAS_NF4_WEIGHT": False},
+    "dora": {"HAS_DROPOUT": False, "HAS_COLUMN_SCALE": True, "HAS_GY": True, "HAS_NF4_WEIGHT": False},
+    "nf4": {"HAS_DROPOUT": True, "HAS_COLUMN_SCALE": False, "HAS_GY": False, "HAS_NF4_WEIGHT": True},
+}
+
+
 def flag_settings(fn):
-    """The kernel's HAS_* flags all off, then all on (the most registers)."""
+    """``{variant: flags}`` for the variants that set this kernel's HAS_* flags differently;
+    flags no variant names (bias, dbias) are on."""
     flags = [name for name in fn.arg_names if name.startswith("HAS_")]
-    return [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
+    settings = {}
+    for variant, chosen in VARIANTS.items():
+        setting = {flag: chosen.get(flag, True) for flag in flags}
+        if setting not in settings.values():
+            settings[variant] = setting
+    return settings
 
 
 def compile_one(fn, dtype, config, flags, arch, rank):
@@ -124,23 +139,23 @@ def main():
 
     rows = []
     started = time.perf_counter()
-    header = f"{'kernel':<14} {'sm':>3} {'dtype':<5} {'r':>3} {'T x N x K':>11} {'w':>2} {'st':>2} {'flags':<5} "
+    header = f"{'kernel':<14} {'sm':>3} {'dtype':<5} {'r':>3} {'T x N x K':>11} {'w':>2} {'st':>2} {'variant':<7} "
     print(header + f"{'regs':>4} {'spill B':>7} {'shared KiB':>10}")
     for (name, fn, configs), arch, dtype, rank in itertools.product(kernels(), args.arch, args.dtype, args.rank):
         for config in configs[:1] if args.quick else configs:
-            for flags in flag_settings(fn):
+            for variant, flags in flag_settings(fn).items():
                 shared, report = compile_one(fn, dtype, config, flags, arch, rank)
                 meta = config.kwargs
                 tile = f"{meta['BLOCK_T']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
                 row = {"kernel": name, "arch": arch, "dtype": dtype, "rank": rank, "tile": tile, "num_warps": config.num_warps,
-                       "num_stages": config.num_stages, "flags": "on" if any(flags.values()) else "off",
+                       "num_stages": config.num_stages, "variant": variant,
                        "shared_bytes": shared, **report}  # fmt: skip
                 row["fits"] = shared <= SHARED_LIMIT.get(arch, 48 * 1024)
                 rows.append(row)
                 note = "" if row["fits"] else "  too much shared memory: never launches"
                 print(
                     f"{name:<14} {arch:>3} {dtype:<5} {rank:>3} {tile:>11} {config.num_warps:>2} {config.num_stages:>2} "
-                    f"{row['flags']:<5} {report['registers']:>4} {report['spill_stores']:>7} {shared / 1024:>10.1f}{note}"
+                    f"{variant:<7} {report['registers']:>4} {report['spill_stores']:>7} {shared / 1024:>10.1f}{note}"
                 )
     spilling = sum(row["spill_stores"] > 0 for row in rows)
     print(f"{len(rows)} kernels compiled in {time.perf_counter() - started:.0f} s; {spilling} spill registers")
