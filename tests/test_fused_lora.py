@@ -66,6 +66,19 @@ def assert_close(got, want, dtype, what):
     assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
 
 
+def fp64_leaves(inputs):
+    """The reference's inputs: the same (already rounded) values in fp64, as fresh leaves."""
+    return {name: t if t is None else t.detach().double().requires_grad_(t.requires_grad) for name, t in inputs.items()}
+
+
+def assert_outputs_and_grads_close(y, y_ref, inputs, ref, names, dtype):
+    """The output, and the gradient of each named input that is present, within tolerance."""
+    assert_close(y, y_ref, dtype, "output")
+    for name in names:
+        if inputs[name] is not None:
+            assert_close(inputs[name].grad, ref[name].grad, dtype, f"grad of {name}")
+
+
 @pytest.mark.parametrize(
     "T, k, n, r, p, bias, dtype",
     [
@@ -90,15 +103,12 @@ def test_matches_eager_reference(T, k, n, r, p, bias, dtype):
     if p > 0:
         assert 0 < (mask == 0).float().mean() < 1, "dropout dropped nothing or everything"
     # Reference in fp64 from the same (rounded) inputs and the same mask.
-    ref = {name: t if t is None else t.detach().double().requires_grad_(t.requires_grad) for name, t in fused.items()}
+    ref = fp64_leaves(fused)
     y_ref = eager_lora(**ref, scale=scale, mask=mask.double())
     y_ref.backward(grad.double())
 
     assert y.dtype == dtype and y.shape == (T, n)
-    assert_close(y, y_ref, dtype, "output")
-    for name in ("x", "lora_a", "lora_b", "bias"):
-        if fused[name] is not None:
-            assert_close(fused[name].grad, ref[name].grad, dtype, f"grad of {name}")
+    assert_outputs_and_grads_close(y, y_ref, fused, ref, ("x", "lora_a", "lora_b", "bias"), dtype)
     assert fused["weight"].grad is None
 
 
@@ -170,15 +180,12 @@ def test_dora_matches_eager_reference(T, k, n, r, bias, dtype):
     grad = torch.randn(T, n, generator=torch.Generator().manual_seed(1)).to(dtype)
     y.backward(grad)
 
-    ref = {name: t if t is None else t.detach().double().requires_grad_(t.requires_grad) for name, t in fused.items()}
+    ref = fp64_leaves(fused)
     y_ref = eager_dora(**ref, scale=scale)
     y_ref.backward(grad.double())
 
     assert y.dtype == dtype and y.shape == (T, n)
-    assert_close(y, y_ref, dtype, "output")
-    for name in ("x", "lora_a", "lora_b", "magnitude", "bias"):
-        if fused[name] is not None:
-            assert_close(fused[name].grad, ref[name].grad, dtype, f"grad of {name}")
+    assert_outputs_and_grads_close(y, y_ref, fused, ref, ("x", "lora_a", "lora_b", "magnitude", "bias"), dtype)
     assert fused["magnitude"].grad.dtype == torch.float32
     assert fused["weight"].grad is None
 
@@ -511,16 +518,13 @@ def test_nf4_base_matches_eager_reference(T, k, n, r, p, bias, dtype):
     grad = torch.randn(T, n, generator=torch.Generator().manual_seed(1)).to(dtype)
     y.backward(grad)
 
-    ref = {name: t if t is None else t.detach().double().requires_grad_(t.requires_grad) for name, t in fused.items()}
+    ref = fp64_leaves(fused)
     ref["weight"] = bnb_weight(base).to(dtype).double()
     y_ref = eager_lora(**ref, scale=scale, mask=dropout_mask((T, k), p, SEED).double())
     y_ref.backward(grad.double())
 
     assert y.dtype == dtype and y.shape == (T, n)
-    assert_close(y, y_ref, dtype, "output")
-    for name in ("x", "lora_a", "lora_b", "bias"):
-        if fused[name] is not None:
-            assert_close(fused[name].grad, ref[name].grad, dtype, f"grad of {name}")
+    assert_outputs_and_grads_close(y, y_ref, fused, ref, ("x", "lora_a", "lora_b", "bias"), dtype)
 
 
 def test_nf4_base_refuses_dora_and_a_malformed_weight():

@@ -305,8 +305,7 @@ def e2e_goals(rows, variant):
 
 def print_goals(goals, smoke):
     for goal in goals:
-        verdict = {True: "met", False: "NOT MET", None: ""}[goal["met"]]
-        verdict = "(smoke run: not meaningful)" if smoke else verdict
+        verdict = "(smoke run: not meaningful)" if smoke else {True: "met", False: "NOT MET", None: ""}[goal["met"]]
         print(f"goal: {goal['goal']}: {goal['value']:.2f} {verdict}")
 
 

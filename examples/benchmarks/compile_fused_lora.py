@@ -37,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from ftengine.plugins.fused_lora import kernel  # noqa: E402
 
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+DTYPES = ("bf16", "fp16", "fp32")  # Triton's names
 INT_ARGS = {"T", "n", "k", "r", "T_BUCKET", "seed"}
 FLOAT_ARGS = {"scale", "p", "keep_scale"}
 FP32_BUFFERS = {"dS", "dB", "dbias", "dA", "GY", "M", "column_scale", "W_absmax", "W_code"}
@@ -70,7 +70,7 @@ def signature(fn, dtype, constexprs):
         elif name in UINT8_BUFFERS:
             types[name] = "*u8"
         else:
-            types[name] = "*fp32" if name in FP32_BUFFERS else "*" + DTYPES[dtype]
+            types[name] = "*fp32" if name in FP32_BUFFERS else "*" + dtype
     return types
 
 
@@ -131,7 +131,7 @@ def ptxas_report(ptx, arch):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="sm versions, e.g. 80 90")
-    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--rank", type=int, nargs="+", default=[16, 64], help="LoRA ranks r")
     parser.add_argument("--quick", action="store_true", help="only the first autotune config of each kernel")
     parser.add_argument("--json", help="write the rows to this file")
