@@ -100,6 +100,26 @@ def sft_rows(n=16, seed=0):
     return rows
 
 
+def greedy_without_cache(model, input_ids, max_new_tokens):
+    """Greedy continuation of each row of ``input_ids`` (no padding), by full forward passes
+    without a KV cache: the argmax of the last position, one token at a time.
+
+    A reference that no library's cache or position handling can change: compare a model's
+    cached ``generate`` with it rather than with another library's ``generate``.
+    """
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for row in input_ids:
+            sequence = row.unsqueeze(0)
+            for _ in range(max_new_tokens):
+                next_token = model(input_ids=sequence).logits[:, -1].argmax(-1, keepdim=True)
+                sequence = torch.cat([sequence, next_token], dim=1)
+            rows.append(sequence[0])
+    return torch.stack(rows)
+
+
 class KillAfter:
     """A plugin that interrupts training after step ``step``, as if the process were killed:
     ``pm.register(KillAfter(3))``, then ``pytest.raises(KeyboardInterrupt)`` around ``train``."""

@@ -6,15 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from ftengine.adapter_contract import AdapterContract
 from ftengine.errors import AdapterError, ConfigError, PluginError
 from ftengine.inference import load_for_inference
 from ftengine.loop import build, configure, save, train
 from ftengine.plugins.prompt_tuning import PromptTuningModel
-from ftengine.testing import sft_rows, tiny_model, write_jsonl
+from ftengine.testing import greedy_without_cache, sft_rows, tiny_model, write_jsonl
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 VIRTUAL = 4
 
@@ -25,7 +24,9 @@ class TestPromptTuningContract(AdapterContract):
     supports_merge = False
 
     def test_output_at_initialisation_equals_base(self, run, base_logits):
-        pytest.skip("prompt tuning: the virtual tokens change the output from the first step; see test_disabled_at_initialisation_equals_base")
+        pytest.skip(
+            "prompt tuning: the virtual tokens change the output from the first step; see test_disabled_at_initialisation_equals_base"
+        )
 
     def test_disabled_at_initialisation_equals_base(self, run, base_logits):
         run.pm.hook.ftengine_set_active_adapter(model=run.model, name=None)
@@ -33,7 +34,11 @@ class TestPromptTuningContract(AdapterContract):
 
 
 def build_run(model_dir, tmp_path, plugins=("prompt_tuning",), **options):
-    overrides = [f"model={model_dir}", f"data.train={write_jsonl(tmp_path / 'train.jsonl', sft_rows(8))}", f"output_dir={tmp_path / 'out'}"]
+    overrides = [
+        f"model={model_dir}",
+        f"data.train={write_jsonl(tmp_path / 'train.jsonl', sft_rows(8))}",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     overrides += [f"prompt_tuning.{k}={v}" for k, v in {"num_virtual_tokens": VIRTUAL, **options}.items()]
     config, pm = configure(None, list(plugins), overrides)
     model, tokenizer, info = build(config, pm)
@@ -80,9 +85,12 @@ def test_text_init_equals_peft(tiny_model_dir, tmp_path):
     for init_text in (text, "ab"):
         ours = build_run(tiny_model_dir, tmp_path, init="text", init_text=init_text)
         peft_config = PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL, prompt_tuning_init="TEXT",
-            prompt_tuning_init_text=init_text, tokenizer_name_or_path=str(tiny_model_dir),
-        )  # fmt: skip
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=VIRTUAL,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=init_text,
+            tokenizer_name_or_path=str(tiny_model_dir),
+        )
         theirs = get_peft_model(tiny_model(), peft_config)
         expected = theirs.prompt_encoder["default"].embedding.weight
         torch.testing.assert_close(ours.model.prompt_embeddings["default"], expected, rtol=0, atol=0)
@@ -129,12 +137,9 @@ def test_generate_with_cache_and_left_padding_equals_greedy_forward(tiny_model_d
     with torch.no_grad():
         batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=256)
         assert torch.equal(batched[:, : ids.shape[1]], ids)
-        for row, generated in zip(rows, batched):
-            sequence = torch.tensor([row])
-            for _ in range(new):  # no cache, no padding: the reference
-                next_token = model(input_ids=sequence).logits[:, -1].argmax(-1, keepdim=True)
-                sequence = torch.cat([sequence, next_token], dim=1)
-            assert generated[-new:].tolist() == sequence[0, -new:].tolist()
+    for row, generated in zip(rows, batched):
+        expected = greedy_without_cache(model, torch.tensor([row]), new)  # no cache, no padding
+        assert generated[-new:].tolist() == expected[0, -new:].tolist()
 
 
 def test_runs_over_a_4bit_base():
@@ -164,7 +169,9 @@ def peft_adapter(tiny_model_dir, tmp_path_factory):
     from peft import PromptTuningConfig, get_peft_model
 
     torch.manual_seed(3)
-    model = get_peft_model(tiny_model(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL, prompt_tuning_init="SAMPLE_VOCAB"))
+    model = get_peft_model(
+        tiny_model(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL, prompt_tuning_init="SAMPLE_VOCAB")
+    )
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.add_(0.1 * torch.randn(VIRTUAL, 32))
     path = tmp_path_factory.mktemp("peft-prompt")
@@ -201,8 +208,31 @@ def test_peft_loads_ours_with_identical_logits(tiny_model_dir, tmp_path):
         # Labels too: the virtual positions are ignored, the first real token is scored (as PEFT).
         labelled = {**inputs, "labels": inputs["input_ids"]}
         torch.testing.assert_close(run.model(**labelled).loss, theirs(**labelled).loss, rtol=0, atol=1e-6)
-        expected = theirs.generate(**inputs, max_new_tokens=4, do_sample=False)
-        assert torch.equal(run.model.generate(**inputs, max_new_tokens=4, do_sample=False), expected)
+        ours = run.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    # Generation is compared with greedy decoding by full forward passes (no KV cache), for our
+    # model and for PEFT's: a reference no library's cache handling can move.
+    reference = greedy_without_cache(theirs, inputs["input_ids"], 4)
+    assert torch.equal(greedy_without_cache(run.model, inputs["input_ids"], 4), reference)
+    assert torch.equal(ours, reference)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known upstream difference (peft 0.21.2, transformers 5.24.0): PEFT's cached generate for "
+    "PROMPT_TUNING ignores position ids and diverges from its own no-cache greedy decoding from the "
+    "second new token on; this xfail turns into a failure when upstream changes",
+)
+def test_peft_cached_generate_equals_its_no_cache_greedy_decoding(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    run = build_run(tiny_model_dir, tmp_path, init="text", init_text="Reverse")
+    AdapterContract.perturb(run)
+    saved = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "saved")
+    inputs = AdapterContract.inputs()
+    theirs = PeftModel.from_pretrained(tiny_model(), saved).eval()
+    with torch.no_grad():
+        cached = theirs.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(cached, greedy_without_cache(theirs, inputs["input_ids"], 4))
 
 
 def test_we_load_peft_with_identical_logits(tiny_model_dir, peft_adapter):
@@ -239,7 +269,12 @@ def test_merging_a_prompt_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_training_lowers_the_loss_and_trains_only_the_prompt(run_overrides, tmp_path):
-    overrides = run_overrides + ["train.max_steps=12", "train.lr=0.05", "prompt_tuning.num_virtual_tokens=8", "prompt_tuning.init=sample_vocab"]
+    overrides = run_overrides + [
+        "train.max_steps=12",
+        "train.lr=0.05",
+        "prompt_tuning.num_virtual_tokens=8",
+        "prompt_tuning.init=sample_vocab",
+    ]
     config, pm = configure(None, ["prompt_tuning"], overrides)
     summary = train(config, pm, eval_before=True)
     assert summary["build"]["trainable"] == ["prompt_embeddings.default"]
