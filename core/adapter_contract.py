@@ -89,7 +89,9 @@ class AdapterContract:
 
     def skip_unless_merge(self):
         if not self.supports_merge:
-            pytest.skip(f"{type(self).__name__}.supports_merge is False: plugins {list(self.plugins)} do not fold their adapter into the base weights")
+            pytest.skip(
+                f"{type(self).__name__}.supports_merge is False: plugins {list(self.plugins)} do not fold their adapter into the base weights"
+            )
 
     @pytest.fixture
     def run(self, tiny_model_dir, tmp_path):
@@ -134,7 +136,9 @@ class AdapterContract:
         saved = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "saved")
 
         fresh = self.build(tiny_model_dir, tmp_path / "fresh")
-        model = fresh.pm.hook.ftengine_load_adapter(model=fresh.model, path=saved, name="loaded", config=fresh.config, pluginmanager=fresh.pm)
+        model = fresh.pm.hook.ftengine_load_adapter(
+            model=fresh.model, path=saved, name="loaded", config=fresh.config, pluginmanager=fresh.pm
+        )
         assert model is not None, "no plugin loaded the saved adapter"
         fresh.pm.hook.ftengine_set_active_adapter(model=model, name="loaded")
         assert torch.equal(self.logits(model.eval()), expected)

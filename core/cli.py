@@ -38,10 +38,18 @@ def cli():
 
 @cli.command()
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--plugin", "-p", "plugins", multiple=True, help="Activate a plugin (repeatable): built-in name, entry-point name or module path; no:NAME blocks a default plugin.")
+@click.option(
+    "--plugin",
+    "-p",
+    "plugins",
+    multiple=True,
+    help="Activate a plugin (repeatable): built-in name, entry-point name or module path; no:NAME blocks a default plugin.",
+)
 @click.option("--override", "-o", "overrides", multiple=True, help="Set a config key: -o train.lr=1e-4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output_dir.")
-@click.option("--eval-before/--no-eval-before", default=None, help="Also evaluate before training (default: on for the default job).")
+@click.option(
+    "--eval-before/--no-eval-before", default=None, help="Also evaluate before training (default: on for the default job)."
+)
 def run(config_file, plugins, overrides, resume, eval_before):
     """Train: CONFIG_FILE (YAML) plus --plugin and -o overrides.
 

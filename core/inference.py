@@ -37,7 +37,9 @@ def read_adapter_config(path):
     try:
         config = json.loads(config_path.read_text())
     except OSError as exc:
-        raise AdapterError(f"{config_path}: cannot read the adapter config ({exc.strerror}); is {path} an adapter directory?") from None
+        raise AdapterError(
+            f"{config_path}: cannot read the adapter config ({exc.strerror}); is {path} an adapter directory?"
+        ) from None
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(config, dict):
@@ -50,7 +52,9 @@ def adapter_plugins(path):
     config = read_adapter_config(path)
     peft_type = config.get("peft_type")
     if peft_type not in PLUGIN_FOR_PEFT_TYPE:
-        raise AdapterError(f"{Path(path) / ADAPTER_CONFIG}: peft_type {peft_type!r} is not supported (supported: {', '.join(PLUGIN_FOR_PEFT_TYPE)})")
+        raise AdapterError(
+            f"{Path(path) / ADAPTER_CONFIG}: peft_type {peft_type!r} is not supported (supported: {', '.join(PLUGIN_FOR_PEFT_TYPE)})"
+        )
     return [PLUGIN_FOR_PEFT_TYPE[peft_type], *(plugin for flag, plugin in PLUGIN_FOR_FLAG.items() if config.get(flag))]
 
 
@@ -87,7 +91,10 @@ def generate(model, tokenizer, prompts, max_new_tokens=64):
     """Greedy completions of ``prompts`` (user messages, rendered with the chat template when
     the tokenizer has one), generated as one left-padded batch."""
     if tokenizer.chat_template:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
     else:
         texts = list(prompts)
     padding_side = tokenizer.padding_side
@@ -133,7 +140,9 @@ def merge_adapter(model_name, adapter_dir, out_dir, plugins=()):
 # commands (added to the ``ftengine`` group in cli.py)
 # --------------------------------------------------------------------------------------------
 
-_plugin_option = click.option("--plugin", "-p", "plugins", multiple=True, help="Activate another plugin (repeatable), e.g. qlora.")
+_plugin_option = click.option(
+    "--plugin", "-p", "plugins", multiple=True, help="Activate another plugin (repeatable), e.g. qlora."
+)
 
 
 @click.command()
@@ -159,8 +168,17 @@ def _named_adapters(ctx, param, values):
 
 
 @click.command(name="generate")
-@click.option("--model", default="default", show_default=True, help="Base model: local transformers dir, hub id, .gguf file or 'default'.")
-@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR", callback=_named_adapters, help="Load an adapter under NAME (repeatable).")
+@click.option(
+    "--model", default="default", show_default=True, help="Base model: local transformers dir, hub id, .gguf file or 'default'."
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="NAME=DIR",
+    callback=_named_adapters,
+    help="Load an adapter under NAME (repeatable).",
+)
 @click.option("--use", help="The adapter to generate with (default: the first one).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A user message (repeatable; all run as one batch).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
@@ -168,7 +186,9 @@ def _named_adapters(ctx, param, values):
 def generate_command(model, adapters, use, prompts, max_new_tokens, plugins):
     """Generate greedy completions with a base model and its adapters."""
     if use is not None and use not in adapters:
-        raise click.BadParameter(f"'{use}' is not one of the loaded adapters ({', '.join(adapters) or 'none'})", param_hint="--use")
+        raise click.BadParameter(
+            f"'{use}' is not one of the loaded adapters ({', '.join(adapters) or 'none'})", param_hint="--use"
+        )
     loaded, tokenizer, pm = load_for_inference(model, adapters, plugins)
     if use is not None:
         set_adapter(loaded, pm, use)

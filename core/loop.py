@@ -236,7 +236,9 @@ def train(config, pm, resume=False, eval_before=False):
     if resume:
         latest = checkpoint.checkpoint_dirs(output_dir)
         if not latest:
-            raise FtengineError(f"{output_dir}: --resume given but no complete checkpoint found in {output_dir / checkpoint.CHECKPOINTS}")
+            raise FtengineError(
+                f"{output_dir}: --resume given but no complete checkpoint found in {output_dir / checkpoint.CHECKPOINTS}"
+            )
         record = checkpoint.load_checkpoint(latest[-1], params, optimizer, scheduler)
         state.step, state.tokens_seen = record["step"], record["tokens_seen"]
         _restart_metrics(output_dir / "metrics.jsonl", state.step)
@@ -254,7 +256,9 @@ def train(config, pm, resume=False, eval_before=False):
         model.train()
         while state.step < max_steps:
             started = time.perf_counter()
-            micro = [micro_batch(datasets, config, state.step * config.train.grad_accum + i) for i in range(config.train.grad_accum)]
+            micro = [
+                micro_batch(datasets, config, state.step * config.train.grad_accum + i) for i in range(config.train.grad_accum)
+            ]
             state.epoch = micro[-1][0]
             # Sum losses over all micro-batches, then divide the gradients by the step's total
             # target count: every target token weighs the same whatever batch it fell in.
@@ -283,15 +287,23 @@ def train(config, pm, resume=False, eval_before=False):
             elapsed = time.perf_counter() - started
 
             if state.step % config.train.log_every == 0 or state.step == max_steps:
-                record = {"step": state.step, "epoch": state.epoch, "loss": loss_sum / max(count, 1), "lr": lr,
-                          "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed if elapsed else None,
-                          "step_time_s": elapsed}
+                record = {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss": loss_sum / max(count, 1),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens / elapsed if elapsed else None,
+                    "step_time_s": elapsed,
+                }
                 record.update({k: v / max(count, 1) for k, v in metric_sums.items()})
                 log(state, record, metrics_file)
             if config.train.eval_every and state.step % config.train.eval_every == 0 and state.step < max_steps:
                 log(state, {"step": state.step, **evaluate(model, tokenizer, datasets, state)}, metrics_file)
             if config.train.save_every and state.step % config.train.save_every == 0:
-                checkpoint.save_checkpoint(output_dir, state.step, params, optimizer, scheduler, {"tokens_seen": state.tokens_seen})
+                checkpoint.save_checkpoint(
+                    output_dir, state.step, params, optimizer, scheduler, {"tokens_seen": state.tokens_seen}
+                )
             pm.hook.ftengine_on_step_end(model=model, state=state)
 
         summary["after"] = {"step": state.step, **evaluate(model, tokenizer, datasets, state)}
@@ -314,7 +326,11 @@ def train(config, pm, resume=False, eval_before=False):
 def save(model, tokenizer, config, pm, path):
     """Save the result through the plugins, atomically: ``path`` appears complete or not at all."""
     with checkpoint.atomic_directory(path) as tmp:
-        written = [f for files in pm.hook.ftengine_save_model(model=model, tokenizer=tokenizer, config=config, path=tmp) for f in files or ()]
+        written = [
+            f
+            for files in pm.hook.ftengine_save_model(model=model, tokenizer=tokenizer, config=config, path=tmp)
+            for f in files or ()
+        ]
         if not written:
             raise FtengineError("no plugin saved the result: select a method plugin such as 'lora' or 'full'")
     return path

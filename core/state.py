@@ -1,8 +1,9 @@
 """Small records passed between the core and plugins."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

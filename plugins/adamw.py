@@ -4,7 +4,6 @@ Biases, norms and other vectors get no weight decay, as in nanoGPT/minGPT.
 """
 
 import torch
-
 from ftengine import hookimpl
 
 default = True

@@ -20,10 +20,9 @@ The magnitude is ``LoraLinear.lora_magnitude_vector[name]``, saved as PEFT's
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ftengine import hookimpl
 from ftengine.plugins.lora.layer import dense_weight
+from torch import nn
 
 requires = ("lora",)
 

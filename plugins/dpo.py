@@ -34,17 +34,25 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat
-from safetensors import safe_open
-
 from ftengine import hookimpl
 from ftengine.checkpoint import atomic_save_safetensors
 from ftengine.config import Section
-from ftengine.data import IGNORE_INDEX, load_splits, pad_batch, read_jsonl, render_chat, require_messages, require_str, tokenize_with_mask
+from ftengine.data import (
+    IGNORE_INDEX,
+    load_splits,
+    pad_batch,
+    read_jsonl,
+    render_chat,
+    require_messages,
+    require_str,
+    tokenize_with_mask,
+)
 from ftengine.errors import DataError, FtengineError
 from ftengine.loop import to_device
 from ftengine.pluginmanager import active_names
 from ftengine.state import LossOutput
+from pydantic import Field, PositiveFloat
+from safetensors import safe_open
 
 METHOD_PLUGINS = ("lora", "dora", "qlora", "prompt_tuning", "full")
 REFERENCE_ADAPTER = "dpo_reference"
@@ -107,20 +115,29 @@ def load_preference_file(path, tokenizer, max_length, split):
     examples, truncated, dropped = [], 0, 0
     for row, where in read_jsonl(path):
         prompt, chosen, rejected = pair_messages(row, where)
-        sides = {field: tokenize_response(tokenizer, prompt, response, field, where) for field, response in (("chosen", chosen), ("rejected", rejected))}
+        sides = {
+            field: tokenize_response(tokenizer, prompt, response, field, where)
+            for field, response in (("chosen", chosen), ("rejected", rejected))
+        }
         if any(len(ids) > max_length for ids, _ in sides.values()):
             truncated += 1
             sides = {field: (ids[:max_length], labels[:max_length]) for field, (ids, labels) in sides.items()}
             if any(all(label == IGNORE_INDEX for label in labels) for _, labels in sides.values()):
                 dropped += 1
                 continue
-        examples.append({
-            "chosen_ids": sides["chosen"][0], "chosen_labels": sides["chosen"][1],
-            "rejected_ids": sides["rejected"][0], "rejected_labels": sides["rejected"][1],
-            "index": len(examples), "split": split, "source": where,
-            # A chat row ending with the preferred answer, for generation-based metrics.
-            "row": {"messages": prompt + chosen},
-        })  # fmt: skip
+        examples.append(
+            {
+                "chosen_ids": sides["chosen"][0],
+                "chosen_labels": sides["chosen"][1],
+                "rejected_ids": sides["rejected"][0],
+                "rejected_labels": sides["rejected"][1],
+                "index": len(examples),
+                "split": split,
+                "source": where,
+                # A chat row ending with the preferred answer, for generation-based metrics.
+                "row": {"messages": prompt + chosen},
+            }
+        )
     return examples, {"rows": len(examples) + dropped, "truncated": truncated, "dropped": dropped}
 
 
@@ -273,9 +290,13 @@ def load_reference_adapter(model, state):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     loaded = pm.hook.ftengine_load_adapter(model=model, path=path, name=REFERENCE_ADAPTER, config=config, pluginmanager=pm)
     if loaded is None:
-        raise FtengineError(f"dpo.init_adapter: no active plugin loads the adapter in {path}; activate the plugin that trained it")
+        raise FtengineError(
+            f"dpo.init_adapter: no active plugin loads the adapter in {path}; activate the plugin that trained it"
+        )
     if loaded is not model:
-        raise FtengineError(f"dpo.init_adapter: loading {path} replaced the model; the method plugin must load adapters into the model in place")
+        raise FtengineError(
+            f"dpo.init_adapter: loading {path} replaced the model; the method plugin must load adapters into the model in place"
+        )
     trained = training_adapter_name(config)
     # Loading may make the new adapter the active one; training goes on with the trained one.
     pm.hook.ftengine_set_active_adapter(model=model, name=trained)
@@ -358,7 +379,9 @@ def ftengine_config_section(register):
 def ftengine_validate(config, active):
     options, problems = config.dpo, []
     if not active & set(METHOD_PLUGINS):
-        problems.append("plugin 'dpo' trains nothing by itself: add a method plugin, e.g. --plugin lora (or qlora, dora, prompt_tuning, full)")
+        problems.append(
+            "plugin 'dpo' trains nothing by itself: add a method plugin, e.g. --plugin lora (or qlora, dora, prompt_tuning, full)"
+        )
     if options.label_smoothing and options.loss_type not in SMOOTHED_LOSSES:
         problems.append(
             f"dpo.label_smoothing: the '{options.loss_type}' loss has no label smoothing; "
@@ -366,9 +389,13 @@ def ftengine_validate(config, active):
         )
     if options.init_adapter is not None:
         if "full" in active:
-            problems.append("dpo.init_adapter: full fine-tuning has no adapter to start from; set model: to the SFT model directory instead")
+            problems.append(
+                "dpo.init_adapter: full fine-tuning has no adapter to start from; set model: to the SFT model directory instead"
+            )
         elif not (Path(options.init_adapter) / "adapter_config.json").is_file():
-            problems.append(f"dpo.init_adapter: {options.init_adapter} holds no adapter_config.json; point it at a saved adapter (e.g. <sft output_dir>/final)")
+            problems.append(
+                f"dpo.init_adapter: {options.init_adapter} holds no adapter_config.json; point it at a saved adapter (e.g. <sft output_dir>/final)"
+            )
     return problems
 
 

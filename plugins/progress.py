@@ -3,10 +3,9 @@
 When stderr is not a terminal (CI, logs piped to a file) it prints one line per record instead.
 """
 
+from ftengine import hookimpl
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from ftengine import hookimpl
 
 default = True
 
@@ -35,8 +34,13 @@ def ftengine_on_train_start(model, datasets, state):
     if not _console.is_terminal:
         return
     progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=_console,
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=_console,
     )
     progress.start()
     _progress["bar"] = progress

@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt
-from safetensors import safe_open
-from torch import nn
-
 from ftengine import hookimpl
 from ftengine.checkpoint import atomic_save_safetensors, atomic_write_text
 from ftengine.config import Section
 from ftengine.data import IGNORE_INDEX
 from ftengine.errors import AdapterError
+from pydantic import Field, PositiveInt
+from safetensors import safe_open
+from torch import nn
 
 # Both lora and prompt tuning write the adapter_config.json of a run: one adapter per run.
 conflicts = ("full", "lora")
@@ -217,9 +216,13 @@ def ftengine_config_section(register):
 def ftengine_validate(config, active):
     options = config.prompt_tuning
     if options.init == "text" and not (options.init_text or "").strip():
-        return ["prompt_tuning.init_text: init is 'text' but no text is given: set prompt_tuning.init_text, or use init: sample_vocab"]
+        return [
+            "prompt_tuning.init_text: init is 'text' but no text is given: set prompt_tuning.init_text, or use init: sample_vocab"
+        ]
     if options.init != "text" and options.init_text is not None:
-        return [f"prompt_tuning.init_text is only used with init: text (init is '{options.init}'): set init: text or remove init_text"]
+        return [
+            f"prompt_tuning.init_text is only used with init: text (init is '{options.init}'): set init: text or remove init_text"
+        ]
     return []
 
 
@@ -267,7 +270,9 @@ def read_adapter(path):
     if adapter_config.get("peft_type") != "PROMPT_TUNING":
         return None
     if adapter_config.get("task_type") != "CAUSAL_LM":
-        raise AdapterError(f"{config_file}: task_type is {adapter_config.get('task_type')!r}; only CAUSAL_LM prompts can be loaded")
+        raise AdapterError(
+            f"{config_file}: task_type is {adapter_config.get('task_type')!r}; only CAUSAL_LM prompts can be loaded"
+        )
     if adapter_config.get("num_transformer_submodules", 1) != 1:
         raise AdapterError(f"{config_file}: num_transformer_submodules must be 1 for a causal LM")
     with safe_open(path / WEIGHTS_FILE, framework="pt") as handle:
@@ -293,7 +298,9 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     if name in wrapper.prompt_embeddings:
         held = wrapper.prompt_embeddings[name]
         if held.shape != prompt.shape:
-            raise AdapterError(f"{path}: '{TENSOR_KEY}' has shape {tuple(prompt.shape)} but adapter '{name}' holds {tuple(held.shape)}")
+            raise AdapterError(
+                f"{path}: '{TENSOR_KEY}' has shape {tuple(prompt.shape)} but adapter '{name}' holds {tuple(held.shape)}"
+            )
         # In place, so an optimiser already holding this parameter trains the loaded values.
         with torch.no_grad():
             held.copy_(prompt)

@@ -18,11 +18,10 @@ import warnings
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
-
 from ftengine import hookimpl
 from ftengine.config import Section
 from ftengine.errors import ConfigError
+from pydantic import Field, field_validator
 
 requires = (("lora", "prompt_tuning"),)  # an adapter to train over the frozen 4-bit base
 conflicts = ("full",)
@@ -81,13 +80,22 @@ def quantize_linear(linear, options, dtype):
     from bitsandbytes.nn import Linear4bit, Params4bit
 
     layer = Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
-        compress_statistics=options.double_quant, quant_type=options.quant_type, device="meta",
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=dtype,
+        compress_statistics=options.double_quant,
+        quant_type=options.quant_type,
+        device="meta",
     )
     # Moving an unquantised Params4bit to a device is what quantises it.
     layer.weight = Params4bit(
-        linear.weight.data, requires_grad=False, blocksize=options.blocksize,
-        compress_statistics=options.double_quant, quant_type=options.quant_type, module=layer,
+        linear.weight.data,
+        requires_grad=False,
+        blocksize=options.blocksize,
+        compress_statistics=options.double_quant,
+        quant_type=options.quant_type,
+        module=layer,
     ).to(linear.weight.device)
     layer.bias = linear.bias
     # bitsandbytes' AVX512-BF16 CPU inference path repacks the weight and computes in bfloat16
@@ -110,8 +118,10 @@ def ftengine_quantize_model(model, config):
     targets = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
     if not targets:
         raise ConfigError(
-            [f"qlora: {type(model).__name__} has no torch.nn.Linear layer besides the output head to quantise; "
-             f"use --plugin lora without qlora"]
+            [
+                f"qlora: {type(model).__name__} has no torch.nn.Linear layer besides the output head to quantise; "
+                f"use --plugin lora without qlora"
+            ]
         )
     if device.type == "cpu":
         _refuse_widths_misread_on_cpu(targets, config.qlora.blocksize)
@@ -145,10 +155,12 @@ def _refuse_widths_misread_on_cpu(targets, blocksize):
     safe = [size for size in BLOCKSIZES if not any(_misread_on_cpu(linear.in_features, size) for _, linear in targets)]
     fix = f"use -o qlora.blocksize={max(safe)} (it divides every such width)" if safe else "train on CUDA"
     raise ConfigError(
-        [f"qlora.blocksize: {blocksize} does not divide the input width of {named}; bitsandbytes "
-         f"{bitsandbytes.__version__} dequantises such layers on CPU with the wrong block scales. {fix}; "
-         f"see docs/qlora.md"]
-    )  # fmt: skip
+        [
+            f"qlora.blocksize: {blocksize} does not divide the input width of {named}; bitsandbytes "
+            f"{bitsandbytes.__version__} dequantises such layers on CPU with the wrong block scales. {fix}; "
+            f"see docs/qlora.md"
+        ]
+    )
 
 
 def _release_checkpoint_mapping(model):

@@ -8,7 +8,6 @@ count, so the core normalises gradient accumulation by the total target tokens o
 import inspect
 
 import torch.nn.functional as F
-
 from ftengine import hookimpl
 from ftengine.data import IGNORE_INDEX, collate_sft, load_sft_file, load_splits
 from ftengine.state import LossOutput
@@ -50,5 +49,7 @@ def ftengine_compute_loss(model, batch, state):
     positions = predicts_target.nonzero().squeeze(1)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions).logits
     targets = labels[:, positions + 1]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return LossOutput(loss=loss, count=int((targets != IGNORE_INDEX).sum()))

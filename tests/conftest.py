@@ -22,7 +22,6 @@ def run_overrides(tiny_model_dir, tiny_data, tmp_path):
     ]
 
 
-
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory):
     """Tests never read or write the user's model/data cache."""

@@ -3,7 +3,6 @@
 import json
 
 from click.testing import CliRunner
-
 from ftengine import __version__
 from ftengine.cli import cli
 
@@ -31,7 +30,7 @@ def test_run_trains_and_prints_the_evaluation_table(run_overrides, tmp_path):
         args += ["-o", override]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    table = result.output[result.output.index("evaluation"):]
+    table = result.output[result.output.index("evaluation") :]
     assert "before" in table and "after" in table and "loss" in table
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 

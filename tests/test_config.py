@@ -1,7 +1,6 @@
 """Config files, overrides and validation: every problem reported at once, with where and how."""
 
 import pytest
-
 from ftengine.errors import ConfigError
 from ftengine.loop import configure
 

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from ftengine.plugins import contacts
 from ftengine.plugins.contacts import task
 from ftengine.state import Datasets
@@ -80,7 +79,7 @@ def test_records_follow_the_conventions(examples):
         assert tuple(record) == task.KEYS
         assert example["messages"][1]["content"] == json.dumps(record, separators=(",", ":"))
         name, age, city, email, phone, date = record.values()
-        assert name is None or (name.strip() == name and not name.split()[0] in task.TITLES)
+        assert name is None or (name.strip() == name and name.split()[0] not in task.TITLES)
         assert age is None or type(age) is int
         assert city is None or city in task.CITIES
         assert email is None or EMAIL.fullmatch(email)
@@ -134,14 +133,22 @@ def test_inputs_vary_in_the_ways_the_task_promises(examples):
 # score
 # --------------------------------------------------------------------------------------------
 
-REFERENCE = {"name": "Jane Doe", "age": 34, "city": "Boston", "email": "jane.doe@example.com",
-             "phone": "+16175550142", "date": "2025-03-03"}
+REFERENCE = {
+    "name": "Jane Doe",
+    "age": 34,
+    "city": "Boston",
+    "email": "jane.doe@example.com",
+    "phone": "+16175550142",
+    "date": "2025-03-03",
+}
 PERFECT = task.compact(REFERENCE)
 
 
 def test_score_perfect_output():
     assert task.score([PERFECT, f"  {PERFECT} "], [REFERENCE, REFERENCE]) == {
-        "schema_valid": 1.0, "exact_match": 1.0, **{f"field_{k}": 1.0 for k in task.KEYS}
+        "schema_valid": 1.0,
+        "exact_match": 1.0,
+        **{f"field_{k}": 1.0 for k in task.KEYS},
     }
 
 
@@ -159,11 +166,14 @@ def test_score_wrong_key_order_is_schema_invalid_but_fields_count():
     assert all(result[f"field_{k}"] == 1.0 for k in task.KEYS)
 
 
-@pytest.mark.parametrize("output", [
-    f"Here is the contact record: {PERFECT}",
-    f"```json\n{PERFECT}\n```",
-    PERFECT[:-1] + ',"name":"Jane Doe"}',  # a duplicate key
-])
+@pytest.mark.parametrize(
+    "output",
+    [
+        f"Here is the contact record: {PERFECT}",
+        f"```json\n{PERFECT}\n```",
+        PERFECT[:-1] + ',"name":"Jane Doe"}',  # a duplicate key
+    ],
+)
 def test_score_unparseable_output_is_wrong_everywhere(output):
     assert set(task.score([output], [REFERENCE]).values()) == {0.0}
 
@@ -197,8 +207,11 @@ def mistake_of(correct, rejected):
         return "key_order" if list(parsed) != list(correct) else None
     if set(parsed) < set(correct):
         (dropped,) = set(correct) - set(parsed)
-        return "dropped_null_key" if correct[dropped] is None and parsed == {
-            k: v for k, v in correct.items() if k != dropped} else None
+        return (
+            "dropped_null_key"
+            if correct[dropped] is None and parsed == {k: v for k, v in correct.items() if k != dropped}
+            else None
+        )
     differing = [k for k in task.KEYS if parsed.get(k) != correct[k]]
     if list(parsed) != list(task.KEYS) or len(differing) != 1:
         return None
@@ -254,8 +267,7 @@ def test_eval_metrics_hook_scores_the_eval_rows(tiny):
     model.train()
     rows = [{"messages": e["messages"]} for e in task.generate_examples(5, seed=6)]
     options = contacts.ContactsOptions(eval_batch_size=2, max_new_tokens=4, eval_limit=3)
-    state = SimpleNamespace(config=SimpleNamespace(contacts=options), device=torch.device("cpu"),
-                            autocast_dtype=None)
+    state = SimpleNamespace(config=SimpleNamespace(contacts=options), device=torch.device("cpu"), autocast_dtype=None)
     datasets = Datasets(train=[], eval=[{"row": row} for row in rows], collate=list)
     metrics = contacts.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state)
     assert set(metrics) == {"schema_valid", "exact_match", *(f"field_{k}" for k in task.KEYS)}

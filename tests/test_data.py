@@ -1,7 +1,6 @@
 """Data reading, chat rendering, masking and bad-data errors."""
 
 import pytest
-
 from ftengine.data import IGNORE_INDEX, collate_sft, load_sft_file, render_chat, tokenize_with_mask
 from ftengine.errors import DataError
 from ftengine.testing import tiny_tokenizer, write_jsonl
@@ -46,14 +45,20 @@ def test_without_chat_template_response_ends_with_eos(tmp_path):
 
 
 def test_truncation_is_counted_and_fully_cut_rows_are_dropped(tokenizer, tmp_path):
-    rows = [{"prompt": "short", "response": "ok"}, {"prompt": "x" * 40, "response": "long answer " * 5}, {"prompt": "y" * 80, "response": "z"}]
+    rows = [
+        {"prompt": "short", "response": "ok"},
+        {"prompt": "x" * 40, "response": "long answer " * 5},
+        {"prompt": "y" * 80, "response": "z"},
+    ]
     examples, stats = load_sft_file(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, 60)
     assert stats == {"rows": 3, "truncated": 2, "dropped": 1}
     assert len(examples) == 2 and all(len(e["input_ids"]) <= 60 for e in examples)
 
 
 def test_collate_pads_right_and_masks_padding(tokenizer):
-    batch = collate_sft([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], tokenizer.pad_token_id)
+    batch = collate_sft(
+        [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], tokenizer.pad_token_id
+    )
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 256, 256]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]

@@ -4,7 +4,6 @@ import importlib.util
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from ftengine import hookspecs
 from ftengine.cli import cli
 from ftengine.config import TrainOptions

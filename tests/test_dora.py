@@ -3,13 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ftengine.adapter_contract import AdapterContract
 from ftengine.errors import AdapterError, PluginError
 from ftengine.loop import build, configure, save
 from ftengine.plugins.dora import DORA
 from ftengine.plugins.lora.layer import LoraLinear, dense_weight, lora_layers
+from torch import nn
 
 
 class TestDoraContract(AdapterContract):
@@ -76,7 +75,11 @@ def test_training_mode_applies_dropout_to_both_terms_as_peft_does():
     dropped = layer.lora_dropout["d"](x)
     weight = layer.base_layer.weight
     scale = layer.lora_magnitude_vector["d"] / (weight + layer.delta_weight("d")).norm(dim=1)
-    expected = layer.base_layer(x) + (scale - 1) * F.linear(dropped, weight) + scale * layer.scaling["d"] * F.linear(dropped, layer.delta_weight("d") / layer.scaling["d"])
+    expected = (
+        layer.base_layer(x)
+        + (scale - 1) * F.linear(dropped, weight)
+        + scale * layer.scaling["d"] * F.linear(dropped, layer.delta_weight("d") / layer.scaling["d"])
+    )
     torch.testing.assert_close(output, expected, atol=1e-6, rtol=0)
 
 

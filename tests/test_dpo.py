@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from ftengine import hookimpl
 from ftengine.adapter_contract import AdapterContract
 from ftengine.data import IGNORE_INDEX
@@ -18,6 +16,7 @@ from ftengine.loop import build, configure, save, train
 from ftengine.plugins import dpo
 from ftengine.state import RunState
 from ftengine.testing import KillAfter, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
+from safetensors.torch import load_file
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "contacts"
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
@@ -30,11 +29,13 @@ def preference_rows(n, seed=0):
     rows = []
     for _ in range(n):
         word = rng.choice(WORDS) * rng.randint(1, 2)
-        rows.append({
-            "prompt": [{"role": "user", "content": f"Reverse: {word}"}],
-            "chosen": [{"role": "assistant", "content": word[::-1]}],
-            "rejected": [{"role": "assistant", "content": word}],
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Reverse: {word}"}],
+                "chosen": [{"role": "assistant", "content": word[::-1]}],
+                "rejected": [{"role": "assistant", "content": word}],
+            }
+        )
     return rows
 
 
@@ -44,8 +45,15 @@ def prefs(tmp_path):
 
 
 def dpo_overrides(model_dir, prefs, tmp_path, *extra):
-    return [f"model={model_dir}", f"data.train={prefs}", f"data.eval={prefs}", f"output_dir={tmp_path / 'out'}",
-            "train.batch_size=8", "train.log_every=1", *extra]  # fmt: skip
+    return [
+        f"model={model_dir}",
+        f"data.train={prefs}",
+        f"data.eval={prefs}",
+        f"output_dir={tmp_path / 'out'}",
+        "train.batch_size=8",
+        "train.log_every=1",
+        *extra,
+    ]
 
 
 def records(output_dir):
@@ -87,7 +95,14 @@ def by_hand(loss_type, beta, smoothing, c, r, nc, nr):
 
 @pytest.mark.parametrize(
     "loss_type, beta, smoothing",
-    [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("robust", 0.1, 0.1), ("hinge", 0.7, 0.0), ("ipo", 0.1, 0.0), ("ipo", 2.0, 0.0)],
+    [
+        ("sigmoid", 0.1, 0.0),
+        ("sigmoid", 0.5, 0.2),
+        ("robust", 0.1, 0.1),
+        ("hinge", 0.7, 0.0),
+        ("ipo", 0.1, 0.0),
+        ("ipo", 2.0, 0.0),
+    ],
 )
 def test_pair_losses_match_the_formulas(loss_type, beta, smoothing):
     options = dpo.DpoOptions(loss_type=loss_type, beta=beta, label_smoothing=smoothing)
@@ -146,19 +161,33 @@ def load(tmp_path, rows, max_length=512):
 
 def test_string_rows_are_rendered_as_chats(tmp_path):
     chat, _ = load(tmp_path, preference_rows(2))
-    strings, _ = load(tmp_path, [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]} for r in preference_rows(2)])
+    strings, _ = load(
+        tmp_path,
+        [
+            {"prompt": r["prompt"][0]["content"], "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]}
+            for r in preference_rows(2)
+        ],
+    )
     for a, b in zip(chat, strings):
-        assert (a["chosen_ids"], a["chosen_labels"], a["rejected_labels"]) == (b["chosen_ids"], b["chosen_labels"], b["rejected_labels"])
+        assert (a["chosen_ids"], a["chosen_labels"], a["rejected_labels"]) == (
+            b["chosen_ids"],
+            b["chosen_labels"],
+            b["rejected_labels"],
+        )
 
 
 def test_only_the_response_turns_are_labelled(tmp_path):
     tokenizer = tiny_tokenizer()
     row = {
-        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "reverse abc"}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "reverse abc"},
+        ],
         "chosen": [{"role": "assistant", "content": "cba"}],
         "rejected": [{"role": "assistant", "content": "abc!"}],
-    }  # fmt: skip
+    }
     (example,), _ = load(tmp_path, [row])
     for side, text in (("chosen", "cba"), ("rejected", "abc!")):
         labelled = [t for t in example[f"{side}_labels"] if t != IGNORE_INDEX]
@@ -180,8 +209,18 @@ def test_collate_puts_chosen_rows_then_rejected_rows(tmp_path):
     [
         ({"prompt": "q", "chosen": "a"}, ":1: missing field 'rejected'"),
         ({"prompt": "q", "chosen": "a", "rejected": 3}, ":1: field 'rejected' must be a string"),
-        ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": []}, ":1: field 'chosen' must be a non-empty list"),
-        ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}, ":1: 'chosen' has no assistant turn"),
+        (
+            {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": []},
+            ":1: field 'chosen' must be a non-empty list",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "user", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            ":1: 'chosen' has no assistant turn",
+        ),
         ({"chosen": "a", "rejected": "b"}, ":1: missing field 'prompt'"),
     ],
 )
@@ -245,18 +284,25 @@ def trl_trainer(tiny_model_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trl")
     rows = preference_rows(6, seed=1)
-    args = DPOConfig(output_dir=str(root / "out"), report_to=[], use_cpu=True, max_length=None, precompute_ref_log_probs=False, seed=0)
+    args = DPOConfig(
+        output_dir=str(root / "out"), report_to=[], use_cpu=True, max_length=None, precompute_ref_log_probs=False, seed=0
+    )
     trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=Dataset.from_list(rows),
-        processing_class=tiny_tokenizer(), peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-    )  # fmt: skip
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tiny_tokenizer(),
+        peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    )
     trainer.model.eval()
     trainer.model.save_pretrained(root / "prompt")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     return trainer, batch, write_jsonl(root / "prefs.jsonl", rows), root / "prompt"
 
 
-@pytest.mark.parametrize("loss_type, beta, smoothing", [("sigmoid", 0.1, 0.0), ("ipo", 0.1, 0.0), ("hinge", 0.5, 0.0), ("robust", 0.1, 0.1)])
+@pytest.mark.parametrize(
+    "loss_type, beta, smoothing", [("sigmoid", 0.1, 0.0), ("ipo", 0.1, 0.0), ("hinge", 0.5, 0.0), ("robust", 0.1, 0.1)]
+)
 def test_loss_and_rewards_equal_trl_at_step_0(trl_trainer, tiny_model_dir, tmp_path, loss_type, beta, smoothing):
     trainer, trl_batch, prefs, prompt = trl_trainer
     trainer.loss_types, trainer.beta, trainer.label_smoothing = [loss_type], beta, smoothing
@@ -265,8 +311,15 @@ def test_loss_and_rewards_equal_trl_at_step_0(trl_trainer, tiny_model_dir, tmp_p
         trl_loss = float(trainer.compute_loss(trainer.model, trl_batch))
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
 
-    overrides = dpo_overrides(tiny_model_dir, prefs, tmp_path, "prompt_tuning.num_virtual_tokens=4", f"dpo.loss_type={loss_type}",
-                              f"dpo.beta={beta}", f"dpo.label_smoothing={smoothing}")  # fmt: skip
+    overrides = dpo_overrides(
+        tiny_model_dir,
+        prefs,
+        tmp_path,
+        "prompt_tuning.num_virtual_tokens=4",
+        f"dpo.loss_type={loss_type}",
+        f"dpo.beta={beta}",
+        f"dpo.label_smoothing={smoothing}",
+    )
     config, pm = configure(None, ["prompt_tuning", "dpo"], overrides)
     model, tokenizer, _ = build(config, pm)
     pm.hook.ftengine_load_adapter(model=model, path=prompt, name="default", config=config, pluginmanager=pm)
@@ -283,9 +336,14 @@ def test_loss_and_rewards_equal_trl_at_step_0(trl_trainer, tiny_model_dir, tmp_p
     metrics = {k: v / out.count for k, v in out.metrics.items()}
     assert abs(trl_metrics["rewards/margins"]) > 0.01, "the policy must differ from the reference"
     assert float(out.loss) / out.count == pytest.approx(trl_loss, abs=1e-4)
-    for ours, theirs in (("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
-                         ("reward_margin", "rewards/margins"), ("reward_accuracy", "rewards/accuracies"),
-                         ("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected")):  # fmt: skip
+    for ours, theirs in (
+        ("rewards_chosen", "rewards/chosen"),
+        ("rewards_rejected", "rewards/rejected"),
+        ("reward_margin", "rewards/margins"),
+        ("reward_accuracy", "rewards/accuracies"),
+        ("logps_chosen", "logps/chosen"),
+        ("logps_rejected", "logps/rejected"),
+    ):
         assert metrics[ours] == pytest.approx(trl_metrics[theirs], abs=1e-4), ours
 
 
@@ -327,7 +385,9 @@ def test_lora_dpo_raises_preference_accuracy_and_margin(tiny_model_dir, prefs, t
 
 @pytest.mark.parametrize("precompute", [False, True])
 def test_full_uses_a_frozen_copy(tiny_model_dir, prefs, tmp_path, precompute):
-    overrides = dpo_overrides(tiny_model_dir, prefs, tmp_path, "train.max_steps=3", "train.lr=1e-3", f"dpo.precompute_ref={precompute}")
+    overrides = dpo_overrides(
+        tiny_model_dir, prefs, tmp_path, "train.max_steps=3", "train.lr=1e-3", f"dpo.precompute_ref={precompute}"
+    )
     summary = train(*configure(None, ["full", "dpo"], overrides))
     assert records(tmp_path / "out")[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
     assert summary["after"]["eval_reward_margin"] > 0.01  # the reference stayed where it started
@@ -385,7 +445,16 @@ def test_init_adapter_starts_training_and_is_the_reference(tiny_model_dir, prefs
     sft_dir = save(sft_model, tokenizer, sft_config, sft_pm, tmp_path / "sft")
     sft_params = {n: p.detach().clone() for n, p in sft_model.named_parameters() if p.requires_grad}
 
-    overrides = dpo_overrides(tiny_model_dir, prefs, tmp_path, "lora.r=4", "lora.dropout=0", "train.max_steps=3", "train.lr=1e-2", f"dpo.init_adapter={sft_dir}")
+    overrides = dpo_overrides(
+        tiny_model_dir,
+        prefs,
+        tmp_path,
+        "lora.r=4",
+        "lora.dropout=0",
+        "train.max_steps=3",
+        "train.lr=1e-2",
+        f"dpo.init_adapter={sft_dir}",
+    )
     config, pm = configure(None, ["lora", "dpo"], overrides)
     capture = CaptureStart()
     pm.register(capture)

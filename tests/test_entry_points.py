@@ -8,7 +8,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from ftengine.cli import cli
 from ftengine.loop import configure, train
 from ftengine.pluginmanager import active_names, entry_point_plugins

@@ -9,9 +9,8 @@ import json
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
-from torch import nn
-
 from ftengine.plugins import qlora
+from torch import nn
 
 pytest.importorskip("triton", reason="the fused_lora kernels are written in Triton, which is not installed")
 

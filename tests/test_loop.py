@@ -1,14 +1,14 @@
 """The training loop: gradient accumulation, determinism, resume, atomic checkpoints, full FT."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from ftengine import checkpoint
 from ftengine.loop import configure, train
 from ftengine.testing import KillAfter
+from transformers import AutoModelForCausalLM
 
 
 def losses(output_dir):
@@ -43,8 +43,12 @@ def test_metrics_jsonl_has_train_and_eval_records(run_overrides, tmp_path):
 def test_gradient_accumulation_normalises_by_total_target_tokens(run_overrides, tmp_path):
     """4 micro-batches of 1 must equal 1 batch of 4: each target token weighs the same."""
     common = run_overrides + ["train.max_steps=1", "train.max_grad_norm=null", "train.lr=0.5"]
-    one = run(common + ["train.batch_size=4", "train.grad_accum=1", f"output_dir={tmp_path / 'one'}"], ("full", "sample_plugins.sgd"))
-    many = run(common + ["train.batch_size=1", "train.grad_accum=4", f"output_dir={tmp_path / 'many'}"], ("full", "sample_plugins.sgd"))
+    one = run(
+        common + ["train.batch_size=4", "train.grad_accum=1", f"output_dir={tmp_path / 'one'}"], ("full", "sample_plugins.sgd")
+    )
+    many = run(
+        common + ["train.batch_size=1", "train.grad_accum=4", f"output_dir={tmp_path / 'many'}"], ("full", "sample_plugins.sgd")
+    )
     assert losses(tmp_path / "one")[0][1] == pytest.approx(losses(tmp_path / "many")[0][1], rel=1e-6)
     a = AutoModelForCausalLM.from_pretrained(one["saved"]).state_dict()
     b = AutoModelForCausalLM.from_pretrained(many["saved"]).state_dict()
@@ -105,7 +109,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     target = checkpoint.atomic_write_text(tmp_path / "f.txt", "old")
 
     def fails(tmp):
-        open(tmp, "w").write("half")
+        Path(tmp).write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
@@ -124,7 +128,9 @@ def test_sft_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_mode
     examples, _ = load_sft_file(tiny_data[0], tokenizer, 512)
     batch = collate_sft(examples[:4], tokenizer.pad_token_id)
     fast = sft.ftengine_compute_loss(model=model, batch=batch, state=None)
-    full_loss, full_count = sft.token_logprob_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    full_loss, full_count = sft.token_logprob_sum(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    )
     assert fast.count == full_count
     torch.testing.assert_close(fast.loss, full_loss, rtol=1e-6, atol=1e-5)
 

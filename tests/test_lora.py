@@ -7,20 +7,28 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
 from ftengine import checkpoint, hookimpl
 from ftengine.adapter_contract import AdapterContract
 from ftengine.errors import AdapterError, ConfigError
 from ftengine.loop import build, configure, save, train
 from ftengine.plugins.lora.layer import LoraLinear, lora_layers, lora_scaling
 from ftengine.testing import KillAfter, save_tiny_model, sft_rows, write_jsonl
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-ALL_LINEAR = [f"model.layers.{i}.{m}" for i in range(2) for m in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)]  # fmt: skip
+ALL_LINEAR = [
+    f"model.layers.{i}.{m}"
+    for i in range(2)
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
 
 
 class TestLoraContract(AdapterContract):
@@ -61,7 +69,10 @@ def test_all_linear_wraps_every_linear_layer_but_the_output_head(tiny_model_dir,
     [
         (r"model\.layers\.1\.self_attn\.(q|v)_proj", ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
         (r".*mlp\.down_proj", ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]),
-        (["q_proj", "layers.1.mlp.up_proj"], ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]),
+        (
+            ["q_proj", "layers.1.mlp.up_proj"],
+            ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"],
+        ),
     ],
 )
 def test_target_modules_regex_or_names(tiny_model_dir, tmp_path, targets, expected):
@@ -243,7 +254,10 @@ def test_shape_mismatch_names_the_first_module_and_both_shapes_and_changes_nothi
     before = snapshot(model)
     with pytest.raises(AdapterError) as error:
         pm.hook.ftengine_load_adapter(model=model, path=path, name="x", config=config, pluginmanager=pm)
-    assert "module 'model.layers.0.self_attn.q_proj': lora_A.weight has shape [4, 32] in the adapter but the base model needs [4, 48]" in str(error.value)
+    assert (
+        "module 'model.layers.0.self_attn.q_proj': lora_A.weight has shape [4, 32] in the adapter but the base model needs [4, 48]"
+        in str(error.value)
+    )
     assert_unchanged(model, before)
 
 
@@ -254,10 +268,14 @@ def test_missing_module_is_named_and_changes_nothing_even_next_to_a_loaded_adapt
     tensors = load_file(path / "adapter_model.safetensors")
     layer0 = tmp_path / "layer0"
     shutil.copytree(path, layer0)
-    save_file({k: v for k, v in tensors.items() if ".layers.0." in k}, layer0 / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if ".layers.0." in k}, layer0 / "adapter_model.safetensors", metadata={"format": "pt"}
+    )
     pm.hook.ftengine_load_adapter(model=model, path=layer0, name="first", config=config, pluginmanager=pm)
     before = snapshot(model)
-    with pytest.raises(AdapterError, match="weights for module 'model.layers.1.self_attn.q_proj', which the base model does not have"):
+    with pytest.raises(
+        AdapterError, match="weights for module 'model.layers.1.self_attn.q_proj', which the base model does not have"
+    ):
         pm.hook.ftengine_load_adapter(model=model, path=path, name="x", config=config, pluginmanager=pm)
     assert_unchanged(model, before)
 

@@ -3,15 +3,14 @@
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
 from ftengine.adapter_contract import AdapterContract
 from ftengine.cli import cli
 from ftengine.errors import AdapterError
 from ftengine.inference import generate, load_for_inference, set_adapter
 from ftengine.loop import save
 from ftengine.plugins.lora.layer import lora_layers, unwrap_merged
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 logits = AdapterContract.logits
 

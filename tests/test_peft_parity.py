@@ -5,12 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM
-
 from ftengine.adapter_contract import AdapterContract
 from ftengine.inference import load_for_inference
 from ftengine.loop import build, configure, save, train
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 peft = pytest.importorskip("peft")
 
@@ -50,9 +49,14 @@ def ftengine_adapter(model_dir, tmp_path, plugins, lora):
 def peft_adapter(model_dir, tmp_path, lora):
     """A PEFT adapter with every adapter parameter moved from its init, saved; and the model."""
     config = peft.LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], task_type="CAUSAL_LM",
-        target_modules=lora["target_modules"], use_rslora=lora.get("rslora", False), use_dora=lora.get("use_dora", False),
-    )  # fmt: skip
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        task_type="CAUSAL_LM",
+        target_modules=lora["target_modules"],
+        use_rslora=lora.get("rslora", False),
+        use_dora=lora.get("use_dora", False),
+    )
     model = peft.get_peft_model(base_model(model_dir), config)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -122,11 +126,20 @@ def test_files_are_what_peft_writes(case, tiny_model_dir, tmp_path):
     config = json.loads((ours / "adapter_config.json").read_text())
     peft_config = json.loads((theirs / "adapter_config.json").read_text())
     assert config == {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(tiny_model_dir),
-        "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": config["target_modules"],
-        "use_rslora": False, "use_dora": "dora" in plugins, "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "modules_to_save": None,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(tiny_model_dir),
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,
+        "target_modules": config["target_modules"],
+        "use_rslora": False,
+        "use_dora": "dora" in plugins,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
     for key in config.keys() - {"base_model_name_or_path", "target_modules"}:
         assert peft_config[key] == config[key], key
     assert sorted(config["target_modules"]) == sorted(peft_config["target_modules"])

@@ -1,7 +1,6 @@
 """Plugin discovery, selection and the errors for bad plugin sets."""
 
 import pytest
-
 from ftengine.errors import PluginError
 from ftengine.pluginmanager import EXCLUSIVE_HOOKS, active_names, builtin_plugins, select_plugins
 

@@ -13,10 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 from bitsandbytes.nn import Linear4bit
-from safetensors import safe_open
-
 from ftengine.adapter_contract import AdapterContract
 from ftengine.errors import ConfigError, PluginError
 from ftengine.inference import load_for_inference, merge_adapter
@@ -24,6 +21,8 @@ from ftengine.loop import build, configure, train
 from ftengine.plugins import qlora
 from ftengine.plugins.lora.layer import dense_weight, lora_layers
 from ftengine.testing import save_tiny_model, sft_rows, tiny_model, write_jsonl
+from safetensors import safe_open
+from torch import nn
 
 # Our adapter on our 4-bit base against PEFT's on transformers' 4-bit base: both quantise the
 # same fp32 weights with the same kernel (identical packed bytes) and dequantise to fp32 before
@@ -71,7 +70,9 @@ def for_inference(workdir, adapter=None, plugins=("lora", "qlora")):
     return model, pm
 
 
-INPUT_IDS = torch.tensor([[257, 82, 101, 118, 101, 114, 115, 101, 58, 32, 97, 108], [257, 100, 101, 108, 116, 97, 258, 256, 256, 256, 256, 256]])
+INPUT_IDS = torch.tensor(
+    [[257, 82, 101, 118, 101, 114, 115, 101, 58, 32, 97, 108], [257, 100, 101, 108, 116, 97, 258, 256, 256, 256, 256, 256]]
+)
 
 
 def logits(model):
@@ -163,8 +164,13 @@ def test_training_lowers_the_loss(workdir, trained):
 def test_memory_line_is_printed_at_train_start(workdir, capsys):
     config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
     model, _, info = build(config, pm)
-    pm.hook.ftengine_on_train_start(model=model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(config=config, pm=pm, extra={"build": info}))
-    assert "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)" in capsys.readouterr().err
+    pm.hook.ftengine_on_train_start(
+        model=model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(config=config, pm=pm, extra={"build": info})
+    )
+    assert (
+        "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)"
+        in capsys.readouterr().err
+    )
 
 
 def test_saved_adapter_holds_only_lora_tensors(trained):
@@ -196,7 +202,9 @@ def _peft_on_4bit_base(workdir, adapter):
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
     )
-    base = AutoModelForCausalLM.from_pretrained(workdir / "model", quantization_config=quantization, dtype=torch.float32, device_map="cpu")
+    base = AutoModelForCausalLM.from_pretrained(
+        workdir / "model", quantization_config=quantization, dtype=torch.float32, device_map="cpu"
+    )
     for module in base.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False  # as ours: compute in float32 in eval too
@@ -278,7 +286,10 @@ class TestQloraContract(AdapterContract):
 
 
 def test_qlora_without_lora_names_the_missing_plugin(workdir):
-    with pytest.raises(PluginError, match=r"plugin 'qlora' requires plugin 'lora' or 'prompt_tuning': add --plugin lora or --plugin prompt_tuning"):
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'qlora' requires plugin 'lora' or 'prompt_tuning': add --plugin lora or --plugin prompt_tuning",
+    ):
         configure(None, ["qlora"], overrides(workdir))
 
 
@@ -345,7 +356,9 @@ def test_paged_adamw_8bit_falls_back_to_adamw_on_cpu(workdir):
 
 def test_prompt_tuning_over_a_4bit_base_trains(workdir):
     """Issue 5: prompt tuning composes with qlora, as a plugin set, not only through hooks."""
-    config, pm = configure(None, ["prompt_tuning", "qlora"], overrides(workdir, "pt", "train.max_steps=6", "prompt_tuning.num_virtual_tokens=4"))
+    config, pm = configure(
+        None, ["prompt_tuning", "qlora"], overrides(workdir, "pt", "train.max_steps=6", "prompt_tuning.num_virtual_tokens=4")
+    )
     summary = train(config, pm)
     assert summary["build"]["trainable"] == ["prompt_embeddings.default"]
     assert summary["build"]["weight_bytes_quantized"] < summary["build"]["weight_bytes"]

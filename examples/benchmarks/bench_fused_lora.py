@@ -145,7 +145,7 @@ def bench_layer(T, r, p, hidden=HIDDEN):
 
     for name, (forward, grads) in forwards.items():
 
-        def step():
+        def step(forward=forward):
             forward().backward(grad)
 
         if device() == "cuda":
@@ -194,9 +194,13 @@ def build_e2e(setup, model_config, variant):
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=E2E_RANK, lora_alpha=E2E_ALPHA, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM",
+            r=E2E_RANK,
+            lora_alpha=E2E_ALPHA,
+            lora_dropout=dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
             use_dora=variant == "dora",
-        )  # fmt: skip
+        )
         return get_peft_model(model, config)
 
     from ftengine.plugins import fused_lora
@@ -260,10 +264,22 @@ def run_e2e(args):
     results = []
     for setup in E2E_SETUPS:
         command = [
-            sys.executable, __file__, "--e2e-only", setup, "--batch", str(args.batch), "--seq", str(args.seq),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--variant", args.variant,
+            sys.executable,
+            __file__,
+            "--e2e-only",
+            setup,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--variant",
+            args.variant,
             *(["--smoke"] if args.smoke else []),
-        ]  # fmt: skip
+        ]
         child = subprocess.run(command, capture_output=True, text=True)
         if child.returncode != 0:
             sys.exit(f"{setup} failed:\n{child.stderr[-3000:]}")

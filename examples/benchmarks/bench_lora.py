@@ -51,9 +51,16 @@ def run_ftengine(steps):
 
     with tempfile.TemporaryDirectory() as out:
         overrides = [
-            "model=default", f"output_dir={out}", f"data.train={contacts_train_file()}",
-            f"train.max_steps={steps}", f"train.batch_size={BATCH}", f"train.max_length={LENGTH}",
-            f"train.lr={LR}", f"lora.r={R}", f"lora.alpha={ALPHA}", f"lora.dropout={DROPOUT}",
+            "model=default",
+            f"output_dir={out}",
+            f"data.train={contacts_train_file()}",
+            f"train.max_steps={steps}",
+            f"train.batch_size={BATCH}",
+            f"train.max_length={LENGTH}",
+            f"train.lr={LR}",
+            f"lora.r={R}",
+            f"lora.alpha={ALPHA}",
+            f"lora.dropout={DROPOUT}",
         ]
         config, pm = configure(None, ["lora", "no:progress"], overrides)
         train(config, pm)
@@ -62,13 +69,12 @@ def run_ftengine(steps):
 
 
 def run_peft(steps):
-    from peft import LoraConfig, get_peft_model
-
     from ftengine.data import collate_sft, load_sft_file
     from ftengine.loop import configure, micro_batch
     from ftengine.plugins.hf_loader import load_pretrained
     from ftengine.plugins.sft import token_logprob_sum
     from ftengine.state import Datasets
+    from peft import LoraConfig, get_peft_model
 
     config, _ = configure(None, [], [f"data.train={contacts_train_file()}", f"train.batch_size={BATCH}"])
     model, tokenizer = load_pretrained("default")
@@ -119,7 +125,9 @@ def main():
     for name in ("ftengine", "peft"):
         output = subprocess.run(
             [sys.executable, __file__, "--child", name, "--steps", str(args.steps)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         result = json.loads(output.strip().splitlines()[-1])
         result["median_step_s"] = statistics.median(result["step_times"][args.warmup :])
@@ -128,7 +136,15 @@ def main():
     summary = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
-        "config": {"r": R, "alpha": ALPHA, "dropout": DROPOUT, "batch": BATCH, "max_length": LENGTH, "steps": args.steps, "warmup": args.warmup},
+        "config": {
+            "r": R,
+            "alpha": ALPHA,
+            "dropout": DROPOUT,
+            "batch": BATCH,
+            "max_length": LENGTH,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        },
         "results": results,
         "step_time_ratio": ours["median_step_s"] / theirs["median_step_s"],
         "peak_memory_ratio": ours["peak_memory_mb"] / theirs["peak_memory_mb"],

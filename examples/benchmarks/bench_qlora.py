@@ -48,10 +48,9 @@ def build_ftengine(name, device):
 
 
 def build_peft(device):
+    from ftengine.plugins.hf_loader import resolve_model_path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from ftengine.plugins.hf_loader import resolve_model_path
 
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -153,14 +152,25 @@ def main():
 
     report = {
         "environment": environment(),
-        "setup": {"model": "SmolLM2-135M-Instruct", "batch": BATCH, "seq": SEQ, "r": RANK, "alpha": ALPHA,
-                  "dropout": DROPOUT, "targets": "all linear but lm_head", "steps": args.steps, "warmup": args.warmup},
+        "setup": {
+            "model": "SmolLM2-135M-Instruct",
+            "batch": BATCH,
+            "seq": SEQ,
+            "r": RANK,
+            "alpha": ALPHA,
+            "dropout": DROPOUT,
+            "targets": "all linear but lm_head",
+            "steps": args.steps,
+            "warmup": args.warmup,
+        },
         "results": results,
     }
     print(f"{'config':<12}{'step s':>8}{'peak MiB':>10}{'build s':>9}{'trainable':>11}{'loss':>17}{'load':>6}")
     for r in results:
-        print(f"{r['config']:<12}{r['step_s']:>8.2f}{r['peak_mib']:>10}{r['build_s']:>9.1f}{r['trainable']:>11}"
-              f"{r['loss_first']:>8.3f} -> {r['loss_last']:.3f}{r['load_avg_1m']:>6.1f}")
+        print(
+            f"{r['config']:<12}{r['step_s']:>8.2f}{r['peak_mib']:>10}{r['build_s']:>9.1f}{r['trainable']:>11}"
+            f"{r['loss_first']:>8.3f} -> {r['loss_last']:.3f}{r['load_avg_1m']:>6.1f}"
+        )
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as handle:

@@ -31,11 +31,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
 
 import triton  # noqa: E402
+from ftengine.plugins.fused_lora import kernel  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-
-from ftengine.plugins.fused_lora import kernel  # noqa: E402
 
 DTYPES = ("bf16", "fp16", "fp32")  # Triton's names
 INT_ARGS = {"T", "n", "k", "r", "T_BUCKET", "seed"}
@@ -147,9 +146,18 @@ def main():
                 shared, report = compile_one(fn, dtype, config, flags, arch, rank)
                 meta = config.kwargs
                 tile = f"{meta['BLOCK_T']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
-                row = {"kernel": name, "arch": arch, "dtype": dtype, "rank": rank, "tile": tile, "num_warps": config.num_warps,
-                       "num_stages": config.num_stages, "variant": variant,
-                       "shared_bytes": shared, **report}  # fmt: skip
+                row = {
+                    "kernel": name,
+                    "arch": arch,
+                    "dtype": dtype,
+                    "rank": rank,
+                    "tile": tile,
+                    "num_warps": config.num_warps,
+                    "num_stages": config.num_stages,
+                    "variant": variant,
+                    "shared_bytes": shared,
+                    **report,
+                }
                 row["fits"] = shared <= SHARED_LIMIT.get(arch, 48 * 1024)
                 rows.append(row)
                 note = "" if row["fits"] else "  too much shared memory: never launches"

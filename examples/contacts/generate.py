@@ -1,6 +1,6 @@
 """Write the contacts task's data: train/valid chat rows and train/valid preference pairs.
 
-    python examples/contacts/generate.py --out examples/contacts/data --train 2000 --valid 200 --prefs 600 --seed 0
+python examples/contacts/generate.py --out examples/contacts/data --train 2000 --valid 200 --prefs 600 --seed 0
 """
 
 import argparse

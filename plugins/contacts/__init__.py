@@ -14,9 +14,8 @@ Options, in the ``contacts:`` config section: ``eval_batch_size``, ``max_new_tok
 import json
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from ftengine import hookimpl
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import task
 
@@ -123,8 +122,6 @@ def ftengine_eval_metrics(model, tokenizer, datasets, state):
     if not rows:
         return {}
     references = [_reference_record(i, row) for i, row in enumerate(rows)]
-    with torch.autocast(
-        state.device.type, dtype=state.autocast_dtype, enabled=state.autocast_dtype is not None
-    ):
+    with torch.autocast(state.device.type, dtype=state.autocast_dtype, enabled=state.autocast_dtype is not None):
         predictions = predict(model, tokenizer, rows, options.eval_batch_size, options.max_new_tokens)
     return task.score(predictions, references)

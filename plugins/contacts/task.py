@@ -32,39 +32,220 @@ USER_PREFIX = "Extract the contact record as JSON.\n\n"
 TITLES_BY_GENDER = {"female": ("Dr.", "Prof.", "Ms.", "Mrs."), "male": ("Dr.", "Prof.", "Mr.")}
 TITLES = ("Dr.", "Prof.", "Ms.", "Mrs.", "Mr.")
 FEMALE_FIRST_NAMES = (
-    "Jane", "Priya", "Maria", "Aisha", "Emily", "Sofia", "Mei", "Olivia", "Fatima", "Hannah",
-    "Grace", "Chloe", "Ana", "Yuki", "Leila", "Nora", "Rachel", "Zoe", "Ingrid", "Camila",
-    "Amara", "Julia", "Sarah", "Elena", "Tamika", "Renee", "Lucy", "Keiko", "Divya", "Claire",
+    "Jane",
+    "Priya",
+    "Maria",
+    "Aisha",
+    "Emily",
+    "Sofia",
+    "Mei",
+    "Olivia",
+    "Fatima",
+    "Hannah",
+    "Grace",
+    "Chloe",
+    "Ana",
+    "Yuki",
+    "Leila",
+    "Nora",
+    "Rachel",
+    "Zoe",
+    "Ingrid",
+    "Camila",
+    "Amara",
+    "Julia",
+    "Sarah",
+    "Elena",
+    "Tamika",
+    "Renee",
+    "Lucy",
+    "Keiko",
+    "Divya",
+    "Claire",
 )
 MALE_FIRST_NAMES = (
-    "John", "Raj", "Carlos", "Omar", "Daniel", "Liam", "Wei", "Noah", "Ahmed", "Ethan",
-    "Lucas", "Mateo", "Kenji", "Samuel", "Andre", "Marcus", "David", "Tomas", "Hiro", "Felix",
-    "Kwame", "Jamal", "Peter", "Ivan", "Diego", "Arjun", "Oliver", "Sean", "Victor", "Malik",
+    "John",
+    "Raj",
+    "Carlos",
+    "Omar",
+    "Daniel",
+    "Liam",
+    "Wei",
+    "Noah",
+    "Ahmed",
+    "Ethan",
+    "Lucas",
+    "Mateo",
+    "Kenji",
+    "Samuel",
+    "Andre",
+    "Marcus",
+    "David",
+    "Tomas",
+    "Hiro",
+    "Felix",
+    "Kwame",
+    "Jamal",
+    "Peter",
+    "Ivan",
+    "Diego",
+    "Arjun",
+    "Oliver",
+    "Sean",
+    "Victor",
+    "Malik",
 )
 LAST_NAMES = (
-    "Doe", "Patel", "Garcia", "Nguyen", "Smith", "Okafor", "Chen", "Kowalski", "O'Brien",
-    "Rossi", "Haddad", "Yamamoto", "Johansson", "Murphy", "Silva", "Kim", "Schmidt", "Brown",
-    "Martinez", "Dubois", "Novak", "Cohen", "Mensah", "Ivanova", "Park", "Lopez", "Fischer",
-    "Walker", "Singh", "Reyes", "Khan", "Tanaka", "Bennett", "Moreau", "Garcia-Lopez", "Adeyemi",
-    "MacLeod", "Lindqvist", "Herrera", "Wright", "Ali", "Costa", "Hughes", "Larsen", "Baker",
+    "Doe",
+    "Patel",
+    "Garcia",
+    "Nguyen",
+    "Smith",
+    "Okafor",
+    "Chen",
+    "Kowalski",
+    "O'Brien",
+    "Rossi",
+    "Haddad",
+    "Yamamoto",
+    "Johansson",
+    "Murphy",
+    "Silva",
+    "Kim",
+    "Schmidt",
+    "Brown",
+    "Martinez",
+    "Dubois",
+    "Novak",
+    "Cohen",
+    "Mensah",
+    "Ivanova",
+    "Park",
+    "Lopez",
+    "Fischer",
+    "Walker",
+    "Singh",
+    "Reyes",
+    "Khan",
+    "Tanaka",
+    "Bennett",
+    "Moreau",
+    "Garcia-Lopez",
+    "Adeyemi",
+    "MacLeod",
+    "Lindqvist",
+    "Herrera",
+    "Wright",
+    "Ali",
+    "Costa",
+    "Hughes",
+    "Larsen",
+    "Baker",
 )
 CITIES = (
-    "Boston", "Toronto", "Austin", "San Diego", "Vancouver", "St. Louis", "Salt Lake City",
-    "New York", "Chicago", "Denver", "Seattle", "Portland", "Atlanta", "Miami", "Phoenix",
-    "Minneapolis", "Montreal", "Calgary", "Ottawa", "Winnipeg", "Halifax", "Raleigh",
-    "Nashville", "New Orleans", "Pittsburgh", "Philadelphia", "Baltimore", "Detroit",
-    "Cleveland", "Kansas City", "Omaha", "Albuquerque", "Tucson", "Sacramento", "Oakland",
-    "San Jose", "Honolulu", "Anchorage", "Boise", "Spokane", "Madison", "Buffalo",
-    "Providence", "Richmond", "Charlotte", "Tampa", "Dallas", "Houston", "El Paso",
-    "Las Vegas", "Winston-Salem", "Ann Arbor", "Santa Fe", "Edmonton", "Quebec City",
+    "Boston",
+    "Toronto",
+    "Austin",
+    "San Diego",
+    "Vancouver",
+    "St. Louis",
+    "Salt Lake City",
+    "New York",
+    "Chicago",
+    "Denver",
+    "Seattle",
+    "Portland",
+    "Atlanta",
+    "Miami",
+    "Phoenix",
+    "Minneapolis",
+    "Montreal",
+    "Calgary",
+    "Ottawa",
+    "Winnipeg",
+    "Halifax",
+    "Raleigh",
+    "Nashville",
+    "New Orleans",
+    "Pittsburgh",
+    "Philadelphia",
+    "Baltimore",
+    "Detroit",
+    "Cleveland",
+    "Kansas City",
+    "Omaha",
+    "Albuquerque",
+    "Tucson",
+    "Sacramento",
+    "Oakland",
+    "San Jose",
+    "Honolulu",
+    "Anchorage",
+    "Boise",
+    "Spokane",
+    "Madison",
+    "Buffalo",
+    "Providence",
+    "Richmond",
+    "Charlotte",
+    "Tampa",
+    "Dallas",
+    "Houston",
+    "El Paso",
+    "Las Vegas",
+    "Winston-Salem",
+    "Ann Arbor",
+    "Santa Fe",
+    "Edmonton",
+    "Quebec City",
 )
 AREA_CODES = (
-    "617", "212", "312", "415", "206", "303", "512", "404", "305", "416", "604", "514", "403",
-    "613", "902", "702", "214", "713", "503", "612", "919", "615", "504", "412", "215", "410",
-    "313", "216", "816", "402", "505", "520", "916", "510", "408", "808", "907", "208", "509",
+    "617",
+    "212",
+    "312",
+    "415",
+    "206",
+    "303",
+    "512",
+    "404",
+    "305",
+    "416",
+    "604",
+    "514",
+    "403",
+    "613",
+    "902",
+    "702",
+    "214",
+    "713",
+    "503",
+    "612",
+    "919",
+    "615",
+    "504",
+    "412",
+    "215",
+    "410",
+    "313",
+    "216",
+    "816",
+    "402",
+    "505",
+    "520",
+    "916",
+    "510",
+    "408",
+    "808",
+    "907",
+    "208",
+    "509",
 )
 EMAIL_DOMAINS = (
-    "example.com", "example.org", "example.net", "mail.example.com", "company.example",
+    "example.com",
+    "example.org",
+    "example.net",
+    "mail.example.com",
+    "company.example",
     "inbox.test",
 )
 
@@ -74,8 +255,13 @@ TITLE_RATE = 0.18
 UPPERCASE_EMAIL_RATE = 0.25
 
 MISTAKES = (
-    "date_format", "title_in_name", "dropped_null_key", "extra_prose", "phone_format",
-    "email_case", "key_order",
+    "date_format",
+    "title_in_name",
+    "dropped_null_key",
+    "extra_prose",
+    "phone_format",
+    "email_case",
+    "key_order",
 )
 
 
@@ -106,41 +292,52 @@ def _ordinal(day):
 def _spell_date(rng, date):
     month, month_abbr = calendar.month_name[date.month], calendar.month_abbr[date.month]
     d, m, y = date.day, date.month, date.year
-    return rng.choice((
-        f"{month} {d}, {y}",
-        f"{month_abbr} {d}, {y}",
-        f"{month} {_ordinal(d)}, {y}",
-        f"{d} {month_abbr} {y}",
-        f"{d} {month} {y}",
-        f"{m:02d}/{d:02d}/{y}",
-        f"{m}/{d}/{y}",
-        date.isoformat(),
-        f"the {_ordinal(d)} of {month} {y}",
-    ))
+    return rng.choice(
+        (
+            f"{month} {d}, {y}",
+            f"{month_abbr} {d}, {y}",
+            f"{month} {_ordinal(d)}, {y}",
+            f"{d} {month_abbr} {y}",
+            f"{d} {month} {y}",
+            f"{m:02d}/{d:02d}/{y}",
+            f"{m}/{d}/{y}",
+            date.isoformat(),
+            f"the {_ordinal(d)} of {month} {y}",
+        )
+    )
 
 
 def _spell_phone(rng, area, line):
-    return rng.choice((
-        f"({area}) 555-{line}",
-        f"{area}-555-{line}",
-        f"{area}.555.{line}",
-        f"+1 {area} 555 {line}",
-        f"{area}555{line}",
-        f"+1-{area}-555-{line}",
-        f"1-{area}-555-{line}",
-        f"{area} 555 {line}",
-        f"+1 ({area}) 555-{line}",
-        f"+1{area}555{line}",
-    ))
+    return rng.choice(
+        (
+            f"({area}) 555-{line}",
+            f"{area}-555-{line}",
+            f"{area}.555.{line}",
+            f"+1 {area} 555 {line}",
+            f"{area}555{line}",
+            f"+1-{area}-555-{line}",
+            f"1-{area}-555-{line}",
+            f"{area} 555 {line}",
+            f"+1 ({area}) 555-{line}",
+            f"+1{area}555{line}",
+        )
+    )
 
 
 def _email_address(rng, first, last):
     first = "".join(c for c in first.lower() if c.isalnum())
     last = "".join(c for c in last.lower() if c.isalnum())
-    local = rng.choice((
-        f"{first}.{last}", f"{first[0]}{last}", f"{first}{last[0]}", f"{first}_{last}",
-        f"{last}.{first}", f"{first}{rng.randrange(10, 100)}", f"{first}.{last}{rng.randrange(1, 100)}",
-    ))
+    local = rng.choice(
+        (
+            f"{first}.{last}",
+            f"{first[0]}{last}",
+            f"{first}{last[0]}",
+            f"{first}_{last}",
+            f"{last}.{first}",
+            f"{first}{rng.randrange(10, 100)}",
+            f"{first}.{last}{rng.randrange(1, 100)}",
+        )
+    )
     return f"{local}@{rng.choice(EMAIL_DOMAINS)}"
 
 
@@ -194,8 +391,7 @@ def _draw_person(rng):
     if present["date"]:
         written["date"] = _spell_date(rng, date)
 
-    values = {"name": name, "age": age, "city": city, "email": email,
-              "phone": f"+1{area}555{line}", "date": date.isoformat()}
+    values = {"name": name, "age": age, "city": city, "email": email, "phone": f"+1{area}555{line}", "date": date.isoformat()}
     record = {key: values[key] if present[key] else None for key in KEYS}
     return record, written, {"first": first, **PRONOUNS[gender]}
 
@@ -208,21 +404,22 @@ def _draw_person(rng):
 FIRST_PERSON = {
     "age": ("I'm {age}", "I am {age} years old", "I'm {age} years old", "age {age}"),
     "city": ("I live in {city}", "I'm based in {city}", "I'm in {city}", "I just moved to {city}"),
-    "email": ("my email is {email}", "you can email me at {email}", "reach me at {email}",
-              "email: {email}"),
-    "phone": ("my number is {phone}", "call me at {phone}", "my cell is {phone}",
-              "phone: {phone}", "text me on {phone}"),
-    "date": ("I'd like to meet on {date}", "I'm available on {date}", "my start date is {date}",
-             "I can come in on {date}", "I'll be free on {date}"),
+    "email": ("my email is {email}", "you can email me at {email}", "reach me at {email}", "email: {email}"),
+    "phone": ("my number is {phone}", "call me at {phone}", "my cell is {phone}", "phone: {phone}", "text me on {phone}"),
+    "date": (
+        "I'd like to meet on {date}",
+        "I'm available on {date}",
+        "my start date is {date}",
+        "I can come in on {date}",
+        "I'll be free on {date}",
+    ),
 }
 THIRD_PERSON = {
     "age": ("{subj} is {age}", "{subj}'s {age} years old", "age {age}", "{subj} is {age} years old"),
-    "city": ("{subj} lives in {city}", "{subj}'s based in {city}", "based in {city}",
-             "located in {city}"),
+    "city": ("{subj} lives in {city}", "{subj}'s based in {city}", "based in {city}", "located in {city}"),
     "email": ("{poss} email is {email}", "email {email}", "reachable at {email}"),
     "phone": ("{poss} number is {phone}", "cell {phone}", "phone {phone}", "call {obj} at {phone}"),
-    "date": ("follow up on {date}", "meeting set for {date}", "{subj} starts on {date}",
-             "callback scheduled for {date}"),
+    "date": ("follow up on {date}", "meeting set for {date}", "{subj} starts on {date}", "callback scheduled for {date}"),
 }
 TERSE = {
     "age": ("{age} y/o", "age {age}", "{age} yrs", "aged {age}"),
@@ -275,8 +472,7 @@ def _email_message(rng, written, person):
     greeting = rng.choice(("Hi,", "Hello,", "Dear team,", "Hi there,", "Good morning,"))
     if "name" in written and rng.random() < 0.25:
         # A referral: the sender writes about someone else.
-        intro = rng.choice(("I'd like to introduce {name}.", "Referring {name} to you.",
-                            "Please add {name} to the list."))
+        intro = rng.choice(("I'd like to introduce {name}.", "Referring {name} to you.", "Please add {name} to the list."))
         sentences = [_fill(intro, written, person)]
         sentences += [c + "." for c in _clauses(rng, THIRD_PERSON, fields, written, person, True)]
         return f"{greeting} {' '.join(sentences)} Thanks!"
@@ -285,12 +481,18 @@ def _email_message(rng, written, person):
         intro = rng.choice(("My name is {name}.", "This is {name}.", "I'm {name}, writing about the opening."))
         sentences.append(_fill(intro, written, person))
     else:
-        sentences.append(rng.choice(("I'm writing about the open position.",
-                                     "I saw your listing online.")))
-    sentences.append(_maybe(rng, ("I'm interested in the apartment on Elm Street.",
-                                  "I saw your post about the weekend workshop.",
-                                  "Following up on our call last week.",
-                                  "I'd love to join the volunteer program.")))
+        sentences.append(rng.choice(("I'm writing about the open position.", "I saw your listing online.")))
+    sentences.append(
+        _maybe(
+            rng,
+            (
+                "I'm interested in the apartment on Elm Street.",
+                "I saw your post about the weekend workshop.",
+                "Following up on our call last week.",
+                "I'd love to join the volunteer program.",
+            ),
+        )
+    )
     sentences += [c + "." for c in _clauses(rng, FIRST_PERSON, fields, written, person, True)]
     sign_off = rng.choice(("Thanks,", "Best,", "Regards,"))
     signature = f" {person['first']}" if "name" in written and rng.random() < 0.5 else ""
@@ -300,11 +502,17 @@ def _email_message(rng, written, person):
 def _note_message(rng, written, person):
     fields = _shuffled_details(rng, written)
     if "name" in written:
-        opener = rng.choice(("Met {name} today", "Spoke with {name}", "Note: {name}",
-                             "Lunch with {name}", "{name}"))
-        opener = _fill(opener, written, person) + _maybe(rng, (
-            " at the trade show", " at the school fundraiser", " after the conference",
-            " at the coffee shop", " about the kitchen remodel"))
+        opener = rng.choice(("Met {name} today", "Spoke with {name}", "Note: {name}", "Lunch with {name}", "{name}"))
+        opener = _fill(opener, written, person) + _maybe(
+            rng,
+            (
+                " at the trade show",
+                " at the school fundraiser",
+                " after the conference",
+                " at the coffee shop",
+                " about the kitchen remodel",
+            ),
+        )
     else:
         opener = rng.choice(("Walk-in, no name given", "Caller didn't leave a name"))
     clauses = _clauses(rng, TERSE, fields, written, person, False)
@@ -319,13 +527,11 @@ def _chat_message(rng, written, person):
         clauses = _clauses(rng, THIRD_PERSON, fields, written, person, False)
     else:
         if "name" in written:
-            intro = rng.choice(("hey! it's {name} from the meetup", "hi, {name} here",
-                                "hey it's {name}"))
+            intro = rng.choice(("hey! it's {name} from the meetup", "hi, {name} here", "hey it's {name}"))
         else:
             intro = rng.choice(("hey, new number", "hi! from the meetup"))
         clauses = _clauses(rng, FIRST_PERSON, fields, written, person, False)
-    aside = _maybe(rng, ("sorry for the late reply", "still keen on the bike", "lmk if that works",
-                         "great seeing you"))
+    aside = _maybe(rng, ("sorry for the late reply", "still keen on the bike", "lmk if that works", "great seeing you"))
     if aside:
         clauses.append(aside)
     separator = rng.choice((", ", " - ", ". "))
@@ -355,17 +561,16 @@ def _crm_message(rng, written, person):
         return _labelled_lines(rng, written, header, keep_order=False)
     fields = _shuffled_details(rng, written)
     subject = _fill("{name}", written, person) if "name" in written else "Unnamed lead"
-    lead = rng.choice(("requested a demo", "asked for pricing", "renewed the contract",
-                       "called about billing"))
+    lead = rng.choice(("requested a demo", "asked for pricing", "renewed the contract", "called about billing"))
     clauses = _clauses(rng, THIRD_PERSON, fields, written, person, True)
-    interest = _maybe(rng, (" Interested in the premium plan.", " Prefers email over calls.",
-                            " Warm lead from the webinar."))
+    interest = _maybe(rng, (" Interested in the premium plan.", " Prefers email over calls.", " Warm lead from the webinar."))
     return f"CRM: {subject} {lead}.{interest} " + " ".join(c + "." for c in clauses)
 
 
 def _form_message(rng, written, person):
-    header = rng.choice(("New sign-up\n", "Registration form:\n", "Web form submission\n",
-                         "Volunteer application - ", "Newsletter sign-up: "))
+    header = rng.choice(
+        ("New sign-up\n", "Registration form:\n", "Web form submission\n", "Volunteer application - ", "Newsletter sign-up: ")
+    )
     return _labelled_lines(rng, written, header, keep_order=rng.random() < 0.6)
 
 
@@ -373,19 +578,16 @@ def _voicemail_message(rng, written, person):
     fields = _shuffled_details(rng, written)
     header = rng.choice(("Voicemail transcript: ", "[Voicemail] ", "Transcribed voicemail: "))
     if "name" in written:
-        intro = _fill(rng.choice(("Hi, this is {name}", "Hello, um, it's {name}",
-                                  "Hey, {name} calling")), written, person)
+        intro = _fill(rng.choice(("Hi, this is {name}", "Hello, um, it's {name}", "Hey, {name} calling")), written, person)
     else:
         intro = "Hi, um, hello"
-    reason = rng.choice(("about the apartment", "returning your call", "about the job posting",
-                         "regarding my appointment"))
+    reason = rng.choice(("about the apartment", "returning your call", "about the job posting", "regarding my appointment"))
     clauses = _clauses(rng, FIRST_PERSON, fields, written, person, True)
     filler = _maybe(rng, (" Um, anyway.", " Sorry I missed you.", " Hope you're well."))
     return f"{header}{intro}, {reason}.{filler} " + ". ".join(clauses) + ". Thanks, bye."
 
 
-MESSAGE_KINDS = (_email_message, _note_message, _chat_message, _crm_message, _form_message,
-                 _voicemail_message)
+MESSAGE_KINDS = (_email_message, _note_message, _chat_message, _crm_message, _form_message, _voicemail_message)
 
 
 def _draw(rng):
@@ -445,10 +647,14 @@ def _applicable_mistakes(record, written):
 def _mistaken_answer(rng, mistake, record, written):
     wrong = dict(record)
     if mistake == "extra_prose":
-        return rng.choice((
-            "Here is the contact record:\n{}", "Sure! {}", "```json\n{}\n```",
-            "{}\n\nLet me know if you need anything else.",
-        )).format(compact(record))
+        return rng.choice(
+            (
+                "Here is the contact record:\n{}",
+                "Sure! {}",
+                "```json\n{}\n```",
+                "{}\n\nLet me know if you need anything else.",
+            )
+        ).format(compact(record))
     if mistake == "key_order":
         keys = list(KEYS)
         while tuple(keys) == KEYS:
@@ -461,9 +667,7 @@ def _mistaken_answer(rng, mistake, record, written):
     elif mistake == "phone_format":
         national = record["phone"][2:]
         as_written = written["phone"]
-        wrong["phone"] = (
-            as_written if as_written != record["phone"] else f"({national[:3]}) {national[3:6]}-{national[6:]}"
-        )
+        wrong["phone"] = as_written if as_written != record["phone"] else f"({national[:3]}) {national[3:6]}-{national[6:]}"
     elif mistake == "title_in_name":
         wrong["name"] = written["name"]
     elif mistake == "email_case":
@@ -487,12 +691,14 @@ def generate_preferences(n, seed, exclude=()):
         mistake = rng.choice(MISTAKES)
         # Draw until a message allows the mistake, so that every kind is about equally common.
         message, record, written = next(d for d in draws if mistake in _applicable_mistakes(*d[1:]))
-        rows.append({
-            "prompt": [user_message(message)],
-            "chosen": [{"role": "assistant", "content": compact(record)}],
-            "rejected": [{"role": "assistant", "content": _mistaken_answer(rng, mistake, record, written)}],
-            "mistake": mistake,
-        })
+        rows.append(
+            {
+                "prompt": [user_message(message)],
+                "chosen": [{"role": "assistant", "content": compact(record)}],
+                "rejected": [{"role": "assistant", "content": _mistaken_answer(rng, mistake, record, written)}],
+                "mistake": mistake,
+            }
+        )
     return rows
 
 
@@ -503,8 +709,7 @@ def generate_preferences(n, seed, exclude=()):
 
 def _write_jsonl_atomically(path, rows):
     """Write ``rows`` so that ``path`` holds either the old file or the whole new one."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as tmp:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
         try:
             tmp.writelines(json.dumps(row) + "\n" for row in rows)
             tmp.flush()

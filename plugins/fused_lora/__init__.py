@@ -20,9 +20,8 @@ import weakref
 from collections import Counter
 
 import torch
-from torch import nn
-
 from ftengine import hookimpl
+from torch import nn
 
 requires = ("lora",)
 

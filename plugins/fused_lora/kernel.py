@@ -75,9 +75,7 @@ def _prune(configs, named_args, **kwargs):
 def _autotune(configs, key, reset_to_zero=None):
     """Autotune on GPU, keyed on the shape (T bucketed to a power of two, so that ragged batches
     share one tuning); under the interpreter, always the one small configuration."""
-    return triton.autotune(
-        configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by={"early_config_prune": _prune}
-    )
+    return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by={"early_config_prune": _prune})
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,13 +194,29 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 @_autotune(_SKINNY_CONFIGS, key=["T_BUCKET", "k", "r"])
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down(
-    X, A, S,
-    T, k, r, T_BUCKET,
-    stride_xt, stride_xk, stride_ar, stride_ak,
-    seed, p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
-):  # fmt: skip
+    X,
+    A,
+    S,
+    T,
+    k,
+    r,
+    T_BUCKET,
+    stride_xt,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    seed,
+    p,
+    keep_scale,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
     """S[T, r] = dropout(X) Aᵀ; one program per BLOCK_T rows, looping over k."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ranks = tl.arange(0, BLOCK_R)
@@ -220,15 +234,40 @@ def _lora_down(
 @_autotune(_GEMM_CONFIGS, key=["T_BUCKET", "n", "k", "r"])
 @triton.jit
 def _lora_fwd(
-    X, W, W_packed, W_absmax, W_code, S, B, bias, column_scale, Y,
-    T, n, k, r, T_BUCKET,
-    stride_xt, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+    X,
+    W,
+    W_packed,
+    W_absmax,
+    W_code,
+    S,
+    B,
+    bias,
+    column_scale,
+    Y,
+    T,
+    n,
+    k,
+    r,
+    T_BUCKET,
+    stride_xt,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_bn,
+    stride_br,
     scale,
-    HAS_BIAS: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
-    HAS_NF4_WEIGHT: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
-):  # fmt: skip
+    HAS_BIAS: tl.constexpr,
+    HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_NF4_WEIGHT: tl.constexpr,
+    NF4_BLOCKSIZE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
     """Y[T, n] = (X Wᵀ + s·S Bᵀ) ⊙ g (+ bias): the rank-r product is one more step of the K
     loop; DoRA's column scale g (fp32 ``[n]``) multiplies the accumulator in the epilogue.
 
@@ -262,14 +301,37 @@ def _lora_fwd(
 @_autotune(_SKINNY_CONFIGS, key=["T_BUCKET", "n", "r"], reset_to_zero=["dS", "dB", "dbias", "GY"])
 @triton.jit
 def _lora_grad_sb(
-    G, B, S, column_scale, Y, bias, dS, dB, dbias, GY,
-    T, n, r, T_BUCKET,
-    stride_gt, stride_gn, stride_bn, stride_br,
+    G,
+    B,
+    S,
+    column_scale,
+    Y,
+    bias,
+    dS,
+    dB,
+    dbias,
+    GY,
+    T,
+    n,
+    r,
+    T_BUCKET,
+    stride_gt,
+    stride_gn,
+    stride_bn,
+    stride_br,
     scale,
-    HAS_DBIAS: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr, HAS_GY: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
-):  # fmt: skip
+    HAS_DBIAS: tl.constexpr,
+    HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_GY: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
     """dS[T, r] = s·G' B and dB[n, r] = s·G'ᵀ S, G' = G ⊙ g, from one read of G; from the same
     tiles dbias = Σ_t G and, for DoRA's magnitude, GY[n] = Σ_t G ⊙ (Y − bias).
 
@@ -310,13 +372,27 @@ def _lora_grad_sb(
 @_autotune(_SKINNY_CONFIGS, key=["T_BUCKET", "k", "r"], reset_to_zero=["dA"])
 @triton.jit(do_not_specialize=["seed"])
 def _lora_grad_a(
-    dS, X, dA,
-    T, k, r, T_BUCKET,
-    stride_xt, stride_xk,
-    seed, p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
-):  # fmt: skip
+    dS,
+    X,
+    dA,
+    T,
+    k,
+    r,
+    T_BUCKET,
+    stride_xt,
+    stride_xk,
+    seed,
+    p,
+    keep_scale,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
     """dA[r, k] = dSᵀ dropout(X), the mask regenerated from the seed.
 
     Program (i, j) owns column block i of X and every num_programs(1)-th row block from j; the
@@ -339,15 +415,41 @@ def _lora_grad_a(
 @_autotune(_GEMM_CONFIGS, key=["T_BUCKET", "n", "k", "r"])
 @triton.jit(do_not_specialize=["seed"])
 def _lora_grad_x(
-    G, W, W_packed, W_absmax, W_code, dS, A, column_scale, dX,
-    T, n, k, r, T_BUCKET,
-    stride_gt, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
-    seed, p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
-    HAS_NF4_WEIGHT: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
-):  # fmt: skip
+    G,
+    W,
+    W_packed,
+    W_absmax,
+    W_code,
+    dS,
+    A,
+    column_scale,
+    dX,
+    T,
+    n,
+    k,
+    r,
+    T_BUCKET,
+    stride_gt,
+    stride_gn,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    seed,
+    p,
+    keep_scale,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_NF4_WEIGHT: tl.constexpr,
+    NF4_BLOCKSIZE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
     """dX[T, k] = G' W + (dS A) ⊙ D, G' = G ⊙ g (each G tile scaled as it is loaded; G' = G
     without a column scale).
 
@@ -390,9 +492,16 @@ def _dropout_mask_kernel(M, T, k, seed, p, keep_scale, BLOCK_T: tl.constexpr, BL
 
 @triton.jit
 def _nf4_dequantize_kernel(
-    W_packed, W_absmax, W_code, out, n, k,
-    NF4_BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    W_packed,
+    W_absmax,
+    W_code,
+    out,
+    n,
+    k,
+    NF4_BLOCKSIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     w = _load_nf4(W_packed, W_absmax, W_code, outs, k0, n, k, BLOCK_K, NF4_BLOCKSIZE)
@@ -508,7 +617,7 @@ def _weight_operands(weight):
     return (weight, None, None, None), weight.stride(), {"HAS_NF4_WEIGHT": False, "NF4_BLOCKSIZE": 1}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _target_programs(device):
     """Programs that fill the device: two per SM (a fixed small number under the interpreter)."""
     if INTERPRETED:
@@ -550,9 +659,21 @@ def dora_row_norm(weight, lora_a, lora_b, scale):
     r = lora_a.shape[0]
     weight_a = torch.empty(n, r, device=weight.device, dtype=torch.float32)
     _lora_down[lambda m: (triton.cdiv(n, m["BLOCK_T"]),)](
-        weight, lora_a, weight_a, n, k, r, triton.next_power_of_2(n), *weight.stride(), *lora_a.stride(),
-        seed=0, p=0.0, keep_scale=1.0, HAS_DROPOUT=False, **_common_meta(weight, r),
-    )  # fmt: skip
+        weight,
+        lora_a,
+        weight_a,
+        n,
+        k,
+        r,
+        triton.next_power_of_2(n),
+        *weight.stride(),
+        *lora_a.stride(),
+        seed=0,
+        p=0.0,
+        keep_scale=1.0,
+        HAS_DROPOUT=False,
+        **_common_meta(weight, r),
+    )
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         a, b = lora_a.float(), lora_b.float()
         squared = (
@@ -624,14 +745,41 @@ class FusedLoraFunction(torch.autograd.Function):
         if T > 0:
             bucket = triton.next_power_of_2(T)
             _lora_down[lambda m: (triton.cdiv(T, m["BLOCK_T"]),)](
-                x, lora_a, s, T, k, r, bucket, *x.stride(), *lora_a.stride(),
-                **dropout, HAS_DROPOUT=dropout_p > 0, **meta,
-            )  # fmt: skip
+                x,
+                lora_a,
+                s,
+                T,
+                k,
+                r,
+                bucket,
+                *x.stride(),
+                *lora_a.stride(),
+                **dropout,
+                HAS_DROPOUT=dropout_p > 0,
+                **meta,
+            )
             _lora_fwd[lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(n, m["BLOCK_N"]),)](
-                x, *weight_pointers, s, lora_b, bias, column_scale, y, T, n, k, r, bucket,
-                *x.stride(), *weight_strides, *lora_b.stride(), float(scale),
-                HAS_BIAS=bias is not None, HAS_COLUMN_SCALE=is_dora, **weight_meta, **meta,
-            )  # fmt: skip
+                x,
+                *weight_pointers,
+                s,
+                lora_b,
+                bias,
+                column_scale,
+                y,
+                T,
+                n,
+                k,
+                r,
+                bucket,
+                *x.stride(),
+                *weight_strides,
+                *lora_b.stride(),
+                float(scale),
+                HAS_BIAS=bias is not None,
+                HAS_COLUMN_SCALE=is_dora,
+                **weight_meta,
+                **meta,
+            )
         y_for_dm = y if ctx.needs_input_grad[5] else None
         quantized = isinstance(weight, Nf4Weight)
         dense_weight = None if quantized else weight
@@ -662,28 +810,70 @@ class FusedLoraFunction(torch.autograd.Function):
                 _split(triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(n, m["BLOCK_N"]), x.device),
             )
             _lora_grad_sb[sb_grid](
-                g, lora_b, s, column_scale, y, bias, ds, db, dbias, gy, T, n, r, bucket,
-                *g.stride(), *lora_b.stride(), ctx.scale,
-                HAS_DBIAS=need_bias, HAS_COLUMN_SCALE=has_column_scale, HAS_GY=need_magnitude,
-                HAS_BIAS=bias is not None, **meta,
-            )  # fmt: skip
+                g,
+                lora_b,
+                s,
+                column_scale,
+                y,
+                bias,
+                ds,
+                db,
+                dbias,
+                gy,
+                T,
+                n,
+                r,
+                bucket,
+                *g.stride(),
+                *lora_b.stride(),
+                ctx.scale,
+                HAS_DBIAS=need_bias,
+                HAS_COLUMN_SCALE=has_column_scale,
+                HAS_GY=need_magnitude,
+                HAS_BIAS=bias is not None,
+                **meta,
+            )
             if need_a:
                 a_grid = lambda m: (  # noqa: E731
                     triton.cdiv(k, m["BLOCK_K"]),
                     _split(triton.cdiv(k, m["BLOCK_K"]), triton.cdiv(T, m["BLOCK_T"]), x.device),
                 )
                 _lora_grad_a[a_grid](
-                    ds, x, da, T, k, r, bucket, *x.stride(),
-                    **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, **meta,
-                )  # fmt: skip
+                    ds,
+                    x,
+                    da,
+                    T,
+                    k,
+                    r,
+                    bucket,
+                    *x.stride(),
+                    **ctx.dropout,
+                    HAS_DROPOUT=ctx.dropout["p"] > 0,
+                    **meta,
+                )
             if need_x:
                 weight_pointers, weight_strides, weight_meta = _weight_operands(weight)
                 _lora_grad_x[lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(k, m["BLOCK_K"]),)](
-                    g, *weight_pointers, ds, lora_a, column_scale, dx, T, n, k, r, bucket,
-                    *g.stride(), *weight_strides, *lora_a.stride(),
-                    **ctx.dropout, HAS_DROPOUT=ctx.dropout["p"] > 0, HAS_COLUMN_SCALE=has_column_scale,
-                    **weight_meta, **meta,
-                )  # fmt: skip
+                    g,
+                    *weight_pointers,
+                    ds,
+                    lora_a,
+                    column_scale,
+                    dx,
+                    T,
+                    n,
+                    k,
+                    r,
+                    bucket,
+                    *g.stride(),
+                    *weight_strides,
+                    *lora_a.stride(),
+                    **ctx.dropout,
+                    HAS_DROPOUT=ctx.dropout["p"] > 0,
+                    HAS_COLUMN_SCALE=has_column_scale,
+                    **weight_meta,
+                    **meta,
+                )
         grad_a = da.to(lora_a.dtype) if need_a else None
         grad_b = db.to(lora_b.dtype) if need_b else None
         grad_bias = dbias.to(x.dtype) if need_bias else None
@@ -691,9 +881,7 @@ class FusedLoraFunction(torch.autograd.Function):
         return dx, None, grad_bias, grad_a, grad_b, grad_magnitude, None, None, None
 
 
-def fused_lora_linear(
-    x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None, training=True, magnitude=None
-):
+def fused_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None, training=True, magnitude=None):
     """``x Wᵀ + bias + scale · dropout(x) Aᵀ Bᵀ`` through the fused kernels; with ``magnitude``,
     DoRA: ``(m / ‖W + scale·BA‖) ⊙ (x Wᵀ + scale · x Aᵀ Bᵀ) + bias``, the norm per output row.
 

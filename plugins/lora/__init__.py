@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt, ValidationError
-
 from ftengine import hookimpl
 from ftengine.config import Section
 from ftengine.errors import AdapterError, ConfigError
+from pydantic import Field, PositiveInt, ValidationError
 
 from . import hookspecs, peft_format
 from .layer import inject_adapter, linear_modules, lora_layers, select_targets, unwrap_merged
@@ -65,12 +64,16 @@ def ftengine_validate(config):
         problems.append(f"lora.adapter_name: {adapter_name_problem(options.adapter_name)}")
     targets = options.target_modules
     if isinstance(targets, list) and not targets:
-        problems.append("lora.target_modules: the list is empty; name the layers to adapt, e.g. [q_proj, v_proj], or use 'all-linear'")
+        problems.append(
+            "lora.target_modules: the list is empty; name the layers to adapt, e.g. [q_proj, v_proj], or use 'all-linear'"
+        )
     elif isinstance(targets, str) and targets != "all-linear":
         try:
             re.compile(targets)
         except re.error as exc:
-            problems.append(f"lora.target_modules: {targets!r} is not a valid regular expression ({exc}); use a list of names or 'all-linear'")
+            problems.append(
+                f"lora.target_modules: {targets!r} is not a valid regular expression ({exc}); use a list of names or 'all-linear'"
+            )
     return problems
 
 
@@ -105,9 +108,16 @@ def ftengine_inject_adapters(model, config, pluginmanager):
         raise ConfigError([_no_target_message(model, "lora.target_modules", options.target_modules)])
     variant = pluginmanager.hook.ftengine_lora_variant(config=config)
     layers = inject_adapter(
-        model, paths, options.adapter_name, r=options.r, alpha=options.alpha, dropout=options.dropout,
-        rslora=options.rslora, init=options.init, variant=variant,
-    )  # fmt: skip
+        model,
+        paths,
+        options.adapter_name,
+        r=options.r,
+        alpha=options.alpha,
+        dropout=options.dropout,
+        rslora=options.rslora,
+        init=options.init,
+        variant=variant,
+    )
     for layer in layers:
         layer.set_active_adapter(options.adapter_name)
 
@@ -149,10 +159,14 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
         return None
     try:
         options = LoraOptions(
-            r=adapter["r"], alpha=adapter["lora_alpha"], dropout=adapter["lora_dropout"],
-            target_modules=adapter["target_modules"], rslora=adapter["use_rslora"],
-            init="gaussian" if adapter["init_lora_weights"] == "gaussian" else "kaiming", adapter_name=name,
-        )  # fmt: skip
+            r=adapter["r"],
+            alpha=adapter["lora_alpha"],
+            dropout=adapter["lora_dropout"],
+            target_modules=adapter["target_modules"],
+            rslora=adapter["use_rslora"],
+            init="gaussian" if adapter["init_lora_weights"] == "gaussian" else "kaiming",
+            adapter_name=name,
+        )
     except ValidationError as exc:
         error = exc.errors()[0]
         raise AdapterError(f"{path / peft_format.ADAPTER_CONFIG}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
@@ -164,7 +178,9 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     modules = linear_modules(model)
     targets = select_targets(model, options.target_modules)
     if not targets:
-        raise AdapterError(_no_target_message(model, f"{path / peft_format.ADAPTER_CONFIG}: target_modules", options.target_modules))
+        raise AdapterError(
+            _no_target_message(model, f"{path / peft_format.ADAPTER_CONFIG}: target_modules", options.target_modules)
+        )
     tensors = peft_format.read_adapter_tensors(path)
 
     def expected_shapes(module):
@@ -173,9 +189,16 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
 
     peft_format.check_fits(path, modules, targets, tensors, expected_shapes)
     layers = inject_adapter(
-        model, targets, name, r=options.r, alpha=options.alpha, dropout=options.dropout,
-        rslora=options.rslora, init=options.init, variant=variant,
-    )  # fmt: skip
+        model,
+        targets,
+        name,
+        r=options.r,
+        alpha=options.alpha,
+        dropout=options.dropout,
+        rslora=options.rslora,
+        init=options.init,
+        variant=variant,
+    )
     with torch.no_grad():
         for target, layer in zip(targets, layers):
             parameters = dict(layer.named_parameters())

@@ -30,9 +30,8 @@ import math
 import re
 
 import torch
-from torch import nn
-
 from ftengine.errors import AdapterError
+from torch import nn
 
 
 def lora_scaling(alpha, r, rslora):

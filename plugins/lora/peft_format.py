@@ -20,11 +20,10 @@ neutral value and refused otherwise; keys ftengine does not know are dropped wit
 import json
 import warnings
 
-from safetensors import safe_open
-
 from ftengine.checkpoint import atomic_save_safetensors, atomic_write_text
 from ftengine.errors import AdapterError
 from ftengine.inference import ADAPTER_CONFIG, read_adapter_config
+from safetensors import safe_open
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -54,12 +53,32 @@ UNSUPPORTED_OPTIONS = {
 }
 # PEFT keys that describe how an adapter was made, not what it computes.
 METADATA_KEYS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-    "peft_version", "auto_mapping", "megatron_config", "megatron_core", "loftq_config",
-    "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
-}  # fmt: skip
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
 # The keys ftengine reads, with the values PEFT's LoraConfig assumes when a config omits them.
-READ_KEYS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True, "target_modules": None}
+READ_KEYS = {
+    "r": 8,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "use_rslora": False,
+    "use_dora": False,
+    "init_lora_weights": True,
+    "target_modules": None,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +185,9 @@ def read_lora_config(directory):
     unsupported = [k for k, neutral in UNSUPPORTED_OPTIONS.items() if k in config and not _is_neutral(config[k], neutral)]
     if unsupported:
         key = unsupported[0]
-        raise AdapterError(f"{path}: '{key}': {config[key]!r} is a PEFT option ftengine does not support (only {UNSUPPORTED_OPTIONS[key]!r})")
+        raise AdapterError(
+            f"{path}: '{key}': {config[key]!r} is a PEFT option ftengine does not support (only {UNSUPPORTED_OPTIONS[key]!r})"
+        )
     if not config.get("target_modules"):
         raise AdapterError(f"{path}: target_modules is not set (ftengine does not guess the adapted layers from the model type)")
     unknown = sorted(set(config) - set(READ_KEYS) - METADATA_KEYS - set(UNSUPPORTED_OPTIONS))
@@ -199,13 +220,17 @@ def check_fits(directory, model_modules, target_paths, tensors, expected_shapes)
     where = directory / WEIGHTS_FILE
     for path in tensors:
         if path not in model_modules:
-            raise AdapterError(f"{where}: the adapter has weights for module '{path}', which the base model does not have (is it the right base model?)")
+            raise AdapterError(
+                f"{where}: the adapter has weights for module '{path}', which the base model does not have (is it the right base model?)"
+            )
         if path not in target_paths:
             raise AdapterError(f"{where}: the adapter has weights for module '{path}', which its target_modules do not select")
     for path in target_paths:
         found = tensors.get(path)
         if found is None:
-            raise AdapterError(f"{where}: no weights for module '{path}', which the adapter's target_modules select in this base model")
+            raise AdapterError(
+                f"{where}: no weights for module '{path}', which the adapter's target_modules select in this base model"
+            )
         expected = expected_shapes(model_modules[path])
         for suffix, shape in expected.items():
             if suffix not in found:

@@ -1,7 +1,6 @@
 """Plain SGD: its update is proportional to the gradient, so tests can compare gradients."""
 
 import torch
-
 from ftengine import hookimpl
 
 

@@ -9,10 +9,9 @@ input embeddings. Install it (``pip install -e examples/neftune_plugin``), then
 import math
 
 import torch
-from pydantic import Field
-
 from ftengine import hookimpl
 from ftengine.config import Section
+from pydantic import Field
 
 __version__ = "0.1.0"
 
