@@ -47,3 +47,6 @@ class RunState:
     tokens_seen: int = 0
     tokenizer: Any = None
     extra: dict = field(default_factory=dict)
+    #: A namespace per plugin for run-scoped objects (a progress display, DPO's reference):
+    #: a plugin keeps them under its own name, ``state.plugin_data["progress"]``, never in module globals.
+    plugin_data: dict[str, Any] = field(default_factory=dict)
