@@ -8,14 +8,26 @@ checkpoint as it was.
 A checkpoint (``<output_dir>/checkpoints/step-000006/``) holds:
 
 * ``trainable.safetensors``: the trainable parameters only (a LoRA run stores just the adapter);
-* ``optimizer.pt``: the optimiser state;
-* ``state.json``: step, scheduler state, tokens seen;
-* ``rng.pt``: the torch, Python and CUDA random states, so dropout and data order continue
-  exactly as in an uninterrupted run.
+* ``optimizer.pt``: the optimiser state (tensors and numbers; read back with
+  ``torch.load(weights_only=True)``, which refuses anything that would run code);
+* ``rng.safetensors``: the torch and CUDA random states, as tensors;
+* ``state.json``: step, scheduler state, tokens seen, the Python ``random`` state (as JSON), and
+  ``healthy`` (false when the loop saw non-finite values); RNG state lets dropout and data order
+  continue exactly as in an uninterrupted run;
+* ``config.json``: the run's config, which ``--resume`` compares with its own.
+
+Nothing in a checkpoint is unpickled: a crafted checkpoint cannot run code. (Checkpoints from
+older versions kept the RNG state in ``rng.pt``; it is read with ``weights_only=True`` too.)
+
+Pruning keeps the newest ``keep`` checkpoints and, always, the newest *healthy* one, so a run
+that went bad cannot prune the last good checkpoint. A write that fails (disk full, permission)
+raises ``StorageError`` naming the path and the cause, and leaves the previous checkpoint as it was.
 """
 
+import errno
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -23,10 +35,42 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .errors import StorageError
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
+CONFIG_FILE = "config.json"
+
+
+def no_space(exc):
+    """Whether ``exc`` says the disk (or quota) is full, whatever library raised it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def storage_error(exc, path, what, kept=None):
+    """A ``StorageError`` for a failed write of ``path``: names the cause and what was kept.
+
+    :param what: what was being written ("checkpoint step 6", "the result").
+    :param kept: a sentence about what is intact ("the previous checkpoint ... is intact").
+    """
+    if no_space(exc):
+        cause, fix = "no space left on device", "free some space or set output_dir to a larger disk, then rerun"
+    elif isinstance(exc, PermissionError):
+        cause, fix = "permission denied", "choose an output_dir you can write to"
+    elif isinstance(exc, OSError):
+        cause, fix = exc.strerror or str(exc), "check the disk and the directory"
+    else:
+        cause, fix = str(exc), "check the disk and the directory"
+    message = f"{path}: cannot write {what}: {cause}; {fix}"
+    if kept:
+        message += f". {kept}"
+    return StorageError(message)
 
 
 def _umask():
@@ -110,25 +154,120 @@ def checkpoint_dirs(output_dir):
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def save_checkpoint(output_dir, step, params, optimizer, scheduler, state, keep=2):
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` checkpoints.
+def read_state(path):
+    """The ``state.json`` of checkpoint ``path`` (``{}`` if unreadable)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_healthy(path):
+    """Whether checkpoint ``path`` was saved from finite weights (older checkpoints count as healthy)."""
+    return read_state(path).get("healthy", True)
+
+
+def latest_checkpoint(output_dir, healthy_only=True):
+    """The newest complete (and, by default, healthy) checkpoint under ``output_dir``, or ``None``."""
+    found = [p for p in checkpoint_dirs(output_dir) if not healthy_only or is_healthy(p)]
+    return found[-1] if found else None
+
+
+def prune(output_dir, keep):
+    """Delete all but the newest ``keep`` checkpoints, never the newest healthy one."""
+    found = checkpoint_dirs(output_dir)
+    good = latest_checkpoint(output_dir)
+    for old in found[:-keep] if keep else found:
+        if old != good:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_tensors():
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    return tensors
+
+
+def _python_rng():
+    version, internal, gauss_next = random.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def save_checkpoint(output_dir, step, params, optimizer, scheduler, state, keep=2, healthy=True, config=None):
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` checkpoints (and
+    the newest healthy one).
 
     :param params: ``{name: parameter}`` of the trainable parameters.
     :param state: JSON-serialisable run state (tokens seen, ...).
+    :param healthy: ``False`` when the weights or the last steps were not finite: such a
+        checkpoint is kept for inspection but never resumed from, and cannot cause the last
+        healthy one to be pruned.
+    :param config: the run's config as plain data, stored as ``config.json`` for ``--resume`` to compare.
+    :raises StorageError: the write failed (disk full, ...); the previous checkpoint is intact.
     """
     target = Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:06d}"
-    with atomic_directory(target) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        record = {"step": step, "scheduler": scheduler.state_dict(), **state}
-        (tmp / "state.json").write_text(json.dumps(record, indent=1))
-    for old in checkpoint_dirs(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        with atomic_directory(target) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, tmp / "trainable.safetensors")
+            # A file object, not a path: torch then reports a full disk as OSError(ENOSPC).
+            with open(tmp / "optimizer.pt", "wb") as handle:
+                torch.save(optimizer.state_dict(), handle)
+            save_file(_rng_tensors(), tmp / "rng.safetensors")
+            record = {
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                **state,
+                "healthy": bool(healthy),
+                "python_rng": _python_rng(),
+            }
+            (tmp / "state.json").write_text(json.dumps(record, indent=1))
+            if config is not None:
+                (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        previous = latest_checkpoint(output_dir, healthy_only=False)
+        kept = f"The previous checkpoint {previous} is intact" if previous else "No earlier checkpoint existed"
+        raise storage_error(exc, target, f"checkpoint step {step}", kept) from exc
+    prune(output_dir, keep)
     return target
+
+
+def checkpoint_config(path):
+    """The config (plain data) recorded in checkpoint ``path``, or ``None`` for older checkpoints."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    return json.loads(config_path.read_text())
+
+
+def _load_rng(path):
+    """The torch/CUDA RNG tensors and the Python RNG state of checkpoint ``path``; nothing is unpickled."""
+    record = read_state(path)
+    if (path / "rng.safetensors").is_file():
+        tensors = load_file(path / "rng.safetensors")
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+        python = record.get("python_rng")
+        python = (python[0], tuple(python[1]), python[2]) if python else None
+        return tensors["torch"], cuda, python
+    if not (path / "rng.pt").is_file():
+        raise StorageError(f"{path}: the checkpoint has no RNG state (rng.safetensors); it is incomplete")
+    rng = safe_torch_load(path / "rng.pt")  # checkpoints from before rng.safetensors
+    return rng["torch"], rng.get("cuda", []), rng["python"]
+
+
+def safe_torch_load(path):
+    """``torch.load(path, weights_only=True)``, with a message instead of a traceback when the
+    file holds something else than tensors and numbers (a crafted pickle) or is damaged."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise StorageError(
+            f"{path}: refused to load: it holds objects other than tensors and numbers, which could run "
+            f"code when unpickled ({str(exc).splitlines()[0][:120]}). Do not resume from a checkpoint you did not write"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise StorageError(f"{path}: cannot read it ({exc}); the checkpoint is damaged, resume from an earlier one") from None
 
 
 def load_checkpoint(path, params, optimizer, scheduler):
@@ -148,12 +287,13 @@ def load_checkpoint(path, params, optimizer, scheduler):
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    torch_rng, cuda_rng, python_rng = _load_rng(path)
+    optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
     record = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(record["scheduler"])
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    torch.set_rng_state(torch_rng)
+    if python_rng is not None:
+        random.setstate(python_rng)
+    if cuda_rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
     return record

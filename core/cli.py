@@ -1,5 +1,6 @@
 """The ``ftengine`` command line: ``run``, ``plugins``, plus commands plugins register."""
 
+import errno
 import json
 import sys
 
@@ -16,14 +17,36 @@ err_console = Console(stderr=True)
 
 
 class FtengineGroup(click.Group):
-    """Prints ftengine's own errors as messages, not tracebacks, and exits with status 2."""
+    """Prints ftengine's own errors as messages, not tracebacks, and exits with status 2; so are
+    a full disk and a file that cannot be written, wherever they happen."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FtengineError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-            sys.exit(2)
+            _error(exc)
+        except Exception as exc:
+            message = _storage_message(exc)
+            if message is None:
+                raise
+            _error(message)
+
+
+def _error(message):
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    sys.exit(2)
+
+
+def _storage_message(exc):
+    """A message for a disk-full or permission failure outside the places that explain their own."""
+    from .checkpoint import no_space
+
+    path = getattr(exc, "filename", None) or "a file"
+    if no_space(exc):
+        return f"{path}: no space left on device; free some space or set output_dir to a larger disk ({exc})"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path}: {exc.strerror}; choose a location you can write to"
+    return None
 
 
 @click.group(cls=FtengineGroup)
@@ -48,19 +71,36 @@ def cli():
 @click.option("--override", "-o", "overrides", multiple=True, help="Set a config key: -o train.lr=1e-4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output_dir.")
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start afresh in an output_dir that holds an earlier run: its files are moved into output_dir/replaced-<time>/.",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Load model weights from pickle files (pytorch_model.bin), which can run code; same as -o hf_loader.allow_pickle=true.",
+)
+@click.option(
     "--eval-before/--no-eval-before", default=None, help="Also evaluate before training (default: on for the default job)."
 )
-def run(config_file, plugins, overrides, resume, eval_before):
+def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_before):
     """Train: CONFIG_FILE (YAML) plus --plugin and -o overrides.
 
     With neither CONFIG_FILE nor --plugin, runs the embedded default job (overrides apply on
     top of it, e.g. -o train.max_steps=10).
+
+    A run owns its output_dir: a second run into it is refused while the first runs, and a
+    fresh run into a directory that holds an earlier run needs --resume or --overwrite.
     """
     from .default_job import default_job_config
     from .loop import configure, train
 
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
     default_job = config_file is None and not plugins
     base = default_job_config() if default_job else None
+    if allow_pickle:
+        overrides = (*overrides, "hf_loader.allow_pickle=true")
     config, pm = configure(config_file, plugins, overrides, base=base)
     if eval_before is None:
         eval_before = default_job

@@ -161,6 +161,42 @@ def _allowed_keys(model, loc):
     return list(model.model_fields)
 
 
+#: Names other tools use for a key, too far from ours for a spelling match to find.
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "lr_rate": "lr",
+    "steps": "max_steps",
+    "num_steps": "max_steps",
+    "train_steps": "max_steps",
+    "num_train_epochs": "epochs",
+    "epoch": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "warmup": "warmup_steps",
+    "clip_grad_norm": "max_grad_norm",
+    "grad_clip": "max_grad_norm",
+    "max_seq_length": "max_length",
+    "seq_len": "max_length",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "save_steps": "save_every",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+}
+
+
+def _suggest(key, allowed):
+    """The allowed key ``key`` was probably meant to be: a known alias, else a close spelling."""
+    alias = KEY_ALIASES.get(key.lower())
+    if alias in allowed:
+        return [alias]
+    return difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+
+
 def _describe(error, model, origins, plugin_for_section):
     loc = tuple(str(p) for p in error["loc"])
     key = ".".join(loc) or "(config)"
@@ -168,7 +204,7 @@ def _describe(error, model, origins, plugin_for_section):
     prefix = f"{where}: {key}" if where else key
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, loc[:-1])
-        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+        close = _suggest(loc[-1], allowed)
         hint = f" Did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
         if len(loc) == 1 and loc[0] in plugin_for_section:
             hint = f" It belongs to plugin '{plugin_for_section[loc[0]]}': add --plugin {plugin_for_section[loc[0]]}, or remove the section."

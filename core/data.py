@@ -7,6 +7,7 @@ render prefixes consistently (some templates rewrite earlier turns) is an error 
 never a silently wrong mask.
 """
 
+import difflib
 import json
 from pathlib import Path
 
@@ -16,32 +17,84 @@ from .errors import DataError
 from .state import Datasets
 
 IGNORE_INDEX = -100
+#: What an SFT row looks like, for messages about files in another format.
+SFT_FORMAT = '{"prompt": "...", "response": "..."} or {"messages": [{"role": "user", "content": "..."}, ...]}'
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-def read_jsonl(path):
+def _format_hint(path, expected, suffix=None):
+    """A sentence on the expected format, with a conversion command for common other formats."""
+    hint = f"expected JSONL: one JSON object per line, {expected}"
+    suffix = suffix or path.suffix.lower()
+    out = path.with_suffix(".jsonl")
+    if out == path:
+        out = path.with_suffix(".converted.jsonl")
+    if suffix == ".json":
+        hint += (
+            f'. If {path.name} holds one JSON array of rows, convert it: python -c "import json; '
+            f"rows = json.load(open('{path}')); open('{out}', 'w').writelines(json.dumps(r) + '\\n' for r in rows)\""
+        )
+    elif suffix in (".csv", ".tsv"):
+        sep = "\\t" if suffix == ".tsv" else ","
+        hint += (
+            f'. Convert a {suffix[1:].upper()} file with named columns: python -c "import csv, json; '
+            f"rows = csv.DictReader(open('{path}', newline=''), delimiter='{sep}'); "
+            f"open('{out}', 'w').writelines(json.dumps(r) + '\\n' for r in rows)\""
+        )
+    elif suffix == ".parquet":
+        hint += f". Convert it: python -c \"import pandas as pd; pd.read_parquet('{path}').to_json('{out}', orient='records', lines=True)\""
+    return hint
+
+
+def read_jsonl(path, expected=SFT_FORMAT):
     """Yield ``(row, "file:line")`` for each non-blank line of a JSONL file.
 
-    :raises DataError: for a missing or empty file, malformed JSON or a non-object line.
+    :param expected: what a row should look like, shown when the file is in another format.
+    :raises DataError: for a missing or empty file, a directory, a binary (Parquet) file,
+        invalid UTF-8, malformed JSON or a non-object line.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"{path}: is a directory; data.train / data.eval must each be one JSONL file "
+            f"(to use several files, concatenate them: cat {path}/*.jsonl > all.jsonl)"
+        )
     if not path.is_file():
         raise DataError(f"{path}: data file not found (check data.train / data.eval)")
     count = 0
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror})") from None
+    with handle:
+        if handle.read(4) == b"PAR1":
+            raise DataError(f"{path}: is a Parquet file; {_format_hint(path, expected, suffix='.parquet')}")
+        handle.seek(0)
+        for number, raw in enumerate(handle, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    f"save the file as UTF-8 ({_format_hint(path, expected)})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                raise DataError(
+                    f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); {_format_hint(path, expected)}"
+                ) from None
             if not isinstance(row, dict):
-                raise DataError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+                raise DataError(
+                    f"{where}: each line must be a JSON object, got {type(row).__name__}; {_format_hint(path, expected)}"
+                )
             count += 1
             yield row, where
     if count == 0:
-        raise DataError(f"{path}: the file holds no rows (expected one JSON object per line)")
+        raise DataError(f"{path}: the file holds no rows ({_format_hint(path, expected)})")
 
 
 def require_str(row, field, where, allow_empty=False):
@@ -63,6 +116,13 @@ def require_messages(value, field, where):
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise DataError(f"{where}: {field}[{i}] must be an object with a string 'role'")
+        if message["role"] not in CHAT_ROLES:
+            close = difflib.get_close_matches(message["role"].lower(), CHAT_ROLES, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise DataError(
+                f"{where}: {field}[{i}].role is {message['role']!r}, which is not a chat role "
+                f"(expected one of {', '.join(CHAT_ROLES)}).{hint}"
+            )
         if not isinstance(message.get("content"), str):
             raise DataError(f"{where}: {field}[{i}].content must be a string")
     return value
@@ -74,6 +134,11 @@ def row_to_messages(row, where):
         messages = require_messages(row["messages"], "messages", where)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: 'messages' has no assistant turn to learn from")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(
+                f"{where}: 'messages' ends with a {messages[-1]['role']!r} turn that no assistant turn answers; "
+                f"end each chat with the assistant's reply (drop the trailing turn)"
+            )
         return messages
     if "prompt" in row or "response" in row:
         prompt = require_str(row, "prompt", where, allow_empty=True)

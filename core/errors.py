@@ -25,3 +25,13 @@ class DataError(FtengineError):
 
 class AdapterError(FtengineError):
     """An adapter that does not fit the model it is loaded into."""
+
+
+class RunDirError(FtengineError):
+    """An output directory that cannot be used: a file, not writable, in use by another run, or
+    holding an earlier run that a fresh run would mix with."""
+
+
+class StorageError(FtengineError):
+    """A file that could not be written (disk full, permissions); the message names the path and
+    says what was kept intact."""

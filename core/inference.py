@@ -20,7 +20,7 @@ import click
 import torch
 
 from .checkpoint import atomic_directory
-from .errors import AdapterError
+from .errors import AdapterError, FtengineError
 from .loop import build, configure
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -123,13 +123,55 @@ def base_plugins_of_run(adapter_dir):
     return plugins, {p: config[p] for p in plugins if p in config}
 
 
-def merge_adapter(model_name, adapter_dir, out_dir, plugins=()):
+def check_merge_target(out_dir, adapter_dir, model_name=None, overwrite=False):
+    """Refuse an ``--out`` that would destroy something: the adapter (or a directory holding
+    it), the base model, the current directory, a file, or, without ``overwrite``, any
+    non-empty directory."""
+    out = Path(out_dir).expanduser().resolve()
+    protected = [("the adapter being merged", Path(adapter_dir).expanduser().resolve()), ("the current directory", Path.cwd())]
+    if model_name and Path(model_name).expanduser().exists():
+        protected.append(("the base model", Path(model_name).expanduser().resolve()))
+    for what, path in protected:
+        if out == path or out in path.parents:
+            where = "is" if out == path else "contains"
+            raise FtengineError(f"--out {out_dir}: {where} {what} ({path}); write the merged model to a new directory")
+    if out.exists() and not out.is_dir():
+        raise FtengineError(f"--out {out_dir}: is a file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FtengineError(
+            f"--out {out_dir}: the directory is not empty and merging would replace all it holds; "
+            f"choose a new directory, or pass --overwrite to replace it"
+        )
+
+
+def nonfinite_parameters(model):
+    """Names of the parameters and buffers of ``model`` that hold NaN or infinity."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False, allow_pickle=False):
     """Fold the adapter in ``adapter_dir`` into ``model_name`` and write a plain transformers
-    model (and tokenizer) to ``out_dir``, atomically; return its path."""
+    model (and tokenizer) to ``out_dir``, atomically; return its path.
+
+    :param overwrite: replace a non-empty ``out_dir`` (never the adapter, the base model or
+        the current directory).
+    :raises FtengineError: for such an ``out_dir``, or when the merged weights are not finite.
+    """
+    check_merge_target(out_dir, adapter_dir, model_name, overwrite)
     run_plugins, sections = base_plugins_of_run(adapter_dir)
+    if allow_pickle:
+        sections = {**sections, "hf_loader": {"allow_pickle": True}}
     model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, [*plugins, *run_plugins], sections)
     pm.hook.ftengine_merge_adapters(model=model)
     model = next((m for m in pm.hook.ftengine_unwrap_merged(model=model) if m is not None), model)
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise FtengineError(
+            f"{adapter_dir}: the merged model holds NaN or infinite weights ({', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); the adapter is broken (a run that diverged, "
+            f"e.g. with too high a learning rate). Nothing was written to {out_dir}"
+        )
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -149,10 +191,17 @@ _plugin_option = click.option(
 @click.option("--model", required=True, help="Base model: local transformers dir, hub id, .gguf file or 'default'.")
 @click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="PEFT adapter directory.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the merged model to.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is a non-empty directory (never the adapter's own).")
+@click.option("--allow-pickle", is_flag=True, help="Load base weights from pickle files (pytorch_model.bin); they can run code.")
 @_plugin_option
-def merge(model, adapter, out, plugins):
-    """Fold an adapter (LoRA, DoRA) into its base model and save a plain transformers model."""
-    click.echo(f"merged model written to {merge_adapter(model, adapter, out, plugins)}")
+def merge(model, adapter, out, overwrite, allow_pickle, plugins):
+    """Fold an adapter (LoRA, DoRA) into its base model and save a plain transformers model.
+
+    --out must be a new or empty directory unless --overwrite is given; it is never the
+    adapter's directory or one that contains it.
+    """
+    written = merge_adapter(model, adapter, out, plugins, overwrite=overwrite, allow_pickle=allow_pickle)
+    click.echo(f"merged model written to {written}")
 
 
 def _named_adapters(ctx, param, values):

@@ -150,11 +150,12 @@ def select_plugins(requested):
     pm.hook.ftengine_addhooks.call_historic(kwargs={"pluginmanager": pm})
     active = frozenset(plugins)
 
-    conflicting = set()
+    conflicting, missing = set(), set()
     for name, plugin in plugins.items():
         for needed in getattr(plugin, "requires", ()):
             alternatives = (needed,) if isinstance(needed, str) else tuple(needed)
             if not active & set(alternatives):
+                missing |= {a for a in alternatives if a in known}
                 options = " or ".join(f"--plugin {a}" for a in alternatives)
                 wanted = " or ".join(f"'{a}'" for a in alternatives)
                 problems.append(f"plugin '{name}' requires plugin {wanted}: add {options}.")
@@ -175,10 +176,30 @@ def select_plugins(requested):
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        problems.append(f"{exc} (a misspelled hook implementation?)")
+        if not _pending_explained_by(missing, plugins, known):
+            problems.append(f"{exc} (a misspelled hook implementation?)")
     if problems:
         raise PluginError(problems)
     return pm
+
+
+def _pending_explained_by(missing, plugins, known):
+    """Whether every unknown hook implementation would be known had the ``missing`` required
+    plugins been selected (dora implements a hook that lora adds): then the "requires" message
+    says it all, and an "unknown hook" line would only confuse."""
+    if not missing:
+        return False
+    trial = new_plugin_manager()
+    for name, plugin in plugins.items():
+        trial.register(plugin, name=name)
+    try:
+        for name in missing:
+            trial.register(import_plugin(known[name]), name=name)
+        trial.hook.ftengine_addhooks.call_historic(kwargs={"pluginmanager": trial})
+        trial.check_pending()
+    except Exception:
+        return False
+    return True
 
 
 def active_names(pm):

@@ -58,6 +58,7 @@ METHOD_PLUGINS = ("lora", "dora", "qlora", "prompt_tuning", "full")
 REFERENCE_ADAPTER = "dpo_reference"
 REF_LOGPS_FILE = "ref_logps.safetensors"
 SMOOTHED_LOSSES = ("sigmoid", "robust")
+PREFERENCE_FORMAT = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
 
 
 class DpoOptions(Section):
@@ -113,7 +114,12 @@ def load_preference_file(path, tokenizer, max_length, split):
     whose chosen or rejected response is cut off entirely is dropped. Both are counted.
     """
     examples, truncated, dropped = [], 0, 0
-    for row, where in read_jsonl(path):
+    for row, where in read_jsonl(path, expected=PREFERENCE_FORMAT):
+        if "chosen" not in row and "rejected" not in row and ("response" in row or "messages" in row):
+            raise DataError(
+                f"{where}: the dpo plugin expects preference rows {PREFERENCE_FORMAT}; this row looks like SFT "
+                f"data (keys {sorted(row)}). Train on it without --plugin dpo, or give preference pairs"
+            )
         prompt, chosen, rejected = pair_messages(row, where)
         sides = {
             field: tokenize_response(tokenizer, prompt, response, field, where)

