@@ -92,8 +92,9 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     A run owns its output_dir: a second run into it is refused while the first runs, and a
     fresh run into a directory that holds an earlier run needs --resume or --overwrite.
     """
+    from .build import configure
     from .default_job import default_job_config
-    from .loop import configure, train
+    from .loop import train
 
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
