@@ -297,3 +297,56 @@ def load_checkpoint(path, params, optimizer, scheduler):
     if cuda_rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_rng)
     return record
+
+
+# --------------------------------------------------------------------------------------------
+# resume: is the config still the one the checkpoint was trained with?
+# --------------------------------------------------------------------------------------------
+
+#: Keys a resumed run may change: they do not change what the steps so far computed.
+RESUME_SAFE_KEYS = {
+    "output_dir": "the run directory moved",
+    "train.max_steps": "the run is extended or shortened; the learning-rate schedule follows the new total",
+    "train.epochs": "the run is extended or shortened; the learning-rate schedule follows the new total",
+    "train.save_every": "checkpoint interval",
+    "train.log_every": "logging interval",
+    "train.eval_every": "evaluation interval",
+    "train.eval_batch_size": "evaluation batch size",
+    "data.eval": "evaluation data",
+    "train.on_nonfinite": "what happens on a NaN/inf step",
+    "train.max_nonfinite_skips": "what happens on a NaN/inf step",
+    "train.gradient_checkpointing": "memory only; the same gradients",
+    "train.device": "where the run computes",
+    "hf_loader.allow_pickle": "how the weights are read",
+}
+
+
+def _flatten(data, prefix=""):
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def compare_configs(saved, current):
+    """Compare a checkpoint's config with the resuming run's (both plain data).
+
+    :return: ``(errors, accepted)``: lists of ``(key, saved value, current value)``. ``errors``
+        are changes to what is trained (model, method sections, data, batch, schedule, seed);
+        ``accepted`` are the changes in ``RESUME_SAFE_KEYS``.
+    """
+    old, new = _flatten(saved), _flatten(current)
+    for flat in (old, new):  # the order plugins were named in does not matter
+        if isinstance(flat.get("plugins"), list):
+            flat["plugins"] = sorted(flat["plugins"])
+    errors, accepted = [], []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, "(not set)"), new.get(key, "(not set)")
+        if before == after:
+            continue
+        (accepted if key in RESUME_SAFE_KEYS else errors).append((key, before, after))
+    return errors, accepted

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import shlex
 import sys
 
 import click
@@ -11,6 +12,7 @@ from rich.table import Table
 from . import __version__
 from .errors import FtengineError
 from .inference import generate_command, merge
+from .signals import RunInterrupted
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,6 +27,9 @@ class FtengineGroup(click.Group):
             return super().invoke(ctx)
         except FtengineError as exc:
             _error(exc)
+        except KeyboardInterrupt as exc:  # Ctrl-C before training started, or a second one
+            err_console.print(f"[bold yellow]interrupted[/bold yellow] ({exc or 'SIGINT'})", highlight=False)
+            sys.exit(getattr(exc, "exit_code", 130))
         except Exception as exc:
             message = _storage_message(exc)
             if message is None:
@@ -101,12 +106,29 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     default_job = config_file is None and not plugins
     base = default_job_config() if default_job else None
     if allow_pickle:
-        overrides = (*overrides, "hf_loader.allow_pickle=true")
+        overrides = (*overrides, "hf_loader.allow_pickle=true")  # so the resume command keeps it
     config, pm = configure(config_file, plugins, overrides, base=base)
     if eval_before is None:
         eval_before = default_job
-    summary = train(config, pm, resume=resume, eval_before=eval_before)
+    try:
+        summary = train(config, pm, resume=resume, eval_before=eval_before, overwrite=overwrite)
+    except RunInterrupted as exc:
+        command = resume_command(config_file, plugins, overrides, eval_before if eval_before != default_job else None)
+        err_console.print(f"[bold yellow]interrupted:[/bold yellow] {exc}\ncontinue with:\n  {command}", highlight=False)
+        sys.exit(exc.exit_code)
     print_summary(summary)
+
+
+def resume_command(config_file, plugins, overrides, eval_before):
+    """The ``ftengine run ... --resume`` command that continues an interrupted run."""
+    args = ["ftengine", "run"] + ([config_file] if config_file else [])
+    for plugin in plugins:
+        args += ["--plugin", plugin]
+    for override in overrides:
+        args += ["-o", override]
+    if eval_before is not None:
+        args.append("--eval-before" if eval_before else "--no-eval-before")
+    return shlex.join([*args, "--resume"])
 
 
 def print_summary(summary):

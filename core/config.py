@@ -56,6 +56,10 @@ class TrainOptions(Section):
     eval_batch_size: PositiveInt = 16
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient norm: stop the run, or skip the step (no update)"
+    )
+    max_nonfinite_skips: NonNegativeInt = Field(10, description="with on_nonfinite: skip, stop after this many skipped steps")
 
 
 class BaseConfig(Section):

@@ -82,6 +82,22 @@ def ftengine_validate(config, active):
 
 
 @hookspec(firstresult=True)
+def ftengine_load_tokenizer(config):
+    """Load the tokenizer alone, before any model weights. Exclusive, firstresult.
+
+    A run reads and validates all its data with this tokenizer before the model loads, so a
+    bad row costs seconds, not the minutes a large model takes to load. The default (plugin
+    ``hf_loader``) reads the tokenizer of ``config.model``. A plugin that implements
+    ``ftengine_load_model`` should implement this hook too; if it does not, the data is read
+    after the model, with the tokenizer ``ftengine_load_model`` returns.
+
+    :param config: the run ``Config``.
+    :return: the tokenizer (with a pad token, right padding) that ``ftengine_load_model`` will
+        return alongside the model.
+    """
+
+
+@hookspec(firstresult=True)
 def ftengine_load_model(config):
     """Load the base model and its tokenizer. Exclusive, firstresult.
 
@@ -190,7 +206,8 @@ def ftengine_load_dataset(config, tokenizer):
     and the field, before training starts.
 
     :param config: the run ``Config`` (``config.data``, ``config.train.max_length``).
-    :param tokenizer: the tokenizer from ``ftengine_load_model``.
+    :param tokenizer: the tokenizer from ``ftengine_load_tokenizer`` (called before the model
+        loads), or from ``ftengine_load_model`` when the model loader has no tokenizer hook.
     :return: an ``ftengine.state.Datasets``: ``train`` and ``eval`` lists of examples, and a
         ``collate(examples) -> batch`` function that pads a list of examples into tensors.
     """

@@ -4,6 +4,12 @@ Every step that a method changes (loading, quantising, adapters, data, loss, opt
 evaluation, saving) is a hook call (``ftengine.build`` builds the model); this file only orders
 them and keeps the books: gradient accumulation, clipping, the schedule, logging, checkpoints
 and resume.
+
+A run never loses work: it owns its ``output_dir`` (``ftengine.rundir``); it reads and checks
+all data before the model's weights load; ``--resume`` checks the checkpoint's config against
+the run's; a step whose loss or gradient norm is NaN/inf never reaches the optimiser
+(``train.on_nonfinite``); SIGINT/SIGTERM finish the step and write a checkpoint
+(``ftengine.signals``).
 """
 
 import json
@@ -19,7 +25,14 @@ from . import checkpoint
 from .build import build
 from .config import dump_config
 from .errors import ConfigError, FtengineError
+from .pluginmanager import nondefault_implementers
+from .rundir import claim_output_dir
+from .signals import RunInterrupted, StopSignals
 from .state import RunState
+
+
+class NonFiniteError(FtengineError):
+    """A step's loss or gradient norm was NaN or infinite and ``train.on_nonfinite`` says stop."""
 
 
 def lr_lambda(warmup, total, min_ratio):
@@ -88,10 +101,19 @@ def _autocast(state):
     return torch.autocast(device_type=state.device.type, dtype=state.autocast_dtype)
 
 
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def log(state, record, metrics_file):
-    """Hand a metrics record to the plugins and append it to ``metrics.jsonl``."""
+    """Hand a metrics record to the plugins and append it to ``metrics.jsonl``.
+
+    NaN and infinity become ``null``: JSON has no such numbers, and ``metrics.jsonl`` stays
+    readable by any JSON parser.
+    """
+    record = {key: _finite_or_none(value) for key, value in record.items()}
     state.pm.hook.ftengine_on_log(state=state, record=record)
-    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
     metrics_file.flush()
 
 
@@ -103,18 +125,31 @@ def _restart_metrics(path, step):
     checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def train(config, pm, resume=False, eval_before=False):
+def train(config, pm, resume=False, eval_before=False, overwrite=False):
     """Run a whole training job; return a summary dict.
 
-    :param resume: continue from the newest complete checkpoint in ``config.output_dir``.
+    :param resume: continue from the newest healthy checkpoint in ``config.output_dir``.
     :param eval_before: evaluate the model before the first step too (the before/after table).
+    :param overwrite: start afresh even if ``output_dir`` holds an earlier run (its files are
+        moved into ``replaced-<time>/``).
+    :raises RunInterrupted: SIGINT/SIGTERM stopped the run after a checkpoint was written.
+    :raises NonFiniteError: a step's loss or gradient norm was not finite.
     """
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, info = build(config, pm)
-    datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
-    if not datasets.train:
-        raise FtengineError(f"{config.data.train}: no training example left after truncation (raise train.max_length)")
+    with claim_output_dir(output_dir, resume=resume, overwrite=overwrite) as run_dir, StopSignals() as stop:
+        if run_dir.moved_to:
+            _note(f"--overwrite: the earlier run in {output_dir} was moved to {run_dir.moved_to}")
+        return _train(config, pm, output_dir, resume, eval_before, stop)
+
+
+def _train(config, pm, output_dir, resume, eval_before, stop):
+    # Data first: a bad row is reported before the (slow) model weights load.
+    tokenizer = load_tokenizer(config, pm)
+    datasets = load_data(config, pm, tokenizer) if tokenizer is not None else None
+    resume_from = find_resume_checkpoint(output_dir, config) if resume else None
+    model, model_tokenizer, info = build(config, pm)
+    tokenizer = tokenizer or model_tokenizer
+    datasets = datasets or load_data(config, pm, tokenizer)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ConfigError(
@@ -140,30 +175,57 @@ def train(config, pm, resume=False, eval_before=False):
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    start_or_resume(state, params, optimizer, scheduler, resume)
+    start_or_resume(state, params, optimizer, scheduler, resume_from)
+
+    def save_checkpoint():
+        return checkpoint.save_checkpoint(
+            output_dir,
+            state.step,
+            params,
+            optimizer,
+            scheduler,
+            {"tokens_seen": state.tokens_seen},
+            healthy=not nonfinite_names(params),
+            config=dump_config(config),
+        )
 
     summary = {"before": None, "after": None}
+    skipped = 0
     with open(output_dir / "metrics.jsonl", "a") as metrics_file:
         pm.hook.ftengine_on_train_start(model=model, datasets=datasets, state=state)
         if eval_before and not resume:
             summary["before"] = {"step": 0, **evaluate(model, tokenizer, datasets, state)}
             log(state, summary["before"], metrics_file)
         model.train()
+        stop.arm("finishing the current step, then saving a checkpoint")
         while state.step < max_steps:
             record = optimizer_step(model, datasets, state, params, optimizer, scheduler)
-            if state.step % config.train.log_every == 0 or state.step == max_steps:
+            if record.get("skipped"):
+                skipped += 1
+                if config.train.on_nonfinite == "stop" or skipped > config.train.max_nonfinite_skips:
+                    log(state, record, metrics_file)
+                    raise nonfinite_error(state, record, skipped)
+            if state.step % config.train.log_every == 0 or state.step == max_steps or record.get("skipped"):
                 log(state, record, metrics_file)
             if config.train.eval_every and state.step % config.train.eval_every == 0 and state.step < max_steps:
                 log(state, {"step": state.step, **evaluate(model, tokenizer, datasets, state)}, metrics_file)
+            saved = None
             if config.train.save_every and state.step % config.train.save_every == 0:
-                checkpoint.save_checkpoint(
-                    output_dir, state.step, params, optimizer, scheduler, {"tokens_seen": state.tokens_seen}
-                )
+                saved = save_checkpoint()
             pm.hook.ftengine_on_step_end(model=model, state=state)
+            if stop.signum:
+                raise interrupted(stop, state, saved or save_checkpoint())
+        stop.arm("finishing the final evaluation and saving the result")
         summary["after"] = {"step": state.step, **evaluate(model, tokenizer, datasets, state)}
         log(state, summary["after"], metrics_file)
         pm.hook.ftengine_on_train_end(model=model, state=state)
 
+    bad = nonfinite_names(params)
+    if bad:
+        raise FtengineError(
+            f"the trained weights hold NaN or infinity ({', '.join(bad[:3])}); final/ was not written. "
+            f"Lower train.lr and start again (the last healthy checkpoint: {checkpoint.latest_checkpoint(output_dir)})"
+        )
     summary["saved"] = save(model, tokenizer, config, pm, output_dir / "final")
     summary["output_dir"] = str(output_dir)
     summary["build"] = info
@@ -171,17 +233,100 @@ def train(config, pm, resume=False, eval_before=False):
     return summary
 
 
-def start_or_resume(state, params, optimizer, scheduler, resume):
-    """Seed a fresh run (and clear its metrics), or restore the newest complete checkpoint; then
+def load_tokenizer(config, pm):
+    """The run's tokenizer before any weights load, or ``None`` when a plugin loads the model
+    but provides no ``ftengine_load_tokenizer`` (then the data is read after the model)."""
+    if nondefault_implementers(pm, "ftengine_load_model") and not nondefault_implementers(pm, "ftengine_load_tokenizer"):
+        return None
+    return pm.hook.ftengine_load_tokenizer(config=config)
+
+
+def load_data(config, pm, tokenizer):
+    """Read, validate and tokenise all the data (``ftengine_load_dataset``)."""
+    datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
+    if not datasets.train:
+        raise FtengineError(f"{config.data.train}: no training example left after truncation (raise train.max_length)")
+    return datasets
+
+
+def find_resume_checkpoint(output_dir, config):
+    """The newest healthy checkpoint, after checking its recorded config against ``config``.
+
+    :raises ConfigError: naming every changed key that changes what is trained.
+    """
+    latest = checkpoint.latest_checkpoint(output_dir)
+    if latest is None:
+        raise FtengineError(
+            f"{output_dir}: --resume given but no complete checkpoint found in {output_dir / checkpoint.CHECKPOINTS}"
+        )
+    saved = checkpoint.checkpoint_config(latest)
+    if saved is None and (output_dir / "config.json").is_file():  # checkpoints from before config.json
+        saved = json.loads((output_dir / "config.json").read_text())
+    if saved is None:
+        return latest
+    errors, accepted = checkpoint.compare_configs(saved, dump_config(config))
+    if errors:
+        raise ConfigError(
+            [f"{key}: {before!r} in {latest.name}, {after!r} now" for key, before, after in errors]
+            + [
+                f"--resume continues the run {latest} was trained with: put these keys back, or start a new run "
+                f"(another output_dir, or --overwrite)"
+            ]
+        )
+    for key, before, after in accepted:
+        _note(f"resume: accepted {key}: {before!r} -> {after!r} ({checkpoint.RESUME_SAFE_KEYS[key]})")
+    return latest
+
+
+def _note(message):
+    from rich.console import Console
+
+    Console(stderr=True).print(message, highlight=False)
+
+
+def nonfinite_names(params):
+    """Names of the trainable parameters holding NaN or infinity."""
+    return [name for name, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
+
+
+def nonfinite_error(state, record, skipped):
+    config = state.config
+    what = " and ".join(f"{key} {record[key]}" for key in ("loss", "grad_norm") if not math.isfinite(record[key]))
+    if state.step == 1:
+        cause = (
+            "it is not finite before any update, so the model or the data produce it: check the model's weights, "
+            "the method's scale (lora.alpha) and train.max_length"
+        )
+    else:
+        cause = (
+            f"the likely cause is a learning rate too high for this model (train.lr={config.train.lr:g}: try 10x lower, "
+            f"or a warmup with train.warmup_steps), or too large an adapter scale (lora.alpha)"
+        )
+    if config.train.on_nonfinite == "skip":
+        cause += f"; {skipped} steps were skipped, more than train.max_nonfinite_skips={config.train.max_nonfinite_skips}"
+    good = checkpoint.latest_checkpoint(state.output_dir)
+    kept = f"the last healthy checkpoint is {good}" if good else "no checkpoint was written (set train.save_every)"
+    return NonFiniteError(
+        f"step {state.step}: {what}; the optimiser step was not taken and the run stopped. {cause.capitalize()}. "
+        f"final/ was not written; {kept}"
+    )
+
+
+def interrupted(stop, state, saved):
+    return RunInterrupted(
+        f"{stop.name}: stopped after step {state.step} of {state.max_steps}; checkpoint written to {saved}",
+        stop.signum,
+        step=state.step,
+        checkpoint=saved,
+    )
+
+
+def start_or_resume(state, params, optimizer, scheduler, resume_from):
+    """Seed a fresh run (and clear its metrics), or restore checkpoint ``resume_from``; then
     record the run's config beside its checkpoints."""
     output_dir, config = state.output_dir, state.config
-    if resume:
-        latest = checkpoint.checkpoint_dirs(output_dir)
-        if not latest:
-            raise FtengineError(
-                f"{output_dir}: --resume given but no complete checkpoint found in {output_dir / checkpoint.CHECKPOINTS}"
-            )
-        record = checkpoint.load_checkpoint(latest[-1], params, optimizer, scheduler)
+    if resume_from is not None:
+        record = checkpoint.load_checkpoint(resume_from, params, optimizer, scheduler)
         state.step, state.tokens_seen = record["step"], record["tokens_seen"]
         _restart_metrics(output_dir / "metrics.jsonl", state.step)
     else:
@@ -215,11 +360,16 @@ def optimizer_step(model, datasets, state, params, optimizer, scheduler):
     for param in params.values():
         if param.grad is not None:
             param.grad.div_(max(count, 1))
-    grad_norm = None
     if config.train.max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), config.train.max_grad_norm))
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), math.inf))  # the norm only
+    loss = loss_sum / max(count, 1)
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    # A NaN/inf step never reaches the optimiser: the weights stay those of the last good step.
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -228,12 +378,14 @@ def optimizer_step(model, datasets, state, params, optimizer, scheduler):
     record = {
         "step": state.step,
         "epoch": state.epoch,
-        "loss": loss_sum / max(count, 1),
+        "loss": loss,
         "lr": lr,
         "grad_norm": grad_norm,
         "tokens_per_s": tokens / elapsed if elapsed else None,
         "step_time_s": elapsed,
     }
+    if skipped:
+        record["skipped"] = "nonfinite"
     return record | {k: v / max(count, 1) for k, v in metric_sums.items()}
 
 

@@ -31,6 +31,7 @@ PROJECT = "ftengine"
 
 # At most one active non-default plugin may implement each of these.
 EXCLUSIVE_HOOKS = (
+    "ftengine_load_tokenizer",
     "ftengine_load_model",
     "ftengine_quantize_model",
     "ftengine_wrap_model",
@@ -200,6 +201,13 @@ def _pending_explained_by(missing, plugins, known):
     except Exception:
         return False
     return True
+
+
+def nondefault_implementers(pm, hook_name):
+    """Names of the active non-default plugins that implement ``hook_name``."""
+    defaults = getattr(pm, "ftengine_defaults", frozenset())
+    names = [pm.get_name(impl.plugin) for impl in getattr(pm.hook, hook_name).get_hookimpls()]
+    return [name for name in names if name not in defaults]
 
 
 def active_names(pm):

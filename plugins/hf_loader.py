@@ -193,6 +193,11 @@ def load_pretrained(name, allow_pickle=False):
 
 
 @hookimpl(trylast=True)
+def ftengine_load_tokenizer(config):
+    return load_tokenizer(config.model)
+
+
+@hookimpl(trylast=True)
 def ftengine_load_model(config):
     options = getattr(config, "hf_loader", None)
     return load_pretrained(config.model, allow_pickle=bool(options and options.allow_pickle))

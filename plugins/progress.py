@@ -50,7 +50,7 @@ def ftengine_on_train_start(model, datasets, state):
 @hookimpl
 def ftengine_on_log(state, record):
     bar = _progress.get("bar")
-    if bar is None or any(k.startswith("eval_") for k in record):
+    if bar is None or any(k.startswith("eval_") for k in record) or record.get("loss") is None:
         _console.print(f"step {record['step']}/{state.max_steps} {_format(record)}")
         return
     stats = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s'] or 0:.0f} tok/s"
