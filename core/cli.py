@@ -15,7 +15,7 @@ from .inference import generate_command, merge
 from .signals import RunInterrupted
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole, copy-pasteable
 
 
 class FtengineGroup(click.Group):

@@ -281,7 +281,7 @@ def find_resume_checkpoint(output_dir, config):
 def _note(message):
     from rich.console import Console
 
-    Console(stderr=True).print(message, highlight=False)
+    Console(stderr=True, soft_wrap=True).print(message, highlight=False)
 
 
 def nonfinite_names(params):
