@@ -95,7 +95,8 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     top of it, e.g. -o train.max_steps=10).
 
     A run owns its output_dir: a second run into it is refused while the first runs, and a
-    fresh run into a directory that holds an earlier run needs --resume or --overwrite.
+    fresh run into a directory that holds an earlier run needs --resume or --overwrite (the
+    default job moves its earlier result aside by itself).
     """
     from .build import configure
     from .default_job import default_job_config
@@ -105,6 +106,8 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
         raise click.UsageError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
     default_job = config_file is None and not plugins
     base = default_job_config() if default_job else None
+    # The demo is meant to be rerun: its earlier result is moved aside (never deleted).
+    overwrite = overwrite or (default_job and not resume)
     if allow_pickle:
         overrides = (*overrides, "hf_loader.allow_pickle=true")  # so the resume command keeps it
     config, pm = configure(config_file, plugins, overrides, base=base)

@@ -147,9 +147,9 @@ def claim_output_dir(output_dir, resume=False, overwrite=False):
         if not resume:
             found = earlier_run(path)
             if found and not overwrite:
+                resume_hint = "Continue it with --resume, or start" if found[0].startswith("checkpoints") else "Start"
                 raise RunDirError(
-                    f"output_dir {path}: holds an earlier run ({', '.join(found)}). "
-                    f"Continue it with --resume, or start again with --overwrite "
+                    f"output_dir {path}: holds an earlier run ({', '.join(found)}). {resume_hint} again with --overwrite "
                     f"(moves the earlier run into {path / (REPLACED_PREFIX + '<time>')}/), or choose another output_dir"
                 )
             if overwrite:
