@@ -23,7 +23,7 @@ def decay_groups(params, weight_decay):
 
 
 @hookimpl(trylast=True)
-def ftengine_make_optimizer(model, params, config):
+def ftengine_make_optimizer(params, config):
     fused = all(p.is_cuda for _, p in params) and bool(params)
     return torch.optim.AdamW(
         decay_groups(params, config.train.weight_decay), lr=config.train.lr, betas=(0.9, 0.999), fused=fused or None

@@ -78,7 +78,7 @@ DORA = DoraVariant()
 
 
 @hookimpl
-def ftengine_lora_variant(config):
+def ftengine_lora_variant():
     return DORA
 
 

@@ -30,7 +30,7 @@ def ftengine_validate(config):
 
 
 @hookimpl
-def ftengine_make_optimizer(model, params, config):
+def ftengine_make_optimizer(params, config):
     if not (params and all(p.is_cuda for _, p in params)):
         return None  # the default AdamW takes over
     import bitsandbytes as bnb

@@ -216,7 +216,7 @@ def ftengine_config_section(register):
 
 
 @hookimpl
-def ftengine_validate(config, active):
+def ftengine_validate(config):
     options = config.prompt_tuning
     if options.init == "text" and not (options.init_text or "").strip():
         return [
@@ -240,12 +240,12 @@ def ftengine_wrap_model(model, tokenizer, config, training):
 
 
 @hookimpl
-def ftengine_adapter_name(config):
+def ftengine_adapter_name():
     return ADAPTER_NAME
 
 
 @hookimpl
-def ftengine_trainable_params(model, config):
+def ftengine_trainable_params(model):
     if not isinstance(model, PromptTuningModel):
         return []
     return [f"prompt_embeddings.{name}" for name in model.prompt_embeddings]
@@ -258,7 +258,7 @@ def ftengine_set_active_adapter(model, name):
 
 
 @hookimpl
-def ftengine_save_model(model, tokenizer, config, path):
+def ftengine_save_model(model, path):
     if not isinstance(model, PromptTuningModel) or ADAPTER_NAME not in model.prompt_embeddings:
         return None
     written = write_adapter(path, model.adapter_configs[ADAPTER_NAME], {TENSOR_KEY: model.prompt_embeddings[ADAPTER_NAME]})
@@ -295,7 +295,7 @@ def ftengine_adapter_plugins(adapter_config):
 
 
 @hookimpl
-def ftengine_load_adapter(model, path, name, config, pluginmanager):
+def ftengine_load_adapter(model, path, name):
     adapter = read_adapter(path)
     if adapter is None:
         return None

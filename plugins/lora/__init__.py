@@ -121,7 +121,7 @@ def ftengine_adapter_name(config):
 
 
 @hookimpl
-def ftengine_trainable_params(model, config):
+def ftengine_trainable_params(model):
     return [
         f"{path}.{name}"
         for path, layer in lora_layers(model)
