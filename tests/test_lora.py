@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from ftengine.adapter_contract import AdapterContract
 from ftengine.errors import AdapterError, ConfigError
 from ftengine.loop import build, configure, save, train
 from ftengine.plugins.lora.layer import LoraLinear, lora_layers, lora_scaling
+from ftengine.state import RunState
 from ftengine.testing import KillAfter, save_tiny_model, sft_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -47,6 +49,11 @@ def build_lora(model_dir, tmp_path, plugins=("lora",), **lora):
     config, pm = configure(plugins=list(plugins), base=base)
     model, tokenizer, info = build(config, pm)
     return SimpleNamespace(model=model.eval(), tokenizer=tokenizer, info=info, config=config, pm=pm)
+
+
+def run_state(run):
+    """The state of a run on CPU that is about to train ``run.model``."""
+    return RunState(config=run.config, pm=run.pm, output_dir=Path(run.config.output_dir), device=torch.device("cpu"))
 
 
 def wrapped(model):
@@ -168,7 +175,7 @@ class DoublingKernel:
 def test_kernel_hook_result_is_used_only_while_the_adapter_is_active_and_unmerged(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
     run.pm.register(DoublingKernel())
-    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(pm=run.pm))
+    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=run_state(run))
     layer = run.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 32)
     assert callable(layer.kernel["default"])
@@ -182,7 +189,7 @@ def test_kernel_hook_result_is_used_only_while_the_adapter_is_active_and_unmerge
 
 def test_without_a_kernel_plugin_layers_run_eagerly(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
-    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(pm=run.pm))
+    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=run_state(run))
     assert all(layer.kernel == {"default": None} for _, layer in lora_layers(run.model))
 
 

@@ -20,6 +20,7 @@ from ftengine.inference import load_for_inference, merge_adapter
 from ftengine.loop import build, configure, train
 from ftengine.plugins import qlora
 from ftengine.plugins.lora.layer import dense_weight, lora_layers
+from ftengine.state import RunState
 from ftengine.testing import save_tiny_model, sft_rows, tiny_model, write_jsonl
 from safetensors import safe_open
 from torch import nn
@@ -165,7 +166,9 @@ def test_memory_line_is_printed_at_train_start(workdir, capsys):
     config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
     model, _, info = build(config, pm)
     pm.hook.ftengine_on_train_start(
-        model=model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(config=config, pm=pm, extra={"build": info})
+        model=model,
+        datasets=SimpleNamespace(stats={}),
+        state=RunState(config=config, pm=pm, output_dir=workdir / "out", device=torch.device("cpu"), extra={"build": info}),
     )
     assert (
         "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)"
