@@ -355,7 +355,7 @@ def test_loss_and_rewards_equal_trl_at_step_0(trl_trainer, tiny_model_dir, tmp_p
 def test_reference_is_the_model_with_adapters_off(tiny_model_dir, prefs, tmp_path):
     config, pm = configure(None, ["lora", "dpo"], dpo_overrides(tiny_model_dir, prefs, tmp_path, "lora.r=4"))
     model, tokenizer, info = build(config, pm)
-    AdapterContract.perturb(type("Run", (), {"model": model, "info": info}))
+    AdapterContract.perturb(model, info["trainable"])
     datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
     batch = datasets.collate(datasets.train)
     state = start(config, pm, model, tokenizer, tmp_path)
@@ -441,7 +441,7 @@ def test_init_adapter_starts_training_and_is_the_reference(tiny_model_dir, prefs
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
     sft_config, sft_pm = configure(None, ["lora"], [f"model={tiny_model_dir}", f"data.train={sft_data}", "lora.r=4"])
     sft_model, tokenizer, sft_info = build(sft_config, sft_pm)
-    AdapterContract.perturb(type("Run", (), {"model": sft_model, "info": sft_info}))
+    AdapterContract.perturb(sft_model, sft_info["trainable"])
     sft_dir = save(sft_model, tokenizer, sft_config, sft_pm, tmp_path / "sft")
     sft_params = {n: p.detach().clone() for n, p in sft_model.named_parameters() if p.requires_grad}
 

@@ -208,7 +208,7 @@ def test_setting_an_unknown_adapter_names_the_loaded_ones(tiny_model_dir, tmp_pa
 def saved_adapter(tiny_model_dir, tmp_path):
     """A LoRA adapter (q_proj, v_proj) with non-zero B, saved by ftengine; and its logits."""
     run = build_lora(tiny_model_dir, tmp_path, target_modules=["q_proj", "v_proj"])
-    AdapterContract.perturb(run)
+    AdapterContract.perturb(run.model, run.info["trainable"])
     path = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "adapter")
     return path, AdapterContract.logits(run.model)
 

@@ -20,7 +20,7 @@ def saved_adapter(model_dir, tmp_path, plugins, **lora):
     contract = AdapterContract()
     contract.plugins, contract.overrides = plugins, {"lora": {"r": 4, **lora}}
     run = contract.build(model_dir, tmp_path)
-    contract.perturb(run)
+    contract.perturb(run.model, run.info["trainable"])
     return save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "adapter"), logits(run.model)
 
 

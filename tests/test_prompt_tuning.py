@@ -199,7 +199,7 @@ def test_peft_loads_ours_with_identical_logits(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
     run = build_run(tiny_model_dir, tmp_path, init="text", init_text="Reverse")
-    AdapterContract.perturb(run)
+    AdapterContract.perturb(run.model, run.info["trainable"])
     saved = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "saved")
     inputs = AdapterContract.inputs()
     theirs = PeftModel.from_pretrained(tiny_model(), saved).eval()
@@ -226,7 +226,7 @@ def test_peft_cached_generate_equals_its_no_cache_greedy_decoding(tiny_model_dir
     from peft import PeftModel
 
     run = build_run(tiny_model_dir, tmp_path, init="text", init_text="Reverse")
-    AdapterContract.perturb(run)
+    AdapterContract.perturb(run.model, run.info["trainable"])
     saved = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "saved")
     inputs = AdapterContract.inputs()
     theirs = PeftModel.from_pretrained(tiny_model(), saved).eval()

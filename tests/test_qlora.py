@@ -274,7 +274,7 @@ class TestQloraContract(AdapterContract):
         """Merging dequantises the base for good, so unmerge restores the dequantised weights,
         which must equal what the 4-bit layers held."""
         dense = {path: dense_weight(layer.base_layer).clone() for path, layer in lora_layers(run.model)}
-        self.perturb(run)
+        self.perturb(run.model, run.info["trainable"])
         unmerged = self.logits(run.model)
         run.pm.hook.ftengine_merge_adapters(model=run.model)
         run.pm.hook.ftengine_unmerge_adapters(model=run.model)
