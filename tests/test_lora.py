@@ -56,6 +56,11 @@ def run_state(run):
     return RunState(config=run.config, pm=run.pm, output_dir=Path(run.config.output_dir), device=torch.device("cpu"))
 
 
+def lora_shapes(linear, r):
+    """The shapes of A and B of a rank-``r`` adapter of ``linear``."""
+    return torch.Size([r, linear.in_features]), torch.Size([linear.out_features, r])
+
+
 def wrapped(model):
     return [path for path, _ in lora_layers(model)]
 
@@ -118,9 +123,15 @@ def test_lora_conflicts_with_full(tiny_model_dir, tmp_path):
 
 def test_the_base_is_frozen_and_never_copied(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
-    frozen = sum(p.numel() for p in run.model.parameters() if not p.requires_grad)
-    assert frozen == 35168  # the tiny model's own parameter count: no base weight is duplicated
     model, _ = run.pm.hook.ftengine_load_model(config=run.config)
+    frozen = {n.replace(".base_layer.", "."): p.shape for n, p in run.model.named_parameters() if not p.requires_grad}
+    assert frozen == {n: p.shape for n, p in model.named_parameters()}  # every base weight once, none copied
+    adapter = {n: p.shape for n, p in run.model.named_parameters() if p.requires_grad}
+    assert adapter == {  # r = 4
+        f"{path}.lora_{ab}.default.weight": shape
+        for path in ALL_LINEAR
+        for ab, shape in zip("AB", lora_shapes(model.get_submodule(path), 4))
+    }
     linears = {path: model.get_submodule(path) for path in ALL_LINEAR}
     run.pm.hook.ftengine_inject_adapters(model=model, config=run.config, pluginmanager=run.pm)
     assert all(model.get_submodule(path).base_layer is linear for path, linear in linears.items())
@@ -230,9 +241,11 @@ def test_save_writes_peft_files_and_the_tokenizer(saved_adapter, tiny_model_dir)
     path, _ = saved_adapter
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["q_proj", "v_proj"] and config["base_model_name_or_path"] == str(tiny_model_dir)
-    assert sorted(load_file(path / "adapter_model.safetensors"))[:2] == [
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+    assert sorted(load_file(path / "adapter_model.safetensors")) == [
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+        for i in (0, 1)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
     ]
     assert (path / "tokenizer_config.json").is_file()
 
@@ -353,7 +366,10 @@ def test_resumed_lora_run_matches_the_uninterrupted_one(run_overrides, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         train(config, pm)
     (saved,) = checkpoint.checkpoint_dirs(resumed_dir)
-    assert all(".lora_" in key for key in load_file(saved / "trainable.safetensors"))
+    # The checkpoint holds the adapter (A and B of every targeted layer), not the frozen base.
+    assert sorted(load_file(saved / "trainable.safetensors")) == sorted(
+        f"{path}.lora_{ab}.default.weight" for path in ALL_LINEAR for ab in "AB"
+    )
     train(*configure(None, ["lora"], overrides + [f"output_dir={resumed_dir}"]), resume=True)
 
     assert losses(resumed_dir) == losses(straight_dir) and len(losses(straight_dir)) == 6

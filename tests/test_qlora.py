@@ -98,7 +98,10 @@ def test_linear_layers_become_nf4_and_lora_wraps_them(workdir):
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    quantized = [path for path, module in model.named_modules() if isinstance(module, Linear4bit)]
+    assert sorted(trainable) == sorted(
+        f"{path.removesuffix('.base_layer')}.lora_{ab}.default.weight" for path in quantized for ab in "AB"
+    )
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert info["weight_bytes_quantized"] < info["weight_bytes"]
 
@@ -181,7 +184,9 @@ def test_saved_adapter_holds_only_lora_tensors(trained):
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
         keys = list(handle.keys())
         dtypes = {handle.get_tensor(k).dtype for k in keys}
-    assert keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    linears = [f"self_attn.{m}_proj" for m in "qkvo"] + [f"mlp.{m}_proj" for m in ("gate", "up", "down")]
+    layers = [f"model.layers.{i}.{linear}" for i in (0, 1) for linear in linears]  # all-linear: all 7 in each layer
+    assert sorted(keys) == sorted(f"base_model.model.{layer}.lora_{ab}.weight" for layer in layers for ab in "AB")
     assert dtypes == {torch.float32}
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and "quantization_config" not in config
