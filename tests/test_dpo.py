@@ -251,8 +251,8 @@ def test_examples_keep_a_chat_row_ending_with_the_chosen_answer(tmp_path):
     "plugins, extra, message",
     [
         (["dpo"], [], "add a method plugin"),
-        (["lora", "dpo"], ["dpo.beta=0"], "dpo.beta"),
-        (["lora", "dpo"], ["dpo.loss_type=kto"], "dpo.loss_type"),
+        (["lora", "dpo"], ["dpo.beta=0"], "dpo.beta: Input should be greater than 0"),
+        (["lora", "dpo"], ["dpo.loss_type=kto"], "dpo.loss_type: Input should be 'sigmoid', 'ipo', 'hinge' or 'robust'"),
         (["lora", "dpo"], ["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], "has no label smoothing"),
         (["lora", "dpo"], ["dpo.init_adapter=/nonexistent"], "holds no adapter_config.json"),
         (["full", "dpo"], ["dpo.init_adapter=/nonexistent"], "full fine-tuning has no adapter"),
@@ -465,8 +465,8 @@ def test_init_adapter_starts_training_and_is_the_reference(tiny_model_dir, prefs
         reference = parameters[name.replace(".default.", f".{dpo.REFERENCE_ADAPTER}.")]
         assert torch.equal(reference, sft_params[name]) and not reference.requires_grad
     assert records(tmp_path / "out")[0]["loss"] == pytest.approx(LOG2, abs=1e-6)  # started from the SFT adapter
-    trained = load_file(summary["saved"] / "adapter_model.safetensors")
-    assert not torch.equal(next(iter(trained.values())), load_file(sft_dir / "adapter_model.safetensors")[next(iter(trained))])
+    trained, sft = (load_file(path / "adapter_model.safetensors") for path in (summary["saved"], sft_dir))
+    assert trained.keys() == sft.keys() and all(not torch.equal(trained[k], sft[k]) for k in sft), "every tensor trained on"
 
 
 def test_init_adapter_of_another_rank_is_refused(tiny_model_dir, prefs, tmp_path):

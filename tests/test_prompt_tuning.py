@@ -69,7 +69,8 @@ def test_init_text_without_text_init_is_a_config_error(tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("other", ["full", "lora"])
 def test_conflicts_with_full_and_lora(tiny_model_dir, tmp_path, other):
-    with pytest.raises(PluginError, match="conflict"):
+    first, second = sorted(("prompt_tuning", other))
+    with pytest.raises(PluginError, match=f"plugins '{first}' and '{second}' conflict: select only one of them"):
         build_run(tiny_model_dir, tmp_path, plugins=("prompt_tuning", other))
 
 
