@@ -15,7 +15,7 @@ from ftengine.errors import ConfigError, DataError, FtengineError
 from ftengine.loop import build, configure, save, train
 from ftengine.plugins import dpo
 from ftengine.state import RunState
-from ftengine.testing import KillAfter, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
+from ftengine.testing import KillAfter, LogitsOnly, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "contacts"
@@ -126,17 +126,6 @@ def test_metrics_are_sums_over_pairs():
     assert metrics["rewards_rejected"] == pytest.approx(0.0)  # 0.5 * (-1 + 1)
     assert metrics["reward_margin"] == pytest.approx(0.25)
     assert metrics["reward_accuracy"] == 1.0  # pair 0: 0.25 > -0.5; pair 1: 0 > 0.5 is false
-
-
-class LogitsOnly(torch.nn.Module):
-    """A model whose forward takes no ``logits_to_keep``: the log-probs come from all logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def test_logps_are_the_same_with_and_without_logits_to_keep(tmp_path):

@@ -6,24 +6,13 @@ import pytest
 import torch
 from ftengine.data import IGNORE_INDEX
 from ftengine.modeling import autocast, eval_mode, generate_greedy, output_head, replace_module, target_logits
-from ftengine.testing import greedy_without_cache, tiny_model, tiny_tokenizer
+from ftengine.testing import LogitsOnly, greedy_without_cache, tiny_model, tiny_tokenizer
 from torch import nn
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model(), tiny_tokenizer()
-
-
-class LogitsOnly(nn.Module):
-    """The tiny model behind a forward that takes no ``logits_to_keep``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def test_target_logits_compute_only_the_predicting_positions_and_agree_with_all_logits(tiny):
