@@ -15,9 +15,10 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 from ftengine.adapter_contract import AdapterContract
+from ftengine.build import build, configure
 from ftengine.errors import ConfigError, PluginError
 from ftengine.inference import load_for_inference, merge_adapter
-from ftengine.loop import build, configure, train
+from ftengine.loop import train
 from ftengine.plugins import qlora
 from ftengine.plugins.lora.layer import dense_weight, lora_layers
 from ftengine.state import RunState
@@ -171,7 +172,7 @@ def test_memory_line_is_printed_at_train_start(workdir, capsys):
     pm.hook.ftengine_on_train_start(
         model=model,
         datasets=SimpleNamespace(stats={}),
-        state=RunState(config=config, pm=pm, output_dir=workdir / "out", device=torch.device("cpu"), extra={"build": info}),
+        state=RunState(config=config, pm=pm, output_dir=workdir / "out", device=torch.device("cpu"), build_info=info),
     )
     assert (
         "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)"
