@@ -14,17 +14,18 @@ transformers model holding the dequantised base plus the adapter; see ``docs/qlo
 why merging back into 4 bits is not offered.
 """
 
-import warnings
 from typing import Literal
 
 import torch
 from ftengine import hookimpl
 from ftengine.config import Section
 from ftengine.errors import ConfigError
+from ftengine.modeling import output_head, replace_module
 from pydantic import Field, field_validator
 
 requires = (("lora", "prompt_tuning"),)  # an adapter to train over the frozen 4-bit base
 conflicts = ("full",)
+changes_base = True  # ftengine merge quantises the base again, as the adapter was trained over it
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +38,6 @@ class QloraOptions(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype the 4-bit weights are dequantised to for matmuls; auto = float32 on CPU, bfloat16 on CUDA"
     )
-    paged_adamw_8bit: bool = Field(False, description="CUDA only: bitsandbytes PagedAdamW8bit as the optimiser")
 
     @field_validator("blocksize")
     @classmethod
@@ -65,8 +65,6 @@ def ftengine_validate(config):
         import bitsandbytes  # noqa: F401
     except ImportError:
         return ["plugin 'qlora' needs bitsandbytes, which is not installed: pip install bitsandbytes"]
-    if config.qlora.paged_adamw_8bit and not (config.train.device != "cpu" and torch.cuda.is_available()):
-        warnings.warn("qlora.paged_adamw_8bit only applies on CUDA; this CPU run uses the default AdamW", stacklevel=2)
     return []
 
 
@@ -104,16 +102,11 @@ def quantize_linear(linear, options, dtype):
     return layer
 
 
-def _replace(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 @hookimpl
 def ftengine_quantize_model(model, config):
     device = next(model.parameters()).device
     dtype = compute_dtype(config.qlora, device)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     # Exactly nn.Linear: subclasses (nn.MultiheadAttention's out_proj) may read .weight directly.
     targets = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
     if not targets:
@@ -126,7 +119,7 @@ def ftengine_quantize_model(model, config):
     if device.type == "cpu":
         _refuse_widths_misread_on_cpu(targets, config.qlora.blocksize)
     for name, linear in targets:
-        _replace(model, name, quantize_linear(linear, config.qlora, dtype))
+        replace_module(model, name, quantize_linear(linear, config.qlora, dtype))
     if device.type == "cpu":
         _release_checkpoint_mapping(model)
     return True
@@ -219,25 +212,6 @@ def ftengine_on_train_start(model, state):
 
 
 # --------------------------------------------------------------------------------------------
-# optimiser
-# --------------------------------------------------------------------------------------------
-
-
-@hookimpl
-def ftengine_make_optimizer(model, params, config):
-    if not (config.qlora.paged_adamw_8bit and params and all(p.is_cuda for _, p in params)):
-        return None
-    import bitsandbytes as bnb
-
-    # Weight decay on matrices only, as the default AdamW does.
-    groups = [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": config.train.weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return bnb.optim.PagedAdamW8bit([g for g in groups if g["params"]], lr=config.train.lr, betas=(0.9, 0.999))
-
-
-# --------------------------------------------------------------------------------------------
 # merge
 # --------------------------------------------------------------------------------------------
 
@@ -265,7 +239,7 @@ def dequantize_model(model):
     from bitsandbytes.nn import Linear4bit
 
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]:
-        _replace(model, name, dequantize_linear(module))
+        replace_module(model, name, dequantize_linear(module))
 
 
 @hookimpl(tryfirst=True)

@@ -1,7 +1,6 @@
 """Adapters cross between ftengine and the installed PEFT both ways with the same logits."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,7 +42,7 @@ def ftengine_adapter(model_dir, tmp_path, plugins, lora):
     base = {"model": str(model_dir), "data": {"train": str(data)}, "train": {"device": "cpu"}, "lora": {**LORA, **lora}}
     config, pm = configure(plugins=plugins, base=base)
     model, tokenizer, info = build(config, pm)
-    AdapterContract.perturb(SimpleNamespace(model=model.eval(), info=info))
+    AdapterContract.perturb(model.eval(), info["trainable"])
     return save(model, tokenizer, config, pm, tmp_path / "adapter"), logits(model)
 
 
@@ -143,7 +142,9 @@ def test_files_are_what_peft_writes(case, tiny_model_dir, tmp_path):
     }
     for key in config.keys() - {"base_model_name_or_path", "target_modules"}:
         assert peft_config[key] == config[key], key
-    assert sorted(config["target_modules"]) == sorted(peft_config["target_modules"])
+    # Short names, as other adapter readers expect (PEFT 0.21 itself writes full paths for
+    # all-linear and matches either by suffix: the parity tests above load ours in PEFT).
+    assert config["target_modules"] == sorted({path.rsplit(".", 1)[-1] for path in peft_config["target_modules"]})
     files = []
     for directory in (ours, theirs):
         with safe_open(directory / "adapter_model.safetensors", framework="pt") as handle:

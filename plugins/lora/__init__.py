@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 from ftengine import hookimpl
+from ftengine.adapters import CONFIG_FILE, adapter_name_problem, check_adapter_name
 from ftengine.config import Section
 from ftengine.errors import AdapterError, ConfigError
 from pydantic import Field, PositiveInt, ValidationError
@@ -48,13 +49,6 @@ def ftengine_addhooks(pluginmanager):
 @hookimpl
 def ftengine_config_section(register):
     register("lora", LoraOptions)
-
-
-def adapter_name_problem(name):
-    """Why ``name`` cannot name an adapter (it becomes part of parameter names), or ``None``."""
-    if not name or "." in name:
-        return f"{name!r} must be non-empty and without dots (it becomes part of parameter names)"
-    return None
 
 
 @hookimpl
@@ -105,8 +99,13 @@ def ftengine_inject_adapters(model, config, pluginmanager, training):
     paths = select_targets(model, options.target_modules)
     if not paths:
         raise ConfigError([_no_target_message(model, "lora.target_modules", options.target_modules)])
-    variant = pluginmanager.hook.ftengine_lora_variant(config=config)
-    layers = inject_adapter(
+    for layer in _inject(model, paths, options, pluginmanager.hook.ftengine_lora_variant(config=config)):
+        layer.set_active_adapter(options.adapter_name)
+
+
+def _inject(model, paths, options, variant):
+    """Wrap the layers at ``paths`` with adapter ``options.adapter_name`` made from ``options``."""
+    return inject_adapter(
         model,
         paths,
         options.adapter_name,
@@ -117,8 +116,6 @@ def ftengine_inject_adapters(model, config, pluginmanager, training):
         init=options.init,
         variant=variant,
     )
-    for layer in layers:
-        layer.set_active_adapter(options.adapter_name)
 
 
 @hookimpl
@@ -127,7 +124,7 @@ def ftengine_adapter_name(config):
 
 
 @hookimpl
-def ftengine_trainable_params(model, config):
+def ftengine_trainable_params(model):
     return [
         f"{path}.{name}"
         for path, layer in lora_layers(model)
@@ -146,7 +143,10 @@ def ftengine_on_train_start(model, state):
 
 @hookimpl
 def ftengine_save_model(model, tokenizer, config, path):
-    files = peft_format.write_adapter(Path(path), lora_layers(model), config.lora.adapter_name, config.lora, config.model)
+    options = config.lora
+    files = peft_format.save_lora_adapter(
+        Path(path), lora_layers(model), options.adapter_name, options, config.model, linear_modules(model)
+    )
     tokenizer.save_pretrained(path)
     return [str(f) for f in files]
 
@@ -156,8 +156,6 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     """Load a PEFT LoRA/DoRA directory under ``name``; validate everything first, so a bad
     adapter leaves the model as it was."""
     path = Path(path)
-    if adapter_name_problem(name):
-        raise AdapterError(f"adapter name {adapter_name_problem(name)}")
     adapter = peft_format.read_lora_config(path)
     if adapter is None:
         return None
@@ -173,42 +171,33 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
         )
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise AdapterError(f"{path / peft_format.ADAPTER_CONFIG}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+        raise AdapterError(f"{path / CONFIG_FILE}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
     variant = _variant_for_adapter(pluginmanager, config, adapter, path)
-    loaded = {n for _, layer in lora_layers(model) for n in layer.lora_A}
-    if name in loaded:
-        raise AdapterError(f"{path}: an adapter named '{name}' is already loaded; load this one under another name")
+    check_adapter_name(name, {n for _, layer in lora_layers(model) for n in layer.lora_A}, path)
 
     modules = linear_modules(model)
     targets = select_targets(model, options.target_modules)
     if not targets:
-        raise AdapterError(
-            _no_target_message(model, f"{path / peft_format.ADAPTER_CONFIG}: target_modules", options.target_modules)
-        )
-    tensors = peft_format.read_adapter_tensors(path)
+        raise AdapterError(_no_target_message(model, f"{path / CONFIG_FILE}: target_modules", options.target_modules))
+    tensors = peft_format.read_lora_tensors(path)
 
     def expected_shapes(module):
         shapes = {"lora_A.weight": (options.r, module.in_features), "lora_B.weight": (module.out_features, options.r)}
         return shapes | (variant.parameter_shapes(module) if variant is not None else {})
 
     peft_format.check_fits(path, modules, targets, tensors, expected_shapes)
-    layers = inject_adapter(
-        model,
-        targets,
-        name,
-        r=options.r,
-        alpha=options.alpha,
-        dropout=options.dropout,
-        rslora=options.rslora,
-        init=options.init,
-        variant=variant,
-    )
+    layers = _inject(model, targets, options, variant)
     with torch.no_grad():
         for target, layer in zip(targets, layers):
             parameters = dict(layer.named_parameters())
             for suffix, tensor in tensors[target].items():
                 parameters[peft_format.parameter_name(suffix, name)].copy_(tensor)
     return model
+
+
+@hookimpl
+def ftengine_adapter_plugins(adapter_config):
+    return ["lora"] if adapter_config.get("peft_type") == "LORA" else None
 
 
 @hookimpl
