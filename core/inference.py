@@ -106,23 +106,6 @@ def check_merge_target(out_dir, adapter_dir, model_name=None, overwrite=False):
         )
 
 
-def check_adapter_weights(adapter_dir):
-    """Refuse an empty or truncated ``adapter_model.safetensors`` with a message, not a traceback."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not path.is_file():
-        return  # read_adapter_config / the adapter plugin explain what is missing
-    try:
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_slice(key)
-    except (SafetensorError, OSError) as exc:
-        size = path.stat().st_size
-        state = "empty" if size == 0 else f"truncated or damaged ({size} bytes)"
-        raise AdapterError(f"{path}: the adapter weights file is {state} ({exc}); save or copy the adapter again") from None
-
-
 def nonfinite_parameters(model):
     """Names of the parameters and buffers of ``model`` that hold NaN or infinity."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
@@ -138,7 +121,6 @@ def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False,
     :raises FtengineError: for such an ``out_dir``, or when the merged weights are not finite.
     """
     check_merge_target(out_dir, adapter_dir, model_name, overwrite)
-    check_adapter_weights(adapter_dir)
     run_plugins, sections = base_plugins_of_run(adapter_dir)
     if allow_pickle:
         sections = {**sections, "hf_loader": {"allow_pickle": True}}
