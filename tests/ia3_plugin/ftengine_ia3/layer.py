@@ -31,6 +31,12 @@ from ftengine.errors import AdapterError
 from torch import nn
 
 
+def vector_shape(layer, feedforward):
+    """The shape of an (IA)³ vector for ``layer`` (a linear layer or its wrapper): ``(1, in)``
+    for a feed-forward target, ``(out, 1)`` otherwise, as PEFT stores them."""
+    return (1, layer.in_features) if feedforward else (layer.out_features, 1)
+
+
 class IA3Linear(nn.Module):
     """A frozen linear layer plus named (IA)³ vectors (see the module docstring).
 
@@ -50,16 +56,12 @@ class IA3Linear(nn.Module):
         self._saved_base = None  # (weight, bias) copies when division cannot unmerge
         self.train(base_layer.training)
 
-    def vector_shape(self, feedforward):
-        """``[1, in]`` for a feed-forward target, ``[out, 1]`` otherwise, as PEFT stores them."""
-        return (1, self.in_features) if feedforward else (self.out_features, 1)
-
     def add_adapter(self, name, *, feedforward):
         """Create adapter ``name`` (inactive), its vector set to ones."""
         if name in self.ia3_l:
             raise AdapterError(f"an adapter named '{name}' is already loaded; load this one under another name")
         device = self.base_layer.weight.device
-        self.ia3_l[name] = nn.Parameter(torch.ones(self.vector_shape(feedforward), device=device, dtype=torch.float32))
+        self.ia3_l[name] = nn.Parameter(torch.ones(vector_shape(self, feedforward), device=device, dtype=torch.float32))
         self.feedforward[name] = feedforward
 
     def set_active_adapter(self, name):
