@@ -6,8 +6,8 @@
         plugins = ["lora"]
         overrides = {"lora": {"r": 4, "dropout": 0.1}}   # config sections, as in the YAML file
 
-Each test builds the tiny model of ``ftengine.testing`` through ``ftengine.loop.configure`` and
-``ftengine.loop.build``, as a training run does, and drives the adapter only through hooks:
+Each test builds the tiny model of ``ftengine.testing`` through ``ftengine.build.configure`` and
+``ftengine.build.build``, as a training run does, and drives the adapter only through hooks:
 
 * at initialisation the output equals the base model's;
 * only the adapter's parameters train, and a training step leaves the base weights as they were;
@@ -25,7 +25,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from .loop import build, configure, save
+from .build import build, configure
+from .loop import save
 from .testing import sft_rows, write_jsonl
 
 

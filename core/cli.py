@@ -56,8 +56,9 @@ def run(config_file, plugins, overrides, resume, eval_before):
     With neither CONFIG_FILE nor --plugin, runs the embedded default job (overrides apply on
     top of it, e.g. -o train.max_steps=10).
     """
+    from .build import configure
     from .default_job import default_job_config
-    from .loop import configure, train
+    from .loop import train
 
     default_job = config_file is None and not plugins
     base = default_job_config() if default_job else None

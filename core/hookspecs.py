@@ -109,7 +109,7 @@ def ftengine_quantize_model(model, config):
 
 
 @hookspec
-def ftengine_inject_adapters(model, config, pluginmanager):
+def ftengine_inject_adapters(model, config, pluginmanager, training):
     """Wrap the modules this plugin adapts, in place.
 
     Each adapter plugin wraps only its own modules and freezes nothing else itself (the core
@@ -121,11 +121,14 @@ def ftengine_inject_adapters(model, config, pluginmanager):
     :param config: the run ``Config``.
     :param pluginmanager: the run's plugin manager, to call hooks a plugin added itself
         (``lora`` calls ``ftengine_lora_variant`` here).
+    :param training: ``True`` when the run trains; ``False`` when the model is built for
+        inference or merging, where adapters come from files (``ftengine_load_adapter``): add
+        no fresh adapter then.
     """
 
 
 @hookspec(firstresult=True)
-def ftengine_wrap_model(model, tokenizer, config):
+def ftengine_wrap_model(model, tokenizer, config, training):
     """Return a module that wraps the whole model, or ``None``. Exclusive, firstresult.
 
     For adapters that change the model's inputs rather than its layers (prompt tuning prepends
@@ -136,6 +139,8 @@ def ftengine_wrap_model(model, tokenizer, config):
     :param model: the model with adapters injected.
     :param tokenizer: the model's tokenizer (prompt tuning initialises from text with it).
     :param config: the run ``Config``.
+    :param training: ``False`` when building for inference or merging (see
+        ``ftengine_inject_adapters``): a wrapper then holds no fresh adapter, or is not needed.
     """
 
 
@@ -149,6 +154,19 @@ def ftengine_trainable_params(model, config):
     :param model: the model after injection and wrapping.
     :param config: the run ``Config``.
     :return: an iterable of names as in ``model.named_parameters()``.
+    """
+
+
+@hookspec(firstresult=True)
+def ftengine_adapter_name(config):
+    """The name of the adapter this plugin trains. Firstresult.
+
+    Stored as ``RunState.adapter_name``: plugins that switch adapters during training (DPO's
+    reference is the model with adapters off, then this one back on) read it there. Methods
+    that train the model's own weights (``full``) do not implement it, and the name is ``None``.
+
+    :param config: the run ``Config``.
+    :return: the adapter name, or ``None``.
     """
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import click
 import torch
 
+from .build import build, configure
 from .checkpoint import atomic_directory
 from .errors import AdapterError
-from .loop import build, configure
 
 ADAPTER_CONFIG = "adapter_config.json"
 # PEFT's peft_type -> the plugin that loads it; and config flags that need one more plugin.
@@ -68,7 +68,7 @@ def load_for_inference(model_name, adapters, plugins=(), sections=None):
     needed = [*plugins, *(p for path in adapters.values() for p in adapter_plugins(path))]
     base = {"model": model_name, **(sections or {})}
     config, pm = configure(plugins=list(dict.fromkeys(needed)), base=base, require_data=False)
-    model, tokenizer, _ = build(config, pm)
+    model, tokenizer, _ = build(config, pm, training=False)
     for name, path in adapters.items():
         loaded = pm.hook.ftengine_load_adapter(model=model, path=Path(path), name=name, config=config, pluginmanager=pm)
         if loaded is None:

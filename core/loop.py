@@ -1,8 +1,9 @@
-"""The training loop: configure, build, train, save. Read it top to bottom.
+"""The training loop: train and save. Read ``train`` top to bottom.
 
 Every step that a method changes (loading, quantising, adapters, data, loss, optimiser,
-evaluation, saving) is a hook call; this file only orders them and keeps the books: gradient
-accumulation, clipping, the schedule, logging, checkpoints and resume.
+evaluation, saving) is a hook call (``ftengine.build`` builds the model); this file only orders
+them and keeps the books: gradient accumulation, clipping, the schedule, logging, checkpoints
+and resume.
 """
 
 import json
@@ -15,104 +16,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import apply_overrides, build_config, dump_config, plugin_sections, read_yaml
+from .build import build
+from .config import dump_config
 from .errors import ConfigError, FtengineError
-from .pluginmanager import active_names, available_plugins, select_plugins
 from .state import RunState
-
-# --------------------------------------------------------------------------------------------
-# 1. configure
-# --------------------------------------------------------------------------------------------
-
-
-def configure(config_path=None, plugins=(), overrides=(), base=None, require_data=True):
-    """Read and validate a run's config and select its plugins; raise every problem at once.
-
-    :param config_path: a YAML file, or ``None``.
-    :param plugins: plugin names added to the config's ``plugins:`` list.
-    :param overrides: ``section.key=value`` strings.
-    :param base: a dict of defaults the file and overrides apply on top of (the default job).
-    :param require_data: ``False`` for jobs that train nothing (merge, inference).
-    :return: ``(config, pm)``.
-    """
-    data, origins = dict(base or {}), {}
-    if config_path is not None:
-        file_data, origins = read_yaml(config_path)
-        data = _deep_merge(data, file_data)
-    apply_overrides(data, origins, overrides)
-    requested = list(dict.fromkeys([*(data.get("plugins") or []), *plugins]))
-    data["plugins"] = requested
-    pm = select_plugins(requested)
-    sections = plugin_sections(pm)
-    owners = {name: name for name in available_plugins()}
-    config = build_config(data, origins, sections, plugin_for_section=owners)
-    problems = [m for messages in pm.hook.ftengine_validate(config=config, active=active_names(pm)) for m in messages or ()]
-    if require_data and not config.data.train:
-        problems.append("data.train: no training data given: set data.train to a JSONL file")
-    if problems:
-        raise ConfigError(problems)
-    return config, pm
-
-
-def _deep_merge(base, override):
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-# --------------------------------------------------------------------------------------------
-# 2. build
-# --------------------------------------------------------------------------------------------
-
-
-def pick_device(config):
-    if config.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["train.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"])
-    if config.train.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def weight_bytes(model):
-    """Bytes held by the model's parameters and buffers (4-bit weights count as packed)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def build(config, pm, device=None):
-    """Load the model, quantise it, inject adapters, wrap it and freeze all but the adapters.
-
-    :return: ``(model, tokenizer, info)``; ``info`` holds weight bytes before/after
-        quantisation and the trainable parameter names.
-    """
-    device = device or pick_device(config)
-    torch.manual_seed(config.train.seed)
-    model, tokenizer = pm.hook.ftengine_load_model(config=config)
-    model.to(device)
-    info = {"weight_bytes": weight_bytes(model)}
-    if pm.hook.ftengine_quantize_model(model=model, config=config):
-        info["weight_bytes_quantized"] = weight_bytes(model)
-    # Adapters are created from this seed, so a resumed run rebuilds them identically.
-    torch.manual_seed(config.train.seed)
-    pm.hook.ftengine_inject_adapters(model=model, config=config, pluginmanager=pm)
-    model = pm.hook.ftengine_wrap_model(model=model, tokenizer=tokenizer, config=config) or model
-    model.to(device)
-    trainable = set()
-    for names in pm.hook.ftengine_trainable_params(model=model, config=config):
-        trainable |= set(names)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    unknown = trainable - {n for n, _ in model.named_parameters()}
-    if unknown:
-        raise FtengineError(f"plugins named trainable parameters the model does not have: {sorted(unknown)[:3]}")
-    info["trainable"] = sorted(trainable)
-    return model, tokenizer, info
-
-
-# --------------------------------------------------------------------------------------------
-# 3. train
-# --------------------------------------------------------------------------------------------
 
 
 def lr_lambda(warmup, total, min_ratio):
@@ -205,19 +112,20 @@ def train(config, pm, resume=False, eval_before=False):
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer, info = build(config, pm)
-    device = next(model.parameters()).device
     datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
     if not datasets.train:
         raise FtengineError(f"{config.data.train}: no training example left after truncation (raise train.max_length)")
-
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
-        raise ConfigError(["no trainable parameters: select a method plugin, e.g. --plugin lora or --plugin full"])
+        raise ConfigError(
+            ["no trainable parameters: the active method plugins selected none (run 'ftengine plugins' to list them)"]
+        )
     optimizer = pm.hook.ftengine_make_optimizer(model=model, params=list(params.items()), config=config)
     max_steps = total_steps(config, len(datasets.train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.train.warmup_steps, max_steps, config.train.min_lr_ratio)
     )
+    device = next(model.parameters()).device
     state = RunState(
         config=config,
         pm=pm,
@@ -225,14 +133,48 @@ def train(config, pm, resume=False, eval_before=False):
         device=device,
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
         max_steps=max_steps,
-        tokenizer=tokenizer,
-        extra={"build": info, "data": datasets.stats},
+        adapter_name=info["adapter_name"],
+        build_info=info,
+        data_stats=datasets.stats,
     )
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    start_or_resume(state, params, optimizer, scheduler, resume)
 
     summary = {"before": None, "after": None}
+    with open(output_dir / "metrics.jsonl", "a") as metrics_file:
+        pm.hook.ftengine_on_train_start(model=model, datasets=datasets, state=state)
+        if eval_before and not resume:
+            summary["before"] = {"step": 0, **evaluate(model, tokenizer, datasets, state)}
+            log(state, summary["before"], metrics_file)
+        model.train()
+        while state.step < max_steps:
+            record = optimizer_step(model, datasets, state, params, optimizer, scheduler)
+            if state.step % config.train.log_every == 0 or state.step == max_steps:
+                log(state, record, metrics_file)
+            if config.train.eval_every and state.step % config.train.eval_every == 0 and state.step < max_steps:
+                log(state, {"step": state.step, **evaluate(model, tokenizer, datasets, state)}, metrics_file)
+            if config.train.save_every and state.step % config.train.save_every == 0:
+                checkpoint.save_checkpoint(
+                    output_dir, state.step, params, optimizer, scheduler, {"tokens_seen": state.tokens_seen}
+                )
+            pm.hook.ftengine_on_step_end(model=model, state=state)
+        summary["after"] = {"step": state.step, **evaluate(model, tokenizer, datasets, state)}
+        log(state, summary["after"], metrics_file)
+        pm.hook.ftengine_on_train_end(model=model, state=state)
+
+    summary["saved"] = save(model, tokenizer, config, pm, output_dir / "final")
+    summary["output_dir"] = str(output_dir)
+    summary["build"] = info
+    summary["data"] = datasets.stats
+    return summary
+
+
+def start_or_resume(state, params, optimizer, scheduler, resume):
+    """Seed a fresh run (and clear its metrics), or restore the newest complete checkpoint; then
+    record the run's config beside its checkpoints."""
+    output_dir, config = state.output_dir, state.config
     if resume:
         latest = checkpoint.checkpoint_dirs(output_dir)
         if not latest:
@@ -248,78 +190,55 @@ def train(config, pm, resume=False, eval_before=False):
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     checkpoint.atomic_write_text(output_dir / "config.json", json.dumps(dump_config(config), indent=1))
 
-    with open(output_dir / "metrics.jsonl", "a") as metrics_file:
-        pm.hook.ftengine_on_train_start(model=model, datasets=datasets, state=state)
-        if eval_before and not resume:
-            summary["before"] = {"step": 0, **evaluate(model, tokenizer, datasets, state)}
-            log(state, summary["before"], metrics_file)
-        model.train()
-        while state.step < max_steps:
-            started = time.perf_counter()
-            micro = [
-                micro_batch(datasets, config, state.step * config.train.grad_accum + i) for i in range(config.train.grad_accum)
-            ]
-            state.epoch = micro[-1][0]
-            # Sum losses over all micro-batches, then divide the gradients by the step's total
-            # target count: every target token weighs the same whatever batch it fell in.
-            loss_sum, count, tokens, metric_sums = 0.0, 0, 0, {}
-            for _, batch in micro:
-                batch = to_device(batch, device)
-                with _autocast(state):
-                    out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
-                out.loss.backward()
-                loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                for key, value in out.metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-            for param in params.values():
-                if param.grad is not None:
-                    param.grad.div_(max(count, 1))
-            grad_norm = None
-            if config.train.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), config.train.max_grad_norm))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens_seen += tokens
-            elapsed = time.perf_counter() - started
 
-            if state.step % config.train.log_every == 0 or state.step == max_steps:
-                record = {
-                    "step": state.step,
-                    "epoch": state.epoch,
-                    "loss": loss_sum / max(count, 1),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens / elapsed if elapsed else None,
-                    "step_time_s": elapsed,
-                }
-                record.update({k: v / max(count, 1) for k, v in metric_sums.items()})
-                log(state, record, metrics_file)
-            if config.train.eval_every and state.step % config.train.eval_every == 0 and state.step < max_steps:
-                log(state, {"step": state.step, **evaluate(model, tokenizer, datasets, state)}, metrics_file)
-            if config.train.save_every and state.step % config.train.save_every == 0:
-                checkpoint.save_checkpoint(
-                    output_dir, state.step, params, optimizer, scheduler, {"tokens_seen": state.tokens_seen}
-                )
-            pm.hook.ftengine_on_step_end(model=model, state=state)
+def optimizer_step(model, datasets, state, params, optimizer, scheduler):
+    """One optimiser step over ``train.grad_accum`` micro-batches; return its metrics record.
 
-        summary["after"] = {"step": state.step, **evaluate(model, tokenizer, datasets, state)}
-        log(state, summary["after"], metrics_file)
-        pm.hook.ftengine_on_train_end(model=model, state=state)
-
-    # 4. save
-    summary["saved"] = save(model, tokenizer, config, pm, output_dir / "final")
-    summary["output_dir"] = str(output_dir)
-    summary["build"] = info
-    summary["data"] = datasets.stats
-    return summary
+    Losses are summed over all micro-batches, then the gradients are divided by the step's total
+    target count: every target token weighs the same whatever micro-batch it fell in.
+    """
+    config, pm = state.config, state.pm
+    started = time.perf_counter()
+    first = state.step * config.train.grad_accum
+    micro = [micro_batch(datasets, config, first + i) for i in range(config.train.grad_accum)]
+    state.epoch = micro[-1][0]
+    loss_sum, count, tokens, metric_sums = 0.0, 0, 0, {}
+    for _, batch in micro:
+        batch = to_device(batch, state.device)
+        with _autocast(state):
+            out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
+        out.loss.backward()
+        loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        for key, value in out.metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+    for param in params.values():
+        if param.grad is not None:
+            param.grad.div_(max(count, 1))
+    grad_norm = None
+    if config.train.max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), config.train.max_grad_norm))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens_seen += tokens
+    elapsed = time.perf_counter() - started
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": loss_sum / max(count, 1),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "step_time_s": elapsed,
+    }
+    return record | {k: v / max(count, 1) for k, v in metric_sums.items()}
 
 
 # --------------------------------------------------------------------------------------------
-# 4. save
+# save
 # --------------------------------------------------------------------------------------------
 
 

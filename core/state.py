@@ -34,7 +34,7 @@ class LossOutput:
 
 @dataclass
 class RunState:
-    """The state of a run that plugins may read."""
+    """The state of a run that plugins may read (and, for ``plugin_data``, write)."""
 
     config: Any
     pm: Any
@@ -45,8 +45,13 @@ class RunState:
     max_steps: int = 0
     epoch: int = 0
     tokens_seen: int = 0
-    tokenizer: Any = None
-    extra: dict = field(default_factory=dict)
+    #: The name of the adapter this run trains (``ftengine_adapter_name``); ``None`` when the
+    #: method trains the model's own weights (full fine-tuning).
+    adapter_name: str | None = None
+    #: What ``ftengine.build.build`` reports: weight bytes before/after quantisation, trainable names.
+    build_info: dict = field(default_factory=dict)
+    #: ``Datasets.stats``: example counts, truncation.
+    data_stats: dict = field(default_factory=dict)
     #: A namespace per plugin for run-scoped objects (a progress display, DPO's reference):
     #: a plugin keeps them under its own name, ``state.plugin_data["progress"]``, never in module globals.
     plugin_data: dict[str, Any] = field(default_factory=dict)

@@ -49,12 +49,10 @@ from ftengine.data import (
 )
 from ftengine.errors import DataError, FtengineError
 from ftengine.loop import to_device
-from ftengine.pluginmanager import active_names
 from ftengine.state import LossOutput
 from pydantic import Field, PositiveFloat
 from safetensors import safe_open
 
-METHOD_PLUGINS = ("lora", "dora", "qlora", "prompt_tuning", "full")
 REFERENCE_ADAPTER = "dpo_reference"
 REF_LOGPS_FILE = "ref_logps.safetensors"
 SMOOTHED_LOSSES = ("sigmoid", "robust")
@@ -226,12 +224,6 @@ def pair_metrics(options, policy, reference):
 # --------------------------------------------------------------------------------------------
 
 
-def training_adapter_name(config):
-    """The name the method plugin trains its adapter under (``lora.adapter_name`` or ``default``)."""
-    lora = getattr(config, "lora", None)
-    return lora.adapter_name if lora is not None else "default"
-
-
 @contextmanager
 def eval_mode(model):
     was_training = model.training
@@ -297,7 +289,7 @@ def load_reference_adapter(model, state):
         raise FtengineError(
             f"dpo.init_adapter: loading {path} replaced the model; the method plugin must load adapters into the model in place"
         )
-    trained = training_adapter_name(config)
+    trained = state.adapter_name
     # Loading may make the new adapter the active one; training goes on with the trained one.
     pm.hook.ftengine_set_active_adapter(model=model, name=trained)
     reference = {}
@@ -376,26 +368,17 @@ def ftengine_config_section(register):
 
 
 @hookimpl
-def ftengine_validate(config, active):
+def ftengine_validate(config):
     options, problems = config.dpo, []
-    if not active & set(METHOD_PLUGINS):
-        problems.append(
-            "plugin 'dpo' trains nothing by itself: add a method plugin, e.g. --plugin lora (or qlora, dora, prompt_tuning, full)"
-        )
     if options.label_smoothing and options.loss_type not in SMOOTHED_LOSSES:
         problems.append(
             f"dpo.label_smoothing: the '{options.loss_type}' loss has no label smoothing; "
             f"set it to 0 or use loss_type {' or '.join(SMOOTHED_LOSSES)}"
         )
-    if options.init_adapter is not None:
-        if "full" in active:
-            problems.append(
-                "dpo.init_adapter: full fine-tuning has no adapter to start from; set model: to the SFT model directory instead"
-            )
-        elif not (Path(options.init_adapter) / "adapter_config.json").is_file():
-            problems.append(
-                f"dpo.init_adapter: {options.init_adapter} holds no adapter_config.json; point it at a saved adapter (e.g. <sft output_dir>/final)"
-            )
+    if options.init_adapter is not None and not (Path(options.init_adapter) / "adapter_config.json").is_file():
+        problems.append(
+            f"dpo.init_adapter: {options.init_adapter} holds no adapter_config.json; point it at a saved adapter (e.g. <sft output_dir>/final)"
+        )
     return problems
 
 
@@ -407,22 +390,26 @@ def ftengine_load_dataset(config, tokenizer):
 @hookimpl
 def ftengine_on_train_start(model, datasets, state):
     options = state.config.dpo
-    full = "full" in active_names(state.pm)
-    reference = Reference(state.pm, training_adapter_name(state.config))
+    full = state.adapter_name is None  # the method trains the model's own weights: no adapter to switch off
+    reference = Reference(state.pm, state.adapter_name)
     if options.init_adapter is not None:
+        if full:
+            raise FtengineError(
+                "dpo.init_adapter: this method trains no adapter to start from; set model: to the SFT model directory instead"
+            )
         load_reference_adapter(model, state)
         reference.adapter = REFERENCE_ADAPTER
     if options.precompute_ref:
         reference.cache = ref_logps_cache(model, reference, datasets, state, full)
     elif full:
         reference.frozen = frozen_copy(model, state)
-    state.extra["dpo"] = reference
+    state.plugin_data["dpo"] = reference
 
 
 def run_reference(state):
-    if "dpo" not in state.extra:
+    if "dpo" not in state.plugin_data:
         raise FtengineError("dpo: no reference model: ftengine_on_train_start must run before the first loss")
-    return state.extra["dpo"]
+    return state.plugin_data["dpo"]
 
 
 @hookimpl

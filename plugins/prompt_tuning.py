@@ -227,11 +227,18 @@ def ftengine_validate(config, active):
 
 
 @hookimpl
-def ftengine_wrap_model(model, tokenizer, config):
+def ftengine_wrap_model(model, tokenizer, config, training):
+    if not training:
+        return None  # the wrapper comes with the first loaded prompt (ftengine_load_adapter)
     wrapper = PromptTuningModel(model)
     options = config.prompt_tuning
     wrapper.add_prompt(ADAPTER_NAME, initial_prompt(model, tokenizer, options), peft_config(model, options))
     return wrapper
+
+
+@hookimpl
+def ftengine_adapter_name(config):
+    return ADAPTER_NAME
 
 
 @hookimpl

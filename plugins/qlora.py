@@ -206,7 +206,7 @@ def _bytes(tensor):
 def ftengine_on_train_start(model, state):
     from rich.console import Console
 
-    build = state.extra.get("build", {})
+    build = state.build_info
     if "weight_bytes_quantized" not in build:
         return
     weights, packed = quantized_bytes(model)

@@ -1,8 +1,8 @@
 """Config files, overrides and validation: every problem reported at once, with where and how."""
 
 import pytest
+from ftengine.build import configure
 from ftengine.errors import ConfigError
-from ftengine.loop import configure
 
 
 def write(tmp_path, text):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from ftengine import hookimpl
 from ftengine.adapter_contract import AdapterContract
+from ftengine.build import build, configure
 from ftengine.data import IGNORE_INDEX
 from ftengine.errors import ConfigError, DataError, FtengineError
-from ftengine.loop import build, configure, save, train
+from ftengine.loop import save, train
 from ftengine.plugins import dpo
 from ftengine.state import RunState
 from ftengine.testing import KillAfter, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
@@ -62,7 +63,8 @@ def records(output_dir):
 
 def start(config, pm, model, tokenizer, tmp_path):
     """The state a run has when its first loss is computed (``ftengine_on_train_start`` done)."""
-    state = RunState(config=config, pm=pm, output_dir=tmp_path / "out", device=torch.device("cpu"), tokenizer=tokenizer)
+    adapter_name = pm.hook.ftengine_adapter_name(config=config)
+    state = RunState(config=config, pm=pm, output_dir=tmp_path / "out", device=torch.device("cpu"), adapter_name=adapter_name)
     state.output_dir.mkdir(parents=True, exist_ok=True)
     datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
     pm.hook.ftengine_on_train_start(model=model, datasets=datasets, state=state)
@@ -250,17 +252,25 @@ def test_examples_keep_a_chat_row_ending_with_the_chosen_answer(tmp_path):
 @pytest.mark.parametrize(
     "plugins, extra, message",
     [
-        (["dpo"], [], "add a method plugin"),
+        (["dpo"], [], "no active plugin trains anything"),
         (["lora", "dpo"], ["dpo.beta=0"], "dpo.beta"),
         (["lora", "dpo"], ["dpo.loss_type=kto"], "dpo.loss_type"),
         (["lora", "dpo"], ["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], "has no label smoothing"),
         (["lora", "dpo"], ["dpo.init_adapter=/nonexistent"], "holds no adapter_config.json"),
-        (["full", "dpo"], ["dpo.init_adapter=/nonexistent"], "full fine-tuning has no adapter"),
     ],
 )
 def test_config_errors_name_the_fix(tiny_model_dir, prefs, tmp_path, plugins, extra, message):
     with pytest.raises(ConfigError, match=message):
         configure(None, plugins, dpo_overrides(tiny_model_dir, prefs, tmp_path, *extra))
+
+
+def test_an_init_adapter_under_a_method_without_adapters_is_refused(tiny_model_dir, prefs, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    config, pm = configure(None, ["full", "dpo"], dpo_overrides(tiny_model_dir, prefs, tmp_path, f"dpo.init_adapter={adapter}"))
+    with pytest.raises(FtengineError, match="this method trains no adapter to start from"):
+        train(config, pm)
 
 
 def test_example_config_is_valid():
@@ -359,7 +369,7 @@ def test_reference_is_the_model_with_adapters_off(tiny_model_dir, prefs, tmp_pat
     datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
     batch = datasets.collate(datasets.train)
     state = start(config, pm, model, tokenizer, tmp_path)
-    reference = state.extra["dpo"].logps(model.train(), batch)
+    reference = state.plugin_data["dpo"].logps(model.train(), batch)
     from transformers import AutoModelForCausalLM
 
     base = dpo.sequence_logps(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch)

@@ -8,8 +8,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from ftengine.build import configure
 from ftengine.cli import cli
-from ftengine.loop import configure, train
+from ftengine.loop import train
 from ftengine.pluginmanager import active_names, entry_point_plugins
 
 pytestmark = pytest.mark.skipif(

@@ -381,7 +381,8 @@ def test_dora_layer_gives_the_same_outputs_and_gradients_with_the_kernel():
 
 
 def test_a_cpu_run_reports_the_plugin_inactive_and_trains_eagerly(run_overrides, capsys, monkeypatch):
-    from ftengine.loop import configure, train
+    from ftengine.build import configure
+    from ftengine.loop import train
 
     monkeypatch.setattr(fused_lora, "_interpreted", lambda: False)
     config, pm = configure(None, ["lora", "fused_lora"], run_overrides + ["train.max_steps=2"])
@@ -394,7 +395,8 @@ def training_metrics(run_overrides, output_dir, plugins, steps):
     layer adapted, LoRA dropout 0 (so that eager and fused layers see the same inputs). The
     gradient norm is logged before clipping: Adam's steps barely change when a gradient is
     rescaled, the norm does."""
-    from ftengine.loop import configure, train
+    from ftengine.build import configure
+    from ftengine.loop import train
 
     overrides = ["lora.dropout=0", "lora.target_modules=all-linear", f"train.max_steps={steps}"]
     config, pm = configure(None, plugins, run_overrides + overrides + [f"output_dir={output_dir}"])

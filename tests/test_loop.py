@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from ftengine import checkpoint
-from ftengine.loop import configure, train
+from ftengine.build import configure
+from ftengine.loop import train
 from ftengine.testing import KillAfter
 from transformers import AutoModelForCausalLM
 

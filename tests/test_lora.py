@@ -9,8 +9,9 @@ import pytest
 import torch
 from ftengine import checkpoint, hookimpl
 from ftengine.adapter_contract import AdapterContract
+from ftengine.build import build, configure
 from ftengine.errors import AdapterError, ConfigError
-from ftengine.loop import build, configure, save, train
+from ftengine.loop import save, train
 from ftengine.plugins.lora.layer import LoraLinear, lora_layers, lora_scaling
 from ftengine.testing import KillAfter, save_tiny_model, sft_rows, write_jsonl
 from safetensors.torch import load_file, save_file
@@ -115,7 +116,7 @@ def test_the_base_is_frozen_and_never_copied(tiny_model_dir, tmp_path):
     assert frozen == 35168  # the tiny model's own parameter count: no base weight is duplicated
     model, _ = run.pm.hook.ftengine_load_model(config=run.config)
     linears = {path: model.get_submodule(path) for path in ALL_LINEAR}
-    run.pm.hook.ftengine_inject_adapters(model=model, config=run.config, pluginmanager=run.pm)
+    run.pm.hook.ftengine_inject_adapters(model=model, config=run.config, pluginmanager=run.pm, training=True)
     assert all(model.get_submodule(path).base_layer is linear for path, linear in linears.items())
 
 
@@ -208,7 +209,7 @@ def saved_adapter(tiny_model_dir, tmp_path):
 
 def inference_build(model_dir, plugins=("lora",)):
     config, pm = configure(plugins=list(plugins), base={"model": str(model_dir)}, require_data=False)
-    model, _, _ = build(config, pm)
+    model, _, _ = build(config, pm, training=False)
     return model.eval(), config, pm
 
 

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from ftengine.adapter_contract import AdapterContract
+from ftengine.build import build, configure
 from ftengine.inference import load_for_inference
-from ftengine.loop import build, configure, save, train
+from ftengine.loop import save, train
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from ftengine.adapter_contract import AdapterContract
+from ftengine.build import build, configure
 from ftengine.errors import AdapterError, ConfigError, PluginError
 from ftengine.inference import load_for_inference
-from ftengine.loop import build, configure, save, train
+from ftengine.loop import save, train
 from ftengine.plugins.prompt_tuning import PromptTuningModel
 from ftengine.testing import greedy_without_cache, sft_rows, tiny_model, write_jsonl
 from safetensors import safe_open

@@ -15,9 +15,10 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 from ftengine.adapter_contract import AdapterContract
+from ftengine.build import build, configure
 from ftengine.errors import ConfigError, PluginError
 from ftengine.inference import load_for_inference, merge_adapter
-from ftengine.loop import build, configure, train
+from ftengine.loop import train
 from ftengine.plugins import qlora
 from ftengine.plugins.lora.layer import dense_weight, lora_layers
 from ftengine.testing import save_tiny_model, sft_rows, tiny_model, write_jsonl
@@ -165,7 +166,7 @@ def test_memory_line_is_printed_at_train_start(workdir, capsys):
     config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
     model, _, info = build(config, pm)
     pm.hook.ftengine_on_train_start(
-        model=model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(config=config, pm=pm, extra={"build": info})
+        model=model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(config=config, pm=pm, build_info=info)
     )
     assert (
         "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)"

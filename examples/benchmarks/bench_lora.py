@@ -47,7 +47,8 @@ def peak_memory_mb():
 
 
 def run_ftengine(steps):
-    from ftengine.loop import configure, train
+    from ftengine.build import configure
+    from ftengine.loop import train
 
     with tempfile.TemporaryDirectory() as out:
         overrides = [
@@ -69,8 +70,9 @@ def run_ftengine(steps):
 
 
 def run_peft(steps):
+    from ftengine.build import configure
     from ftengine.data import collate_sft, load_sft_file
-    from ftengine.loop import configure, micro_batch
+    from ftengine.loop import micro_batch
     from ftengine.plugins.hf_loader import load_pretrained
     from ftengine.plugins.sft import token_logprob_sum
     from ftengine.state import Datasets

@@ -31,7 +31,7 @@ BATCH, SEQ, RANK, ALPHA, DROPOUT, LR = 8, 128, 16, 32, 0.05, 1e-4
 
 
 def build_ftengine(name, device):
-    from ftengine.loop import build, configure
+    from ftengine.build import build, configure
 
     overrides = [
         "model=default",

@@ -97,10 +97,9 @@ def _no_target_message(model, key, targets):
 
 
 @hookimpl
-def ftengine_inject_adapters(model, config, pluginmanager):
-    """Add the adapter to train. A config without training data (``configure(require_data=False)``,
-    as ``ftengine merge`` and inference use) trains nothing: its adapters come from files."""
-    if config.data.train is None:
+def ftengine_inject_adapters(model, config, pluginmanager, training):
+    """Add the adapter to train; a model built for inference or merging gets its adapters from files."""
+    if not training:
         return
     options = config.lora
     paths = select_targets(model, options.target_modules)
@@ -120,6 +119,11 @@ def ftengine_inject_adapters(model, config, pluginmanager):
     )
     for layer in layers:
         layer.set_active_adapter(options.adapter_name)
+
+
+@hookimpl
+def ftengine_adapter_name(config):
+    return config.lora.adapter_name
 
 
 @hookimpl

@@ -38,9 +38,9 @@ def add_noise(module, inputs, output, alpha):
 def ftengine_on_train_start(model, state):
     alpha = state.config.neftune.alpha
     embeddings = model.get_input_embeddings()
-    state.extra["neftune_handle"] = embeddings.register_forward_hook(lambda m, i, o: add_noise(m, i, o, alpha))
+    state.plugin_data["neftune"] = embeddings.register_forward_hook(lambda m, i, o: add_noise(m, i, o, alpha))
 
 
 @hookimpl
 def ftengine_on_train_end(model, state):
-    state.extra.pop("neftune_handle").remove()
+    state.plugin_data.pop("neftune").remove()
