@@ -49,9 +49,11 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; give the usual mode
     try:
         write(tmp)
+        # mkstemp makes private files, and some writers (safetensors) recreate the file: give
+        # the finished file the mode an ordinary write would.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             handle.flush()
             os.fsync(handle.fileno())

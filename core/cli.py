@@ -123,14 +123,9 @@ cli.add_command(generate_command)
 
 def _register_plugin_commands():
     """Let every available plugin add commands (they show in --help even when not selected)."""
-    from .pluginmanager import available_plugins, import_plugin, new_plugin_manager
+    from .pluginmanager import all_plugins_manager
 
-    pm = new_plugin_manager()
-    for info in available_plugins().values():
-        try:
-            pm.register(import_plugin(info), name=info.name)
-        except Exception as exc:  # one broken plugin must not take the CLI down
-            err_console.print(f"[yellow]warning:[/yellow] plugin '{info.name}' failed to import: {exc!r}")
+    pm = all_plugins_manager(warn=lambda message: err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False))
     pm.hook.ftengine_register_commands(cli=cli)
 
 

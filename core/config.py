@@ -68,6 +68,12 @@ class BaseConfig(Section):
     train: TrainOptions = Field(default_factory=TrainOptions)
 
 
+# A run's config is built per plugin set (``config_model``): the core keys of ``BaseConfig``
+# plus one section per active plugin, reached as attributes (``config.lora``). Hook
+# annotations call it ``Config``.
+Config = BaseConfig
+
+
 def config_model(sections):
     """The pydantic model of a whole config: the core keys plus ``sections`` (name -> model)."""
     fields = {name: (model, Field(default_factory=model)) for name, model in sections.items()}

@@ -9,7 +9,13 @@ A plugin may also declare, as module attributes:
 
 * ``requires = ("lora",)``: plugins that must be active alongside it; an entry that is a tuple
   names alternatives (``requires = (("lora", "prompt_tuning"),)``: one of them);
-* ``conflicts = ("full",)``: plugins that must not be active alongside it.
+* ``conflicts = ("full",)``: plugins that must not be active alongside it;
+* ``changes_base = True``: the plugin changes the base model an adapter trains over (``qlora``
+  quantises it), so ``ftengine merge`` repeats it, with its config section, when the run that
+  saved the adapter used it.
+
+Which plugins load a saved adapter is not declared: every installed plugin is asked
+(``ftengine_adapter_plugins``).
 
 Some hooks are *exclusive*: at most one active non-default plugin may implement them (two
 losses, two model loaders, ...). Selecting two such plugins is an error naming both, reported
@@ -19,7 +25,23 @@ The phases of a run, in order: configure, build, train, save. ``ftengine merge``
 loads an adapter and merges it; inference runs build, loads adapters and switches between them.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: the reference names the types without importing them at run time
+    from pathlib import Path
+
+    import click
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .config import Config, Section
+    from .state import Datasets, LossOutput, RunState
 
 hookspec = pluggy.HookspecMarker("ftengine")
 
@@ -29,7 +51,7 @@ hookspec = pluggy.HookspecMarker("ftengine")
 
 
 @hookspec(historic=True)
-def ftengine_addhooks(pluginmanager):
+def ftengine_addhooks(pluginmanager: pluggy.PluginManager) -> None:
     """Add a plugin's own hook specifications, so other plugins can extend it.
 
     Called once for every registered plugin, including plugins registered later (historic).
@@ -41,7 +63,7 @@ def ftengine_addhooks(pluginmanager):
 
 
 @hookspec
-def ftengine_register_commands(cli):
+def ftengine_register_commands(cli: click.Group) -> None:
     """Add commands to the ``ftengine`` command-line interface.
 
     Called once when the CLI starts, for every installed plugin (not only the selected ones),
@@ -53,7 +75,7 @@ def ftengine_register_commands(cli):
 
 
 @hookspec
-def ftengine_config_section(register):
+def ftengine_config_section(register: Callable[[str, type[Section]], None]) -> None:
     """Declare this plugin's configuration section.
 
     :param register: call ``register("lora", LoraOptions)`` where ``LoraOptions`` is a pydantic
@@ -64,7 +86,7 @@ def ftengine_config_section(register):
 
 
 @hookspec
-def ftengine_validate(config, active):
+def ftengine_validate(config: Config, active: frozenset[str]) -> list[str] | None:
     """Check that the configuration and the active plugin set make sense together.
 
     Called after every config section parsed, before any model is loaded.
@@ -82,7 +104,7 @@ def ftengine_validate(config, active):
 
 
 @hookspec(firstresult=True)
-def ftengine_load_model(config):
+def ftengine_load_model(config: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model and its tokenizer. Exclusive, firstresult.
 
     The default implementation (plugin ``hf_loader``) reads a local transformers directory, a
@@ -96,7 +118,7 @@ def ftengine_load_model(config):
 
 
 @hookspec(firstresult=True)
-def ftengine_quantize_model(model, config):
+def ftengine_quantize_model(model: nn.Module, config: Config) -> bool | None:
     """Quantise the frozen base weights in place. Exclusive, firstresult.
 
     Called after the model moved to its device and before adapters are injected, so adapter
@@ -109,7 +131,7 @@ def ftengine_quantize_model(model, config):
 
 
 @hookspec
-def ftengine_inject_adapters(model, config, pluginmanager, training):
+def ftengine_inject_adapters(model: nn.Module, config: Config, pluginmanager: pluggy.PluginManager, training: bool) -> None:
     """Wrap the modules this plugin adapts, in place.
 
     Each adapter plugin wraps only its own modules and freezes nothing else itself (the core
@@ -128,7 +150,7 @@ def ftengine_inject_adapters(model, config, pluginmanager, training):
 
 
 @hookspec(firstresult=True)
-def ftengine_wrap_model(model, tokenizer, config, training):
+def ftengine_wrap_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Config, training: bool) -> nn.Module | None:
     """Return a module that wraps the whole model, or ``None``. Exclusive, firstresult.
 
     For adapters that change the model's inputs rather than its layers (prompt tuning prepends
@@ -145,7 +167,7 @@ def ftengine_wrap_model(model, tokenizer, config, training):
 
 
 @hookspec
-def ftengine_trainable_params(model, config):
+def ftengine_trainable_params(model: nn.Module, config: Config) -> Iterable[str]:
     """Name the parameters this plugin trains.
 
     The core trains the union over all plugins, freezes every other parameter, and checkpoints
@@ -158,7 +180,7 @@ def ftengine_trainable_params(model, config):
 
 
 @hookspec(firstresult=True)
-def ftengine_adapter_name(config):
+def ftengine_adapter_name(config: Config) -> str | None:
     """The name of the adapter this plugin trains. Firstresult.
 
     Stored as ``RunState.adapter_name``: plugins that switch adapters during training (DPO's
@@ -171,7 +193,9 @@ def ftengine_adapter_name(config):
 
 
 @hookspec(firstresult=True)
-def ftengine_make_optimizer(model, params, config):
+def ftengine_make_optimizer(
+    model: nn.Module, params: list[tuple[str, nn.Parameter]], config: Config
+) -> torch.optim.Optimizer | None:
     """Build the optimiser. Exclusive, firstresult; the default is AdamW (plugin ``adamw``).
 
     :param model: the model being trained.
@@ -182,7 +206,7 @@ def ftengine_make_optimizer(model, params, config):
 
 
 @hookspec(firstresult=True)
-def ftengine_load_dataset(config, tokenizer):
+def ftengine_load_dataset(config: Config, tokenizer: PreTrainedTokenizerBase) -> Datasets:
     """Read and tokenise the training and evaluation data. Exclusive, firstresult.
 
     The default (plugin ``sft``) reads JSONL prompt/response or chat rows and masks everything
@@ -197,7 +221,7 @@ def ftengine_load_dataset(config, tokenizer):
 
 
 @hookspec(firstresult=True)
-def ftengine_compute_loss(model, batch, state):
+def ftengine_compute_loss(model: nn.Module, batch: dict[str, Any], state: RunState) -> LossOutput:
     """Compute the loss of one micro-batch. Exclusive, firstresult; the default is SFT.
 
     The loss is returned as a *sum* with its *count* (target tokens for SFT, pairs for DPO),
@@ -218,7 +242,7 @@ def ftengine_compute_loss(model, batch, state):
 
 
 @hookspec
-def ftengine_on_train_start(model, datasets, state):
+def ftengine_on_train_start(model: nn.Module, datasets: Datasets, state: RunState) -> None:
     """Called once after the model, optimiser and data are ready, before the first step.
 
     :param model: the model to train.
@@ -229,7 +253,7 @@ def ftengine_on_train_start(model, datasets, state):
 
 
 @hookspec
-def ftengine_on_log(state, record):
+def ftengine_on_log(state: RunState, record: dict[str, Any]) -> None:
     """Called for each metrics record: every ``train.log_every`` steps and every evaluation.
 
     The core writes each record as one line of ``metrics.jsonl``; the ``progress`` plugin
@@ -242,7 +266,7 @@ def ftengine_on_log(state, record):
 
 
 @hookspec
-def ftengine_on_step_end(model, state):
+def ftengine_on_step_end(model: nn.Module, state: RunState) -> None:
     """Called after every optimiser step (after logging and checkpointing for that step).
 
     :param model: the model being trained.
@@ -251,7 +275,9 @@ def ftengine_on_step_end(model, state):
 
 
 @hookspec
-def ftengine_eval_metrics(model, tokenizer, datasets, state):
+def ftengine_eval_metrics(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, datasets: Datasets, state: RunState
+) -> dict[str, float] | None:
     """Compute evaluation metrics besides the eval loss.
 
     Called every ``train.eval_every`` steps, at the end of training, and by the default job
@@ -267,7 +293,7 @@ def ftengine_eval_metrics(model, tokenizer, datasets, state):
 
 
 @hookspec
-def ftengine_on_train_end(model, state):
+def ftengine_on_train_end(model: nn.Module, state: RunState) -> None:
     """Called once after the last step, before the result is saved.
 
     :param model: the trained model.
@@ -281,12 +307,12 @@ def ftengine_on_train_end(model, state):
 
 
 @hookspec
-def ftengine_save_model(model, tokenizer, config, path):
+def ftengine_save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Config, path: Path) -> list[str] | None:
     """Save what this plugin trained into the directory ``path``.
 
-    Adapter plugins write PEFT-format files (``adapter_config.json`` +
-    ``adapter_model.safetensors``); ``full`` writes a transformers model directory. Write
-    atomically with ``ftengine.checkpoint.atomic_write``.
+    Adapter plugins write PEFT-format files with ``ftengine.adapters.write_adapter``; a method
+    that trains the model's own weights writes a transformers model directory. Write
+    atomically (``ftengine.checkpoint.atomic_write``).
 
     :param model: the trained model.
     :param tokenizer: its tokenizer.
@@ -296,13 +322,32 @@ def ftengine_save_model(model, tokenizer, config, path):
     """
 
 
+@hookspec
+def ftengine_adapter_plugins(adapter_config: dict[str, Any]) -> list[str] | None:
+    """Name the plugins that load an adapter with this ``adapter_config.json``.
+
+    Asked of every *installed* plugin, selected or not, before a model is built for
+    ``ftengine generate``, ``ftengine merge`` or ``ftengine.inference.load_for_inference``: the
+    answers (merged in order) are the plugins activated to load the adapter. Claim your own
+    ``peft_type`` (and the flags of variants you implement); leave others' alone.
+
+    :param adapter_config: the directory's ``adapter_config.json`` as a dict.
+    :return: plugin names as ``--plugin`` takes them (your own and any it requires, e.g.
+        ``["lora", "dora"]`` for a LoRA adapter with ``use_dora``), or ``None`` when the adapter
+        is not yours.
+    """
+
+
 @hookspec(firstresult=True)
-def ftengine_load_adapter(model, path, name, config, pluginmanager):
+def ftengine_load_adapter(
+    model: nn.Module, path: Path, name: str, config: Config, pluginmanager: pluggy.PluginManager
+) -> nn.Module | None:
     """Load a saved adapter directory into ``model`` under ``name``. Firstresult.
 
-    An implementation reads ``adapter_config.json``, returns ``None`` for a ``peft_type`` it
-    does not handle, and otherwise loads the adapter or raises an error naming the first
-    module or tensor that does not fit, leaving the model unchanged.
+    An implementation reads ``adapter_config.json`` (``ftengine.adapters.read_adapter_config``),
+    returns ``None`` for a ``peft_type`` it does not handle, and otherwise loads the adapter or
+    raises an error naming the first module or tensor that does not fit, leaving the model
+    unchanged. A name already loaded is refused (``ftengine.adapters.check_adapter_name``).
 
     :param model: a model built for inference (possibly already holding other adapters).
     :param path: the adapter directory (``pathlib.Path``).
@@ -315,7 +360,7 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
 
 
 @hookspec
-def ftengine_set_active_adapter(model, name):
+def ftengine_set_active_adapter(model: nn.Module, name: str | None) -> None:
     """Make adapter ``name`` the active one; ``None`` disables all adapters (the base model).
 
     Used to swap adapters at inference and as DPO's reference model (adapters disabled).
@@ -326,7 +371,7 @@ def ftengine_set_active_adapter(model, name):
 
 
 @hookspec
-def ftengine_merge_adapters(model):
+def ftengine_merge_adapters(model: nn.Module) -> None:
     """Fold the active adapters into the base weights; merging twice changes nothing.
 
     ``qlora`` implements it with ``tryfirst=True`` to replace 4-bit base layers by dequantised
@@ -337,7 +382,7 @@ def ftengine_merge_adapters(model):
 
 
 @hookspec
-def ftengine_unmerge_adapters(model):
+def ftengine_unmerge_adapters(model: nn.Module) -> None:
     """Undo ``ftengine_merge_adapters``, restoring the base weights.
 
     :param model: a model holding merged adapters.
@@ -345,7 +390,7 @@ def ftengine_unmerge_adapters(model):
 
 
 @hookspec
-def ftengine_unwrap_merged(model):
+def ftengine_unwrap_merged(model: nn.Module) -> nn.Module | None:
     """After a merge, replace adapter layers by plain modules so the model saves as a plain
     transformers model.
 

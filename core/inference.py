@@ -7,10 +7,11 @@
     ftengine generate --model models/base --adapter support=runs/a/final --prompt "Hi!"
     ftengine merge --model models/base --adapter runs/a/final --out models/merged
 
-The plugins an adapter needs are read from its ``adapter_config.json`` (PEFT's ``peft_type``,
-and ``use_dora``); ``--plugin`` adds others (``qlora`` to run over a 4-bit base). Everything
-else goes through hooks: ``ftengine_load_adapter``, ``ftengine_set_active_adapter``,
-``ftengine_merge_adapters`` and ``ftengine_unwrap_merged``.
+The plugins an adapter needs are the ones that claim its ``adapter_config.json``
+(``ftengine_adapter_plugins``, asked of every installed plugin); ``--plugin`` adds others
+(``qlora`` to run over a 4-bit base). Everything else goes through hooks:
+``ftengine_load_adapter``, ``ftengine_set_active_adapter``, ``ftengine_merge_adapters`` and
+``ftengine_unwrap_merged``.
 """
 
 import json
@@ -19,43 +20,11 @@ from pathlib import Path
 import click
 import torch
 
+from .adapters import plugins_for_adapter
 from .build import build, configure
 from .checkpoint import atomic_directory
 from .errors import AdapterError
-
-ADAPTER_CONFIG = "adapter_config.json"
-# PEFT's peft_type -> the plugin that loads it; and config flags that need one more plugin.
-PLUGIN_FOR_PEFT_TYPE = {"LORA": "lora", "PROMPT_TUNING": "prompt_tuning"}
-PLUGIN_FOR_FLAG = {"use_dora": "dora"}
-# Plugins that change the base an adapter trains over; merge repeats them (base_plugins_of_run).
-BASE_CHANGING_PLUGINS = ("qlora",)
-
-
-def read_adapter_config(path):
-    """The ``adapter_config.json`` of the adapter directory ``path``, as a dict."""
-    config_path = Path(path) / ADAPTER_CONFIG
-    try:
-        config = json.loads(config_path.read_text())
-    except OSError as exc:
-        raise AdapterError(
-            f"{config_path}: cannot read the adapter config ({exc.strerror}); is {path} an adapter directory?"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object")
-    return config
-
-
-def adapter_plugins(path):
-    """The plugins that load the adapter directory ``path``, from its ``adapter_config.json``."""
-    config = read_adapter_config(path)
-    peft_type = config.get("peft_type")
-    if peft_type not in PLUGIN_FOR_PEFT_TYPE:
-        raise AdapterError(
-            f"{Path(path) / ADAPTER_CONFIG}: peft_type {peft_type!r} is not supported (supported: {', '.join(PLUGIN_FOR_PEFT_TYPE)})"
-        )
-    return [PLUGIN_FOR_PEFT_TYPE[peft_type], *(plugin for flag, plugin in PLUGIN_FOR_FLAG.items() if config.get(flag))]
+from .pluginmanager import plugin_attribute
 
 
 def load_for_inference(model_name, adapters, plugins=(), sections=None):
@@ -65,7 +34,7 @@ def load_for_inference(model_name, adapters, plugins=(), sections=None):
     :return: ``(model, tokenizer, pm)``; the model is in eval mode, frozen, with the first
         adapter active (the base model if ``adapters`` is empty).
     """
-    needed = [*plugins, *(p for path in adapters.values() for p in adapter_plugins(path))]
+    needed = [*plugins, *(p for path in adapters.values() for p in plugins_for_adapter(path))]
     base = {"model": model_name, **(sections or {})}
     config, pm = configure(plugins=list(dict.fromkeys(needed)), base=base, require_data=False)
     model, tokenizer, _ = build(config, pm, training=False)
@@ -119,7 +88,7 @@ def base_plugins_of_run(adapter_dir):
     if not run_config.is_file():
         return [], {}
     config = json.loads(run_config.read_text())
-    plugins = [p for p in config.get("plugins", []) if p in BASE_CHANGING_PLUGINS]
+    plugins = [p for p in config.get("plugins", []) if plugin_attribute(p, "changes_base", False)]
     return plugins, {p: config[p] for p in plugins if p in config}
 
 

@@ -251,5 +251,5 @@ def save(model, tokenizer, config, pm, path):
             for f in files or ()
         ]
         if not written:
-            raise FtengineError("no plugin saved the result: select a method plugin such as 'lora' or 'full'")
+            raise FtengineError("no plugin saved the result: select a method plugin (run 'ftengine plugins' to list them)")
     return path

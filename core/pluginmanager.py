@@ -83,11 +83,6 @@ def import_plugin(info):
     return obj
 
 
-def plugin_name(plugin):
-    """A plugin's name: its ``name`` attribute, else the last part of its module name."""
-    return getattr(plugin, "name", None) or plugin.__name__.rsplit(".", 1)[-1]
-
-
 def new_plugin_manager():
     """A plugin manager with ftengine's hook specs and, if asked, hook tracing."""
     pm = pluggy.PluginManager(PROJECT)
@@ -109,7 +104,7 @@ def select_plugins(requested):
     :param requested: names from ``--plugin`` and the config's ``plugins:`` list. ``no:NAME``
         blocks a default plugin.
     :return: a plugin manager holding exactly the active plugins. Each registered plugin's
-        name is ``pm.get_name(plugin)``; ``pm.ftengine_defaults`` is the set of default names.
+        name is ``pm.get_name(plugin)``.
     :raises PluginError: listing every problem with the selection.
     """
     problems = []
@@ -146,7 +141,6 @@ def select_plugins(requested):
     pm = new_plugin_manager()
     for name, plugin in plugins.items():
         pm.register(plugin, name=name)
-    pm.ftengine_defaults = frozenset(defaults)
     pm.hook.ftengine_addhooks.call_historic(kwargs={"pluginmanager": pm})
     active = frozenset(plugins)
 
@@ -179,6 +173,26 @@ def select_plugins(requested):
     if problems:
         raise PluginError(problems)
     return pm
+
+
+def all_plugins_manager(warn=None):
+    """A plugin manager holding every available plugin, selected or not, for the hooks asked of
+    all of them (``ftengine_register_commands``, ``ftengine_adapter_plugins``). A plugin that
+    fails to import is left out, and reported through ``warn(message)`` when given."""
+    pm = new_plugin_manager()
+    for info in available_plugins().values():
+        try:
+            pm.register(import_plugin(info), name=info.name)
+        except Exception as exc:  # one broken plugin must not take the others down
+            if warn is not None:
+                warn(f"plugin '{info.name}' failed to import: {exc!r}")
+    return pm
+
+
+def plugin_attribute(name, attribute, default=None):
+    """A module attribute of the available plugin ``name`` (``changes_base``, ...), or ``default``."""
+    info = available_plugins().get(name)
+    return default if info is None else getattr(import_plugin(info), attribute, default)
 
 
 def active_names(pm):

@@ -18,6 +18,14 @@ may take any subset of the arguments. See [writing plugins](writing-plugins.md).
 """
 
 
+def signature(function):
+    """``(name: type, ...) -> type`` as written in the spec (annotations are strings there)."""
+    sig = inspect.signature(function)
+    params = ", ".join(p.name if p.annotation is p.empty else f"{p.name}: {p.annotation}" for p in sig.parameters.values())
+    returns = "" if sig.return_annotation is sig.empty else f" -> {sig.return_annotation}"
+    return f"({params}){returns}"
+
+
 def render_specs(module):
     parts = []
     specs = [f for n, f in inspect.getmembers(module, inspect.isfunction) if n.startswith("ftengine_")]
@@ -25,7 +33,7 @@ def render_specs(module):
         name = function.__name__
         options = function.ftengine_spec  # set by HookspecMarker
         flags = [flag for flag in ("firstresult", "historic") if options.get(flag)]
-        parts.append(f"\n## `{name}{inspect.signature(function)}`\n")
+        parts.append(f"\n## `{name}{signature(function)}`\n")
         if flags:
             parts.append(f"\n*{', '.join(flags)}*\n")
         parts.append("\n" + inspect.getdoc(function) + "\n")

@@ -11,12 +11,12 @@ conflicts = ("lora", "dora", "qlora", "prompt_tuning")
 
 
 @hookimpl
-def ftengine_trainable_params(model, config):
+def ftengine_trainable_params(model):
     return [name for name, _ in model.named_parameters()]
 
 
 @hookimpl
-def ftengine_save_model(model, tokenizer, config, path):
+def ftengine_save_model(model, tokenizer, path):
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return sorted(str(p) for p in Path(path).iterdir())

@@ -15,26 +15,29 @@ prompts can be loaded under different names and switched with ``ftengine_set_act
 ``None`` switches the virtual tokens off (the base model, DPO's reference).
 """
 
-import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from ftengine import hookimpl
-from ftengine.checkpoint import atomic_save_safetensors, atomic_write_text
+from ftengine.adapters import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_adapter_name,
+    read_adapter_config,
+    read_adapter_tensors,
+    write_adapter,
+)
 from ftengine.config import Section
 from ftengine.data import IGNORE_INDEX
 from ftengine.errors import AdapterError
 from pydantic import Field, PositiveInt
-from safetensors import safe_open
 from torch import nn
 
 # Both lora and prompt tuning write the adapter_config.json of a run: one adapter per run.
 conflicts = ("full", "lora")
 
 ADAPTER_NAME = "default"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 TENSOR_KEY = "prompt_embeddings"
 PEFT_INIT = {"text": "TEXT", "sample_vocab": "SAMPLE_VOCAB", "random": "RANDOM"}
 
@@ -213,7 +216,7 @@ def ftengine_config_section(register):
 
 
 @hookimpl
-def ftengine_validate(config, active):
+def ftengine_validate(config):
     options = config.prompt_tuning
     if options.init == "text" and not (options.init_text or "").strip():
         return [
@@ -237,12 +240,12 @@ def ftengine_wrap_model(model, tokenizer, config, training):
 
 
 @hookimpl
-def ftengine_adapter_name(config):
+def ftengine_adapter_name():
     return ADAPTER_NAME
 
 
 @hookimpl
-def ftengine_trainable_params(model, config):
+def ftengine_trainable_params(model):
     if not isinstance(model, PromptTuningModel):
         return []
     return [f"prompt_embeddings.{name}" for name in model.prompt_embeddings]
@@ -255,14 +258,10 @@ def ftengine_set_active_adapter(model, name):
 
 
 @hookimpl
-def ftengine_save_model(model, tokenizer, config, path):
+def ftengine_save_model(model, path):
     if not isinstance(model, PromptTuningModel) or ADAPTER_NAME not in model.prompt_embeddings:
         return None
-    path = Path(path)
-    written = [
-        atomic_save_safetensors(path / WEIGHTS_FILE, {TENSOR_KEY: model.prompt_embeddings[ADAPTER_NAME]}, {"format": "pt"}),
-        atomic_write_text(path / CONFIG_FILE, json.dumps(model.adapter_configs[ADAPTER_NAME], indent=2, sort_keys=True)),
-    ]
+    written = write_adapter(path, model.adapter_configs[ADAPTER_NAME], {TENSOR_KEY: model.prompt_embeddings[ADAPTER_NAME]})
     return [str(p) for p in written]
 
 
@@ -270,22 +269,20 @@ def read_adapter(path):
     """``(adapter_config, prompt [V, D])`` of a PEFT prompt-tuning directory, or ``None`` when
     the directory holds another kind of adapter."""
     path = Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise AdapterError(f"{path}: no {CONFIG_FILE}; point at a directory saved by ftengine or PEFT")
-    adapter_config = json.loads(config_file.read_text())
+    adapter_config = read_adapter_config(path)
     if adapter_config.get("peft_type") != "PROMPT_TUNING":
         return None
+    config_file = path / CONFIG_FILE
     if adapter_config.get("task_type") != "CAUSAL_LM":
         raise AdapterError(
             f"{config_file}: task_type is {adapter_config.get('task_type')!r}; only CAUSAL_LM prompts can be loaded"
         )
     if adapter_config.get("num_transformer_submodules", 1) != 1:
         raise AdapterError(f"{config_file}: num_transformer_submodules must be 1 for a causal LM")
-    with safe_open(path / WEIGHTS_FILE, framework="pt") as handle:
-        if TENSOR_KEY not in handle.keys():
-            raise AdapterError(f"{path / WEIGHTS_FILE}: no tensor '{TENSOR_KEY}' (found {sorted(handle.keys())[:3]})")
-        prompt = handle.get_tensor(TENSOR_KEY)
+    tensors = read_adapter_tensors(path)
+    if TENSOR_KEY not in tensors:
+        raise AdapterError(f"{path / WEIGHTS_FILE}: no tensor '{TENSOR_KEY}' (found {sorted(tensors)[:3]})")
+    prompt = tensors[TENSOR_KEY]
     expected = (adapter_config.get("num_virtual_tokens"), adapter_config.get("token_dim"))
     if tuple(prompt.shape) != expected:
         raise AdapterError(f"{path / WEIGHTS_FILE}: '{TENSOR_KEY}' has shape {tuple(prompt.shape)}, its config says {expected}")
@@ -293,26 +290,21 @@ def read_adapter(path):
 
 
 @hookimpl
-def ftengine_load_adapter(model, path, name, config, pluginmanager):
+def ftengine_adapter_plugins(adapter_config):
+    return ["prompt_tuning"] if adapter_config.get("peft_type") == "PROMPT_TUNING" else None
+
+
+@hookimpl
+def ftengine_load_adapter(model, path, name):
     adapter = read_adapter(path)
     if adapter is None:
         return None
     adapter_config, prompt = adapter
-    wrapper = model if isinstance(model, PromptTuningModel) else PromptTuningModel(model)
-    width = wrapper.get_input_embeddings().weight.shape[1]
+    check_adapter_name(name, model.prompt_embeddings if isinstance(model, PromptTuningModel) else (), path)
+    width = model.get_input_embeddings().weight.shape[1]
     if prompt.shape[1] != width:
         raise AdapterError(f"{path}: '{TENSOR_KEY}' has token_dim {prompt.shape[1]} but the model's embeddings have {width}")
-    if name in wrapper.prompt_embeddings:
-        held = wrapper.prompt_embeddings[name]
-        if held.shape != prompt.shape:
-            raise AdapterError(
-                f"{path}: '{TENSOR_KEY}' has shape {tuple(prompt.shape)} but adapter '{name}' holds {tuple(held.shape)}"
-            )
-        # In place, so an optimiser already holding this parameter trains the loaded values.
-        with torch.no_grad():
-            held.copy_(prompt)
-        wrapper.adapter_configs[name] = adapter_config
-        return wrapper
+    wrapper = model if isinstance(model, PromptTuningModel) else PromptTuningModel(model)
     wrapper.add_prompt(name, prompt.to(wrapper.device), adapter_config)
     return wrapper
 

@@ -14,7 +14,6 @@ transformers model holding the dequantised base plus the adapter; see ``docs/qlo
 why merging back into 4 bits is not offered.
 """
 
-import warnings
 from typing import Literal
 
 import torch
@@ -25,6 +24,7 @@ from pydantic import Field, field_validator
 
 requires = (("lora", "prompt_tuning"),)  # an adapter to train over the frozen 4-bit base
 conflicts = ("full",)
+changes_base = True  # ftengine merge quantises the base again, as the adapter was trained over it
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +37,6 @@ class QloraOptions(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype the 4-bit weights are dequantised to for matmuls; auto = float32 on CPU, bfloat16 on CUDA"
     )
-    paged_adamw_8bit: bool = Field(False, description="CUDA only: bitsandbytes PagedAdamW8bit as the optimiser")
 
     @field_validator("blocksize")
     @classmethod
@@ -65,8 +64,6 @@ def ftengine_validate(config):
         import bitsandbytes  # noqa: F401
     except ImportError:
         return ["plugin 'qlora' needs bitsandbytes, which is not installed: pip install bitsandbytes"]
-    if config.qlora.paged_adamw_8bit and not (config.train.device != "cpu" and torch.cuda.is_available()):
-        warnings.warn("qlora.paged_adamw_8bit only applies on CUDA; this CPU run uses the default AdamW", stacklevel=2)
     return []
 
 
@@ -216,25 +213,6 @@ def ftengine_on_train_start(model, state):
         highlight=False,
         soft_wrap=True,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# optimiser
-# --------------------------------------------------------------------------------------------
-
-
-@hookimpl
-def ftengine_make_optimizer(model, params, config):
-    if not (config.qlora.paged_adamw_8bit and params and all(p.is_cuda for _, p in params)):
-        return None
-    import bitsandbytes as bnb
-
-    # Weight decay on matrices only, as the default AdamW does.
-    groups = [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": config.train.weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return bnb.optim.PagedAdamW8bit([g for g in groups if g["params"]], lr=config.train.lr, betas=(0.9, 0.999))
 
 
 # --------------------------------------------------------------------------------------------

@@ -347,12 +347,21 @@ def test_a_model_without_linear_layers_is_refused_by_name(workdir):
         qlora.ftengine_quantize_model(ConvNet(), config)
 
 
-def test_paged_adamw_8bit_falls_back_to_adamw_on_cpu(workdir):
-    with pytest.warns(UserWarning, match=r"qlora.paged_adamw_8bit only applies on CUDA"):
-        config, pm = configure(None, ["lora", "qlora"], overrides(workdir, "out", "qlora.paged_adamw_8bit=true"))
+def test_paged_adamw8bit_falls_back_to_adamw_on_cpu(workdir):
+    with pytest.warns(UserWarning, match=r"plugin 'paged_adamw8bit' only applies on CUDA"):
+        config, pm = configure(None, ["lora", "qlora", "paged_adamw8bit"], overrides(workdir, "out"))
     param = torch.nn.Parameter(torch.zeros(2, 2))
     optimizer = pm.hook.ftengine_make_optimizer(model=None, params=[("w", param)], config=config)
     assert type(optimizer) is torch.optim.AdamW
+
+
+def test_qlora_composes_with_a_third_party_optimizer(workdir):
+    """qlora offers no optimiser itself, so another plugin's optimiser is not refused as a second one."""
+    config, pm = configure(None, ["lora", "qlora", "tests.sample_plugins.sgd"], overrides(workdir, "out", "train.max_steps=1"))
+    summary = train(config, pm)
+    assert summary["saved"].is_dir()
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    assert type(pm.hook.ftengine_make_optimizer(model=None, params=[("w", param)], config=config)) is torch.optim.SGD
 
 
 def test_prompt_tuning_over_a_4bit_base_trains(workdir):

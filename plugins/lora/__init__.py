@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 from ftengine import hookimpl
+from ftengine.adapters import CONFIG_FILE, adapter_name_problem, check_adapter_name
 from ftengine.config import Section
 from ftengine.errors import AdapterError, ConfigError
 from pydantic import Field, PositiveInt, ValidationError
@@ -48,13 +49,6 @@ def ftengine_addhooks(pluginmanager):
 @hookimpl
 def ftengine_config_section(register):
     register("lora", LoraOptions)
-
-
-def adapter_name_problem(name):
-    """Why ``name`` cannot name an adapter (it becomes part of parameter names), or ``None``."""
-    if not name or "." in name:
-        return f"{name!r} must be non-empty and without dots (it becomes part of parameter names)"
-    return None
 
 
 @hookimpl
@@ -127,7 +121,7 @@ def ftengine_adapter_name(config):
 
 
 @hookimpl
-def ftengine_trainable_params(model, config):
+def ftengine_trainable_params(model):
     return [
         f"{path}.{name}"
         for path, layer in lora_layers(model)
@@ -146,7 +140,10 @@ def ftengine_on_train_start(model, state):
 
 @hookimpl
 def ftengine_save_model(model, tokenizer, config, path):
-    files = peft_format.write_adapter(Path(path), lora_layers(model), config.lora.adapter_name, config.lora, config.model)
+    options = config.lora
+    files = peft_format.save_lora_adapter(
+        Path(path), lora_layers(model), options.adapter_name, options, config.model, linear_modules(model)
+    )
     tokenizer.save_pretrained(path)
     return [str(f) for f in files]
 
@@ -156,8 +153,7 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     """Load a PEFT LoRA/DoRA directory under ``name``; validate everything first, so a bad
     adapter leaves the model as it was."""
     path = Path(path)
-    if adapter_name_problem(name):
-        raise AdapterError(f"adapter name {adapter_name_problem(name)}")
+    check_adapter_name(name, path=path)
     adapter = peft_format.read_lora_config(path)
     if adapter is None:
         return None
@@ -173,19 +169,15 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
         )
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise AdapterError(f"{path / peft_format.ADAPTER_CONFIG}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+        raise AdapterError(f"{path / CONFIG_FILE}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
     variant = _variant_for_adapter(pluginmanager, config, adapter, path)
-    loaded = {n for _, layer in lora_layers(model) for n in layer.lora_A}
-    if name in loaded:
-        raise AdapterError(f"{path}: an adapter named '{name}' is already loaded; load this one under another name")
+    check_adapter_name(name, {n for _, layer in lora_layers(model) for n in layer.lora_A}, path)
 
     modules = linear_modules(model)
     targets = select_targets(model, options.target_modules)
     if not targets:
-        raise AdapterError(
-            _no_target_message(model, f"{path / peft_format.ADAPTER_CONFIG}: target_modules", options.target_modules)
-        )
-    tensors = peft_format.read_adapter_tensors(path)
+        raise AdapterError(_no_target_message(model, f"{path / CONFIG_FILE}: target_modules", options.target_modules))
+    tensors = peft_format.read_lora_tensors(path)
 
     def expected_shapes(module):
         shapes = {"lora_A.weight": (options.r, module.in_features), "lora_B.weight": (module.out_features, options.r)}
@@ -209,6 +201,11 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
             for suffix, tensor in tensors[target].items():
                 parameters[peft_format.parameter_name(suffix, name)].copy_(tensor)
     return model
+
+
+@hookimpl
+def ftengine_adapter_plugins(adapter_config):
+    return ["lora"] if adapter_config.get("peft_type") == "LORA" else None
 
 
 @hookimpl

@@ -3,11 +3,24 @@ knowing about it. ``lora`` adds them through ``ftengine_addhooks``; implement th
 ``@ftengine.hookimpl`` in a plugin that ``requires = ("lora",)``.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from ftengine.hookspecs import hookspec
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    from ftengine.config import Config
+
+    from .layer import LoraLinear
+
+    LoraVariant = object  # any object with the attributes ftengine_lora_variant lists
 
 
 @hookspec(firstresult=True)
-def ftengine_lora_variant(config):
+def ftengine_lora_variant(config: Config) -> LoraVariant | None:
     """Return the variant that changes how LoRA adapters compute, or ``None`` for plain LoRA.
 
     Called once per ``ftengine_inject_adapters`` (and per loaded adapter whose
@@ -33,7 +46,7 @@ def ftengine_lora_variant(config):
 
 
 @hookspec(firstresult=True)
-def ftengine_lora_kernel(layer, name):
+def ftengine_lora_kernel(layer: LoraLinear, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Return a function computing a ``LoraLinear``'s whole output for adapter ``name``, or
     ``None`` to keep the eager forward.
 

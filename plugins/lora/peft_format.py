@@ -17,16 +17,18 @@ neutral value and refused otherwise; keys ftengine does not know are dropped wit
 (a newer PEFT may add keys; PEFT itself reads adapters that way).
 """
 
-import json
 import warnings
 
-from ftengine.checkpoint import atomic_save_safetensors, atomic_write_text
+from ftengine.adapters import (
+    CONFIG_FILE,
+    KEY_PREFIX,
+    WEIGHTS_FILE,
+    read_adapter_config,
+    read_adapter_tensors,
+    short_target_names,
+    write_adapter,
+)
 from ftengine.errors import AdapterError
-from ftengine.inference import ADAPTER_CONFIG, read_adapter_config
-from safetensors import safe_open
-
-WEIGHTS_FILE = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 
 # PEFT options that change what an adapter computes and that ftengine does not implement: an
 # adapter may only hold them at a neutral value (this one, or null / false / {} / []).
@@ -125,14 +127,15 @@ def _json_number(value):
     return int(value) if float(value).is_integer() else value
 
 
-def adapter_config(options, *, base_model, target_paths, variant):
+def adapter_config(options, *, base_model, target_paths, linear_paths, variant):
     """The ``adapter_config.json`` contents for an adapter made with ``options`` (``LoraOptions``).
 
-    ``all-linear`` is written as the list of the layers it selected, as PEFT writes it.
+    ``all-linear`` is written as PEFT writes it: the short names of the layers it selected
+    (``["down_proj", ..., "v_proj"]``), or their full paths where short names would select more.
     """
     target_modules = options.target_modules
     if target_modules == "all-linear":
-        target_modules = sorted(target_paths)
+        target_modules = short_target_names(target_paths, linear_paths)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -150,16 +153,18 @@ def adapter_config(options, *, base_model, target_paths, variant):
     }
 
 
-def write_adapter(directory, layers, adapter, options, base_model):
-    """Write adapter ``adapter`` of ``[(path, LoraLinear), ...]`` into ``directory``; return the paths."""
+def save_lora_adapter(directory, layers, adapter, options, base_model, linear_paths):
+    """Write adapter ``adapter`` of ``[(path, LoraLinear), ...]`` into ``directory``; return the paths.
+
+    :param linear_paths: every adaptable layer of the model (to write short target names).
+    """
     layers = [(path, layer) for path, layer in layers if adapter in layer.lora_A]
     if not layers:
         raise AdapterError(f"the model holds no LoRA adapter named '{adapter}' to save")
     variant = layers[0][1].variant[adapter]
-    config = adapter_config(options, base_model=base_model, target_paths=[p for p, _ in layers], variant=variant)
-    config_path = atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
-    weights_path = atomic_save_safetensors(directory / WEIGHTS_FILE, adapter_tensors(layers, adapter), metadata={"format": "pt"})
-    return [config_path, weights_path]
+    target_paths = [p for p, _ in layers]
+    config = adapter_config(options, base_model=base_model, target_paths=target_paths, linear_paths=linear_paths, variant=variant)
+    return write_adapter(directory, config, adapter_tensors(layers, adapter))
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def read_lora_config(directory):
     Options ftengine cannot honour are errors naming the key; unknown keys are dropped with a
     warning.
     """
-    path = directory / ADAPTER_CONFIG
+    path = directory / CONFIG_FILE
     config = read_adapter_config(directory)
     if config.get("peft_type") != "LORA":
         return None
@@ -196,16 +201,12 @@ def read_lora_config(directory):
     return {key: config.get(key, default) for key, default in READ_KEYS.items()}
 
 
-def read_adapter_tensors(directory):
+def read_lora_tensors(directory):
     """``{module path: {suffix: tensor}}`` from ``adapter_model.safetensors``."""
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter weights not found")
     by_module = {}
-    with safe_open(path, framework="pt") as handle:
-        for key in handle.keys():
-            module, suffix = split_peft_key(key)
-            by_module.setdefault(module, {})[suffix] = handle.get_tensor(key)
+    for key, tensor in read_adapter_tensors(directory).items():
+        module, suffix = split_peft_key(key)
+        by_module.setdefault(module, {})[suffix] = tensor
     return by_module
 
 
