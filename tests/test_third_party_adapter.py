@@ -6,6 +6,7 @@ it skips these tests with the install command in the reason.
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,7 @@ def peft_adapter(tmp_path, ia3, seed=3):
 @pytest.fixture
 def trained_run(run_overrides):
     """A short (IA)³ training run through the CLI: its output directory."""
-    overrides = [*run_overrides, "train.max_steps=8", "train.lr=3e-2"]
+    overrides = [*run_overrides, "train.max_steps=8", "train.lr=1e-1"]
     result = CliRunner().invoke(cli, ["run", "--plugin", "ia3", "--eval-before", *(a for o in overrides for a in ("-o", o))])
     assert result.exit_code == 0, result.output
     return Path(next(o for o in run_overrides if o.startswith("output_dir=")).partition("=")[2])
@@ -153,8 +154,10 @@ def trained_run(run_overrides):
 
 def test_trains_with_plugin_from_the_command_line_and_the_loss_drops(trained_run):
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-    assert len(evals) == 2 and evals[1] < evals[0] - 0.05, evals
+    before, after = (r["eval_loss"] for r in records if "eval_loss" in r)
+    # From worse than a uniform guess over the 259-token vocabulary to better than it (measured:
+    # 6.31 -> 4.98); scaling 96 activations per layer by learned vectors is enough for that.
+    assert before > math.log(259) > after, (before, after)
     with safe_open(trained_run / "final" / "adapter_model.safetensors", "pt") as handle:
         assert all(key.endswith(".ia3_l") for key in handle.keys())
         moved = [key for key in handle.keys() if not torch.equal(handle.get_tensor(key), torch.ones(1))]
@@ -221,7 +224,7 @@ def test_generate_command_uses_the_adapter(tiny_model_dir, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert result.output == f">>> Reverse: alpha\n{expected}\n\n"
+    assert result.stdout == f">>> Reverse: alpha\n{expected}\n\n"
 
 
 def test_merge_command_writes_a_plain_model_with_the_adapter_logits(trained_run, tiny_model_dir, tmp_path):

@@ -132,7 +132,7 @@ def ftengine_adapter_name(config):
 # --------------------------------------------------------------------------------------------
 
 
-def adapter_config(options, base_model, target_paths):
+def adapter_config(options, base_model, target_paths, all_paths):
     """``adapter_config.json`` as PEFT writes it for IA3 (``peft_version`` aside: PEFT's own)."""
     targets = options.target_modules
     return {
@@ -142,7 +142,7 @@ def adapter_config(options, base_model, target_paths):
         "revision": None,
         "inference_mode": True,
         "auto_mapping": None,
-        "target_modules": short_target_names(target_paths) if targets == "all-linear" else targets,
+        "target_modules": short_target_names(target_paths, all_paths) if targets == "all-linear" else targets,
         "feedforward_modules": options.feedforward_modules,
         "exclude_modules": None,
         "fan_in_fan_out": False,
@@ -158,7 +158,9 @@ def ftengine_save_model(model, tokenizer, config, path):
     if not layers:
         raise AdapterError(f"the model holds no (IA)³ adapter named '{name}' to save")
     tensors = {f"{KEY_PREFIX}{p}.ia3_l": layer.ia3_l[name] for p, layer in layers}
-    files = write_adapter(Path(path), adapter_config(config.ia3, config.model, [p for p, _ in layers]), tensors)
+    files = write_adapter(
+        Path(path), adapter_config(config.ia3, config.model, [p for p, _ in layers], list(linear_modules(model))), tensors
+    )
     tokenizer.save_pretrained(path)
     return [str(f) for f in files]
 
