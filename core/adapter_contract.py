@@ -76,11 +76,12 @@ class AdapterContract:
 
     @staticmethod
     @torch.no_grad()
-    def perturb(run, scale=0.1):
-        """Move every trainable parameter away from its initial value (B starts at zero)."""
+    def perturb(model, trainable, scale=0.1):
+        """Move the parameters named in ``trainable`` (a build's ``info["trainable"]``) away from
+        their initial values (LoRA's B starts at zero), by seeded noise."""
         generator = torch.Generator().manual_seed(1)
-        parameters = dict(run.model.named_parameters())
-        for name in run.info["trainable"]:
+        parameters = dict(model.named_parameters())
+        for name in trainable:
             parameter = parameters[name]
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator).to(parameter))
 
@@ -131,7 +132,7 @@ class AdapterContract:
         torch.testing.assert_close(self.logits(run.model), base_logits, atol=self.atol, rtol=0)
 
     def test_save_then_load_into_a_fresh_build_round_trips(self, run, base_logits, tiny_model_dir, tmp_path):
-        self.perturb(run)
+        self.perturb(run.model, run.info["trainable"])
         expected = self.logits(run.model)
         assert (expected - base_logits).abs().max() > 1e-3, "perturbing the adapter must change the output"
         saved = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "saved")
@@ -146,14 +147,14 @@ class AdapterContract:
 
     def test_merged_equals_unmerged(self, run):
         self.skip_unless_merge()
-        self.perturb(run)
+        self.perturb(run.model, run.info["trainable"])
         unmerged = self.logits(run.model)
         run.pm.hook.ftengine_merge_adapters(model=run.model)
         torch.testing.assert_close(self.logits(run.model), unmerged, atol=self.atol, rtol=0)
 
     def test_merging_twice_changes_nothing(self, run):
         self.skip_unless_merge()
-        self.perturb(run)
+        self.perturb(run.model, run.info["trainable"])
         run.pm.hook.ftengine_merge_adapters(model=run.model)
         state, logits = {k: v.clone() for k, v in run.model.state_dict().items()}, self.logits(run.model)
         run.pm.hook.ftengine_merge_adapters(model=run.model)
@@ -163,7 +164,7 @@ class AdapterContract:
     def test_unmerge_restores_the_base_weights(self, run):
         self.skip_unless_merge()
         frozen = self.frozen_state(run.model)
-        self.perturb(run)
+        self.perturb(run.model, run.info["trainable"])
         unmerged = self.logits(run.model)
         run.pm.hook.ftengine_merge_adapters(model=run.model)
         run.pm.hook.ftengine_unmerge_adapters(model=run.model)
@@ -173,7 +174,7 @@ class AdapterContract:
         torch.testing.assert_close(self.logits(run.model), unmerged, atol=self.atol, rtol=0)
 
     def test_no_active_adapter_gives_the_base_output(self, run, base_logits):
-        self.perturb(run)
+        self.perturb(run.model, run.info["trainable"])
         adapted = self.logits(run.model)
         run.pm.hook.ftengine_set_active_adapter(model=run.model, name=None)
         torch.testing.assert_close(self.logits(run.model), base_logits, atol=self.atol, rtol=0)

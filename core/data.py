@@ -144,27 +144,52 @@ def collate_sft(examples, pad_token_id):
     }
 
 
+class Truncation:
+    """Cuts the examples of one file to ``max_length`` tokens and counts what it cut.
+
+    An example is one or more ``(ids, labels)`` sequences (one for SFT; chosen and rejected for
+    DPO). Sequences keep their start; an example is dropped when a sequence loses every labelled
+    token. ``stats`` gives the counts a loader reports (and the progress plugin prints).
+    """
+
+    def __init__(self, max_length):
+        self.max_length, self.truncated, self.dropped = max_length, 0, 0
+
+    def cut(self, sequences):
+        """``sequences`` cut to ``max_length``, or ``None`` if the example is to be dropped."""
+        if all(len(ids) <= self.max_length for ids, _ in sequences):
+            return sequences
+        self.truncated += 1
+        cut = [(ids[: self.max_length], labels[: self.max_length]) for ids, labels in sequences]
+        if any(all(label == IGNORE_INDEX for label in labels) for _, labels in cut):
+            self.dropped += 1
+            return None
+        return cut
+
+    def stats(self, kept):
+        """``{"rows", "truncated", "dropped"}`` for a file of which ``kept`` examples were kept."""
+        return {"rows": kept + self.dropped, "truncated": self.truncated, "dropped": self.dropped}
+
+
 def load_sft_file(path, tokenizer, max_length):
     """Tokenise an SFT JSONL file; return ``(examples, stats)``.
 
     Sequences longer than ``max_length`` are truncated and counted; a row whose response
     tokens are all cut off is dropped and counted. Both counts are reported by the caller.
     """
-    examples, truncated, dropped = [], 0, 0
+    examples, truncation = [], Truncation(max_length)
     for row, where in read_jsonl(path):
         messages = row_to_messages(row, where)
         text, spans = render_chat(tokenizer, messages, where)
         ids, labels = tokenize_with_mask(tokenizer, text, spans)
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError(f"{where}: the response is empty after tokenisation")
-        if len(ids) > max_length:
-            truncated += 1
-            ids, labels = ids[:max_length], labels[:max_length]
-            if all(label == IGNORE_INDEX for label in labels):
-                dropped += 1
-                continue
+        sequences = truncation.cut([(ids, labels)])
+        if sequences is None:
+            continue
+        ((ids, labels),) = sequences
         examples.append({"input_ids": ids, "labels": labels, "row": row, "source": where})
-    return examples, {"rows": len(examples) + dropped, "truncated": truncated, "dropped": dropped}
+    return examples, truncation.stats(kept=len(examples))
 
 
 def load_splits(config, read_file, collate):

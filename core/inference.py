@@ -24,6 +24,7 @@ from .adapters import plugins_for_adapter
 from .build import build, configure
 from .checkpoint import atomic_directory
 from .errors import AdapterError
+from .modeling import generate_greedy
 from .pluginmanager import plugin_attribute
 
 
@@ -66,15 +67,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=64):
         ]
     else:
         texts = list(prompts)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the last position of each row
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
-    finally:
-        tokenizer.padding_side = padding_side
-    batch = batch.to(next(model.parameters()).device)
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return generate_greedy(model, tokenizer, texts, max_new_tokens, add_special_tokens=not tokenizer.chat_template)
 
 
 def base_plugins_of_run(adapter_dir):

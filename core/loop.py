@@ -10,7 +10,6 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from . import checkpoint
 from .build import build
 from .config import dump_config
 from .errors import ConfigError, FtengineError
+from .modeling import autocast, eval_mode
 from .state import RunState
 
 
@@ -59,33 +59,25 @@ def total_steps(config, n_train):
 def evaluate(model, tokenizer, datasets, state):
     """Eval loss over ``datasets.eval`` plus every plugin's metrics, as ``eval_*`` keys."""
     pm, config = state.pm, state.config
-    was_training = model.training
-    model.eval()
     record = {}
-    if datasets.eval:
-        loss_sum, count, metric_sums = 0.0, 0, {}
-        for start in range(0, len(datasets.eval), config.train.eval_batch_size):
-            batch = to_device(datasets.collate(datasets.eval[start : start + config.train.eval_batch_size]), state.device)
-            with _autocast(state):
-                out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
-            loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
-            for key, value in out.metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-        record["eval_loss"] = loss_sum / max(count, 1)
-        record.update({f"eval_{key}": value / max(count, 1) for key, value in metric_sums.items()})
-    for metrics in pm.hook.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state):
-        for key, value in (metrics or {}).items():
-            if f"eval_{key}" in record:
-                raise FtengineError(f"two plugins return the evaluation metric '{key}': rename one")
-            record[f"eval_{key}"] = value
-    model.train(was_training)
+    with eval_mode(model):
+        if datasets.eval:
+            loss_sum, count, metric_sums = 0.0, 0, {}
+            for start in range(0, len(datasets.eval), config.train.eval_batch_size):
+                batch = to_device(datasets.collate(datasets.eval[start : start + config.train.eval_batch_size]), state.device)
+                with autocast(state):
+                    out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
+                loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
+                for key, value in out.metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            record["eval_loss"] = loss_sum / max(count, 1)
+            record.update({f"eval_{key}": value / max(count, 1) for key, value in metric_sums.items()})
+        for metrics in pm.hook.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state):
+            for key, value in (metrics or {}).items():
+                if f"eval_{key}" in record:
+                    raise FtengineError(f"two plugins return the evaluation metric '{key}': rename one")
+                record[f"eval_{key}"] = value
     return record
-
-
-def _autocast(state):
-    if state.autocast_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=state.device.type, dtype=state.autocast_dtype)
 
 
 def log(state, record, metrics_file):
@@ -205,7 +197,7 @@ def optimizer_step(model, datasets, state, params, optimizer, scheduler):
     loss_sum, count, tokens, metric_sums = 0.0, 0, 0, {}
     for _, batch in micro:
         batch = to_device(batch, state.device)
-        with _autocast(state):
+        with autocast(state):
             out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
         out.loss.backward()
         loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count

@@ -120,6 +120,19 @@ def greedy_without_cache(model, input_ids, max_new_tokens):
     return torch.stack(rows)
 
 
+class LogitsOnly:
+    """``LogitsOnly(model)`` calls ``model`` through a forward that takes no ``logits_to_keep``,
+    as some models' do: for testing the path that computes every position's logits."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    __call__ = forward
+
+
 class KillAfter:
     """A plugin that interrupts training after step ``step``, as if the process were killed:
     ``pm.register(KillAfter(3))``, then ``pytest.raises(KeyboardInterrupt)`` around ``train``."""

@@ -25,9 +25,7 @@ sums over pairs with the number of pairs as the count.
 
 import copy
 import hashlib
-import inspect
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,6 +37,7 @@ from ftengine.checkpoint import atomic_save_safetensors
 from ftengine.config import Section
 from ftengine.data import (
     IGNORE_INDEX,
+    Truncation,
     load_splits,
     pad_batch,
     read_jsonl,
@@ -49,6 +48,7 @@ from ftengine.data import (
 )
 from ftengine.errors import DataError, FtengineError
 from ftengine.loop import to_device
+from ftengine.modeling import autocast, eval_mode, target_logits
 from ftengine.state import LossOutput
 from pydantic import Field, PositiveFloat
 from safetensors import safe_open
@@ -110,25 +110,24 @@ def load_preference_file(path, tokenizer, max_length, split):
     Sequences longer than ``max_length`` keep their start (as TRL's ``keep_start``); a pair
     whose chosen or rejected response is cut off entirely is dropped. Both are counted.
     """
-    examples, truncated, dropped = [], 0, 0
+    examples, truncation = [], Truncation(max_length)
     for row, where in read_jsonl(path):
         prompt, chosen, rejected = pair_messages(row, where)
-        sides = {
-            field: tokenize_response(tokenizer, prompt, response, field, where)
-            for field, response in (("chosen", chosen), ("rejected", rejected))
-        }
-        if any(len(ids) > max_length for ids, _ in sides.values()):
-            truncated += 1
-            sides = {field: (ids[:max_length], labels[:max_length]) for field, (ids, labels) in sides.items()}
-            if any(all(label == IGNORE_INDEX for label in labels) for _, labels in sides.values()):
-                dropped += 1
-                continue
+        sides = truncation.cut(
+            [
+                tokenize_response(tokenizer, prompt, chosen, "chosen", where),
+                tokenize_response(tokenizer, prompt, rejected, "rejected", where),
+            ]
+        )
+        if sides is None:
+            continue
+        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = sides
         examples.append(
             {
-                "chosen_ids": sides["chosen"][0],
-                "chosen_labels": sides["chosen"][1],
-                "rejected_ids": sides["rejected"][0],
-                "rejected_labels": sides["rejected"][1],
+                "chosen_ids": chosen_ids,
+                "chosen_labels": chosen_labels,
+                "rejected_ids": rejected_ids,
+                "rejected_labels": rejected_labels,
                 "index": len(examples),
                 "split": split,
                 "source": where,
@@ -136,7 +135,7 @@ def load_preference_file(path, tokenizer, max_length, split):
                 "row": {"messages": prompt + chosen},
             }
         )
-    return examples, {"rows": len(examples) + dropped, "truncated": truncated, "dropped": dropped}
+    return examples, truncation.stats(kept=len(examples))
 
 
 def collate_pairs(examples, pad_token_id):
@@ -165,21 +164,10 @@ def load_preferences(config, tokenizer):
 # --------------------------------------------------------------------------------------------
 
 
-def accepts_logits_to_keep(model):
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def sequence_logps(model, batch):
     """``(chosen, rejected)``: per row of a pair batch, in one forward pass, the summed
     log-probability of the labelled (response) tokens given what precedes them."""
-    inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
-    if accepts_logits_to_keep(model):
-        # The vocabulary projection dominates memory: run it only at positions that predict a
-        # response token in some row (position t predicts label t+1), as the SFT loss does.
-        positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        logits, targets = model(**inputs, logits_to_keep=positions).logits, labels[:, positions + 1]
-    else:
-        logits, targets = model(**inputs).logits[:, :-1], labels[:, 1:]
+    logits, targets = target_logits(model, batch)
     token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return (-token_nll.sum(dim=1)).chunk(2)
 
@@ -222,16 +210,6 @@ def pair_metrics(options, policy, reference):
 # --------------------------------------------------------------------------------------------
 # the reference model
 # --------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @dataclass
@@ -326,7 +304,7 @@ def precompute_ref_logps(model, reference, datasets, state):
         rows = []
         for start in range(0, len(examples), size):
             batch = to_device(datasets.collate(examples[start : start + size]), state.device)
-            with torch.autocast(state.device.type, dtype=state.autocast_dtype, enabled=state.autocast_dtype is not None):
+            with autocast(state):
                 rows.append(torch.stack(reference.compute(model, batch), dim=1).float().cpu())
         cache[split] = torch.cat(rows) if rows else torch.zeros(0, 2)
     return cache

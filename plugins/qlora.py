@@ -20,6 +20,7 @@ import torch
 from ftengine import hookimpl
 from ftengine.config import Section
 from ftengine.errors import ConfigError
+from ftengine.modeling import output_head, replace_module
 from pydantic import Field, field_validator
 
 requires = (("lora", "prompt_tuning"),)  # an adapter to train over the frozen 4-bit base
@@ -101,16 +102,11 @@ def quantize_linear(linear, options, dtype):
     return layer
 
 
-def _replace(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 @hookimpl
 def ftengine_quantize_model(model, config):
     device = next(model.parameters()).device
     dtype = compute_dtype(config.qlora, device)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     # Exactly nn.Linear: subclasses (nn.MultiheadAttention's out_proj) may read .weight directly.
     targets = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
     if not targets:
@@ -123,7 +119,7 @@ def ftengine_quantize_model(model, config):
     if device.type == "cpu":
         _refuse_widths_misread_on_cpu(targets, config.qlora.blocksize)
     for name, linear in targets:
-        _replace(model, name, quantize_linear(linear, config.qlora, dtype))
+        replace_module(model, name, quantize_linear(linear, config.qlora, dtype))
     if device.type == "cpu":
         _release_checkpoint_mapping(model)
     return True
@@ -243,7 +239,7 @@ def dequantize_model(model):
     from bitsandbytes.nn import Linear4bit
 
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]:
-        _replace(model, name, dequantize_linear(module))
+        replace_module(model, name, dequantize_linear(module))
 
 
 @hookimpl(tryfirst=True)

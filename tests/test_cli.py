@@ -5,6 +5,7 @@ import json
 from click.testing import CliRunner
 from ftengine import __version__
 from ftengine.cli import cli
+from ftengine.pluginmanager import builtin_plugins
 
 
 def invoke(*args):
@@ -13,7 +14,7 @@ def invoke(*args):
 
 def test_version():
     result = invoke("--version")
-    assert result.exit_code == 0 and __version__ in result.output
+    assert result.exit_code == 0 and result.output == f"ftengine, version {__version__}\n"
 
 
 def test_plugins_lists_builtins_with_hooks():
@@ -21,7 +22,9 @@ def test_plugins_lists_builtins_with_hooks():
     rows = {r["name"]: r for r in json.loads(result.output)}
     assert rows["sft"]["default"] is True and "ftengine_compute_loss" in rows["sft"]["hooks"]
     assert rows["full"]["source"] == "builtin"
-    assert "name" in invoke("plugins").output
+    table = invoke("plugins").output
+    first_cells = {line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")}
+    assert set(builtin_plugins()) <= first_cells
 
 
 def test_run_trains_and_prints_the_evaluation_table(run_overrides, tmp_path):
@@ -30,8 +33,17 @@ def test_run_trains_and_prints_the_evaluation_table(run_overrides, tmp_path):
         args += ["-o", override]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    table = result.output[result.output.index("evaluation") :]
-    assert "before" in table and "after" in table and "loss" in table
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 4]
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if line.startswith("│")]
+    (header,) = [[cell.strip() for cell in line.split("┃")[1:-1]] for line in result.output.splitlines() if line.startswith("┃")]
+    assert header == ["metric", "before", "after"]
+    assert [cell.strip() for cell in rows[0]] == [
+        "loss",
+        f"{evaluations[0]['eval_loss']:.3f}",
+        f"{evaluations[1]['eval_loss']:.3f}",
+    ]
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 

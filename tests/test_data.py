@@ -25,14 +25,15 @@ def test_multi_turn_chat_trains_on_assistant_turns_only(tokenizer, tmp_path):
     ]
     examples, _ = load_sft_file(write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}]), tokenizer, 512)
     assert trained_text(tokenizer, examples[0]) == "ANSWER-ONE<|im_end|>\nANSWER-TWO<|im_end|>\n"
-    full = tokenizer.decode(examples[0]["input_ids"])
-    assert "first question" in full and "Be terse." in full
+    assert tokenizer.decode(examples[0]["input_ids"]) == tokenizer.apply_chat_template(chat, tokenize=False)
 
 
 def test_prompt_response_rows_use_the_chat_template(tokenizer, tmp_path):
     rows = [{"prompt": "Say hi", "response": "hi there"}]
     examples, _ = load_sft_file(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, 512)
-    assert tokenizer.decode(examples[0]["input_ids"]).startswith("<|im_start|>user\nSay hi<|im_end|>")
+    assert tokenizer.decode(examples[0]["input_ids"]) == (
+        "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi there<|im_end|>\n"
+    )
     assert trained_text(tokenizer, examples[0]) == "hi there<|im_end|>\n"
 
 

@@ -44,8 +44,9 @@ def test_readme_opens_with_the_two_commands():
 
 def test_cli_help_lists_the_commands():
     output = CliRunner().invoke(cli, ["--help"]).output
-    for command in ("run", "plugins"):
-        assert command in output
+    listed = output[output.index("\nCommands:\n") :].splitlines()[2:]
+    assert [line.split()[0] for line in listed if line.strip()] == sorted(cli.commands)
+    assert {"run", "plugins", "merge", "generate"} <= set(cli.commands)
 
 
 def test_every_plugin_package_is_in_the_wheel():

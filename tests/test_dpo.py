@@ -17,7 +17,7 @@ from ftengine.errors import ConfigError, DataError, FtengineError
 from ftengine.loop import save, train
 from ftengine.plugins import dpo
 from ftengine.state import RunState
-from ftengine.testing import KillAfter, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
+from ftengine.testing import KillAfter, LogitsOnly, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "contacts"
@@ -129,17 +129,6 @@ def test_metrics_are_sums_over_pairs():
     assert metrics["rewards_rejected"] == pytest.approx(0.0)  # 0.5 * (-1 + 1)
     assert metrics["reward_margin"] == pytest.approx(0.25)
     assert metrics["reward_accuracy"] == 1.0  # pair 0: 0.25 > -0.5; pair 1: 0 > 0.5 is false
-
-
-class LogitsOnly(torch.nn.Module):
-    """A model whose forward takes no ``logits_to_keep``: the log-probs come from all logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def test_logps_are_the_same_with_and_without_logits_to_keep(tmp_path):
@@ -254,8 +243,8 @@ def test_examples_keep_a_chat_row_ending_with_the_chosen_answer(tmp_path):
     "plugins, extra, message",
     [
         (["dpo"], [], "no active plugin trains anything"),
-        (["lora", "dpo"], ["dpo.beta=0"], "dpo.beta"),
-        (["lora", "dpo"], ["dpo.loss_type=kto"], "dpo.loss_type"),
+        (["lora", "dpo"], ["dpo.beta=0"], "dpo.beta: Input should be greater than 0"),
+        (["lora", "dpo"], ["dpo.loss_type=kto"], "dpo.loss_type: Input should be 'sigmoid', 'ipo', 'hinge' or 'robust'"),
         (["lora", "dpo"], ["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], "has no label smoothing"),
         (["lora", "dpo"], ["dpo.init_adapter=/nonexistent"], "holds no adapter_config.json"),
     ],
@@ -367,7 +356,7 @@ def test_loss_and_rewards_equal_trl_at_step_0(trl_trainer, tiny_model_dir, tmp_p
 def test_reference_is_the_model_with_adapters_off(tiny_model_dir, prefs, tmp_path):
     config, pm = configure(None, ["lora", "dpo"], dpo_overrides(tiny_model_dir, prefs, tmp_path, "lora.r=4"))
     model, tokenizer, info = build(config, pm)
-    AdapterContract.perturb(type("Run", (), {"model": model, "info": info}))
+    AdapterContract.perturb(model, info["trainable"])
     datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
     batch = datasets.collate(datasets.train)
     state = start(config, pm, model, tokenizer, tmp_path)
@@ -453,7 +442,7 @@ def test_init_adapter_starts_training_and_is_the_reference(tiny_model_dir, prefs
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
     sft_config, sft_pm = configure(None, ["lora"], [f"model={tiny_model_dir}", f"data.train={sft_data}", "lora.r=4"])
     sft_model, tokenizer, sft_info = build(sft_config, sft_pm)
-    AdapterContract.perturb(type("Run", (), {"model": sft_model, "info": sft_info}))
+    AdapterContract.perturb(sft_model, sft_info["trainable"])
     sft_dir = save(sft_model, tokenizer, sft_config, sft_pm, tmp_path / "sft")
     sft_params = {n: p.detach().clone() for n, p in sft_model.named_parameters() if p.requires_grad}
 
@@ -477,8 +466,8 @@ def test_init_adapter_starts_training_and_is_the_reference(tiny_model_dir, prefs
         reference = parameters[name.replace(".default.", f".{dpo.REFERENCE_ADAPTER}.")]
         assert torch.equal(reference, sft_params[name]) and not reference.requires_grad
     assert records(tmp_path / "out")[0]["loss"] == pytest.approx(LOG2, abs=1e-6)  # started from the SFT adapter
-    trained = load_file(summary["saved"] / "adapter_model.safetensors")
-    assert not torch.equal(next(iter(trained.values())), load_file(sft_dir / "adapter_model.safetensors")[next(iter(trained))])
+    trained, sft = (load_file(path / "adapter_model.safetensors") for path in (summary["saved"], sft_dir))
+    assert trained.keys() == sft.keys() and all(not torch.equal(trained[k], sft[k]) for k in sft), "every tensor trained on"
 
 
 def test_init_adapter_of_another_rank_is_refused(tiny_model_dir, prefs, tmp_path):

@@ -258,7 +258,7 @@ def test_unsupported_reasons(monkeypatch):
     merged = stand_in()
     merged.merged = True
     cases = {
-        "adapter merged": merged,
+        "adapter merged into the base weight": merged,
         "LoRA variant 'object' not supported": stand_in(variant=object()),
         "base layer LinearSubclass not supported": StandInLoraLinear(LinearSubclass(8, 8), 4, 8, 0.0),
         "r > 128": stand_in(r=129),
@@ -266,7 +266,7 @@ def test_unsupported_reasons(monkeypatch):
         "not on a CUDA device": stand_in(),
     }
     for expected, layer in cases.items():
-        assert expected in fused_lora.unsupported_reason(layer, "default")
+        assert fused_lora.unsupported_reason(layer, "default") == expected
 
 
 def test_dora_is_fused_without_dropout_only():
@@ -280,21 +280,26 @@ def test_dora_is_fused_without_dropout_only():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
 def test_hook_declines_without_cuda_or_interpreter(monkeypatch):
-    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
     monkeypatch.setattr(fused_lora, "_interpreted", lambda: False)
-    assert fused_lora.ftengine_lora_kernel(layer=stand_in(), name="default") is None
-    assert fused_lora.summary() == "fused_lora: inactive (no CUDA device)"
+    layer = stand_in()
+    assert fused_lora.ftengine_lora_kernel(layer=layer, name="default") is None
+    assert fused_lora.summary(layer) == "fused_lora: inactive (no CUDA device)"
 
 
-def test_hook_fuses_supported_layers_and_summarises(monkeypatch):
+def test_hook_fuses_supported_layers_and_summarises():
     # Under the interpreter CPU layers are fused; the variant layer must still fall back.
-    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
     layer, variant = stand_in(dropout=0.2), stand_in(variant=object())
     forward = fused_lora.ftengine_lora_kernel(layer=layer, name="default")
     assert fused_lora.ftengine_lora_kernel(layer=variant, name="default") is None
-    assert fused_lora.summary() == (
+    assert (layer.fused_lora_decisions, variant.fused_lora_decisions) == (
+        {"default": None},
+        {"default": "LoRA variant 'object' not supported"},
+    )
+    assert fused_lora.summary(nn.ModuleList([layer, variant])) == (
         "fused_lora (Triton interpreter: slow): 1 layers fused, 1 fell back (LoRA variant 'object' not supported: 1)"
     )
+    # Decisions belong to the layers: another model's summary does not count them.
+    assert fused_lora.summary(nn.ModuleList([stand_in()])) == "fused_lora (Triton interpreter: slow): 0 layers fused, 0 fell back"
 
     x = torch.randn(2, 9, 24, requires_grad=True)
     torch.manual_seed(7)
@@ -406,10 +411,9 @@ def training_metrics(run_overrides, output_dir, plugins, steps):
     return {key: [record[key] for record in steps] for key in ("loss", "grad_norm")}
 
 
-def test_a_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys, monkeypatch):
+def test_a_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys):
     """Four steps of LoRA on the tiny model, every linear layer fused (through the interpreter)
     or eager: the same losses and gradient norms."""
-    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
     eager = training_metrics(run_overrides, tmp_path / "eager", ["lora"], steps=4)
     fused = training_metrics(run_overrides, tmp_path / "fused", ["lora", "fused_lora"], steps=4)
     assert "fused_lora (Triton interpreter: slow): 14 layers fused, 0 fell back" in capsys.readouterr().err
@@ -419,10 +423,9 @@ def test_a_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp
     assert eager["loss"][-1] < eager["loss"][0]
 
 
-def test_a_dora_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys, monkeypatch):
+def test_a_dora_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys):
     """As above with DoRA, so the magnitude trains too. Three steps and no evaluation, since the
     interpreter is slow."""
-    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
     no_eval = run_overrides + ["data.eval=null"]
     eager = training_metrics(no_eval, tmp_path / "eager", ["lora", "dora"], steps=3)
     fused = training_metrics(no_eval, tmp_path / "fused", ["lora", "dora", "fused_lora"], steps=3)
@@ -582,12 +585,11 @@ def test_unsupported_reasons_on_a_4bit_base():
         nf4_weight(nf4.base_layer.weight)
 
 
-def test_a_qlora_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys, monkeypatch):
+def test_a_qlora_training_run_gives_the_same_losses_with_the_plugin(run_overrides, tmp_path, capsys):
     """Three steps of LoRA on the tiny model quantised to NF4, every linear layer fused or
     eager: the same losses and gradient norms. Blocks of 32 weights, so that every layer's
     width (32 or 64) is a multiple of the block, where bitsandbytes' CPU kernel dequantises
     right (see the flat-layout test above); no evaluation, since the interpreter is slow."""
-    monkeypatch.setattr(fused_lora, "_decisions", type(fused_lora._decisions)())
     no_eval = run_overrides + ["data.eval=null", "qlora.blocksize=32"]
     eager = training_metrics(no_eval, tmp_path / "eager", ["lora", "qlora"], steps=3)
     fused = training_metrics(no_eval, tmp_path / "fused", ["lora", "qlora", "fused_lora"], steps=3)

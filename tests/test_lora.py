@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ from ftengine.build import build, configure
 from ftengine.errors import AdapterError, ConfigError
 from ftengine.loop import save, train
 from ftengine.plugins.lora.layer import LoraLinear, lora_layers, lora_scaling
+from ftengine.state import RunState
 from ftengine.testing import KillAfter, save_tiny_model, sft_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -48,6 +50,16 @@ def build_lora(model_dir, tmp_path, plugins=("lora",), **lora):
     config, pm = configure(plugins=list(plugins), base=base)
     model, tokenizer, info = build(config, pm)
     return SimpleNamespace(model=model.eval(), tokenizer=tokenizer, info=info, config=config, pm=pm)
+
+
+def run_state(run):
+    """The state of a run on CPU that is about to train ``run.model``."""
+    return RunState(config=run.config, pm=run.pm, output_dir=Path(run.config.output_dir), device=torch.device("cpu"))
+
+
+def lora_shapes(linear, r):
+    """The shapes of A and B of a rank-``r`` adapter of ``linear``."""
+    return torch.Size([r, linear.in_features]), torch.Size([linear.out_features, r])
 
 
 def wrapped(model):
@@ -112,9 +124,15 @@ def test_lora_conflicts_with_full(tiny_model_dir, tmp_path):
 
 def test_the_base_is_frozen_and_never_copied(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
-    frozen = sum(p.numel() for p in run.model.parameters() if not p.requires_grad)
-    assert frozen == 35168  # the tiny model's own parameter count: no base weight is duplicated
     model, _ = run.pm.hook.ftengine_load_model(config=run.config)
+    frozen = {n.replace(".base_layer.", "."): p.shape for n, p in run.model.named_parameters() if not p.requires_grad}
+    assert frozen == {n: p.shape for n, p in model.named_parameters()}  # every base weight once, none copied
+    adapter = {n: p.shape for n, p in run.model.named_parameters() if p.requires_grad}
+    assert adapter == {  # r = 4
+        f"{path}.lora_{ab}.default.weight": shape
+        for path in ALL_LINEAR
+        for ab, shape in zip("AB", lora_shapes(model.get_submodule(path), 4))
+    }
     linears = {path: model.get_submodule(path) for path in ALL_LINEAR}
     run.pm.hook.ftengine_inject_adapters(model=model, config=run.config, pluginmanager=run.pm, training=True)
     assert all(model.get_submodule(path).base_layer is linear for path, linear in linears.items())
@@ -169,7 +187,7 @@ class DoublingKernel:
 def test_kernel_hook_result_is_used_only_while_the_adapter_is_active_and_unmerged(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
     run.pm.register(DoublingKernel())
-    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(pm=run.pm))
+    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=run_state(run))
     layer = run.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 32)
     assert callable(layer.kernel["default"])
@@ -183,7 +201,7 @@ def test_kernel_hook_result_is_used_only_while_the_adapter_is_active_and_unmerge
 
 def test_without_a_kernel_plugin_layers_run_eagerly(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
-    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(pm=run.pm))
+    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=run_state(run))
     assert all(layer.kernel == {"default": None} for _, layer in lora_layers(run.model))
 
 
@@ -202,7 +220,7 @@ def test_setting_an_unknown_adapter_names_the_loaded_ones(tiny_model_dir, tmp_pa
 def saved_adapter(tiny_model_dir, tmp_path):
     """A LoRA adapter (q_proj, v_proj) with non-zero B, saved by ftengine; and its logits."""
     run = build_lora(tiny_model_dir, tmp_path, target_modules=["q_proj", "v_proj"])
-    AdapterContract.perturb(run)
+    AdapterContract.perturb(run.model, run.info["trainable"])
     path = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "adapter")
     return path, AdapterContract.logits(run.model)
 
@@ -224,9 +242,11 @@ def test_save_writes_peft_files_and_the_tokenizer(saved_adapter, tiny_model_dir)
     path, _ = saved_adapter
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["q_proj", "v_proj"] and config["base_model_name_or_path"] == str(tiny_model_dir)
-    assert sorted(load_file(path / "adapter_model.safetensors"))[:2] == [
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+    assert sorted(load_file(path / "adapter_model.safetensors")) == [
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+        for i in (0, 1)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
     ]
     assert (path / "tokenizer_config.json").is_file()
 
@@ -347,7 +367,10 @@ def test_resumed_lora_run_matches_the_uninterrupted_one(run_overrides, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         train(config, pm)
     (saved,) = checkpoint.checkpoint_dirs(resumed_dir)
-    assert all(".lora_" in key for key in load_file(saved / "trainable.safetensors"))
+    # The checkpoint holds the adapter (A and B of every targeted layer), not the frozen base.
+    assert sorted(load_file(saved / "trainable.safetensors")) == sorted(
+        f"{path}.lora_{ab}.default.weight" for path in ALL_LINEAR for ab in "AB"
+    )
     train(*configure(None, ["lora"], overrides + [f"output_dir={resumed_dir}"]), resume=True)
 
     assert losses(resumed_dir) == losses(straight_dir) and len(losses(straight_dir)) == 6

@@ -1,7 +1,6 @@
 """Adapters cross between ftengine and the installed PEFT both ways with the same logits."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,7 +42,7 @@ def ftengine_adapter(model_dir, tmp_path, plugins, lora):
     base = {"model": str(model_dir), "data": {"train": str(data)}, "train": {"device": "cpu"}, "lora": {**LORA, **lora}}
     config, pm = configure(plugins=plugins, base=base)
     model, tokenizer, info = build(config, pm)
-    AdapterContract.perturb(SimpleNamespace(model=model.eval(), info=info))
+    AdapterContract.perturb(model.eval(), info["trainable"])
     return save(model, tokenizer, config, pm, tmp_path / "adapter"), logits(model)
 
 

@@ -70,7 +70,8 @@ def test_init_text_without_text_init_is_a_config_error(tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("other", ["full", "lora"])
 def test_conflicts_with_full_and_lora(tiny_model_dir, tmp_path, other):
-    with pytest.raises(PluginError, match="conflict"):
+    first, second = sorted(("prompt_tuning", other))
+    with pytest.raises(PluginError, match=f"plugins '{first}' and '{second}' conflict: select only one of them"):
         build_run(tiny_model_dir, tmp_path, plugins=("prompt_tuning", other))
 
 
@@ -196,14 +197,20 @@ def test_files_have_peft_layout(tiny_model_dir, tmp_path, peft_adapter):
         assert handle.get_tensor("prompt_embeddings").shape == (VIRTUAL, 32)
 
 
-def test_peft_loads_ours_with_identical_logits(tiny_model_dir, tmp_path):
+@pytest.fixture
+def ours_in_peft(tiny_model_dir, tmp_path):
+    """``(run, theirs)``: a trained-looking prompt of ours, and PEFT's model loading it."""
     from peft import PeftModel
 
     run = build_run(tiny_model_dir, tmp_path, init="text", init_text="Reverse")
-    AdapterContract.perturb(run)
+    AdapterContract.perturb(run.model, run.info["trainable"])
     saved = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "saved")
+    return run, PeftModel.from_pretrained(tiny_model(), saved).eval()
+
+
+def test_peft_loads_ours_with_identical_logits(ours_in_peft):
+    run, theirs = ours_in_peft
     inputs = AdapterContract.inputs()
-    theirs = PeftModel.from_pretrained(tiny_model(), saved).eval()
     torch.testing.assert_close(real_token_logits(theirs, inputs), real_token_logits(run.model, inputs), rtol=0, atol=1e-6)
     with torch.no_grad():
         # Labels too: the virtual positions are ignored, the first real token is scored (as PEFT).
@@ -223,14 +230,9 @@ def test_peft_loads_ours_with_identical_logits(tiny_model_dir, tmp_path):
     "PROMPT_TUNING ignores position ids and diverges from its own no-cache greedy decoding from the "
     "second new token on; this xfail turns into a failure when upstream changes",
 )
-def test_peft_cached_generate_equals_its_no_cache_greedy_decoding(tiny_model_dir, tmp_path):
-    from peft import PeftModel
-
-    run = build_run(tiny_model_dir, tmp_path, init="text", init_text="Reverse")
-    AdapterContract.perturb(run)
-    saved = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "saved")
+def test_peft_cached_generate_equals_its_no_cache_greedy_decoding(ours_in_peft):
+    _, theirs = ours_in_peft
     inputs = AdapterContract.inputs()
-    theirs = PeftModel.from_pretrained(tiny_model(), saved).eval()
     with torch.no_grad():
         cached = theirs.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(cached, greedy_without_cache(theirs, inputs["input_ids"], 4))

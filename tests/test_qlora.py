@@ -21,6 +21,7 @@ from ftengine.inference import load_for_inference, merge_adapter
 from ftengine.loop import train
 from ftengine.plugins import qlora
 from ftengine.plugins.lora.layer import dense_weight, lora_layers
+from ftengine.state import RunState
 from ftengine.testing import save_tiny_model, sft_rows, tiny_model, write_jsonl
 from safetensors import safe_open
 from torch import nn
@@ -98,7 +99,10 @@ def test_linear_layers_become_nf4_and_lora_wraps_them(workdir):
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    quantized = [path for path, module in model.named_modules() if isinstance(module, Linear4bit)]
+    assert sorted(trainable) == sorted(
+        f"{path.removesuffix('.base_layer')}.lora_{ab}.default.weight" for path in quantized for ab in "AB"
+    )
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert info["weight_bytes_quantized"] < info["weight_bytes"]
 
@@ -166,7 +170,9 @@ def test_memory_line_is_printed_at_train_start(workdir, capsys):
     config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
     model, _, info = build(config, pm)
     pm.hook.ftengine_on_train_start(
-        model=model, datasets=SimpleNamespace(stats={}), state=SimpleNamespace(config=config, pm=pm, build_info=info)
+        model=model,
+        datasets=SimpleNamespace(stats={}),
+        state=RunState(config=config, pm=pm, output_dir=workdir / "out", device=torch.device("cpu"), build_info=info),
     )
     assert (
         "qlora: model weights 0.4 MiB -> 0.2 MiB (nf4, 4.137 bits per quantised weight with its scales)"
@@ -179,7 +185,9 @@ def test_saved_adapter_holds_only_lora_tensors(trained):
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
         keys = list(handle.keys())
         dtypes = {handle.get_tensor(k).dtype for k in keys}
-    assert keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    linears = [f"self_attn.{m}_proj" for m in "qkvo"] + [f"mlp.{m}_proj" for m in ("gate", "up", "down")]
+    layers = [f"model.layers.{i}.{linear}" for i in (0, 1) for linear in linears]  # all-linear: all 7 in each layer
+    assert sorted(keys) == sorted(f"base_model.model.{layer}.lora_{ab}.weight" for layer in layers for ab in "AB")
     assert dtypes == {torch.float32}
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and "quantization_config" not in config
@@ -272,7 +280,7 @@ class TestQloraContract(AdapterContract):
         """Merging dequantises the base for good, so unmerge restores the dequantised weights,
         which must equal what the 4-bit layers held."""
         dense = {path: dense_weight(layer.base_layer).clone() for path, layer in lora_layers(run.model)}
-        self.perturb(run)
+        self.perturb(run.model, run.info["trainable"])
         unmerged = self.logits(run.model)
         run.pm.hook.ftengine_merge_adapters(model=run.model)
         run.pm.hook.ftengine_unmerge_adapters(model=run.model)

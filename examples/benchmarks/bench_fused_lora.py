@@ -217,7 +217,7 @@ def build_e2e(setup, model_config, variant):
         if setup == "lora+fused_lora":
             layer.kernel["default"] = fused_lora.ftengine_lora_kernel(layer=layer, name="default")
     if setup == "lora+fused_lora":
-        print(fused_lora.summary(), file=sys.stderr)
+        print(fused_lora.summary(model), file=sys.stderr)
     return model
 
 

@@ -74,7 +74,7 @@ def run_peft(steps):
     from ftengine.data import collate_sft, load_sft_file
     from ftengine.loop import micro_batch
     from ftengine.plugins.hf_loader import load_pretrained
-    from ftengine.plugins.sft import token_logprob_sum
+    from ftengine.plugins.sft import token_nll_sum
     from ftengine.state import Datasets
     from peft import LoraConfig, get_peft_model
 
@@ -95,7 +95,7 @@ def run_peft(steps):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, count = token_logprob_sum(logits, batch["labels"])
+        loss, count = token_nll_sum(logits[:, :-1], batch["labels"][:, 1:])
         (loss / count).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

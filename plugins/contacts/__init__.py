@@ -13,8 +13,8 @@ Options, in the ``contacts:`` config section: ``eval_batch_size``, ``max_new_tok
 
 import json
 
-import torch
 from ftengine import hookimpl
+from ftengine.modeling import autocast, generate_greedy
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import task
@@ -75,38 +75,20 @@ def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96):
             messages = messages[:-1]
         prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     stop_ids = _stop_token_ids(tokenizer)
-    device = next(model.parameters()).device
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(by_length), batch_size):
-                batch = by_length[start : start + batch_size]
-                # The chat template already holds any special tokens the model expects.
-                encoded = tokenizer(
-                    [prompts[i] for i in batch],
-                    return_tensors="pt",
-                    padding=True,
-                    padding_side="left",
-                    add_special_tokens=False,
-                ).to(device)
-                generated = model.generate(
-                    input_ids=encoded["input_ids"],
-                    attention_mask=encoded["attention_mask"],
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=stop_ids,
-                    stop_strings=["\n"],
-                    tokenizer=tokenizer,
-                )
-                new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-                for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                    answers[i] = text
-    finally:
-        model.train(was_training)
+    for start in range(0, len(by_length), batch_size):
+        batch = by_length[start : start + batch_size]
+        texts = generate_greedy(
+            model,
+            tokenizer,
+            [prompts[i] for i in batch],
+            max_new_tokens,
+            eos_token_id=stop_ids,
+            stop_strings=["\n"],
+        )
+        for i, text in zip(batch, texts):
+            answers[i] = text
     return answers
 
 
@@ -122,6 +104,6 @@ def ftengine_eval_metrics(model, tokenizer, datasets, state):
     if not rows:
         return {}
     references = [_reference_record(i, row) for i, row in enumerate(rows)]
-    with torch.autocast(state.device.type, dtype=state.autocast_dtype, enabled=state.autocast_dtype is not None):
+    with autocast(state):
         predictions = predict(model, tokenizer, rows, options.eval_batch_size, options.max_new_tokens)
     return task.score(predictions, references)

@@ -1,7 +1,8 @@
 """The "contacts" task: a free-text message about a person -> one line of compact JSON.
 
-Pure Python (stdlib only): a seeded generator of training, validation and preference data, and
-the scoring used by the ``contacts`` evaluation plugin.
+Pure Python: a seeded generator of training, validation and preference data (written with
+``ftengine.checkpoint.atomic_write_text``), and the scoring used by the ``contacts`` evaluation
+plugin.
 
 The target is ``json.dumps(record, separators=(",", ":"))`` with the keys of ``KEYS`` in that
 order, every key always present:
@@ -21,10 +22,10 @@ import calendar
 import datetime
 import itertools
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from ftengine.checkpoint import atomic_write_text
 
 KEYS = ("name", "age", "city", "email", "phone", "date")
 USER_PREFIX = "Extract the contact record as JSON.\n\n"
@@ -707,21 +708,6 @@ def generate_preferences(n, seed, exclude=()):
 # --------------------------------------------------------------------------------------------
 
 
-def _write_jsonl_atomically(path, rows):
-    """Write ``rows`` so that ``path`` holds either the old file or the whole new one."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        try:
-            tmp.writelines(json.dumps(row) + "\n" for row in rows)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-            # A temporary file is readable by its owner only; data files are for everyone.
-            os.chmod(tmp.name, 0o644)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
-
-
 def write_splits(directory, n_train=2000, n_valid=200, n_prefs=600, n_prefs_valid=100, seed=0):
     """Write ``train.jsonl``, ``valid.jsonl`` (chat rows) and ``prefs_train.jsonl``,
     ``prefs_valid.jsonl`` (preference rows) into ``directory``.
@@ -745,7 +731,8 @@ def write_splits(directory, n_train=2000, n_valid=200, n_prefs=600, n_prefs_vali
     paths = {}
     for split, rows in contents.items():
         paths[split] = directory / f"{split}.jsonl"
-        _write_jsonl_atomically(paths[split], rows)
+        # Atomic: a file holds either the old rows or all the new ones.
+        atomic_write_text(paths[split], "".join(json.dumps(row) + "\n" for row in rows))
     return paths
 
 

@@ -6,7 +6,8 @@ The ``lora`` plugin calls ``ftengine_lora_kernel(layer, name)`` once per LoRA la
 this plugin answers with a forward function built on ``kernel.fused_lora_linear`` (base GEMM,
 LoRA and dropout, or DoRA without dropout, in fused kernels; a QLoRA base in bitsandbytes NF4 is
 dequantised inside the GEMMs), or ``None`` where the fused path does not apply, and the layer
-then runs eagerly. ``summary()`` says in one line what was fused and why the rest was not. With
+then runs eagerly. Each layer keeps the answers it got (``layer.fused_lora_decisions``), and
+``summary(model)`` says in one line what was fused in a model and why the rest was not. With
 ``TRITON_INTERPRET=1`` the kernels run on CPU through Triton's interpreter (slowly), which is
 how the tests train with the plugin active on machines without a GPU.
 
@@ -16,7 +17,6 @@ module on every machine, and the kernel module fixes its interpreter mode when i
 
 import importlib.util
 import sys
-import weakref
 from collections import Counter
 
 import torch
@@ -25,15 +25,20 @@ from torch import nn
 
 requires = ("lora",)
 
-# layer -> {adapter name: None if fused, else why not}; weak, so layers of dropped models drop out.
-_decisions = weakref.WeakKeyDictionary()
+# The attribute of a LoRA layer holding {adapter name: None if fused, else why not}.
+DECISIONS = "fused_lora_decisions"
 
 
 @hookimpl
 def ftengine_lora_kernel(layer, name):
-    """The fused forward of adapter ``name`` of ``layer``, or ``None`` where unsupported."""
+    """The fused forward of adapter ``name`` of ``layer``, or ``None`` where unsupported; the
+    decision is kept on the layer for ``summary``."""
     reason = _environment_problem() or unsupported_reason(layer, name)
-    _decisions.setdefault(layer, {})[name] = reason
+    decisions = getattr(layer, DECISIONS, None)
+    if decisions is None:
+        decisions = {}
+        setattr(layer, DECISIONS, decisions)
+    decisions[name] = reason
     return None if reason else fused_forward(layer, name)
 
 
@@ -43,15 +48,17 @@ def ftengine_on_train_start(model, state):
     others fall back to the eager path (on CPU: that the plugin is inactive)."""
     from rich.console import Console
 
-    Console(stderr=True).print(summary(), highlight=False)
+    Console(stderr=True).print(summary(model), highlight=False)
 
 
-def summary():
-    """One line, e.g. "fused_lora: 82 layers fused, 2 fell back (r > 128: 2)"."""
+def summary(model):
+    """One line on the layers of ``model`` (any module), e.g.
+    "fused_lora: 82 layers fused, 2 fell back (r > 128: 2)"."""
     problem = _environment_problem()
     if problem:
         return f"fused_lora: inactive ({problem})"
-    reasons = Counter(reason for adapters in _decisions.values() for reason in adapters.values())
+    decided = (getattr(module, DECISIONS, None) or {} for module in model.modules())
+    reasons = Counter(reason for adapters in decided for reason in adapters.values())
     fused = reasons.pop(None, 0)
     mode = " (Triton interpreter: slow)" if _interpreted() else ""
     line = f"fused_lora{mode}: {fused} layers fused, {sum(reasons.values())} fell back"

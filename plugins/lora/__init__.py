@@ -99,8 +99,13 @@ def ftengine_inject_adapters(model, config, pluginmanager, training):
     paths = select_targets(model, options.target_modules)
     if not paths:
         raise ConfigError([_no_target_message(model, "lora.target_modules", options.target_modules)])
-    variant = pluginmanager.hook.ftengine_lora_variant(config=config)
-    layers = inject_adapter(
+    for layer in _inject(model, paths, options, pluginmanager.hook.ftengine_lora_variant(config=config)):
+        layer.set_active_adapter(options.adapter_name)
+
+
+def _inject(model, paths, options, variant):
+    """Wrap the layers at ``paths`` with adapter ``options.adapter_name`` made from ``options``."""
+    return inject_adapter(
         model,
         paths,
         options.adapter_name,
@@ -111,8 +116,6 @@ def ftengine_inject_adapters(model, config, pluginmanager, training):
         init=options.init,
         variant=variant,
     )
-    for layer in layers:
-        layer.set_active_adapter(options.adapter_name)
 
 
 @hookimpl
@@ -153,7 +156,6 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     """Load a PEFT LoRA/DoRA directory under ``name``; validate everything first, so a bad
     adapter leaves the model as it was."""
     path = Path(path)
-    check_adapter_name(name, path=path)
     adapter = peft_format.read_lora_config(path)
     if adapter is None:
         return None
@@ -184,17 +186,7 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
         return shapes | (variant.parameter_shapes(module) if variant is not None else {})
 
     peft_format.check_fits(path, modules, targets, tensors, expected_shapes)
-    layers = inject_adapter(
-        model,
-        targets,
-        name,
-        r=options.r,
-        alpha=options.alpha,
-        dropout=options.dropout,
-        rslora=options.rslora,
-        init=options.init,
-        variant=variant,
-    )
+    layers = _inject(model, targets, options, variant)
     with torch.no_grad():
         for target, layer in zip(targets, layers):
             parameters = dict(layer.named_parameters())

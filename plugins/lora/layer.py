@@ -31,6 +31,7 @@ import re
 
 import torch
 from ftengine.errors import AdapterError
+from ftengine.modeling import output_head, replace_module
 from torch import nn
 
 
@@ -204,7 +205,7 @@ def select_targets(model, target_modules):
     """
     modules = linear_modules(model)
     if target_modules == "all-linear":
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = output_head(model)
         return [p for p, m in modules.items() if head is None or (m is not head and getattr(m, "base_layer", None) is not head)]
     if isinstance(target_modules, str):
         return [p for p in modules if re.fullmatch(target_modules, p)]
@@ -216,9 +217,8 @@ def wrap_linear(model, path):
     module = model.get_submodule(path)
     if isinstance(module, LoraLinear):
         return module
-    parent_path, _, child = path.rpartition(".")
     wrapper = LoraLinear(module)
-    setattr(model.get_submodule(parent_path), child, wrapper)
+    replace_module(model, path, wrapper)
     return wrapper
 
 
@@ -237,5 +237,4 @@ def unwrap_merged(model):
     if unmerged:
         raise AdapterError(f"cannot unwrap '{unmerged[0]}': its active adapter is not merged (merge first)")
     for path, layer in layers:
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, layer.base_layer)
+        replace_module(model, path, layer.base_layer)

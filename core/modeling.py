@@ -1,0 +1,101 @@
+"""Helpers for running and editing a model, shared by the core and the plugins.
+
+    from ftengine.modeling import autocast, eval_mode, target_logits
+
+    with eval_mode(model), autocast(state), torch.no_grad():
+        logits, targets = target_logits(model, batch)   # only where a label is predicted
+
+One copy of each: the loop, the losses (``sft``, ``dpo``), generation-based evaluation
+(``contacts``) and inference use these rather than their own versions, so a fix (a model whose
+forward takes no ``logits_to_keep``, a tokenizer's padding side) lands everywhere at once.
+"""
+
+import inspect
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from .data import IGNORE_INDEX
+
+
+def autocast(state):
+    """The run's mixed-precision context: ``torch.autocast`` to ``state.autocast_dtype`` on
+    ``state.device``, or a no-op when the run computes in the weights' dtype (``None``)."""
+    if state.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=state.device.type, dtype=state.autocast_dtype)
+
+
+@contextmanager
+def eval_mode(model):
+    """Put ``model`` in eval mode (dropout off) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def accepts_logits_to_keep(model):
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def target_logits(model, batch):
+    """``(logits, targets)`` of a forward pass over ``batch`` (``input_ids``, ``attention_mask``,
+    ``labels``), where ``logits[:, j]`` predicts ``targets[:, j]``.
+
+    Position t predicts label t+1. The vocabulary projection dominates memory and a fifth of
+    the compute of small models, so where the model takes ``logits_to_keep`` it runs only at
+    the positions that predict a labelled token in some row; other positions of ``targets``
+    are ``IGNORE_INDEX`` as in ``labels``. Otherwise all logits are computed and shifted.
+    """
+    inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+    if not accepts_logits_to_keep(model):
+        return model(**inputs).logits[:, :-1], labels[:, 1:]
+    positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    return model(**inputs, logits_to_keep=positions).logits, labels[:, positions + 1]
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, texts, max_new_tokens, add_special_tokens=False, stop_strings=(), **generate_options):
+    """Greedy continuations of ``texts``, generated as one left-padded batch and decoded
+    without special tokens.
+
+    Left padding makes every row continue right after its own text; the tokenizer's own
+    ``padding_side`` (right, for training) is left as it is. ``add_special_tokens``: ``False``
+    for text rendered by a chat template, which holds them already. Generation stops at the
+    end-of-sequence token, or at the first of ``stop_strings`` (kept in the output). Other
+    ``generate_options`` go to ``model.generate`` (``eos_token_id`` ...). Dropout is off meanwhile.
+    """
+    if stop_strings:
+        generate_options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    batch = tokenizer(
+        list(texts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
+    ).to(next(model.parameters()).device)
+    with eval_mode(model):
+        output = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **generate_options,
+        )
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def output_head(model):
+    """The model's output (vocabulary) projection, or ``None`` for a model without one."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def replace_module(model, path, module):
+    """Put ``module`` at the dotted ``path`` of ``model`` (``model.layers.0.mlp.up_proj``) in
+    place of the submodule there; return the one replaced."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    replaced = getattr(parent, child)
+    setattr(parent, child, module)
+    return replaced
