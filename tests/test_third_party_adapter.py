@@ -18,7 +18,7 @@ from ftengine.build import build, configure
 from ftengine.cli import cli
 from ftengine.errors import AdapterError, ConfigError
 from ftengine.inference import generate, load_for_inference, set_adapter
-from ftengine.loop import save
+from ftengine.loop import save, train
 from ftengine.pluginmanager import active_names
 from ftengine.testing import sft_rows, tiny_model, tiny_tokenizer, write_jsonl
 from safetensors import safe_open
@@ -253,6 +253,24 @@ def test_merge_command_writes_a_plain_model_with_the_adapter_logits(trained_run,
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert (expected - logits(tiny_model())).abs().max() > 1e-3
     torch.testing.assert_close(logits(merged), expected, atol=ATOL, rtol=0)
+
+
+def test_dpo_trains_the_adapter_against_the_model_with_adapters_off(tiny_model_dir, tmp_path):
+    """DPO names no method: it finds the adapter through ``ftengine_adapter_name`` and takes its
+    reference with ``ftengine_set_active_adapter(None)``."""
+    rows = [
+        {"prompt": f"Reverse: {w}", "chosen": w[::-1], "rejected": w}
+        for w in ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    ]
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    overrides = [f"model={tiny_model_dir}", f"data.train={prefs}", f"data.eval={prefs}", f"output_dir={tmp_path / 'out'}"]
+    config, pm = configure(None, ["ia3", "dpo"], [*overrides, "train.batch_size=8", "train.max_steps=20", "train.lr=1e-1"])
+    assert pm.hook.ftengine_adapter_name(config=config) == "default"
+    summary = train(config, pm, eval_before=True)
+    before, after = summary["before"], summary["after"]
+    assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at init
+    # measured: loss 0.693 -> 0.218, margin 0 -> 1.42, every pair ranked right
+    assert after["eval_loss"] < 0.4 and after["eval_reward_margin"] > 1.0 and after["eval_reward_accuracy"] == 1.0
 
 
 # --------------------------------------------------------------------------------------------
