@@ -125,10 +125,13 @@ def plugins_for_adapter(path):
     from .pluginmanager import all_plugins_manager
 
     adapter_config = read_adapter_config(path)
-    claims = [names for names in all_plugins_manager().hook.ftengine_adapter_plugins(adapter_config=adapter_config) if names]
+    broken = []
+    pm = all_plugins_manager(warn=broken.append)
+    claims = [names for names in pm.hook.ftengine_adapter_plugins(adapter_config=adapter_config) if names]
     if not claims:
+        also = f" (and {'; '.join(broken)})" if broken else ""
         raise AdapterError(
-            f"{Path(path) / CONFIG_FILE}: no installed plugin loads peft_type {adapter_config.get('peft_type')!r}; "
+            f"{Path(path) / CONFIG_FILE}: no installed plugin loads peft_type {adapter_config.get('peft_type')!r}{also}; "
             f"install the plugin that made it (run 'ftengine plugins' to list those installed)"
         )
     return list(dict.fromkeys(name for names in claims for name in names))

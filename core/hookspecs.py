@@ -377,10 +377,23 @@ def ftengine_load_adapter(
 
 
 @hookspec
+def ftengine_loaded_adapters(model: nn.Module) -> list[str] | None:
+    """Name the adapters this plugin holds in ``model``.
+
+    ``ftengine.inference.set_adapter`` refuses a name no plugin holds, listing the loaded ones,
+    so adapters of several methods can be loaded side by side and switched between.
+
+    :param model: a model holding adapters.
+    :return: the names, or ``None``.
+    """
+
+
+@hookspec
 def ftengine_set_active_adapter(model: nn.Module, name: str | None) -> None:
     """Make adapter ``name`` the active one; ``None`` disables all adapters (the base model).
 
-    Used to swap adapters at inference and as DPO's reference model (adapters disabled).
+    Used to swap adapters at inference and as DPO's reference model (adapters disabled). A
+    name this plugin does not hold (another method's adapter) turns this plugin's adapters off.
 
     :param model: a model holding adapters.
     :param name: an adapter name, or ``None``.
@@ -388,13 +401,16 @@ def ftengine_set_active_adapter(model: nn.Module, name: str | None) -> None:
 
 
 @hookspec
-def ftengine_merge_adapters(model: nn.Module) -> None:
+def ftengine_merge_adapters(model: nn.Module) -> bool | None:
     """Fold the active adapters into the base weights; merging twice changes nothing.
 
     ``qlora`` implements it with ``tryfirst=True`` to replace 4-bit base layers by dequantised
     ones before the adapters are folded in (merging into a 4-bit weight would re-quantise it).
+    A method whose adapters cannot be merged raises an ``AdapterError`` saying why.
 
     :param model: a model holding adapters.
+    :return: ``True`` when this plugin's adapter is now merged; ``ftengine merge`` refuses to
+        write a model into which no plugin merged anything.
     """
 
 

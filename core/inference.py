@@ -53,6 +53,10 @@ def load_for_inference(model_name, adapters, plugins=(), sections=None):
 
 def set_adapter(model, pm, name):
     """Make adapter ``name`` the active one, or use the base model alone with ``None``."""
+    if name is not None:
+        loaded = sorted({n for names in pm.hook.ftengine_loaded_adapters(model=model) for n in names or ()})
+        if name not in loaded:
+            raise AdapterError(f"no adapter named '{name}' is loaded (loaded: {', '.join(loaded) or 'none'})")
     pm.hook.ftengine_set_active_adapter(model=model, name=name)
 
 
@@ -125,7 +129,11 @@ def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False,
     if allow_pickle:
         sections = {**sections, "hf_loader": {"allow_pickle": True}}
     model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, [*plugins, *run_plugins], sections)
-    pm.hook.ftengine_merge_adapters(model=model)
+    if not any(pm.hook.ftengine_merge_adapters(model=model)):
+        raise AdapterError(
+            f"{adapter_dir}: no active plugin merged this adapter into the weights; use it with its base model instead "
+            f"(ftengine generate, ftengine.inference.load_for_inference)"
+        )
     model = next((m for m in pm.hook.ftengine_unwrap_merged(model=model) if m is not None), model)
     bad = nonfinite_parameters(model)
     if bad:

@@ -252,9 +252,14 @@ def ftengine_trainable_params(model):
 
 
 @hookimpl
+def ftengine_loaded_adapters(model):
+    return list(model.prompt_embeddings) if isinstance(model, PromptTuningModel) else None
+
+
+@hookimpl
 def ftengine_set_active_adapter(model, name):
     if isinstance(model, PromptTuningModel):
-        model.set_active_adapter(name)
+        model.set_active_adapter(name if name in model.prompt_embeddings else None)  # another method's: off
 
 
 @hookimpl

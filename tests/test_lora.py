@@ -12,6 +12,7 @@ from ftengine import checkpoint, hookimpl
 from ftengine.adapter_contract import AdapterContract
 from ftengine.build import build, configure
 from ftengine.errors import AdapterError, ConfigError
+from ftengine.inference import set_adapter
 from ftengine.loop import save, train
 from ftengine.plugins.lora.layer import LoraLinear, lora_layers, lora_scaling
 from ftengine.state import RunState
@@ -208,7 +209,7 @@ def test_without_a_kernel_plugin_layers_run_eagerly(tiny_model_dir, tmp_path):
 def test_setting_an_unknown_adapter_names_the_loaded_ones(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
     with pytest.raises(AdapterError, match="no adapter named 'other' is loaded \\(loaded: default\\)"):
-        run.pm.hook.ftengine_set_active_adapter(model=run.model, name="other")
+        set_adapter(run.model, run.pm, "other")
 
 
 # --------------------------------------------------------------------------------------------

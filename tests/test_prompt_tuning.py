@@ -9,7 +9,7 @@ import torch
 from ftengine.adapter_contract import AdapterContract
 from ftengine.build import build, configure
 from ftengine.errors import AdapterError, ConfigError, PluginError
-from ftengine.inference import load_for_inference
+from ftengine.inference import load_for_inference, set_adapter
 from ftengine.loop import save, train
 from ftengine.plugins.prompt_tuning import PromptTuningModel
 from ftengine.testing import greedy_without_cache, sft_rows, tiny_model, write_jsonl
@@ -287,8 +287,8 @@ def test_training_lowers_the_loss_and_trains_only_the_prompt(run_overrides, tmp_
 
 def test_activating_an_unknown_prompt_names_the_loaded_ones(tiny_model_dir, tmp_path):
     run = build_run(tiny_model_dir, tmp_path)
-    with pytest.raises(AdapterError, match=r"no prompt named 'other' is loaded \(loaded: default\)"):
-        run.pm.hook.ftengine_set_active_adapter(model=run.model, name="other")
+    with pytest.raises(AdapterError, match=r"no adapter named 'other' is loaded \(loaded: default\)"):
+        set_adapter(run.model, run.pm, "other")
     assert run.model.active_adapter == "default"
 
 

@@ -365,7 +365,7 @@ def test_paged_adamw8bit_falls_back_to_adamw_on_cpu(workdir):
 
 def test_qlora_composes_with_a_third_party_optimizer(workdir):
     """qlora offers no optimiser itself, so another plugin's optimiser is not refused as a second one."""
-    config, pm = configure(None, ["lora", "qlora", "tests.sample_plugins.sgd"], overrides(workdir, "out", "train.max_steps=1"))
+    config, pm = configure(None, ["lora", "qlora", "tests.sample_plugins.sgd"], overrides(workdir, "sgd", "train.max_steps=1"))
     summary = train(config, pm)
     assert summary["saved"].is_dir()
     param = torch.nn.Parameter(torch.zeros(2, 2))

@@ -201,19 +201,24 @@ def ftengine_adapter_plugins(adapter_config):
 
 
 @hookimpl
+def ftengine_loaded_adapters(model):
+    return sorted({n for _, layer in lora_layers(model) for n in layer.lora_A})
+
+
+@hookimpl
 def ftengine_set_active_adapter(model, name):
     layers = lora_layers(model)
-    if name is not None and layers and not any(name in layer.lora_A for _, layer in layers):
-        known = sorted({n for _, layer in layers for n in layer.lora_A})
-        raise AdapterError(f"no adapter named '{name}' is loaded (loaded: {', '.join(known)})")
+    held = any(name in layer.lora_A for _, layer in layers)
     for _, layer in layers:
-        layer.set_active_adapter(name)
+        layer.set_active_adapter(name if held else None)  # another method's adapter: LoRA off
 
 
 @hookimpl
 def ftengine_merge_adapters(model):
-    for _, layer in lora_layers(model):
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
         layer.merge()
+    return any(layer.merged for layer in layers) or None
 
 
 @hookimpl

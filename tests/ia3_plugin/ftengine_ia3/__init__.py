@@ -232,6 +232,11 @@ def ftengine_load_adapter(model, path, name):
 
 
 @hookimpl
+def ftengine_loaded_adapters(model):
+    return sorted({n for _, layer in ia3_layers(model) for n in layer.ia3_l})
+
+
+@hookimpl
 def ftengine_set_active_adapter(model, name):
     """Use adapter ``name`` in every (IA)³ layer; ``None``, or a name this plugin does not hold
     (another method's adapter), turns the (IA)³ layers off."""
@@ -241,8 +246,10 @@ def ftengine_set_active_adapter(model, name):
 
 @hookimpl
 def ftengine_merge_adapters(model):
-    for _, layer in ia3_layers(model):
+    layers = [layer for _, layer in ia3_layers(model)]
+    for layer in layers:
         layer.merge()
+    return any(layer.merged for layer in layers) or None
 
 
 @hookimpl
