@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -135,7 +136,57 @@ def train(config, pm, resume=False, eval_before=False, overwrite=False):
 
 
 def _train(config, pm, output_dir, resume, eval_before, stop):
-    # Data first: a bad row is reported before the (slow) model weights load.
+    run = prepare(config, pm, output_dir, resume)
+    model, state, train_options = run.model, run.state, config.train
+    summary, skipped = {"before": None, "after": None}, 0
+    with open(output_dir / "metrics.jsonl", "a") as metrics_file:
+        pm.hook.ftengine_on_train_start(model=model, datasets=run.datasets, state=state)
+        if eval_before and not resume:
+            summary["before"] = {"step": 0, **evaluate(model, run.tokenizer, run.datasets, state)}
+            log(state, summary["before"], metrics_file)
+        model.train()
+        stop.arm("finishing the current step, then saving a checkpoint")
+        while state.step < state.max_steps:
+            record = optimizer_step(model, run.datasets, state, run.params, run.optimizer, run.scheduler)
+            if record.get("skipped"):
+                skipped += 1
+                if train_options.on_nonfinite == "stop" or skipped > train_options.max_nonfinite_skips:
+                    log(state, record, metrics_file)
+                    raise nonfinite_error(state, record, skipped)
+            if state.step % train_options.log_every == 0 or state.step == state.max_steps or record.get("skipped"):
+                log(state, record, metrics_file)
+            if train_options.eval_every and state.step % train_options.eval_every == 0 and state.step < state.max_steps:
+                log(state, {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}, metrics_file)
+            saved = save_checkpoint(run) if train_options.save_every and state.step % train_options.save_every == 0 else None
+            pm.hook.ftengine_on_step_end(model=model, state=state)
+            if stop.signum:
+                raise interrupted(stop, state, saved or save_checkpoint(run))
+        stop.arm("finishing the final evaluation and saving the result")
+        summary["after"] = {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}
+        log(state, summary["after"], metrics_file)
+        pm.hook.ftengine_on_train_end(model=model, state=state)
+
+    refuse_nonfinite_result(run)
+    summary["saved"] = save(model, run.tokenizer, config, pm, output_dir / "final")
+    return summary | {"output_dir": str(output_dir), "build": state.build_info, "data": run.datasets.stats}
+
+
+@dataclass
+class Run:
+    """What a training run works with, once prepared."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    datasets: object
+    params: dict  # {name: parameter} of the trainable parameters, in a fixed order
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: RunState
+
+
+def prepare(config, pm, output_dir, resume):
+    """Read the data (before the slow weights), build the model, optimiser and schedule, and
+    start afresh or restore the checkpoint ``--resume`` continues."""
     tokenizer = load_tokenizer(config, pm)
     datasets = load_data(config, pm, tokenizer) if tokenizer is not None else None
     resume_from = find_resume_checkpoint(output_dir, config) if resume else None
@@ -149,9 +200,8 @@ def _train(config, pm, output_dir, resume, eval_before, stop):
         )
     optimizer = pm.hook.ftengine_make_optimizer(model=model, params=list(params.items()), config=config)
     max_steps = total_steps(config, len(datasets.train))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.train.warmup_steps, max_steps, config.train.min_lr_ratio)
-    )
+    schedule = lr_lambda(config.train.warmup_steps, max_steps, config.train.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     device = next(model.parameters()).device
     state = RunState(
         config=config,
@@ -168,61 +218,31 @@ def _train(config, pm, output_dir, resume, eval_before, stop):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     start_or_resume(state, params, optimizer, scheduler, resume_from)
+    return Run(model, tokenizer, datasets, params, optimizer, scheduler, state)
 
-    def save_checkpoint():
-        return checkpoint.save_checkpoint(
-            output_dir,
-            state.step,
-            params,
-            optimizer,
-            scheduler,
-            {"tokens_seen": state.tokens_seen},
-            healthy=not nonfinite_names(params),
-            config=dump_config(config),
-        )
 
-    summary = {"before": None, "after": None}
-    skipped = 0
-    with open(output_dir / "metrics.jsonl", "a") as metrics_file:
-        pm.hook.ftengine_on_train_start(model=model, datasets=datasets, state=state)
-        if eval_before and not resume:
-            summary["before"] = {"step": 0, **evaluate(model, tokenizer, datasets, state)}
-            log(state, summary["before"], metrics_file)
-        model.train()
-        stop.arm("finishing the current step, then saving a checkpoint")
-        while state.step < max_steps:
-            record = optimizer_step(model, datasets, state, params, optimizer, scheduler)
-            if record.get("skipped"):
-                skipped += 1
-                if config.train.on_nonfinite == "stop" or skipped > config.train.max_nonfinite_skips:
-                    log(state, record, metrics_file)
-                    raise nonfinite_error(state, record, skipped)
-            if state.step % config.train.log_every == 0 or state.step == max_steps or record.get("skipped"):
-                log(state, record, metrics_file)
-            if config.train.eval_every and state.step % config.train.eval_every == 0 and state.step < max_steps:
-                log(state, {"step": state.step, **evaluate(model, tokenizer, datasets, state)}, metrics_file)
-            saved = None
-            if config.train.save_every and state.step % config.train.save_every == 0:
-                saved = save_checkpoint()
-            pm.hook.ftengine_on_step_end(model=model, state=state)
-            if stop.signum:
-                raise interrupted(stop, state, saved or save_checkpoint())
-        stop.arm("finishing the final evaluation and saving the result")
-        summary["after"] = {"step": state.step, **evaluate(model, tokenizer, datasets, state)}
-        log(state, summary["after"], metrics_file)
-        pm.hook.ftengine_on_train_end(model=model, state=state)
+def save_checkpoint(run):
+    """Checkpoint the run at its current step (marked unhealthy if a weight is not finite)."""
+    state = run.state
+    return checkpoint.save_checkpoint(
+        state.output_dir,
+        state.step,
+        run.params,
+        run.optimizer,
+        run.scheduler,
+        {"tokens_seen": state.tokens_seen},
+        healthy=not nonfinite_names(run.params),
+        config=dump_config(state.config),
+    )
 
-    bad = nonfinite_names(params)
+
+def refuse_nonfinite_result(run):
+    bad = nonfinite_names(run.params)
     if bad:
         raise FtengineError(
             f"the trained weights hold NaN or infinity ({', '.join(bad[:3])}); final/ was not written. "
-            f"Lower train.lr and start again (the last healthy checkpoint: {checkpoint.latest_checkpoint(output_dir)})"
+            f"Lower train.lr and start again (the last healthy checkpoint: {checkpoint.latest_checkpoint(run.state.output_dir)})"
         )
-    summary["saved"] = save(model, tokenizer, config, pm, output_dir / "final")
-    summary["output_dir"] = str(output_dir)
-    summary["build"] = info
-    summary["data"] = datasets.stats
-    return summary
 
 
 def load_tokenizer(config, pm):
@@ -287,12 +307,12 @@ def nonfinite_error(state, record, skipped):
     if state.step == 1:
         cause = (
             "it is not finite before any update, so the model or the data produce it: check the model's weights, "
-            "the method's scale (lora.alpha) and train.max_length"
+            "the scale in the method's own options (an adapter's alpha) and train.max_length"
         )
     else:
         cause = (
             f"the likely cause is a learning rate too high for this model (train.lr={config.train.lr:g}: try 10x lower, "
-            f"or a warmup with train.warmup_steps), or too large an adapter scale (lora.alpha)"
+            f"or a warmup with train.warmup_steps), or too large a scale in the method's own options"
         )
     if config.train.on_nonfinite == "skip":
         cause += f"; {skipped} steps were skipped, more than train.max_nonfinite_skips={config.train.max_nonfinite_skips}"

@@ -3,6 +3,7 @@ core names no plugin: which plugins load an adapter is asked of the plugins."""
 
 import ast
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def test_the_core_names_no_plugin():
         if path.name == "default_job.py":  # the default job chooses its plugins
             continue
         tree = ast.parse(path.read_text())
-        words = {w for s in _code_strings(tree) for w in s.replace("'", " ").replace('"', " ").replace(",", " ").split()}
+        words = {w for s in _code_strings(tree) for w in re.findall(r"\w+", s)}
         identifiers = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
             n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
         }
