@@ -17,10 +17,10 @@ from ftengine.adapter_contract import AdapterContract
 from ftengine.build import build, configure
 from ftengine.cli import cli
 from ftengine.errors import AdapterError, ConfigError
-from ftengine.inference import generate, load_for_inference, set_adapter
+from ftengine.inference import load_for_inference, set_adapter
 from ftengine.loop import save, train
 from ftengine.pluginmanager import active_names
-from ftengine.testing import sft_rows, tiny_model, tiny_tokenizer, write_jsonl
+from ftengine.testing import greedy_without_cache, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -213,11 +213,22 @@ def test_adapters_of_two_methods_load_side_by_side(tiny_model_dir, tmp_path):
     torch.testing.assert_close(logits(model), expected, atol=ATOL, rtol=0)
 
 
+def reference_completion(model, tokenizer, prompt, max_new_tokens):
+    """Greedy decoding by full forward passes (no KV cache) of the chat-rendered ``prompt``, up to
+    the end-of-sequence token: a reference no library's cached ``generate`` can move."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    new = greedy_without_cache(model, ids, max_new_tokens)[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
 def test_generate_command_uses_the_adapter(tiny_model_dir, tmp_path):
     path, _ = peft_adapter(tmp_path, CASES["k-v-down"])
     tokenizer = tiny_tokenizer()
-    expected = generate(peft_model_of(path), tokenizer, ["Reverse: alpha"], max_new_tokens=8)[0]
-    base = generate(tiny_model(), tokenizer, ["Reverse: alpha"], max_new_tokens=8)[0]
+    expected = reference_completion(peft_model_of(path), tokenizer, "Reverse: alpha", 8)
+    base = reference_completion(tiny_model(), tokenizer, "Reverse: alpha", 8)
     assert expected != base, "the adapter must change the completion for this test to mean anything"
     result = CliRunner().invoke(
         cli,
