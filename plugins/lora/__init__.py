@@ -219,6 +219,20 @@ def ftengine_set_active_adapter(model, name):
 
 
 @hookimpl
+def ftengine_set_adapter_rows(model, names):
+    """Per-row adapters in every LoRA layer; a layer lacking a row's adapter runs its base for
+    that row (an adapter targeting fewer layers), and names no layer holds are other plugins'."""
+    for _, layer in lora_layers(model):
+        layer.set_adapter_rows(names)
+
+
+@hookimpl
+def ftengine_delete_adapter(model, name):
+    for _, layer in lora_layers(model):
+        layer.delete_adapter(name)
+
+
+@hookimpl
 def ftengine_merge_adapters(model):
     for _, layer in lora_layers(model):
         layer.merge()
