@@ -5,11 +5,13 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .errors import FtengineError
 from .inference import generate_command, merge
+from .server import serve_command
 
 console = Console()
 err_console = Console(stderr=True)
@@ -22,7 +24,8 @@ class FtengineGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FtengineError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            # Escaped: messages quote user text and names like ftengine[serve], not rich markup.
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
             sys.exit(2)
 
 
@@ -119,6 +122,7 @@ def plugins_command(as_json):
 
 cli.add_command(merge)
 cli.add_command(generate_command)
+cli.add_command(serve_command)
 
 
 def _register_plugin_commands():

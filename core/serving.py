@@ -91,6 +91,7 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    row: "Row | None" = field(default=None, repr=False, compare=False)  # the row it belongs to
 
 
 @dataclass
@@ -152,6 +153,7 @@ class AdapterServer:
         self.device = next(self.model.parameters()).device
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._cache_argument = _cache_argument(self.model)
         if adapters:  # an adapter that cannot share a batch (prompt tuning) is refused now
             try:
                 self._set_rows(list(adapters))
@@ -335,12 +337,12 @@ class AdapterServer:
                     input_ids=input_ids,
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
+                    **{self._cache_argument: cache},
                 )
             logits = output.logits[:, -1].float()
-            cache = output.past_key_values
+            cache = output[self._cache_argument]
             deltas, keep, tokens = [], [], []
             for i, row in enumerate(live):
                 if row.cancelled:
@@ -383,7 +385,7 @@ class AdapterServer:
         held = _held_back(row.text, params.stop) if row.finish_reason is None else 0
         safe = len(row.text) - held
         start, row.emitted = row.emitted, max(row.emitted, safe)
-        return Delta(row.index, row.text[start : row.emitted], [token], row.finish_reason)
+        return Delta(row.index, row.text[start : row.emitted], [token], row.finish_reason, row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +397,15 @@ def _new_cache():
     from transformers import DynamicCache
 
     return DynamicCache()
+
+
+def _cache_argument(model):
+    """The forward's KV-cache argument: ``cache`` in newer transformers, ``past_key_values``
+    before (the output field has the same name)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _eos_ids(model, tokenizer):
