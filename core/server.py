@@ -139,16 +139,16 @@ class Scheduler:
         with self.condition:
             return {**self.stats, "waiting": len(self.waiting), "running_rows": self.running_rows}
 
-    def _take(self, room):
-        """Waiting tickets whose rows fit in ``room`` (always at least one ticket)."""
+    def _take(self, room, at_least_one):
+        """Waiting tickets, in order, while their rows fit in ``room`` (the first one anyway
+        when ``at_least_one``: nothing runs)."""
         taken = []
         with self.condition:
-            while self.waiting and (not taken or len(self.waiting[0].rows) <= room):
+            while self.waiting and (len(self.waiting[0].rows) <= room or (at_least_one and not taken)):
                 ticket = self.waiting.popleft()
                 room -= len(ticket.rows)
-                if all(row.cancelled for row in ticket.rows):
-                    continue
-                taken.append(ticket)
+                if not all(row.cancelled for row in ticket.rows):
+                    taken.append(ticket)
         return taken
 
     def _loop(self):
@@ -165,7 +165,7 @@ class Scheduler:
             if has_waiting and room > 0:
                 if not active:
                     time.sleep(self.batch_window_s)  # let requests sent together arrive together
-                tickets = self._take(room)
+                tickets = self._take(room, at_least_one=not active)
                 if tickets:
                     rows = [row for ticket in tickets for row in ticket.rows]
                     active.append((self.engine.run(rows), tickets))
@@ -400,6 +400,12 @@ def create_app(
             if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int)
             else [body.prompt]
         )
+        if len(prompts) > engine.max_batch_size:
+            raise ApiError(
+                400,
+                f"prompt: {len(prompts)} prompts in one request; at most {engine.max_batch_size} (--max-batch-size)",
+                "prompt",
+            )
         encoded = [engine.encode(p) for p in prompts]
         params = sampling(body, [len(e) for e in encoded], default_max_tokens=16)
         rows = [engine.row(ids, adapter, params, index=i) for i, ids in enumerate(encoded)]

@@ -148,6 +148,7 @@ class AdapterServer:
         self.max_batch_size = max_batch_size
         self._adapters = {name: Path(path) for name, path in adapters.items()}
         self._lock = threading.RLock()  # one forward (or load/unload) at a time
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe across threads
         self._rows_set = None
         self._in_use = {}  # adapter name -> rows generating with it
         self.device = next(self.model.parameters()).device
@@ -243,10 +244,12 @@ class AdapterServer:
                 raise RequestError(
                     "messages: this model's tokenizer has no chat template; use the completions endpoint", "messages"
                 )
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            with self._tokenizer_lock:
+                text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
+            with self._tokenizer_lock:
+                return self.tokenizer(prompt)["input_ids"]
         if not all(isinstance(t, int) and 0 <= t < len(self.tokenizer) for t in prompt):
             raise RequestError("prompt: token ids must be integers within the vocabulary", "prompt")
         return list(prompt)
@@ -375,7 +378,8 @@ class AdapterServer:
         if token in self.eos_ids:
             row.finish_reason = "stop"
         else:
-            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            with self._tokenizer_lock:
+                text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
             found = _find_stop(text, params.stop, max(0, len(row.text) - max((len(s) for s in params.stop), default=0)))
             if found is not None:
                 text, row.finish_reason = text[:found], "stop"

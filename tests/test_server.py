@@ -334,3 +334,21 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch):
     result = CliRunner().invoke(cli, ["serve", "--model", "unused"])
     assert result.exit_code == 2 and "pip install 'ftengine[serve]'" in " ".join(result.output.split())
     assert CliRunner().invoke(cli, ["--help"]).exit_code == 0
+
+
+def test_serving_benchmark_smoke_runs_every_path(tmp_path):
+    """examples/benchmarks/bench_serving.py on the tiny model: every configuration and the
+    server under concurrent clients run (the timings mean nothing)."""
+    script = Path(__file__).parent.parent / "examples" / "benchmarks" / "bench_serving.py"
+    out = tmp_path / "serving.json"
+    child = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["smoke"] and [row["configuration"] for row in result["decode"]] == [
+        "base", "one adapter", "mixed 1", "mixed 2", "mixed 4", "mixed 8", "grouped", "naive",
+    ]  # fmt: skip
+    assert all(row["decode_tokens_per_s"] > 0 for row in result["decode"])
+    assert result["server"]["scheduler"]["shared_forwards"] > 0 and result["server"]["ttft_p50_s"] > 0
+    assert len(result["goals"]) == 3 and "(smoke run: not meaningful)" in child.stdout

@@ -146,7 +146,8 @@ class LoraLinear(nn.Module):
         name = name if name in self.lora_A else None
         if self.merged and name != self.active_adapter:
             self.unmerge()
-        self.active_adapter = name
+        # A plain attribute: skip nn.Module.__setattr__'s checks, a swap visits every layer.
+        self.__dict__["active_adapter"] = name
 
     def delta_weight(self, name):
         """``scaling · B A``: the adapter's update of the base weight, ``[out, in]``."""
@@ -284,8 +285,26 @@ class LoraLinear(nn.Module):
 
 
 def lora_layers(model):
-    """``[(path, LoraLinear), ...]`` in module order."""
-    return [(path, module) for path, module in model.named_modules() if isinstance(module, LoraLinear)]
+    """``[(path, LoraLinear), ...]`` in module order.
+
+    Walks the model without entering the wrappers (whose adapter dicts hold most of the modules
+    once several adapters are loaded), so swapping adapters stays well under a millisecond.
+    """
+    if isinstance(model, LoraLinear):
+        return [("", model)]
+    found = []
+
+    def walk(module, prefix):
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            if isinstance(child, LoraLinear):
+                found.append((prefix + name, child))
+            else:
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return found
 
 
 def linear_modules(model):
