@@ -372,7 +372,7 @@ def ftengine_set_active_adapter(model: nn.Module, name: str | None) -> None:
 
 
 @hookspec
-def ftengine_set_adapter_rows(model: nn.Module, names: list[str | None] | None) -> None:
+def ftengine_set_adapter_rows(model: nn.Module, names: list[str | None] | None) -> list[str] | None:
     """Make row ``i`` of the model's next forwards use adapter ``names[i]``; ``None`` restores
     the single active adapter (``ftengine_set_active_adapter``) for every row.
 
@@ -385,6 +385,9 @@ def ftengine_set_adapter_rows(model: nn.Module, names: list[str | None] | None) 
 
     :param model: a model built for inference, holding adapters.
     :param names: one adapter name (or ``None``) per row, or ``None``.
+    :return: the names among ``names`` this plugin applies per row. A loaded adapter that no
+        plugin claims (its plugin does not implement this hook) is refused by the server,
+        rather than silently served as the base model.
     """
 
 

@@ -218,7 +218,13 @@ class AdapterServer:
             return
         self._rows_set = None
         try:
-            self.pm.hook.ftengine_set_adapter_rows(model=self.model, names=None if names is None else list(names))
+            claims = self.pm.hook.ftengine_set_adapter_rows(model=self.model, names=None if names is None else list(names))
+            unclaimed = set(names or ()) - {None} - {name for claim in claims for name in claim or ()}
+            if unclaimed:
+                raise AdapterError(
+                    f"adapter '{sorted(unclaimed)[0]}' cannot be served one row at a time: the plugin that loaded it does not "
+                    f"implement ftengine_set_adapter_rows"
+                )
         except Exception:
             self.pm.hook.ftengine_set_adapter_rows(model=self.model, names=None)
             raise
