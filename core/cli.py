@@ -7,11 +7,13 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .errors import FtengineError
 from .inference import generate_command, merge
+from .server import serve_command
 from .signals import RunInterrupted
 
 console = Console()
@@ -38,7 +40,8 @@ class FtengineGroup(click.Group):
 
 
 def _error(message):
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    # Escaped: messages quote user text and names like ftengine[serve], not rich markup.
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(message))}", highlight=False)
     sys.exit(2)
 
 
@@ -184,6 +187,7 @@ def plugins_command(as_json):
 
 cli.add_command(merge)
 cli.add_command(generate_command)
+cli.add_command(serve_command)
 
 
 def _register_plugin_commands():

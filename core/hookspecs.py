@@ -22,7 +22,8 @@ losses, two model loaders, ...). Selecting two such plugins is an error naming b
 before any model is loaded. See ``ftengine.pluginmanager.EXCLUSIVE_HOOKS``.
 
 The phases of a run, in order: configure, build, train, save. ``ftengine merge`` runs build,
-loads an adapter and merges it; inference runs build, loads adapters and switches between them.
+loads an adapter and merges it; inference runs build, loads adapters and switches between them;
+serving (``ftengine.serving``) also gives each row of a batch its own adapter.
 """
 
 from __future__ import annotations
@@ -397,6 +398,38 @@ def ftengine_set_active_adapter(model: nn.Module, name: str | None) -> None:
 
     :param model: a model holding adapters.
     :param name: an adapter name, or ``None``.
+    """
+
+
+@hookspec
+def ftengine_set_adapter_rows(model: nn.Module, names: list[str | None] | None) -> list[str] | None:
+    """Make row ``i`` of the model's next forwards use adapter ``names[i]``; ``None`` restores
+    the single active adapter (``ftengine_set_active_adapter``) for every row.
+
+    Used by ``ftengine.serving`` to run requests for different adapters in one batch. Each
+    plugin handles the names it holds and treats the others as "no adapter of mine" (a row
+    named ``None`` is the base model). An implementation must give each row exactly the output
+    that row gets with its adapter active alone, or raise ``AdapterError`` naming the adapter it
+    cannot mix. The setting lasts until the next call; the batch size of the forwards must be
+    ``len(names)``.
+
+    :param model: a model built for inference, holding adapters.
+    :param names: one adapter name (or ``None``) per row, or ``None``.
+    :return: the names among ``names`` this plugin applies per row. A loaded adapter that no
+        plugin claims (its plugin does not implement this hook) is refused by the server,
+        rather than silently served as the base model.
+    """
+
+
+@hookspec
+def ftengine_delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from ``model`` and free its parameters.
+
+    Used to unload an adapter while serving. A plugin removes ``name`` if it holds it and does
+    nothing otherwise; the name may then be loaded again.
+
+    :param model: a model holding adapters.
+    :param name: an adapter name.
     """
 
 

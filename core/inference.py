@@ -35,20 +35,33 @@ def load_for_inference(model_name, adapters, plugins=(), sections=None):
     :return: ``(model, tokenizer, pm)``; the model is in eval mode, frozen, with the first
         adapter active (the base model if ``adapters`` is empty).
     """
+    model, tokenizer, pm, _ = build_for_inference(model_name, adapters, plugins, sections)
+    return model, tokenizer, pm
+
+
+def build_for_inference(model_name, adapters, plugins=(), sections=None):
+    """``load_for_inference``, also returning the run ``Config`` (to load more adapters later
+    with ``load_adapter``): ``(model, tokenizer, pm, config)``."""
     needed = [*plugins, *(p for path in adapters.values() for p in plugins_for_adapter(path))]
     base = {"model": model_name, **(sections or {})}
     config, pm = configure(plugins=list(dict.fromkeys(needed)), base=base, require_data=False)
     model, tokenizer, _ = build(config, pm, training=False)
     for name, path in adapters.items():
-        loaded = pm.hook.ftengine_load_adapter(model=model, path=Path(path), name=name, config=config, pluginmanager=pm)
-        if loaded is None:
-            raise AdapterError(f"{path}: no active plugin loads this adapter; add the plugin that made it with --plugin")
-        model = loaded
+        model = load_adapter(model, config, pm, name, path)
     if adapters:
         set_adapter(model, pm, next(iter(adapters)))
     model.requires_grad_(False)
     model.eval()
-    return model, tokenizer, pm
+    return model, tokenizer, pm, config
+
+
+def load_adapter(model, config, pm, name, path):
+    """Load the adapter directory ``path`` into ``model`` under ``name``; return the model to
+    use from now on (a plugin may wrap it)."""
+    loaded = pm.hook.ftengine_load_adapter(model=model, path=Path(path), name=name, config=config, pluginmanager=pm)
+    if loaded is None:
+        raise AdapterError(f"{path}: no active plugin loads this adapter; add the plugin that made it with --plugin")
+    return loaded
 
 
 def set_adapter(model, pm, name):

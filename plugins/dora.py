@@ -60,6 +60,13 @@ class DoraVariant:
             direction_output = F.linear(x, weight)
         return base_output + (scale - 1) * direction_output + scale * lora_B(lora_A(x)) * scaling
 
+    @torch.no_grad()
+    def column_scale(self, layer, name):
+        """``m / ‖W + ΔW‖`` per output column, the factor of a mixed batch's DoRA rows (computed
+        once per adapter set, as the forward would in eval mode, not per forward)."""
+        weight = dense_weight(layer.base_layer).float()
+        return layer.lora_magnitude_vector[name] / self.row_norm(weight, layer.delta_weight(name))
+
     def merge(self, layer, name, weight):
         """``(m / ‖W + ΔW‖) ⊙ (W + ΔW)``; the norms are returned for ``unmerge``, which cannot
         recover them from the merged weight (its rows all have norm ``m``)."""

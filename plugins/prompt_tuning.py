@@ -263,6 +263,29 @@ def ftengine_set_active_adapter(model, name):
 
 
 @hookimpl
+def ftengine_set_adapter_rows(model, names):
+    """Prompts are not mixed in a batch: each adds its own number of positions before the
+    input, which shifts every row's cache and positions differently."""
+    if not isinstance(model, PromptTuningModel) or names is None:
+        return
+    for name in names:
+        if name in model.prompt_embeddings:
+            raise AdapterError(
+                f"'{name}' is a prompt-tuning adapter, which cannot share a batch row by row with other adapters; "
+                f"generate with it alone (ftengine generate --adapter {name}=DIR)"
+            )
+
+
+@hookimpl
+def ftengine_delete_adapter(model, name):
+    if isinstance(model, PromptTuningModel) and name in model.prompt_embeddings:
+        del model.prompt_embeddings[name]
+        model.adapter_configs.pop(name, None)
+        if model.active_adapter == name:
+            model.active_adapter = None
+
+
+@hookimpl
 def ftengine_save_model(model, path):
     if not isinstance(model, PromptTuningModel) or ADAPTER_NAME not in model.prompt_embeddings:
         return None

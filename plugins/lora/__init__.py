@@ -214,6 +214,25 @@ def ftengine_set_active_adapter(model, name):
 
 
 @hookimpl
+def ftengine_set_adapter_rows(model, names):
+    """Per-row adapters in every LoRA layer; a layer lacking a row's adapter runs its base for
+    that row (an adapter targeting fewer layers), and names no layer holds are other plugins'."""
+    layers = lora_layers(model)
+    for _, layer in layers:
+        layer.set_adapter_rows(names)
+    if names is None:
+        return None
+    held = {name for _, layer in layers for name in layer.lora_A}
+    return [name for name in dict.fromkeys(names) if name in held]
+
+
+@hookimpl
+def ftengine_delete_adapter(model, name):
+    for _, layer in lora_layers(model):
+        layer.delete_adapter(name)
+
+
+@hookimpl
 def ftengine_merge_adapters(model):
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:

@@ -36,6 +36,10 @@ def ftengine_lora_variant(config: Config) -> LoraVariant | None:
       are initialised;
     * ``forward(layer, name, x, base_output) -> output``: the layer's whole output, given
       ``x`` (cast to the adapter's dtype, dropout not yet applied) and the base layer's output;
+    * ``column_scale(layer, name) -> tensor [out]`` (optional): for mixed batches
+      (``ftengine_set_adapter_rows``), the factor ``g`` in
+      ``y = base + (g − 1)·(base − bias) + g·s·B A x`` that gives the variant's eval-mode output;
+      a variant without it cannot share a batch with other adapters;
     * ``merge(layer, name, weight) -> (merged_weight, undo)`` and
       ``unmerge(layer, name, merged_weight, undo) -> weight``: fold the adapter into a dense
       base weight and take it out again; ``undo`` is whatever ``unmerge`` needs that cannot be

@@ -22,6 +22,21 @@ A layer holds any number of adapters by name; one (``active_adapter``) or none i
 active adapter into the base weight (``merged`` makes it idempotent); ``unmerge`` takes it out
 again by recomputing the same delta, so nothing but the ``merged`` flag is kept.
 
+Mixed batches (serving many adapters at once): ``set_adapter_rows(names)`` makes row ``i`` of
+the following forwards use adapter ``names[i]`` (``None`` or a name the layer lacks: the base
+alone), until ``set_adapter_rows(None)``. Each row gets its own low-rank matrices, gathered
+once per call from a stack of every adapter the layer holds (padded with zeros to the largest
+rank; slot 0, all zeros, is the base), and the update is two batched matmuls::
+
+    y[i] = W x[i] + b + s_i · (x[i] · A_i) · B_i        A_i [in, r_max], B_i [r_max, out]
+    DoRA rows:  y[i] = base[i] + (g_i − 1) ⊙ (base[i] − b) + g_i ⊙ s_i · (x[i] · A_i) · B_i
+
+where ``g_i`` is the variant's per-column scale (DoRA: ``m / ‖W + ΔW‖``), constant at
+inference and computed when the stack is built, not per forward; plain rows have ``g = 1``.
+Gathering beat grouping rows by adapter on CPU (docs/serving.md): the decode step costs the
+same as a one-adapter batch whatever the number of adapters. The path is for inference: no
+dropout, no kernel, and a merged layer refuses it.
+
 The base layer is never copied: a wrapper only holds a reference to it. Adapter parameters are
 created in float32 on the base weight's device, whatever the base dtype (4-bit included).
 """
@@ -81,6 +96,9 @@ class LoraLinear(nn.Module):
         self.merged = False
         # What the merged variant needs to unmerge and cannot recompute (DoRA's row norms).
         self._unmerge_info = None
+        # Mixed batches: every adapter stacked (built on demand), and the per-row matrices.
+        self._stack = None
+        self._rows = None
         self.train(base_layer.training)
 
     def add_adapter(self, name, *, r, alpha, dropout, rslora=False, init="kaiming", variant=None):
@@ -106,19 +124,38 @@ class LoraLinear(nn.Module):
             variant.add(self, name)
         for module in (lora_A, lora_B, self.lora_dropout[name]):
             module.train(self.training)
+        self._stack = None
+
+    def delete_adapter(self, name):
+        """Remove adapter ``name`` and its parameters (a no-op for a name the layer lacks)."""
+        if name not in self.lora_A:
+            return
+        if self.merged and self.active_adapter == name:
+            self.unmerge()
+        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in container:
+                del container[name]
+        for table in (self.scaling, self.variant, self.kernel):
+            table.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+        self._stack = None
 
     def set_active_adapter(self, name):
         """Use adapter ``name`` (``None``, or a name this layer lacks: the base layer alone)."""
         name = name if name in self.lora_A else None
         if self.merged and name != self.active_adapter:
             self.unmerge()
-        self.active_adapter = name
+        # A plain attribute: skip nn.Module.__setattr__'s checks, a swap visits every layer.
+        self.__dict__["active_adapter"] = name
 
     def delta_weight(self, name):
         """``scaling · B A``: the adapter's update of the base weight, ``[out, in]``."""
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
     def forward(self, x):
+        if self._rows is not None:
+            return self._forward_rows(x)
         name = self.active_adapter
         if name is None or self.merged:
             return self.base_layer(x)
@@ -133,6 +170,76 @@ class LoraLinear(nn.Module):
         else:
             output = base_output + self.lora_B[name](lora_A(self.lora_dropout[name](x))) * self.scaling[name]
         return output.to(base_output.dtype)
+
+    # ----------------------------------------------------------------------------------------
+    # mixed batches: one adapter per row
+    # ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _adapter_stack(self):
+        """``(slot by name, A [n+1, in, r_max], B [n+1, r_max, out], scaling [n+1], g [n+1, out]
+        or None, slots with a g)``; slot 0 is the base (zeros). Rebuilt after adapters are added
+        or deleted. The scaling stays a separate factor, applied after B as the single-adapter
+        forward does, so a row's output matches it to rounding."""
+        if self._stack is not None:
+            return self._stack
+        names = list(self.lora_A)
+        device = self.base_layer.weight.device
+        rank = max((self.lora_A[n].out_features for n in names), default=1)
+        stack_a = torch.zeros(len(names) + 1, self.in_features, rank, device=device)
+        stack_b = torch.zeros(len(names) + 1, rank, self.out_features, device=device)
+        scaling = torch.zeros(len(names) + 1, device=device)
+        scales, scaled = None, set()
+        for slot, name in enumerate(names, start=1):
+            r = self.lora_A[name].out_features
+            stack_a[slot, :, :r] = self.lora_A[name].weight.t()
+            stack_b[slot, :r] = self.lora_B[name].weight.t()
+            scaling[slot] = self.scaling[name]
+            variant = self.variant[name]
+            if variant is None:
+                continue
+            column_scale = getattr(variant, "column_scale", None)
+            if column_scale is None:
+                raise AdapterError(
+                    f"adapter '{name}' uses the {variant.name} variant, which cannot be mixed with others in one batch "
+                    f"(it has no column_scale); serve it alone"
+                )
+            if scales is None:
+                scales = torch.ones(len(names) + 1, self.out_features, device=device)
+            scales[slot] = column_scale(self, name)
+            scaled.add(slot)
+        self._stack = ({name: slot for slot, name in enumerate(names, start=1)}, stack_a, stack_b, scaling, scales, scaled)
+        return self._stack
+
+    def set_adapter_rows(self, names):
+        """Use adapter ``names[i]`` for row ``i`` of the next forwards (``None`` or a name this
+        layer lacks: the base layer alone for that row); ``names=None``: back to the active
+        adapter. Adapter weights changed after this call are not seen until it is called again
+        after an adapter is added or deleted (the stack is cached)."""
+        if names is None:
+            self._rows = None
+            return
+        if self.merged:
+            raise AdapterError("a merged LoRA layer cannot use one adapter per row: unmerge the adapters first")
+        slots, stack_a, stack_b, scaling, scales, scaled = self._adapter_stack()
+        row_slots = [slots.get(name, 0) for name in names]
+        index = torch.tensor(row_slots, device=stack_a.device)
+        row_scales = scales[index] if scaled.intersection(row_slots) else None
+        self._rows = (stack_a[index], stack_b[index], scaling[index].view(-1, 1, 1), row_scales)
+
+    def _forward_rows(self, x):
+        rows_a, rows_b, row_scaling, row_scales = self._rows
+        if x.shape[0] != rows_a.shape[0]:
+            raise AdapterError(f"a batch of {x.shape[0]} rows, but adapters were set for {rows_a.shape[0]} rows")
+        base_output = self.base_layer(x)
+        flat = x.to(rows_a.dtype).reshape(x.shape[0], -1, self.in_features)
+        update = (torch.bmm(torch.bmm(flat, rows_a), rows_b) * row_scaling).view(*x.shape[:-1], self.out_features)
+        if row_scales is None:
+            return (base_output + update).to(base_output.dtype)
+        scale = row_scales.view(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
+        bias = self.base_layer.bias
+        direction_output = base_output if bias is None else base_output - bias
+        return (base_output + (scale - 1) * direction_output + scale * update).to(base_output.dtype)
 
     @torch.no_grad()
     def merge(self):
@@ -178,8 +285,26 @@ class LoraLinear(nn.Module):
 
 
 def lora_layers(model):
-    """``[(path, LoraLinear), ...]`` in module order."""
-    return [(path, module) for path, module in model.named_modules() if isinstance(module, LoraLinear)]
+    """``[(path, LoraLinear), ...]`` in module order.
+
+    Walks the model without entering the wrappers (whose adapter dicts hold most of the modules
+    once several adapters are loaded), so swapping adapters stays well under a millisecond.
+    """
+    if isinstance(model, LoraLinear):
+        return [("", model)]
+    found = []
+
+    def walk(module, prefix):
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            if isinstance(child, LoraLinear):
+                found.append((prefix + name, child))
+            else:
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return found
 
 
 def linear_modules(model):

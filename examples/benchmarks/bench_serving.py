@@ -1,0 +1,333 @@
+"""Serving many adapters over one base: load/swap latency, memory per adapter, decode speed of
+mixed-adapter batches against the alternatives, and the HTTP server under concurrent clients.
+
+    python examples/benchmarks/bench_serving.py [--tokens 32] [--clients 16] [--out serving.json]
+    python examples/benchmarks/bench_serving.py --smoke      # the tiny test model: every path, meaningless timings
+
+Base: SmolLM2-135M-Instruct (``model: default``) in float32; 8 LoRA adapters, r=16, alpha 32,
+all linear layers but the head, saved by ftengine with random weights (speed does not depend
+on the values). Every decode configuration generates ``--tokens`` tokens for each of 8 rows
+from prompts of 32 tokens, greedy, with EOS ignored so every row decodes the same number of
+tokens; decode tokens/s counts the tokens after the first (the prefill is timed apart).
+
+* ``base``: 8 rows, the base layers alone; ``one adapter``: 8 rows of one adapter through the layer's
+  single-adapter path (the adapter globally active, as training runs it);
+* ``mixed k``: 8 rows over k = 1, 2, 4, 8 adapters in one batch (``ftengine_set_adapter_rows``);
+* ``grouped``: the 8 rows over 4 adapters as 4 sequential batches of 2, one adapter active each;
+* ``naive``: batch size 1, swapping the active adapter before each of the 8 requests.
+
+Goals (the issue's): mixed 8 rows over 4 adapters >= 0.8x the one-adapter batch and >= 3x the
+naive path; an adapter swap < 1 ms. Then the server (``ftengine.server``) on a loopback port
+under ``--clients`` concurrent streaming clients over 4 adapters: p50/p95 latency and time to
+first token.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+
+def make_adapters(model, directory, count, r, smoke):
+    """``count`` LoRA adapter directories over ``model``, from one build with new values each."""
+    from ftengine.build import build, configure
+    from ftengine.loop import save
+
+    lora = {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": "all-linear"}
+    config, pm = configure(plugins=["lora"], base={"model": model, "lora": lora, "train": {"device": "cpu"}}, require_data=False)
+    built, tokenizer, info = build(config, pm)
+    parameters = dict(built.named_parameters())
+    paths = {}
+    with torch.no_grad():
+        for i in range(count):
+            generator = torch.Generator().manual_seed(i)
+            for name in info["trainable"]:
+                parameter = parameters[name]
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.05 if smoke else 0.01))
+            paths[f"a{i}"] = save(built, tokenizer, config, pm, Path(directory) / f"a{i}")
+    return paths
+
+
+def median_ms(function, repeat):
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def adapter_bytes(model, name):
+    from ftengine.plugins.lora.layer import lora_layers
+
+    params = sum(
+        p.numel() * p.element_size()
+        for _, layer in lora_layers(model)
+        for n, p in layer.named_parameters()
+        if f".{name}." in f".{n}"
+    )
+    return params
+
+
+def stack_bytes(model):
+    from ftengine.plugins.lora.layer import lora_layers
+
+    total = 0
+    for _, layer in lora_layers(model):
+        if layer._stack is not None:
+            total += sum(t.numel() * t.element_size() for t in layer._stack[1:4] if torch.is_tensor(t))
+    return total
+
+
+class SingleAdapterPath:
+    """Run the server's decode loop with one adapter globally active and no per-row adapters:
+    the layer's single-adapter forward, what training uses (the baseline of the goals)."""
+
+    def __init__(self, server, name):
+        self.server, self.name = server, name
+
+    def __enter__(self):
+        from ftengine.inference import set_adapter
+
+        self.set_rows = self.server._set_rows
+        self.server._set_rows = lambda names: None
+        set_adapter(self.server.model, self.server.pm, self.name)
+
+    def __exit__(self, *exc):
+        from ftengine.inference import set_adapter
+
+        set_adapter(self.server.model, self.server.pm, None)
+        self.server._set_rows = self.set_rows
+
+
+def decode(server, prompt_ids, adapters, tokens):
+    """``(prefill s, decode s, decode tokens)`` for one batch: rows ``adapters`` of ``prompt_ids``."""
+    from ftengine.serving import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0)
+    rows = [server.row(prompt_ids, adapter, params, index=i) for i, adapter in enumerate(adapters)]
+    start = time.perf_counter()
+    steps = server.run(rows)
+    next(steps)
+    prefill = time.perf_counter() - start
+    for _ in steps:
+        pass
+    return prefill, time.perf_counter() - start - prefill, len(rows) * (tokens - 1)
+
+
+def decode_speed(server, prompt_ids, tokens, configuration):
+    """tokens/s of one configuration (see the module docstring), after one warm-up run."""
+    from ftengine.inference import set_adapter
+
+    names = list(server.adapters)
+
+    def run(tokens):
+        if configuration == "base":
+            with SingleAdapterPath(server, None):  # the base layers alone
+                return [decode(server, prompt_ids, [None] * 8, tokens)]
+        if configuration == "one adapter":
+            with SingleAdapterPath(server, names[0]):
+                return [decode(server, prompt_ids, [None] * 8, tokens)]
+        if configuration.startswith("mixed"):
+            k = int(configuration.split()[1])
+            return [decode(server, prompt_ids, [names[i % k] for i in range(8)], tokens)]
+        if configuration == "grouped":
+            results = []
+            for name in names[:4]:
+                with SingleAdapterPath(server, name):
+                    results.append(decode(server, prompt_ids, [None] * 2, tokens))
+            return results
+        if configuration == "naive":
+            results = []
+            for i in range(8):
+                with SingleAdapterPath(server, names[i % 4]):
+                    results.append(decode(server, prompt_ids, [None], tokens))
+            return results
+        raise ValueError(configuration)
+
+    run(3)  # warm-up
+    start = time.perf_counter()
+    results = run(tokens)
+    total = time.perf_counter() - start
+    decoded = sum(r[2] for r in results)
+    set_adapter(server.model, server.pm, None)
+    return {
+        "configuration": configuration,
+        "decode_tokens_per_s": decoded / sum(r[1] for r in results),
+        "prefill_s": sum(r[0] for r in results),
+        "total_s": total,
+        "decode_tokens": decoded,
+    }
+
+
+def serve_clients(server, clients, tokens):
+    """p50/p95 latency and time to first token of ``clients`` concurrent streaming requests."""
+    import socket
+
+    import uvicorn
+    from ftengine.server import create_app
+
+    app = create_app(server, base_name="base", max_queue=max(64, clients))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+    names = list(server.adapters)
+    barrier = threading.Barrier(clients)
+
+    def client(i):
+        body = {
+            "model": names[i % 4],
+            "prompt": f"Request {i}: tell me about the sea.",
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+        }
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        barrier.wait()
+        start = time.perf_counter()
+        first = None
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if first is None and line.startswith(b"data: {"):
+                    first = time.perf_counter() - start
+        return first, time.perf_counter() - start
+
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(client, range(clients)))
+        stats = json.loads(urllib.request.urlopen(url.replace("/completions", "/stats")).read())
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+    ttft = sorted(r[0] for r in results)
+    latency = sorted(r[1] for r in results)
+
+    def pct(values, q):
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+    return {
+        "clients": clients,
+        "max_tokens": tokens,
+        "latency_p50_s": pct(latency, 0.5),
+        "latency_p95_s": pct(latency, 0.95),
+        "ttft_p50_s": pct(ttft, 0.5),
+        "ttft_p95_s": pct(ttft, 0.95),
+        "scheduler": stats,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the tiny test model: every path runs, the timings mean nothing")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ftengine.inference import set_adapter
+    from ftengine.serving import AdapterServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            from ftengine.testing import save_tiny_model
+
+            model, r, tokens, clients = str(save_tiny_model(Path(tmp) / "tiny")), 4, min(args.tokens, 4), min(args.clients, 4)
+        else:
+            model, r, tokens, clients = "default", 16, args.tokens, args.clients
+        paths = make_adapters(model, Path(tmp) / "adapters", 8, r, args.smoke)
+        server = AdapterServer(model, {}, plugins=["lora"], max_batch_size=16)
+        server.eos_ids = set()  # every row decodes exactly --tokens tokens
+        loads = []
+        for name, path in paths.items():
+            start = time.perf_counter()
+            server.load(name, path)
+            loads.append(time.perf_counter() - start)
+        names = list(paths)
+        swap_ms = median_ms(lambda: [set_adapter(server.model, server.pm, n) for n in names], 20) / len(names)
+        set_adapter(server.model, server.pm, None)
+        rows_ms = median_ms(lambda: [server._set_rows([names[(i + j) % 8] for i in range(8)]) for j in range(8)], 20) / 8
+        server._set_rows(None)
+        memory = {
+            "adapter_parameters_mib": adapter_bytes(server.model, "a0") / 2**20,
+            "stacked_copies_mib_per_adapter": stack_bytes(server.model) / 2**20 / len(names),
+        }
+        prompt_ids = server.tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"][:32]
+        configurations = ["base", "one adapter", "mixed 1", "mixed 2", "mixed 4", "mixed 8", "grouped", "naive"]
+        decode_rows = []
+        for configuration in configurations:
+            decode_rows.append(decode_speed(server, prompt_ids, tokens, configuration))
+            print(f"{configuration:>12}: {decode_rows[-1]['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
+        speed = {row["configuration"]: row["decode_tokens_per_s"] for row in decode_rows}
+        served = serve_clients(server, clients, tokens)
+
+    goals = [
+        {
+            "goal": "mixed 8 rows / 4 adapters >= 0.8x one-adapter batch",
+            "ratio": speed["mixed 4"] / speed["one adapter"],
+            "target": 0.8,
+        },
+        {
+            "goal": "mixed 8 rows / 4 adapters >= 3x naive (batch 1, swap each)",
+            "ratio": speed["mixed 4"] / speed["naive"],
+            "target": 3.0,
+        },
+        {"goal": "adapter swap < 1 ms", "ms": swap_ms, "target": 1.0},
+    ]
+    for goal in goals:
+        goal["met"] = goal["ratio"] >= goal["target"] if "ratio" in goal else goal["ms"] < goal["target"]
+    result = {
+        "smoke": args.smoke,
+        "model": model if not args.smoke else "tiny",
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+        "r": r,
+        "tokens": tokens,
+        "adapter_load_ms_median": 1000 * statistics.median(loads),
+        "swap_active_adapter_ms": swap_ms,
+        "set_adapter_rows_ms": rows_ms,
+        "memory": memory,
+        "decode": decode_rows,
+        "server": served,
+        "goals": goals,
+    }
+    suffix = " (smoke run: not meaningful)" if args.smoke else ""
+    print(f"adapter load {result['adapter_load_ms_median']:.1f} ms, swap {swap_ms:.3f} ms, set rows {rows_ms:.3f} ms{suffix}")
+    print(
+        f"memory per adapter: {memory['adapter_parameters_mib']:.2f} MiB parameters + {memory['stacked_copies_mib_per_adapter']:.2f} MiB stacked"
+    )
+    print(
+        f"server, {clients} clients: latency p50 {served['latency_p50_s']:.2f} s p95 {served['latency_p95_s']:.2f} s, "
+        f"ttft p50 {served['ttft_p50_s']:.2f} s p95 {served['ttft_p95_s']:.2f} s, shared forwards {served['scheduler']['shared_forwards']}"
+    )
+    for goal in goals:
+        value = f"{goal['ratio']:.2f}x" if "ratio" in goal else f"{goal['ms']:.3f} ms"
+        print(f"goal: {goal['goal']}: {value} -> {'met' if goal['met'] else 'NOT met'}{suffix}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
