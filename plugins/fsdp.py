@@ -47,6 +47,17 @@ def _shard_like(param, tensor):
     return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
 
 
+def whole_state_dict(model):
+    """``model``'s parameters and persistent buffers by name, read from the modules (while the
+    units are gathered: whole tensors), bypassing the state-dict hooks."""
+    state = {name: param.detach() for name, param in model.named_parameters(remove_duplicate=False)}
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+            state[name] = buffer.detach()
+    return state
+
+
 class FsdpParallel(Parallel):
     """The model sharded in place: ``model`` and ``unwrap()`` are the same object."""
 
@@ -69,11 +80,15 @@ class FsdpParallel(Parallel):
 
     @contextmanager
     def full_model(self):
+        """Every unit gathered; ``state_dict()`` then returns the whole tensors too (FSDP2's own
+        hook would hand back the shards), so a plugin that saves with ``save_pretrained`` works."""
         for unit in self.units:
             unit.unshard()
+        self.model.state_dict = lambda *args, **kwargs: whole_state_dict(self.model)
         try:
             yield self.model
         finally:
+            del self.model.state_dict
             for unit in self.units:
                 unit.reshard()
 
