@@ -344,17 +344,19 @@ def _flatten(data, prefix=""):
     return flat
 
 
-def compare_configs(saved, current):
+def compare_configs(saved, current, resume_safe_plugins=()):
     """Compare a checkpoint's config with the resuming run's (both plain data).
 
     :return: ``(errors, accepted)``: lists of ``(key, saved value, current value)``. ``errors``
         are changes to what is trained (model, method sections, data, batch, schedule, seed);
         ``accepted`` are the changes in ``RESUME_SAFE_KEYS``.
+    :param resume_safe_plugins: plugins that may be added or dropped on resume (those that
+        spread the run over processes: a checkpoint is the same whatever the world size).
     """
     old, new = _flatten(saved), _flatten(current)
     for flat in (old, new):  # the order plugins were named in does not matter
         if isinstance(flat.get("plugins"), list):
-            flat["plugins"] = sorted(flat["plugins"])
+            flat["plugins"] = sorted(p for p in flat["plugins"] if p not in resume_safe_plugins)
     errors, accepted = [], []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, "(not set)"), new.get(key, "(not set)")

@@ -201,11 +201,17 @@ def parallelize(pm, model, params, config, world):
     return parallel
 
 
-def no_parallel_plugin_message(size):
-    """The error for a run on several processes that no active plugin parallelises."""
+def parallel_plugin_names():
+    """The installed plugins that implement ``ftengine_parallelize``: a run may resume with
+    another of them, or none (checkpoints do not depend on the world size)."""
     from .pluginmanager import all_plugins_manager
 
     pm = all_plugins_manager()
-    names = sorted(pm.get_name(impl.plugin) for impl in pm.hook.ftengine_parallelize.get_hookimpls())
+    return sorted(pm.get_name(impl.plugin) for impl in pm.hook.ftengine_parallelize.get_hookimpls())
+
+
+def no_parallel_plugin_message(size):
+    """The error for a run on several processes that no active plugin parallelises."""
+    names = parallel_plugin_names()
     fix = " or ".join(f"--plugin {name}" for name in names) or "a plugin that implements ftengine_parallelize"
     return f"the run has {size} processes but no active plugin synchronises them (each would train its own model): add {fix}"

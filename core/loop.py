@@ -29,7 +29,7 @@ import torch
 from . import checkpoint
 from .build import build
 from .config import dump_config
-from .distributed import Parallel, World, parallelize, process_group
+from .distributed import Parallel, World, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, FtengineError
 from .modeling import autocast, eval_mode
 from .pluginmanager import nondefault_implementers
@@ -349,7 +349,7 @@ def find_resume_checkpoint(output_dir, config):
         saved = json.loads((output_dir / "config.json").read_text())
     if saved is None:
         return latest
-    errors, accepted = checkpoint.compare_configs(saved, dump_config(config))
+    errors, accepted = checkpoint.compare_configs(saved, dump_config(config), resume_safe_plugins=parallel_plugin_names())
     if errors:
         raise ConfigError(
             [f"{key}: {before!r} in {latest.name}, {after!r} now" for key, before, after in errors]
