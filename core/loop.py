@@ -213,9 +213,9 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
         log(state, summary["after"], metrics_file)
         pm.hook.ftengine_on_train_end(model=model, state=state)
 
-    with run.parallel.full_model() as full:
-        refuse_nonfinite_result(run, full)
-        summary["saved"] = world.on_main(lambda: save(full, run.tokenizer, config, pm, output_dir / "final"))
+    with run.parallel.full_model() as whole:
+        refuse_nonfinite_result(run, whole)
+        summary["saved"] = world.on_main(lambda: save(whole, run.tokenizer, config, pm, output_dir / "final"))
     return summary | {"output_dir": str(output_dir), "build": state.build_info, "data": run.datasets.stats}
 
 
@@ -286,8 +286,8 @@ def save_checkpoint(run):
     """
     state, parallel = run.state, run.parallel
     optimizer_state = parallel.full_optimizer_state(run.optimizer)
-    with parallel.full_model() as full:
-        params = trainable(full, run.params)
+    with parallel.full_model() as whole:
+        params = trainable(whole, run.params)
         return state.world.on_main(
             lambda: checkpoint.save_checkpoint(
                 state.output_dir,
