@@ -11,11 +11,12 @@
 import torch
 
 from .config import apply_overrides, build_config, plugin_sections, read_yaml
+from .distributed import launched_world_size, no_parallel_plugin_message
 from .errors import ConfigError, FtengineError
 from .pluginmanager import active_names, available_plugins, select_plugins
 
 
-def configure(config_path=None, plugins=(), overrides=(), base=None, require_data=True):
+def configure(config_path=None, plugins=(), overrides=(), base=None, require_data=True, world_size=None):
     """Read and validate a run's config and select its plugins; raise every problem at once.
 
     :param config_path: a YAML file, or ``None``.
@@ -23,6 +24,8 @@ def configure(config_path=None, plugins=(), overrides=(), base=None, require_dat
     :param overrides: ``section.key=value`` strings.
     :param base: a dict of defaults the file and overrides apply on top of (the default job).
     :param require_data: ``False`` for jobs that train nothing (merge, inference).
+    :param world_size: the number of processes the run will have (default: as launched,
+        ``WORLD_SIZE``); above 1 a plugin must parallelise the run.
     :return: ``(config, pm)``.
     """
     data, origins = dict(base or {}), {}
@@ -43,6 +46,9 @@ def configure(config_path=None, plugins=(), overrides=(), base=None, require_dat
         problems.append(
             "no active plugin trains anything: add a method plugin with --plugin (run 'ftengine plugins' to list them)"
         )
+    world_size = launched_world_size() if world_size is None else world_size
+    if require_data and world_size > 1 and not pm.hook.ftengine_parallelize.get_hookimpls():
+        problems.append(no_parallel_plugin_message(world_size))
     if problems:
         raise ConfigError(problems)
     return config, pm

@@ -197,7 +197,9 @@ def _python_rng():
     return [version, list(internal), gauss_next]
 
 
-def save_checkpoint(output_dir, step, params, optimizer, scheduler, state, keep=2, healthy=True, config=None):
+def save_checkpoint(
+    output_dir, step, params, optimizer, scheduler, state, keep=2, healthy=True, config=None, optimizer_state=None
+):
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` checkpoints (and
     the newest healthy one).
 
@@ -207,6 +209,8 @@ def save_checkpoint(output_dir, step, params, optimizer, scheduler, state, keep=
         checkpoint is kept for inspection but never resumed from, and cannot cause the last
         healthy one to be pruned.
     :param config: the run's config as plain data, stored as ``config.json`` for ``--resume`` to compare.
+    :param optimizer_state: the optimiser's ``state_dict()`` with whole tensors, saved instead of
+        ``optimizer.state_dict()`` (a sharded run gathers it first; ``optimizer`` may then be ``None``).
     :raises StorageError: the write failed (disk full, ...); the previous checkpoint is intact.
     """
     target = Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:06d}"
@@ -215,7 +219,7 @@ def save_checkpoint(output_dir, step, params, optimizer, scheduler, state, keep=
             save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, tmp / "trainable.safetensors")
             # A file object, not a path: torch then reports a full disk as OSError(ENOSPC).
             with open(tmp / "optimizer.pt", "wb") as handle:
-                torch.save(optimizer.state_dict(), handle)
+                torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, handle)
             save_file(_rng_tensors(), tmp / "rng.safetensors")
             record = {
                 "step": step,
@@ -272,8 +276,13 @@ def safe_torch_load(path):
         raise StorageError(f"{path}: cannot read it ({exc}); the checkpoint is damaged, resume from an earlier one") from None
 
 
-def load_checkpoint(path, params, optimizer, scheduler):
+def load_checkpoint(path, params, optimizer, scheduler, load_param=None, load_optimizer_state=None):
     """Restore trainable parameters, optimiser, scheduler and RNG from checkpoint ``path``.
+
+    :param load_param: ``load_param(param, tensor)`` sets a parameter from its whole saved
+        tensor (default ``param.copy_``; a sharded run keeps its shard of it).
+    :param load_optimizer_state: ``load_optimizer_state(optimizer, state_dict)`` (default
+        ``optimizer.load_state_dict``; a sharded run shards the whole tensors).
 
     :return: the checkpoint's ``state.json`` contents.
     :raises ValueError: if the checkpoint's parameters are not exactly the trainable ones.
@@ -288,9 +297,9 @@ def load_checkpoint(path, params, optimizer, scheduler):
         )
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(tensors[name])
+            (load_param or torch.Tensor.copy_)(param, tensors[name])
     torch_rng, cuda_rng, python_rng = _load_rng(path)
-    optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
+    (load_optimizer_state or torch.optim.Optimizer.load_state_dict)(optimizer, safe_torch_load(path / "optimizer.pt"))
     record = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(record["scheduler"])
     torch.set_rng_state(torch_rng)
@@ -319,6 +328,7 @@ RESUME_SAFE_KEYS = {
     "train.max_nonfinite_skips": "what happens on a NaN/inf step",
     "train.gradient_checkpointing": "memory only; the same gradients",
     "train.device": "where the run computes",
+    "train.dist_timeout_s": "how long ranks wait for each other",
     "hf_loader.allow_pickle": "how the weights are read",
 }
 
@@ -334,17 +344,19 @@ def _flatten(data, prefix=""):
     return flat
 
 
-def compare_configs(saved, current):
+def compare_configs(saved, current, resume_safe_plugins=()):
     """Compare a checkpoint's config with the resuming run's (both plain data).
 
     :return: ``(errors, accepted)``: lists of ``(key, saved value, current value)``. ``errors``
         are changes to what is trained (model, method sections, data, batch, schedule, seed);
         ``accepted`` are the changes in ``RESUME_SAFE_KEYS``.
+    :param resume_safe_plugins: plugins that may be added or dropped on resume (those that
+        spread the run over processes: a checkpoint is the same whatever the world size).
     """
     old, new = _flatten(saved), _flatten(current)
     for flat in (old, new):  # the order plugins were named in does not matter
         if isinstance(flat.get("plugins"), list):
-            flat["plugins"] = sorted(flat["plugins"])
+            flat["plugins"] = sorted(p for p in flat["plugins"] if p not in resume_safe_plugins)
     errors, accepted = [], []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, "(not set)"), new.get(key, "(not set)")

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import shlex
 import sys
 
@@ -28,6 +29,8 @@ class FtengineGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FtengineError as exc:
+            if getattr(exc, "quiet", False):  # another rank reported it
+                sys.exit(2)
             _error(exc)
         except KeyboardInterrupt as exc:  # Ctrl-C before training started, or a second one
             err_console.print(f"[bold yellow]interrupted[/bold yellow] ({exc or 'SIGINT'})", highlight=False)
@@ -39,9 +42,15 @@ class FtengineGroup(click.Group):
             _error(message)
 
 
+def _rank():
+    """This process's rank in a run started by ``torch.distributed.run`` (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _error(message):
     # Escaped: messages quote user text and names like ftengine[serve], not rich markup.
-    err_console.print(f"[bold red]error:[/bold red] {escape(str(message))}", highlight=False)
+    where = f"rank {_rank()}: " if _rank() else ""
+    err_console.print(f"[bold red]error:[/bold red] {where}{escape(str(message))}", highlight=False)
     sys.exit(2)
 
 
@@ -91,7 +100,22 @@ def cli():
 @click.option(
     "--eval-before/--no-eval-before", default=None, help="Also evaluate before training (default: on for the default job)."
 )
-def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_before):
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train on N processes on this machine (one per GPU), through torch.distributed.run; add --plugin ddp or fsdp.",
+)
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Machines in a multi-node run.")
+@click.option(
+    "--node-rank", type=click.IntRange(min=0), default=None, help="This machine's rank in a multi-node run (0 .. nnodes-1)."
+)
+@click.option(
+    "--rdzv-endpoint",
+    default=None,
+    help="host:port of node 0 where the nodes of a multi-node run meet (as torchrun's --rdzv-endpoint).",
+)
+def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_before, nproc, nnodes, node_rank, rdzv_endpoint):
     """Train: CONFIG_FILE (YAML) plus --plugin and -o overrides.
 
     With neither CONFIG_FILE nor --plugin, runs the embedded default job (overrides apply on
@@ -100,6 +124,10 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     A run owns its output_dir: a second run into it is refused while the first runs, and a
     fresh run into a directory that holds an earlier run needs --resume or --overwrite (the
     default job moves its earlier result aside by itself).
+
+    With --nproc N (and --nnodes, --node-rank, --rdzv-endpoint on several machines) the config
+    is checked here, then N workers start through torch.distributed.run; train.batch_size stays
+    the global micro-batch. See docs/distributed.md.
     """
     from .build import configure
     from .default_job import default_job_config
@@ -113,16 +141,52 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     overwrite = overwrite or (default_job and not resume)
     if allow_pickle:
         overrides = (*overrides, "hf_loader.allow_pickle=true")  # so the resume command keeps it
-    config, pm = configure(config_file, plugins, overrides, base=base)
+    launching = (nproc or 1) * nnodes > 1
+    world_size = (nproc or 1) * nnodes if launching else None
+    config, pm = configure(config_file, plugins, overrides, base=base, world_size=world_size)
     if eval_before is None:
         eval_before = default_job
+    if launching:
+        worker = worker_args(config_file, plugins, overrides, resume, overwrite, eval_before)
+        launch_workers(nproc or 1, nnodes, node_rank, rdzv_endpoint, worker)
     try:
         summary = train(config, pm, resume=resume, eval_before=eval_before, overwrite=overwrite)
     except RunInterrupted as exc:
         command = resume_command(config_file, plugins, overrides, eval_before if eval_before != default_job else None)
-        err_console.print(f"[bold yellow]interrupted:[/bold yellow] {exc}\ncontinue with:\n  {command}", highlight=False)
+        if not _rank():
+            err_console.print(f"[bold yellow]interrupted:[/bold yellow] {exc}\ncontinue with:\n  {command}", highlight=False)
         sys.exit(exc.exit_code)
-    print_summary(summary)
+    if not _rank():
+        print_summary(summary)
+
+
+def worker_args(config_file, plugins, overrides, resume, overwrite, eval_before):
+    """The ``ftengine run`` arguments each worker of a launched run gets (no launch flags)."""
+    args = [config_file] if config_file else []
+    for plugin in plugins:
+        args += ["--plugin", plugin]
+    for override in overrides:
+        args += ["-o", override]
+    args += ["--resume"] * resume + ["--overwrite"] * overwrite
+    return [*args, "--eval-before" if eval_before else "--no-eval-before"]
+
+
+def launch_workers(nproc, nnodes, node_rank, rdzv_endpoint, worker):
+    """Replace this process by ``torch.distributed.run`` starting ``nproc`` workers here: its
+    exit status is the run's, and a signal sent to this process reaches every worker.
+
+    On one machine the rendezvous is standalone; on several, torchrun's flags pass through.
+    """
+    if nnodes > 1 and (node_rank is None or not rdzv_endpoint):
+        raise click.UsageError("a run on several machines (--nnodes) needs --node-rank and --rdzv-endpoint on each")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nnodes == 1 and not rdzv_endpoint:
+        launcher.append("--standalone")
+    else:
+        launcher += [f"--nnodes={nnodes}", f"--node-rank={node_rank or 0}", f"--rdzv-endpoint={rdzv_endpoint}"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*launcher, "-m", "ftengine.cli", "run", *worker])
 
 
 def resume_command(config_file, plugins, overrides, eval_before):
@@ -201,3 +265,7 @@ def _register_plugin_commands():
 def main():
     _register_plugin_commands()
     cli()
+
+
+if __name__ == "__main__":  # the module torch.distributed.run starts each worker with
+    main()

@@ -60,6 +60,9 @@ class TrainOptions(Section):
         "stop", description="a NaN/inf loss or gradient norm: stop the run, or skip the step (no update)"
     )
     max_nonfinite_skips: NonNegativeInt = Field(10, description="with on_nonfinite: skip, stop after this many skipped steps")
+    dist_timeout_s: PositiveInt = Field(
+        600, description="on several processes: how long a rank waits for the others in a collective before the run fails"
+    )
 
 
 class BaseConfig(Section):

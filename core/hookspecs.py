@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # annotations only: the reference names the types without imp
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .config import Config, Section
+    from .distributed import Parallel, World
     from .state import Datasets, LossOutput, RunState
 
 hookspec = pluggy.HookspecMarker("ftengine")
@@ -210,6 +211,36 @@ def ftengine_adapter_name(config: Config) -> str | None:
 
 
 @hookspec(firstresult=True)
+def ftengine_parallelize(
+    model: nn.Module, params: list[tuple[str, nn.Parameter]], config: Config, world: World
+) -> Parallel | None:
+    """Wrap the model to train it on several processes. Exclusive, firstresult.
+
+    Called once per rank on a training run, after the model is built and all but the trainable
+    parameters are frozen, and before the optimiser is built (it may replace parameters by
+    shards: the optimiser gets the parameters of ``Parallel.unwrap()`` with the same names).
+    The core has created the process group (``world``); with no implementation, or one that
+    returns ``None``, the run is a single process (``ftengine.distributed.Parallel``, where each
+    method is a no-op). A run on several processes that no plugin parallelises is refused.
+
+    The returned object offers what the loop needs: ``model`` (what the loss is computed
+    with), ``unwrap()``, ``no_sync()`` (all but the last micro-batch of a step),
+    ``full_model()`` (a block where the parameters are whole, for saving),
+    ``full_optimizer_state``/``load_optimizer_state``/``load_param`` (checkpoints hold whole
+    tensors, so any world size resumes them) and ``grad_norm``. The loop divides gradients by
+    the step's target count over ``world.size``: the wrapper must average them over the ranks
+    (as DDP and FSDP do).
+
+    :param model: the built model (on ``world.device``), trainable parameters marked.
+    :param params: ``[(name, parameter), ...]`` of the trainable parameters.
+    :param config: the run ``Config``.
+    :param world: the ``ftengine.distributed.World``: ``rank``, ``size``, ``device``.
+    :return: an ``ftengine.distributed.Parallel`` (subclass), or ``None`` to leave the run to
+        a single process (when ``world.size`` is 1).
+    """
+
+
+@hookspec(firstresult=True)
 def ftengine_make_optimizer(
     model: nn.Module, params: list[tuple[str, nn.Parameter]], config: Config
 ) -> torch.optim.Optimizer | None:
@@ -241,6 +272,10 @@ def ftengine_load_dataset(config: Config, tokenizer: PreTrainedTokenizerBase) ->
 @hookspec(firstresult=True)
 def ftengine_compute_loss(model: nn.Module, batch: dict[str, Any], state: RunState) -> LossOutput:
     """Compute the loss of one micro-batch. Exclusive, firstresult; the default is SFT.
+
+    In training, ``model`` may be a parallel wrapper (``DistributedDataParallel``) around the
+    model the other hooks get: call it for the forward pass, but switch adapters on the model
+    itself (the one ``ftengine_on_train_start`` received).
 
     The loss is returned as a *sum* with its *count* (target tokens for SFT, pairs for DPO),
     so that gradient accumulation divides by the total count over all micro-batches of an

@@ -10,12 +10,17 @@ all data before the model's weights load; ``--resume`` checks the checkpoint's c
 the run's; a step whose loss or gradient norm is NaN/inf never reaches the optimiser
 (``train.on_nonfinite``); SIGINT/SIGTERM finish the step and write a checkpoint
 (``ftengine.signals``).
+
+On several processes (``ftengine.distributed``) the same loop runs on every rank: a global
+micro-batch is split between the ranks, the loss sums and counts are summed over them, and
+rank 0 alone writes; see ``docs/distributed.md``.
 """
 
 import json
 import math
 import random
 import time
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +29,11 @@ import torch
 from . import checkpoint
 from .build import build
 from .config import dump_config
+from .distributed import Parallel, World, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, FtengineError
 from .modeling import autocast, eval_mode
 from .pluginmanager import nondefault_implementers
-from .rundir import claim_output_dir
+from .rundir import RunDir, claim_output_dir
 from .signals import RunInterrupted, StopSignals
 from .state import RunState
 
@@ -48,14 +54,29 @@ def lr_lambda(warmup, total, min_ratio):
     return factor
 
 
-def micro_batch(datasets, config, index):
-    """The ``index``-th micro-batch of the run: epochs are seeded shuffles of the train set."""
+def micro_batch_rows(datasets, config, index):
+    """``(epoch, examples)`` of the ``index``-th micro-batch of the run: epochs are seeded
+    shuffles of the train set. The same on every rank: ``train.batch_size`` is global."""
     per_epoch = math.ceil(len(datasets.train) / config.train.batch_size)
     epoch, position = divmod(index, per_epoch)
     order = torch.randperm(len(datasets.train), generator=torch.Generator().manual_seed(config.train.seed + epoch))
     start = position * config.train.batch_size
     chosen = order[start : start + config.train.batch_size].tolist()
-    return epoch, datasets.collate([datasets.train[i] for i in chosen])
+    return epoch, [datasets.train[i] for i in chosen]
+
+
+def micro_batch(datasets, config, index):
+    """The ``index``-th micro-batch of the run, collated."""
+    epoch, examples = micro_batch_rows(datasets, config, index)
+    return epoch, datasets.collate(examples)
+
+
+def local_batch(datasets, world, examples):
+    """``(batch, weight)``: this rank's share of a global batch, collated. A rank whose share
+    is empty still runs a forward and backward pass with the others (they synchronise), over
+    the batch's first row with weight 0: it then adds nothing to any sum."""
+    mine = world.share(examples)
+    return (datasets.collate(mine), 1.0) if mine else (datasets.collate(examples[:1]), 0.0)
 
 
 def to_device(batch, device):
@@ -71,27 +92,34 @@ def total_steps(config, n_train):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, datasets, state):
-    """Eval loss over ``datasets.eval`` plus every plugin's metrics, as ``eval_*`` keys."""
-    pm, config = state.pm, state.config
+    """Eval loss over ``datasets.eval`` plus every plugin's metrics, as ``eval_*`` keys.
+
+    On several processes each eval batch is split between the ranks and the sums are added
+    up; ``ftengine_eval_metrics`` runs on every rank over the whole eval set (generation then
+    runs in step on every rank, whatever lengths it reaches) and rank 0's values are kept.
+    """
+    pm, config, world = state.pm, state.config, state.world
     record = {}
     with eval_mode(model):
         if datasets.eval:
             loss_sum, count, metric_sums = 0.0, 0, {}
             for start in range(0, len(datasets.eval), config.train.eval_batch_size):
-                batch = to_device(datasets.collate(datasets.eval[start : start + config.train.eval_batch_size]), state.device)
+                batch, weight = local_batch(datasets, world, datasets.eval[start : start + config.train.eval_batch_size])
+                batch = to_device(batch, state.device)
                 with autocast(state):
                     out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
-                loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
+                loss_sum, count = loss_sum + weight * float(out.loss.detach()), count + (out.count if weight else 0)
                 for key, value in out.metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+                    metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value)
+            loss_sum, count, *values = world.sum([loss_sum, count, *metric_sums.values()])
             record["eval_loss"] = loss_sum / max(count, 1)
-            record.update({f"eval_{key}": value / max(count, 1) for key, value in metric_sums.items()})
+            record.update({f"eval_{key}": value / max(count, 1) for key, value in zip(metric_sums, values)})
         for metrics in pm.hook.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state):
             for key, value in (metrics or {}).items():
                 if f"eval_{key}" in record:
                     raise FtengineError(f"two plugins return the evaluation metric '{key}': rename one")
                 record[f"eval_{key}"] = value
-    return record
+    return world.broadcast(record)
 
 
 def _finite_or_none(value):
@@ -99,11 +127,14 @@ def _finite_or_none(value):
 
 
 def log(state, record, metrics_file):
-    """Hand a metrics record to the plugins and append it to ``metrics.jsonl``.
+    """Hand a metrics record to the plugins and append it to ``metrics.jsonl`` (rank 0 only:
+    the other ranks have no ``metrics_file``).
 
     NaN and infinity become ``null``: JSON has no such numbers, and ``metrics.jsonl`` stays
     readable by any JSON parser.
     """
+    if metrics_file is None:
+        return
     record = {key: _finite_or_none(value) for key, value in record.items()}
     state.pm.hook.ftengine_on_log(state=state, record=record)
     metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
@@ -129,17 +160,31 @@ def train(config, pm, resume=False, eval_before=False, overwrite=False):
     :raises NonFiniteError: a step's loss or gradient norm was not finite.
     """
     output_dir = Path(config.output_dir)
-    with claim_output_dir(output_dir, resume=resume, overwrite=overwrite) as run_dir, StopSignals() as stop:
-        if run_dir.moved_to:
+    with (
+        process_group(config) as world,
+        own_output_dir(world, output_dir, resume, overwrite) as run_dir,
+        StopSignals() as stop,
+    ):
+        if run_dir.moved_to and world.is_main:
             _note(f"--overwrite: the earlier run in {output_dir} was moved to {run_dir.moved_to}")
-        return _train(config, pm, output_dir, resume, eval_before, stop)
+        return _train(config, pm, output_dir, resume, eval_before, stop, world)
 
 
-def _train(config, pm, output_dir, resume, eval_before, stop):
-    run = prepare(config, pm, output_dir, resume)
+@contextmanager
+def own_output_dir(world, output_dir, resume, overwrite):
+    """Claim ``output_dir`` (``ftengine.rundir``) for the block: rank 0 holds the lock, and
+    every rank learns whether it got it."""
+    with ExitStack() as stack:
+        claimed = world.on_main(lambda: stack.enter_context(claim_output_dir(output_dir, resume=resume, overwrite=overwrite)))
+        yield claimed or RunDir(path=output_dir)
+
+
+def _train(config, pm, output_dir, resume, eval_before, stop, world):
+    run = prepare(config, pm, output_dir, resume, world)
     model, state, train_options = run.model, run.state, config.train
     summary, skipped = {"before": None, "after": None}, 0
-    with open(output_dir / "metrics.jsonl", "a") as metrics_file:
+    with ExitStack() as files:
+        metrics_file = files.enter_context(open(output_dir / "metrics.jsonl", "a")) if world.is_main else None
         pm.hook.ftengine_on_train_start(model=model, datasets=run.datasets, state=state)
         if eval_before and not resume:
             summary["before"] = {"step": 0, **evaluate(model, run.tokenizer, run.datasets, state)}
@@ -147,7 +192,7 @@ def _train(config, pm, output_dir, resume, eval_before, stop):
         model.train()
         stop.arm("finishing the current step, then saving a checkpoint")
         while state.step < state.max_steps:
-            record = optimizer_step(model, run.datasets, state, run.params, run.optimizer, run.scheduler)
+            record = optimizer_step(run)
             if record.get("skipped"):
                 skipped += 1
                 if train_options.on_nonfinite == "stop" or skipped > train_options.max_nonfinite_skips:
@@ -159,6 +204,8 @@ def _train(config, pm, output_dir, resume, eval_before, stop):
                 log(state, {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}, metrics_file)
             saved = save_checkpoint(run) if train_options.save_every and state.step % train_options.save_every == 0 else None
             pm.hook.ftengine_on_step_end(model=model, state=state)
+            # Every rank stops after the same step, whichever rank the signal reached.
+            stop.signum = world.max(stop.signum or 0) or None
             if stop.signum:
                 raise interrupted(stop, state, saved or save_checkpoint(run))
         stop.arm("finishing the final evaluation and saving the result")
@@ -166,8 +213,9 @@ def _train(config, pm, output_dir, resume, eval_before, stop):
         log(state, summary["after"], metrics_file)
         pm.hook.ftengine_on_train_end(model=model, state=state)
 
-    refuse_nonfinite_result(run)
-    summary["saved"] = save(model, run.tokenizer, config, pm, output_dir / "final")
+    with run.parallel.full_model() as whole:
+        refuse_nonfinite_result(run, whole)
+        summary["saved"] = world.on_main(lambda: save(whole, run.tokenizer, config, pm, output_dir / "final"))
     return summary | {"output_dir": str(output_dir), "build": state.build_info, "data": run.datasets.stats}
 
 
@@ -175,22 +223,25 @@ def _train(config, pm, output_dir, resume, eval_before, stop):
 class Run:
     """What a training run works with, once prepared."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # the model itself; ``parallel.model`` is what the loss is computed with
     tokenizer: object
     datasets: object
     params: dict  # {name: parameter} of the trainable parameters, in a fixed order
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: RunState
+    parallel: Parallel
 
 
-def prepare(config, pm, output_dir, resume):
-    """Read the data (before the slow weights), build the model, optimiser and schedule, and
-    start afresh or restore the checkpoint ``--resume`` continues."""
+def prepare(config, pm, output_dir, resume, world=None):
+    """Read the data (before the slow weights), build the model, let a parallelism plugin wrap
+    it, build the optimiser and schedule, and start afresh or restore the checkpoint
+    ``--resume`` continues."""
+    world = world or World()
     tokenizer = load_tokenizer(config, pm)
     datasets = load_data(config, pm, tokenizer) if tokenizer is not None else None
-    resume_from = find_resume_checkpoint(output_dir, config) if resume else None
-    model, model_tokenizer, info = build(config, pm)
+    resume_from = world.on_main(lambda: find_resume_checkpoint(output_dir, config)) if resume else None
+    model, model_tokenizer, info = build(config, pm, device=world.device)
     tokenizer = tokenizer or model_tokenizer
     datasets = datasets or load_data(config, pm, tokenizer)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -198,11 +249,18 @@ def prepare(config, pm, output_dir, resume):
         raise ConfigError(
             ["no trainable parameters: the active method plugins selected none (run 'ftengine plugins' to list them)"]
         )
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    parallel = parallelize(pm, model, list(params.items()), config, world)
+    model = parallel.unwrap()
+    # A parallelism plugin may replace the parameters (by shards): take them again, by name.
+    params = {n: p for n, p in model.named_parameters() if n in params}
     optimizer = pm.hook.ftengine_make_optimizer(model=model, params=list(params.items()), config=config)
     max_steps = total_steps(config, len(datasets.train))
     schedule = lr_lambda(config.train.warmup_steps, max_steps, config.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    device = next(model.parameters()).device
+    device = world.device or next(model.parameters()).device
     state = RunState(
         config=config,
         pm=pm,
@@ -213,31 +271,46 @@ def prepare(config, pm, output_dir, resume):
         adapter_name=info["adapter_name"],
         build_info=info,
         data_stats=datasets.stats,
+        world=world,
     )
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    start_or_resume(state, params, optimizer, scheduler, resume_from)
-    return Run(model, tokenizer, datasets, params, optimizer, scheduler, state)
+    run = Run(model, tokenizer, datasets, params, optimizer, scheduler, state, parallel)
+    start_or_resume(run, resume_from)
+    return run
 
 
 def save_checkpoint(run):
-    """Checkpoint the run at its current step (marked unhealthy if a weight is not finite)."""
-    state = run.state
-    return checkpoint.save_checkpoint(
-        state.output_dir,
-        state.step,
-        run.params,
-        run.optimizer,
-        run.scheduler,
-        {"tokens_seen": state.tokens_seen},
-        healthy=not nonfinite_names(run.params),
-        config=dump_config(state.config),
-    )
+    """Checkpoint the run at its current step (marked unhealthy if a weight is not finite).
+
+    Every rank takes part (the trainable state is gathered whole); rank 0 writes, in the
+    format of a single process, so any world size resumes from it.
+    """
+    state, parallel = run.state, run.parallel
+    optimizer_state = parallel.full_optimizer_state(run.optimizer)
+    with parallel.full_model() as whole:
+        params = trainable(whole, run.params)
+        return state.world.on_main(
+            lambda: checkpoint.save_checkpoint(
+                state.output_dir,
+                state.step,
+                params,
+                None,
+                run.scheduler,
+                {"tokens_seen": state.tokens_seen},
+                healthy=not nonfinite_names(params),
+                config=dump_config(state.config),
+                optimizer_state=optimizer_state,
+            )
+        )
 
 
-def refuse_nonfinite_result(run):
-    bad = nonfinite_names(run.params)
+def trainable(model, params):
+    """``{name: parameter}`` of ``model`` for the names in ``params``, in their order."""
+    found = dict(model.named_parameters())
+    return {name: found[name] for name in params}
+
+
+def refuse_nonfinite_result(run, full_model):
+    bad = nonfinite_names(trainable(full_model, run.params))
     if bad:
         raise FtengineError(
             f"the trained weights hold NaN or infinity ({', '.join(bad[:3])}); final/ was not written. "
@@ -276,7 +349,7 @@ def find_resume_checkpoint(output_dir, config):
         saved = json.loads((output_dir / "config.json").read_text())
     if saved is None:
         return latest
-    errors, accepted = checkpoint.compare_configs(saved, dump_config(config))
+    errors, accepted = checkpoint.compare_configs(saved, dump_config(config), resume_safe_plugins=parallel_plugin_names())
     if errors:
         raise ConfigError(
             [f"{key}: {before!r} in {latest.name}, {after!r} now" for key, before, after in errors]
@@ -333,59 +406,74 @@ def interrupted(stop, state, saved):
     )
 
 
-def start_or_resume(state, params, optimizer, scheduler, resume_from):
+def start_or_resume(run, resume_from):
     """Seed a fresh run (and clear its metrics), or restore checkpoint ``resume_from``; then
-    record the run's config beside its checkpoints."""
-    output_dir, config = state.output_dir, state.config
+    record the run's config beside its checkpoints (rank 0)."""
+    state, parallel = run.state, run.parallel
+    output_dir, config, world = state.output_dir, state.config, state.world
     if resume_from is not None:
-        record = checkpoint.load_checkpoint(resume_from, params, optimizer, scheduler)
+        record = checkpoint.load_checkpoint(
+            resume_from,
+            run.params,
+            run.optimizer,
+            run.scheduler,
+            load_param=parallel.load_param,
+            load_optimizer_state=parallel.load_optimizer_state,
+        )
         state.step, state.tokens_seen = record["step"], record["tokens_seen"]
-        _restart_metrics(output_dir / "metrics.jsonl", state.step)
+        if world.rank:  # the checkpoint holds rank 0's random state: the others draw apart from it
+            torch.manual_seed(config.train.seed + world.rank * 1_000_003 + state.step)
+        world.on_main(lambda: _restart_metrics(output_dir / "metrics.jsonl", state.step))
     else:
-        torch.manual_seed(config.train.seed)
-        random.seed(config.train.seed)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    checkpoint.atomic_write_text(output_dir / "config.json", json.dumps(dump_config(config), indent=1))
+        # Each rank draws its own dropout masks; rank 0 draws as a single process does.
+        torch.manual_seed(config.train.seed + world.rank)
+        random.seed(config.train.seed + world.rank)
+        world.on_main(lambda: (output_dir / "metrics.jsonl").unlink(missing_ok=True))
+    world.on_main(lambda: checkpoint.atomic_write_text(output_dir / "config.json", json.dumps(dump_config(config), indent=1)))
 
 
-def optimizer_step(model, datasets, state, params, optimizer, scheduler):
+def optimizer_step(run):
     """One optimiser step over ``train.grad_accum`` micro-batches; return its metrics record.
 
-    Losses are summed over all micro-batches, then the gradients are divided by the step's total
-    target count: every target token weighs the same whatever micro-batch it fell in.
+    Losses are summed over all micro-batches (and all ranks), then the gradients are divided by
+    the step's total target count: every target token weighs the same whatever micro-batch, or
+    rank, it fell in. A parallel wrapper averages gradients over the ``N`` ranks, so they are
+    divided by ``count / N``: the result is what one process computes.
     """
-    config, pm = state.config, state.pm
+    state, parallel, params = run.state, run.parallel, run.params
+    config, pm, world = state.config, state.pm, state.world
     started = time.perf_counter()
     first = state.step * config.train.grad_accum
-    micro = [micro_batch(datasets, config, first + i) for i in range(config.train.grad_accum)]
+    micro = [micro_batch_rows(run.datasets, config, first + i) for i in range(config.train.grad_accum)]
     state.epoch = micro[-1][0]
     loss_sum, count, tokens, metric_sums = 0.0, 0, 0, {}
-    for _, batch in micro:
+    for i, (_, examples) in enumerate(micro):
+        batch, weight = local_batch(run.datasets, world, examples)
         batch = to_device(batch, state.device)
-        with autocast(state):
-            out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
-        out.loss.backward()
-        loss_sum, count = loss_sum + float(out.loss.detach()), count + out.count
-        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        # Gradients are synchronised between ranks once per step, on the last micro-batch.
+        with parallel.no_sync() if i < len(micro) - 1 else nullcontext():
+            with autocast(state):
+                out = pm.hook.ftengine_compute_loss(model=parallel.model, batch=batch, state=state)
+            (out.loss * weight if weight != 1.0 else out.loss).backward()
+        loss_sum, count = loss_sum + weight * float(out.loss.detach()), count + (out.count if weight else 0)
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch and weight else 0
         for key, value in out.metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value)
+    loss_sum, count, tokens, *values = world.sum([loss_sum, count, tokens, *metric_sums.values()])
     for param in params.values():
         if param.grad is not None:
-            param.grad.div_(max(count, 1))
-    if config.train.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), config.train.max_grad_norm))
-    else:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), math.inf))  # the norm only
+            param.grad.div_(max(count, 1) / world.size)
+    grad_norm = parallel.grad_norm(params.values(), config.train.max_grad_norm)
     loss = loss_sum / max(count, 1)
-    lr = optimizer.param_groups[0]["lr"]
+    lr = run.optimizer.param_groups[0]["lr"]
     # A NaN/inf step never reaches the optimiser: the weights stay those of the last good step.
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if not skipped:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    state.tokens_seen += tokens
+    state.tokens_seen += int(tokens)
     elapsed = time.perf_counter() - started
     record = {
         "step": state.step,
@@ -398,7 +486,7 @@ def optimizer_step(model, datasets, state, params, optimizer, scheduler):
     }
     if skipped:
         record["skipped"] = "nonfinite"
-    return record | {k: v / max(count, 1) for k, v in metric_sums.items()}
+    return record | {k: v / max(count, 1) for k, v in zip(metric_sums, values)}
 
 
 # --------------------------------------------------------------------------------------------

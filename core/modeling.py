@@ -38,8 +38,10 @@ def eval_mode(model):
 
 
 def accepts_logits_to_keep(model):
-    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers causal LMs do)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers causal LMs do); through
+    a ``DistributedDataParallel`` wrapper, whether the wrapped model's does."""
+    forward = model.module.forward if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def target_logits(model, batch):

@@ -38,6 +38,7 @@ EXCLUSIVE_HOOKS = (
     "ftengine_make_optimizer",
     "ftengine_load_dataset",
     "ftengine_compute_loss",
+    "ftengine_parallelize",
 )
 
 

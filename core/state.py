@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .distributed import World
+
 
 @dataclass
 class Datasets:
@@ -52,6 +54,9 @@ class RunState:
     build_info: dict = field(default_factory=dict)
     #: ``Datasets.stats``: example counts, truncation.
     data_stats: dict = field(default_factory=dict)
+    #: This process's place among the run's processes (``ftengine.distributed.World``): ``rank``,
+    #: ``size``, ``is_main`` (rank 0, the one that writes files).
+    world: Any = field(default_factory=lambda: World())
     #: A namespace per plugin for run-scoped objects (a progress display, DPO's reference):
     #: a plugin keeps them under its own name, ``state.plugin_data["progress"]``, never in module globals.
     plugin_data: dict[str, Any] = field(default_factory=dict)

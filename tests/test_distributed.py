@@ -1,0 +1,268 @@
+"""Training on several processes (real torch.distributed: gloo on CPU, 2 workers started by
+``ftengine run --nproc 2``, i.e. torch.distributed.run) gives what one process gives: the same
+per-step losses and gradient norms and the same trained weights, under ``ddp`` and ``fsdp``;
+checkpoints move between world sizes; bad configs and refused combinations start no worker."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from ftengine.build import configure
+from ftengine.loop import train
+from ftengine.testing import save_tiny_model, sft_rows, write_jsonl
+from safetensors.torch import load_file
+from test_dpo import preference_rows
+
+RTOL = ATOL = 1e-5
+LAUNCH_TIMEOUT = 180
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process reference runs use one thread, as each worker does (torchrun sets
+    OMP_NUM_THREADS=1): on a small shared CPU, more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    save_tiny_model(root / "model")
+    save_tiny_model(root / "model64", hidden_size=64)  # qlora's blocksize must divide the widths
+    # 9 rows, batch 4: the epoch's last batch has one row, so rank 1 gets none and must still take part.
+    write_jsonl(root / "train.jsonl", sft_rows(9, seed=0))
+    write_jsonl(root / "eval.jsonl", sft_rows(3, seed=1))
+    write_jsonl(root / "prefs.jsonl", preference_rows(6))
+    return root
+
+
+def overrides(work, out, *extra, model="model", data="train.jsonl", evaluation="eval.jsonl"):
+    return [
+        f"model={work / model}",
+        f"data.train={work / data}",
+        f"data.eval={work / evaluation}",
+        f"output_dir={out}",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "train.lr=1e-2",
+        *extra,
+    ]
+
+
+def command(plugins, opts, *extra, nproc=2):
+    args = [sys.executable, "-m", "ftengine.cli", "run"]
+    for plugin in plugins:
+        args += ["--plugin", plugin]
+    for item in opts:
+        args += ["-o", item]
+    return [*args, "--nproc", str(nproc), *extra]
+
+
+def launch(plugins, opts, *extra, check=True):
+    result = subprocess.run(command(plugins, opts, *extra), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def one_process(plugins, opts, resume=False):
+    config, pm = configure(None, plugins, opts)
+    return train(config, pm, resume=resume)
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one, other, weights="adapter_model.safetensors", weight_atol=ATOL):
+    steps_a = {r["step"]: r for r in records(one) if "loss" in r}
+    logged = [r["step"] for r in records(other) if "loss" in r]
+    assert len(logged) == len(set(logged)), "a step was logged twice"
+    steps_b = {r["step"]: r for r in records(other) if "loss" in r}
+    assert sorted(steps_a) == sorted(steps_b)
+    for step, x in steps_a.items():
+        for key in ("loss", "grad_norm"):
+            assert steps_b[step][key] == pytest.approx(x[key], rel=RTOL), (step, key)
+    assert records(other)[-1]["eval_loss"] == pytest.approx(records(one)[-1]["eval_loss"], rel=RTOL)
+    ta, tb = load_file(one / "final" / weights), load_file(other / "final" / weights)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        torch.testing.assert_close(tb[name], ta[name], rtol=RTOL, atol=weight_atol, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# the same run on one and on two processes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_lora_on_two_processes_equals_one(work, tmp_path, parallel):
+    """Rows of different lengths, a train set of 9 (not divisible by 2, nor by the batch of 4),
+    grad_accum 2: the same losses, gradient norms and adapter."""
+    opts = ["lora.dropout=0", "lora.r=4"]
+    one_process(["lora"], overrides(work, tmp_path / "one", *opts))
+    launch(["lora", parallel], overrides(work, tmp_path / "two", *opts))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert [p.name for p in (tmp_path / "two").glob("final*")] == ["final"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "model"), tmp_path / "two" / "final")
+    assert any("lora_A" in name for name, _ in peft_model.named_parameters())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_full_fine_tuning_on_two_processes_equals_one(work, tmp_path, parallel):
+    one_process(["full"], overrides(work, tmp_path / "one", "train.lr=1e-3"))
+    launch(["full", parallel], overrides(work, tmp_path / "two", "train.lr=1e-3"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", weights="model.safetensors")
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["adapters-off-reference", "cached-reference"])
+def test_dpo_under_ddp_equals_one_process(work, tmp_path, cached):
+    opts = overrides(work, tmp_path / "one", "lora.dropout=0", data="prefs.jsonl", evaluation="prefs.jsonl")
+    opts += ["train.batch_size=2", f"dpo.precompute_ref={str(cached).lower()}"]
+    one_process(["lora", "dpo"], opts)
+    launch(["lora", "dpo", "ddp"], [o.replace(str(tmp_path / "one"), str(tmp_path / "two")) for o in opts])
+    # Rows padded to other lengths round differently (~1e-7); Adam divides a gradient by its own
+    # size, so the odd element whose gradient is that rounding noise moves by up to ~lr * 1e-3.
+    # Measured: 1 or 2 elements of ~10k differ by 3e-5, the rest by under 2e-7.
+    assert_same_run(tmp_path / "one", tmp_path / "two", weight_atol=1e-4)
+    metrics = records(tmp_path / "two")[0]
+    assert "reward_accuracy" in metrics
+
+
+def test_prompt_tuning_under_ddp_equals_one_process(work, tmp_path):
+    opts = ["prompt_tuning.num_virtual_tokens=4"]
+    one_process(["prompt_tuning"], overrides(work, tmp_path / "one", *opts))
+    launch(["prompt_tuning", "ddp"], overrides(work, tmp_path / "two", *opts))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_qlora_under_ddp_equals_one_process(work, tmp_path):
+    opts = ["lora.dropout=0", "lora.r=4", "qlora.blocksize=64"]
+    one_process(["lora", "qlora"], overrides(work, tmp_path / "one", *opts, model="model64"))
+    launch(["lora", "qlora", "ddp"], overrides(work, tmp_path / "two", *opts, model="model64"))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints move between world sizes
+# --------------------------------------------------------------------------------------------
+
+
+def test_fsdp_checkpoint_resumes_on_one_process_and_back(work, tmp_path):
+    """A checkpoint holds whole tensors (optimiser state too) whatever the world size. A
+    constant learning rate (min_lr_ratio 1) lets a 2-step run be extended to 4 exactly."""
+    opts = ["lora.dropout=0", "lora.r=4", "train.min_lr_ratio=1", "train.save_every=2", "train.grad_accum=1"]
+
+    def at(out, steps):
+        return [*overrides(work, out, *opts), f"train.max_steps={steps}"]
+
+    one_process(["lora"], at(tmp_path / "straight", 4))
+    # saved on 2 (fsdp), resumed on 1
+    launch(["lora", "fsdp"], at(tmp_path / "two-then-one", 2))
+    one_process(["lora"], at(tmp_path / "two-then-one", 4), resume=True)
+    assert_same_run(tmp_path / "straight", tmp_path / "two-then-one")
+    # saved on 1, resumed on 2 (fsdp)
+    one_process(["lora"], at(tmp_path / "one-then-two", 2))
+    launch(["lora", "fsdp"], at(tmp_path / "one-then-two", 4), "--resume")
+    assert_same_run(tmp_path / "straight", tmp_path / "one-then-two")
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_worker_and_the_run_resumes(work, tmp_path):
+    """SIGTERM to ``ftengine run --nproc 2`` reaches both workers; they stop after the same
+    step with one checkpoint, and resuming (on 2 processes, and on 1) ends where a straight run does."""
+    # A constant learning rate (min_lr_ratio 1): the schedule does not depend on the total.
+    # A modest lr: over the dozen or more steps the run lasts, 1 and 2 processes' rounding
+    # differences would grow at 1e-2.
+    opts = ["lora.dropout=0", "lora.r=4", "train.grad_accum=1", "train.batch_size=2", "train.min_lr_ratio=1", "train.lr=1e-3"]
+    out = tmp_path / "two"
+    launcher = subprocess.Popen(
+        command(["lora", "ddp"], [*overrides(work, out, *opts), "train.max_steps=400"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + LAUNCH_TIMEOUT
+    while time.time() < deadline and (not (out / "metrics.jsonl").is_file() or len(records(out)) < 3):
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode != 0
+    saved = sorted((out / "checkpoints").iterdir())
+    assert saved, stderr[-3000:]
+    stopped_at = json.loads((saved[-1] / "state.json").read_text())["step"]
+    assert 3 <= stopped_at < 400
+    assert stderr.count("continue with:") == 1  # rank 0 alone says how to resume
+
+    total = [f"train.max_steps={stopped_at + 2}"]
+    shutil.copytree(out, tmp_path / "one")
+    one_process(["lora"], [*overrides(work, tmp_path / "straight", *opts), *total])
+    launch(["lora", "ddp"], [*overrides(work, out, *opts), *total], "--resume")
+    one_process(["lora"], [*overrides(work, tmp_path / "one", *opts), *total], resume=True)
+    assert_same_run(tmp_path / "straight", out)
+    assert_same_run(tmp_path / "straight", tmp_path / "one")
+
+
+# --------------------------------------------------------------------------------------------
+# refused before any worker starts
+# --------------------------------------------------------------------------------------------
+
+
+def _started_no_worker(result, out):
+    assert "torch.distributed.run" not in result.stderr and "OMP_NUM_THREADS" not in result.stderr
+    assert not out.exists()
+
+
+def test_a_config_error_is_printed_once_and_starts_no_worker(work, tmp_path):
+    out = tmp_path / "out"
+    result = launch(["lora", "ddp"], [*overrides(work, out), "train.lr=-1", "lora.rank=3"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("greater than 0") == 1 and result.stderr.count("Did you mean 'lora.r'") == 1
+    assert result.stderr.count("configuration problem") == 1
+    _started_no_worker(result, out)
+
+
+def test_qlora_with_fsdp_is_refused_with_the_reason(work, tmp_path):
+    out = tmp_path / "out"
+    result = launch(["lora", "qlora", "fsdp"], overrides(work, out, model="model64"), check=False)
+    assert result.returncode == 2
+    assert "FSDP2 cannot shard a 4-bit base" in result.stderr and "--plugin ddp" in result.stderr
+    _started_no_worker(result, out)
+
+
+def test_two_processes_without_a_parallel_plugin_are_refused(work, tmp_path):
+    out = tmp_path / "out"
+    result = launch(["lora"], overrides(work, out), check=False)
+    assert result.returncode == 2
+    assert "--plugin ddp" in result.stderr and "--plugin fsdp" in result.stderr
+    _started_no_worker(result, out)
+
+
+def test_run_help_lists_the_launch_flags():
+    from click.testing import CliRunner
+    from ftengine.cli import cli
+
+    output = CliRunner().invoke(cli, ["run", "--help"]).output
+    for flag in ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"):
+        assert flag in output
+
+
+def test_the_worker_entry_point_is_the_cli_module():
+    """``torchrun -m ftengine.cli run ...`` works: the module runs the CLI."""
+    result = subprocess.run([sys.executable, "-m", "ftengine.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "run" in result.stdout
+    assert os.environ.get("WORLD_SIZE") is None  # the tests themselves are one process
