@@ -320,3 +320,23 @@ def test_the_worker_entry_point_is_the_cli_module():
     result = subprocess.run([sys.executable, "-m", "ftengine.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "run" in result.stdout
     assert os.environ.get("WORLD_SIZE") is None  # the tests themselves are one process
+
+
+def test_the_distributed_benchmark_runs(tmp_path):
+    """``bench_distributed.py --smoke``: 1 process and 2 under fsdp, each measuring itself."""
+    bench = os.path.join(os.path.dirname(__file__), "..", "examples", "benchmarks", "bench_distributed.py")
+    out = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, bench, "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=2 * LAUNCH_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(smoke run: not meaningful)" in result.stdout
+    one, fsdp = json.loads(out.read_text())["results"]
+    assert [len(one["ranks"]), len(fsdp["ranks"])] == [1, 2]
+    for rank in one["ranks"] + fsdp["ranks"]:
+        assert rank["tokens_per_s"] > 0 and rank["peak_rss_mib"] > 0 and rank["optimizer_state_bytes"] > 0
+    # each rank holds about half of every parameter and of the optimiser state (a dimension that
+    # 2 does not divide leaves rank 0 one row more)
+    for key in ("param_bytes", "optimizer_state_bytes"):
+        whole, shards = one["ranks"][0][key], [rank[key] for rank in fsdp["ranks"]]
+        assert whole <= sum(shards) < 1.01 * whole and max(shards) < 0.51 * whole, (key, whole, shards)
