@@ -139,6 +139,9 @@ def process_group(config):
     )
     try:
         yield World(rank=rank, size=size, local_rank=local_rank, device=device)
+        # Every rank is done before any tears the group down: a gloo rank whose peer closed its
+        # connections first can abort at exit ("terminate called without an active exception").
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
