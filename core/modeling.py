@@ -53,9 +53,10 @@ def target_logits(model, batch):
     """
     labels = batch["labels"]
     if "position_ids" in batch:
-        # Packed rows: without an attention mask, transformers confines attention to the
-        # runs of consecutive position_ids (one per example); padding is a run of its own.
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        # Packed rows: with neither an attention mask nor a KV cache, transformers confines
+        # attention to the runs of consecutive position_ids (one per example; padding is a run
+        # of its own): masking_utils.find_packed_sequence_indices.
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if not accepts_logits_to_keep(model):
