@@ -222,6 +222,11 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
+def _csv_is_header_only(path):
+    with open(path, "rb") as handle:
+        return sum(1 for raw in handle if raw.strip()) <= 1
+
+
 def _jsonl_line_numbers(path):
     """The numbers of the non-blank lines of a JSON-lines file, or ``None`` if one of them does
     not start an object (the line reader then names it)."""
@@ -248,6 +253,8 @@ def _read_local_file(path, expected):
             )
             rows = table.to_list()
     except Exception as exc:  # noqa: BLE001 - every reader error becomes a message naming the file
+        if builder == "csv" and _csv_is_header_only(path):
+            return []
         if builder == "json":  # the standard library names the line (and rows of mixed types still load)
             return _json_array(path, expected) if is_array else read_jsonl(path, expected)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -575,7 +582,7 @@ def collate_sft(examples, pad_token_id):
     return batch
 
 
-def pack_examples(examples, max_length):
+def pack_examples(examples, max_length, label="the training data"):
     """Pack examples into rows of at most ``max_length`` tokens (best-fit decreasing, deterministic).
 
     Each row holds ``input_ids``, ``labels`` and ``position_ids`` restarting at 0 per example;
@@ -584,7 +591,7 @@ def pack_examples(examples, max_length):
 
     :raises DataError: listing the examples longer than ``max_length`` (never cut silently).
     """
-    bad = BadRows(f"{len(examples)} examples")
+    bad = BadRows(label)
     for example in examples:
         with bad.check():
             if len(example["input_ids"]) > max_length:
@@ -729,7 +736,7 @@ def load_sft_file(path, tokenizer, max_length, options=None, cache=True, truncat
                 max_length if truncate else None,
                 names,
                 options.limit,
-                str(Path(path).name),
+                str(path),  # the examples name their rows by path
             ]
         )
         directory = cache_root() / "tokenized" / key

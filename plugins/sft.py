@@ -29,7 +29,7 @@ def load_sft_data(config, tokenizer):
     )
     if packing:
         examples = len(datasets.train)
-        datasets.train = pack_examples(datasets.train, max_length)
+        datasets.train = pack_examples(datasets.train, max_length, config.data.train)
         tokens = sum(len(row["input_ids"]) for row in datasets.train)
         datasets.stats["train"].update(
             packed_rows=len(datasets.train), examples=examples, fill=round(tokens / (len(datasets.train) * max_length), 4)
