@@ -296,7 +296,8 @@ def _read_hub(spec, options, expected):
         if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
             raise DataError(_offline_message(spec))
         try:
-            table = datasets.load_dataset(name, options.subset, split=split, cache_dir=str(cache_root() / "datasets"))
+            sliced = f"{split}[:{options.limit}]" if options.limit else split  # data.limit: no need to read the rest
+            table = datasets.load_dataset(name, options.subset, split=sliced, cache_dir=str(cache_root() / "datasets"))
         except ConnectionError:
             raise DataError(_offline_message(spec)) from None
         except Exception as exc:  # noqa: BLE001

@@ -368,6 +368,11 @@ def ftengine_config_section(register):
 @hookimpl
 def ftengine_validate(config):
     options, problems = config.dpo, []
+    if any(config.data.fields.model_dump().values()):
+        problems.append(
+            "data.fields: the dpo plugin reads preference rows (prompt/messages, chosen, rejected) by these names; "
+            "rename the columns in the data, or remove data.fields"
+        )
     if config.train.packing:
         problems.append(
             "train.packing: the dpo plugin scores each chosen/rejected pair as whole padded rows (the pair's log-probs "

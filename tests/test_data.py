@@ -307,3 +307,12 @@ def test_bad_input_is_a_message_before_the_model_loads(case, tokenizer_only, run
     assert expected in " ".join(str(error.value).split())
     assert "Traceback" not in str(error.value) and "Retry" not in str(error.value)
     assert [p.name for p in output_dir.iterdir()] == [LOCK_FILE]  # the run's lock, no output
+
+
+def test_dpo_refuses_a_field_mapping_it_would_ignore(run_overrides):
+    from ftengine.build import configure
+    from ftengine.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        configure(None, ["lora", "dpo"], [*run_overrides, "data.fields.prompt=question"])
+    assert any(p.startswith("data.fields: the dpo plugin reads preference rows") for p in error.value.problems)
