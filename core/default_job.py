@@ -33,5 +33,5 @@ def default_job_config():
         },
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         # The longest reference answer is 67 tokens; more would only let a wrong answer ramble.
-        "contacts": {"max_new_tokens": 80, "eval_batch_size": 25},
+        "contacts": {"max_new_tokens": 80},
     }

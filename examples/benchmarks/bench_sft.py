@@ -164,13 +164,13 @@ def main():
     train_rows(args.examples)  # the data and the model are prepared outside the timed children
     results = {}
     for name in args.only or SETUPS:
-        output = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--examples", str(args.examples)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        result = json.loads(output.strip().splitlines()[-1])
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--examples", str(args.examples)], capture_output=True, text=True
+        )
+        if done.returncode:
+            print(f"{name}: failed\n{done.stderr[-3000:]}", flush=True)
+            continue
+        result = json.loads(done.stdout.strip().splitlines()[-1])
         result["steps"] = len(result["step_times"])
         result["median_step_s"] = statistics.median(result["step_times"])
         result["target_tokens_per_s"] = result["target_tokens"] / sum(result["step_times"])
