@@ -17,8 +17,16 @@ included):
   batches with position_ids), ``max_length`` 448, 2 rows per step.
 * ``trl padded``: ``packing=False``, batches of 8 padded, ``max_length`` 256.
 
+TRL runs in fp32 without gradient checkpointing, as ftengine does (``SFTConfig`` defaults to
+bf16 autocast and checkpointing).
+
 Reported: target tokens per second over the summed step times, the median step time and the
 peak RSS; then ftengine's best target tokens/s over TRL's best.
+
+    python examples/benchmarks/bench_sft.py --examples 48 --packed-vs-padded 3
+
+times only ftengine's forward+backward on the same examples packed and padded, alternating in
+one process, for a ratio that holds on a machine shared with other work.
 """
 
 import argparse
@@ -132,16 +140,63 @@ def run_trl(setup, n):
             use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
             seed=0,
+            # SFTConfig defaults to bf16 autocast and gradient checkpointing; ftengine computes in
+            # fp32 on a CPU without recomputation, so TRL does the same here (its faster setting).
+            bf16=False,
+            gradient_checkpointing=False,
         )
         lora = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora, callbacks=[StepTimes()]
         )
-        targets = sum(
-            sum(m for m in row["completion_mask"][1:]) if "completion_mask" in row else 0 for row in trainer.train_dataset
-        )
+        # TRL folds the completion mask into "labels" (-100 elsewhere); a row's first label is never predicted.
+        targets = sum(sum(label != -100 for label in row["labels"][1:]) for row in trainer.train_dataset)
         trainer.train()
     return steps, targets
+
+
+def packed_vs_padded(n, rounds):
+    """Forward+backward time of the same ``n`` examples, packed and padded, alternating in one
+    process: on a shared machine both see the same load, so their ratio holds when absolute
+    times do not."""
+    from ftengine.build import build, configure
+    from ftengine.default_job import default_job_config
+    from ftengine.plugins import sft
+
+    path, _ = train_rows(n)
+    setups = {}
+    for name in ("ftengine packed", "ftengine padded"):
+        setup = SETUPS[name]
+        overrides = [
+            f"data.train={path}",
+            f"train.max_length={setup['length']}",
+            f"train.packing={str(setup['packing']).lower()}",
+        ]
+        setups[name] = (configure(None, [], [*overrides, "output_dir=/tmp/unused"], base=default_job_config())[0], setup)
+    config, pm = configure(None, [], ["output_dir=/tmp/unused"], base=default_job_config())
+    model, tokenizer, _ = build(config, pm)
+    model.train()
+    batches = {}
+    for name, (run_config, setup) in setups.items():
+        datasets = sft.load_sft_data(run_config, tokenizer)
+        rows = datasets.train
+        batches[name] = [datasets.collate(rows[i : i + setup["batch"]]) for i in range(0, len(rows), setup["batch"])]
+    times = {name: [] for name in batches}
+    for _ in range(rounds):
+        for name, name_batches in batches.items():
+            started = time.perf_counter()
+            for batch in name_batches:
+                sft.ftengine_compute_loss(model=model, batch=batch, state=None).loss.backward()
+                model.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - started)
+    for name, measured in times.items():
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches[name])
+        padded = sum(b["input_ids"].numel() for b in batches[name])
+        print(
+            f"{name}: {len(batches[name])} batches, {tokens} tokens ({padded} with padding), seconds per pass {[round(t, 1) for t in measured]}"
+        )
+    ratio = statistics.median(times["ftengine padded"]) / statistics.median(times["ftengine packed"])
+    print(f"packed speed-up over padded (median pass time ratio): {ratio:.2f}x")
 
 
 def child(name, n):
@@ -156,8 +211,13 @@ def main():
     parser.add_argument("--examples", type=int, default=96)
     parser.add_argument("--only", action="append", choices=list(SETUPS), help="run only these setups")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--packed-vs-padded", type=int, metavar="ROUNDS", help="only time ftengine packed against padded, alternating"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.packed_vs_padded:
+        return packed_vs_padded(args.examples, args.packed_vs_padded)
     if args.child:
         return child(args.child, args.examples)
 
