@@ -33,9 +33,32 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DataFields(Section):
+    """``data.fields``: the data's own column names for the fields ftengine reads."""
+
+    prompt: str | None = Field(None, description="the user turn (with response)")
+    response: str | None = Field(None, description="the answer learned (with prompt)")
+    system: str | None = Field(None, description="an optional system turn, for any shape")
+    messages: str | None = Field(None, description="a chat: a list of {role, content}")
+    conversations: str | None = Field(None, description="a ShareGPT chat: a list of {from, value}")
+    instruction: str | None = Field(None, description="Alpaca: the instruction")
+    input: str | None = Field(None, description="Alpaca: the optional input, appended to the instruction")
+    output: str | None = Field(None, description="Alpaca: the answer learned")
+
+
 class DataOptions(Section):
-    train: str | None = Field(None, description="training data, JSONL")
-    eval: str | None = Field(None, description="evaluation data, JSONL")
+    train: str | None = Field(
+        None,
+        description="training data: JSONL, JSON, CSV, TSV or Parquet file, a directory of them, or a hub id (org/name[:split])",
+    )
+    eval: str | None = Field(None, description="evaluation data, as data.train")
+    fields: DataFields = Field(default_factory=DataFields, description="column names, when they differ from ours")
+    split: str = Field("train", description="the split of a hub dataset id (org/name:split overrides it)")
+    subset: str | None = Field(None, description="the subset (configuration) of a hub dataset id")
+    eval_split: float | None = Field(
+        None, gt=0, lt=1, description="without data.eval: this fraction of the train data, seeded by train.seed, is held out"
+    )
+    limit: PositiveInt | None = Field(None, description="read at most this many rows of each data source (quick tries)")
 
 
 class TrainOptions(Section):
@@ -48,7 +71,12 @@ class TrainOptions(Section):
     warmup_steps: NonNegativeInt = Field(0, description="linear warmup, then cosine decay")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
     max_grad_norm: PositiveFloat | None = Field(1.0, description="gradient clipping; null = off")
-    max_length: PositiveInt = Field(512, description="longer sequences are truncated (counted)")
+    max_length: PositiveInt = Field(
+        512, description="longer sequences are truncated (counted); with packing, the packed row length"
+    )
+    packing: bool = Field(
+        False, description="pack examples into rows of max_length, attention confined to each example (no padding)"
+    )
     seed: int = 0
     log_every: PositiveInt = 1
     eval_every: NonNegativeInt = Field(0, description="evaluate every N steps; 0 = at the end only")
@@ -232,10 +260,15 @@ def _describe(error, model, origins, plugin_for_section):
 def _contradictions(data, origins):
     """Problems between keys, checked on the raw data so they show beside per-key errors."""
     train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    problems = []
     if train.get("max_steps") is not None and train.get("epochs") is not None:
         where = origins.get(("train", "epochs"))
-        return [f"{where + ': ' if where else ''}train.epochs: set train.max_steps or train.epochs, not both"]
-    return []
+        problems.append(f"{where + ': ' if where else ''}train.epochs: set train.max_steps or train.epochs, not both")
+    data_section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    if data_section.get("eval") is not None and data_section.get("eval_split") is not None:
+        where = origins.get(("data", "eval_split"))
+        problems.append(f"{where + ': ' if where else ''}data.eval_split: set data.eval or data.eval_split, not both")
+    return problems
 
 
 def build_config(data, origins, sections, plugin_for_section=None):

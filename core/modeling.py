@@ -46,14 +46,21 @@ def accepts_logits_to_keep(model):
 
 def target_logits(model, batch):
     """``(logits, targets)`` of a forward pass over ``batch`` (``input_ids``, ``attention_mask``,
-    ``labels``), where ``logits[:, j]`` predicts ``targets[:, j]``.
+    ``labels``, and ``position_ids`` for packed rows), where ``logits[:, j]`` predicts ``targets[:, j]``.
 
     Position t predicts label t+1. The vocabulary projection dominates memory and a fifth of
     the compute of small models, so where the model takes ``logits_to_keep`` it runs only at
     the positions that predict a labelled token in some row; other positions of ``targets``
     are ``IGNORE_INDEX`` as in ``labels``. Otherwise all logits are computed and shifted.
     """
-    inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+    labels = batch["labels"]
+    if "position_ids" in batch:
+        # Packed rows: with neither an attention mask nor a KV cache, transformers confines
+        # attention to the runs of consecutive position_ids (one per example; padding is a run
+        # of its own): masking_utils.find_packed_sequence_indices.
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if not accepts_logits_to_keep(model):
         return model(**inputs).logits[:, :-1], labels[:, 1:]
     positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)

@@ -37,10 +37,11 @@ from ftengine.checkpoint import atomic_save_safetensors
 from ftengine.config import Section
 from ftengine.data import (
     IGNORE_INDEX,
+    BadRows,
     Truncation,
     load_splits,
     pad_batch,
-    read_jsonl,
+    read_rows,
     render_chat,
     require_messages,
     require_str,
@@ -75,7 +76,7 @@ class DpoOptions(Section):
 
 
 def _response(row, field, where):
-    if field not in row:
+    if row.get(field) is None:
         raise DataError(f"{where}: missing field '{field}'")
     messages = require_messages(row[field], field, where)
     if not any(m["role"] == "assistant" for m in messages):
@@ -85,7 +86,7 @@ def _response(row, field, where):
 
 def pair_messages(row, where):
     """``(prompt, chosen, rejected)`` message lists of a preference row."""
-    key = "messages" if "messages" in row else "prompt"
+    key = "messages" if row.get("messages") is not None else "prompt"
     if isinstance(row.get(key), list):
         prompt = require_messages(row[key], key, where)
         return prompt, _response(row, "chosen", where), _response(row, "rejected", where)
@@ -105,28 +106,23 @@ def tokenize_response(tokenizer, prompt, response, field, where):
     return ids, labels
 
 
-def load_preference_file(path, tokenizer, max_length, split):
-    """Tokenise a preference JSONL file; return ``(examples, stats)``.
+def load_preference_file(path, tokenizer, max_length, split, options=None):
+    """Tokenise preference data (any source ``read_rows`` reads); return ``(examples, stats)``.
 
     Sequences longer than ``max_length`` keep their start (as TRL's ``keep_start``); a pair
-    whose chosen or rejected response is cut off entirely is dropped. Both are counted.
+    whose chosen or rejected response is cut off entirely is dropped. Both are counted. Bad
+    rows are reported together (``ftengine.data.BadRows``).
+
+    :param options: the ``data`` config section (split, subset, limit).
     """
-    examples, truncation = [], Truncation(max_length)
-    for row, where in read_jsonl(path, expected=PREFERENCE_FORMAT):
-        if "chosen" not in row and "rejected" not in row and ("response" in row or "messages" in row):
-            raise DataError(
-                f"{where}: the dpo plugin expects preference rows {PREFERENCE_FORMAT}; this row looks like SFT "
-                f"data (keys {sorted(row)}). Train on it without --plugin dpo, or give preference pairs"
-            )
-        prompt, chosen, rejected = pair_messages(row, where)
-        sides = truncation.cut(
-            [
-                tokenize_response(tokenizer, prompt, chosen, "chosen", where),
-                tokenize_response(tokenizer, prompt, rejected, "rejected", where),
-            ]
-        )
+    examples, truncation, bad = [], Truncation(max_length), BadRows(path)
+    for row, where in read_rows(path, options, expected=PREFERENCE_FORMAT):
+        sides = None
+        with bad.check():
+            sides = _tokenize_pair(row, where, tokenizer, truncation)
         if sides is None:
             continue
+        prompt, chosen, _ = pair_messages(row, where)
         (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = sides
         examples.append(
             {
@@ -141,7 +137,25 @@ def load_preference_file(path, tokenizer, max_length, split):
                 "row": {"messages": prompt + chosen},
             }
         )
+    bad.raise_if_any()
     return examples, truncation.stats(kept=len(examples))
+
+
+def _tokenize_pair(row, where, tokenizer, truncation):
+    """The (possibly cut) chosen and rejected ``(ids, labels)`` of a row, or ``None`` if dropped."""
+    if row.get("chosen") is None and row.get("rejected") is None and (row.get("response") or row.get("messages")) is not None:
+        keys = sorted(k for k, v in row.items() if v is not None)
+        raise DataError(
+            f"{where}: the dpo plugin expects preference rows {PREFERENCE_FORMAT}; this row looks like SFT "
+            f"data (keys {keys}). Train on it without --plugin dpo, or give preference pairs"
+        )
+    prompt, chosen, rejected = pair_messages(row, where)
+    return truncation.cut(
+        [
+            tokenize_response(tokenizer, prompt, chosen, "chosen", where),
+            tokenize_response(tokenizer, prompt, rejected, "rejected", where),
+        ]
+    )
 
 
 def collate_pairs(examples, pad_token_id):
@@ -160,7 +174,7 @@ def collate_pairs(examples, pad_token_id):
 def load_preferences(config, tokenizer):
     return load_splits(
         config,
-        lambda path, split: load_preference_file(path, tokenizer, config.train.max_length, split),
+        lambda path, split: load_preference_file(path, tokenizer, config.train.max_length, split, config.data),
         lambda examples: collate_pairs(examples, tokenizer.pad_token_id),
     )
 
@@ -354,6 +368,16 @@ def ftengine_config_section(register):
 @hookimpl
 def ftengine_validate(config):
     options, problems = config.dpo, []
+    if any(config.data.fields.model_dump().values()):
+        problems.append(
+            "data.fields: the dpo plugin reads preference rows (prompt/messages, chosen, rejected) by these names; "
+            "rename the columns in the data, or remove data.fields"
+        )
+    if config.train.packing:
+        problems.append(
+            "train.packing: the dpo plugin scores each chosen/rejected pair as whole padded rows (the pair's log-probs "
+            "and the reference's are per sequence); packing is not supported with dpo: set train.packing: false"
+        )
     if options.label_smoothing and options.loss_type not in SMOOTHED_LOSSES:
         problems.append(
             f"dpo.label_smoothing: the '{options.loss_type}' loss has no label smoothing; "

@@ -218,6 +218,11 @@ def ftengine_config_section(register):
 @hookimpl
 def ftengine_validate(config):
     options = config.prompt_tuning
+    if config.train.packing:
+        return [
+            "train.packing: prompt tuning prepends its virtual tokens to each row, so in a packed row only the first "
+            "example would see them; packing is not supported with prompt_tuning: set train.packing: false"
+        ]
     if options.init == "text" and not (options.init_text or "").strip():
         return [
             "prompt_tuning.init_text: init is 'text' but no text is given: set prompt_tuning.init_text, or use init: sample_vocab"

@@ -379,20 +379,17 @@ def test_7_a_second_ctrl_c_stops_at_once(run_overrides, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_8_invalid_utf8_and_parquet_data_are_messages(run_overrides, tmp_path):
+def test_8_invalid_utf8_and_unknown_formats_are_messages(run_overrides, tmp_path):
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes(b'{"prompt": "ok", "response": "fine"}\n{"prompt": "caf\xe9", "response": "x"}\n')
     result = invoke(*run_args(run_overrides + [f"data.train={bad}"], "lora"))
     assert result.exit_code == 2 and f"{bad}:2: not valid UTF-8 (byte 0xe9" in " ".join(result.output.split())
 
-    pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
-    parquet = tmp_path / "train.parquet"
-    pq.write_table(pyarrow.table({"prompt": ["a"], "response": ["b"]}), parquet)
-    result = invoke(*run_args(run_overrides + [f"data.train={parquet}"], "lora"))
+    sheet = tmp_path / "train.xlsx"
+    sheet.write_bytes(b"PK\x03\x04 a spreadsheet")
+    result = invoke(*run_args(run_overrides + [f"data.train={sheet}"], "lora"))
     message = " ".join(result.output.split())
-    assert result.exit_code == 2 and "is a Parquet file" in message and "read_parquet" in message
+    assert result.exit_code == 2 and f"{sheet}: unknown data format '.xlsx'" in message and "Parquet" in message
     assert "Traceback" not in result.output
 
 
@@ -497,13 +494,14 @@ def test_9_data_messages_name_the_problem_and_the_format(run_overrides, tmp_path
 
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert "is a directory" in error(folder)
+    (folder / "notes.txt").write_text("not data")
+    assert f"{folder}: the directory holds no data files" in error(folder)
     array = tmp_path / "rows.json"
-    array.write_text(json.dumps([{"prompt": "a", "response": "b"}], indent=2))
-    assert "expected JSONL" in error(array) and "json.load(open(" in error(array)
+    array.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "a"}], indent=2))
+    assert f"{array}[1]: missing field 'response'" in error(array)
     table = tmp_path / "rows.csv"
-    table.write_text("prompt,response\na,b\n")
-    assert "expected JSONL" in error(table) and "csv.DictReader" in error(table)
+    table.write_text("question,answer\na,b\n")
+    assert "expected a 'messages' list" in error(table) and "data.fields" in error(table)
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}])
     message = error(sft, "dpo")
     assert "expects preference rows" in message and "chosen" in message and "without --plugin dpo" in message
