@@ -199,18 +199,19 @@ def _named_adapters(ctx, param, values):
     return adapters
 
 
-@click.command(name="generate")
-@click.option(
+model_option = click.option(
     "--model", default="default", show_default=True, help="Base model: local transformers dir, hub id, .gguf file or 'default'."
 )
-@click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    metavar="NAME=DIR",
-    callback=_named_adapters,
-    help="Load an adapter under NAME (repeatable).",
-)
+
+
+def adapters_option(help):
+    """``--adapter NAME=DIR`` (repeatable), as ``generate`` and ``serve`` take it."""
+    return click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR", callback=_named_adapters, help=help)
+
+
+@click.command(name="generate")
+@model_option
+@adapters_option("Load an adapter under NAME (repeatable).")
 @click.option("--use", help="The adapter to generate with (default: the first one).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A user message (repeatable; all run as one batch).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))

@@ -30,7 +30,7 @@ import uuid
 import click
 
 from .errors import AdapterError, FtengineError
-from .inference import _named_adapters
+from .inference import adapters_option, model_option
 from .serving import AdapterServer, RequestError, SamplingParams
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_tokens_cap": 1024, "max_queue": 64, "max_body_bytes": 1 << 20}
@@ -488,17 +488,8 @@ def _require_serve_extra():
 
 
 @click.command(name="serve")
-@click.option(
-    "--model", default="default", show_default=True, help="Base model: local transformers dir, hub id, .gguf file or 'default'."
-)
-@click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    metavar="NAME=DIR",
-    callback=_named_adapters,
-    help="Serve an adapter as model NAME (repeatable).",
-)
+@model_option
+@adapters_option("Serve an adapter as model NAME (repeatable).")
 @click.option(
     "--host", default=DEFAULTS["host"], show_default=True, help="Address to bind; 0.0.0.0 exposes the server to the network."
 )
