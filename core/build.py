@@ -13,6 +13,7 @@ import torch
 from .config import apply_overrides, build_config, plugin_sections, read_yaml
 from .distributed import launched_world_size, no_parallel_plugin_message
 from .errors import ConfigError, FtengineError
+from .evaluation import baseline_problems
 from .pluginmanager import active_names, available_plugins, select_plugins
 
 
@@ -46,6 +47,7 @@ def configure(config_path=None, plugins=(), overrides=(), base=None, require_dat
         problems.append(
             "no active plugin trains anything: add a method plugin with --plugin (run 'ftengine plugins' to list them)"
         )
+    problems += baseline_problems(config, pm)
     world_size = launched_world_size() if world_size is None else world_size
     if require_data and world_size > 1 and not pm.hook.ftengine_parallelize.get_hookimpls():
         problems.append(no_parallel_plugin_message(world_size))

@@ -144,8 +144,8 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     launching = (nproc or 1) * nnodes > 1
     world_size = (nproc or 1) * nnodes if launching else None
     config, pm = configure(config_file, plugins, overrides, base=base, world_size=world_size)
-    if eval_before is None:
-        eval_before = default_job
+    if eval_before is None:  # the default job's zero_shot baseline is its "before"
+        eval_before = default_job and "zero_shot" not in config.eval.baselines
     if launching:
         worker = worker_args(config_file, plugins, overrides, resume, overwrite, eval_before)
         launch_workers(nproc or 1, nnodes, node_rank, rdzv_endpoint, worker)
@@ -202,26 +202,28 @@ def resume_command(config_file, plugins, overrides, eval_before):
 
 
 def print_summary(summary):
-    """Before/after table of the evaluation metrics, and where the result was saved."""
-    before, after = summary.get("before") or {}, summary.get("after") or {}
-    keys = [k for k in after if k.startswith("eval_")]
+    """The evaluation table (a column per evaluation: before, each baseline, after) and where
+    the result was saved."""
+    columns = {"before": summary.get("before")} if summary.get("before") else {}
+    for label, record in (summary.get("baselines") or {}).items():
+        columns[BASELINE_TITLES.get(label, label).format(**record)] = record
+    columns["fine-tuned" if summary.get("baselines") else "after"] = summary.get("after") or {}
+    keys = list(dict.fromkeys(k for record in columns.values() for k in record if k.startswith("eval_")))
     if keys:
         table = Table(title="evaluation", show_lines=False)
         table.add_column("metric")
-        if before:
-            table.add_column("before", justify="right")
-        table.add_column("after", justify="right")
+        for title in columns:
+            table.add_column(title, justify="right")
         for key in keys:
-            row = [key.removeprefix("eval_")]
-            if before:
-                row.append(_fmt(before.get(key)))
-            row.append(_fmt(after[key]))
-            table.add_row(*row)
+            table.add_row(key.removeprefix("eval_"), *(_fmt(record.get(key)) for record in columns.values()))
         console.print(table)
     data = summary.get("data", {}).get("train", {})
     if data.get("truncated"):
         console.print(f"{data['truncated']} training sequences were truncated to train.max_length ({data['dropped']} dropped)")
     console.print(f"saved: [bold]{summary['saved']}[/bold]  (metrics: {summary['output_dir']}/metrics.jsonl)")
+
+
+BASELINE_TITLES = {"zero_shot": "zero-shot", "few_shot": "few-shot (k={shots})"}
 
 
 def _fmt(value):

@@ -1,6 +1,6 @@
 """Run configuration: YAML file + ``-o section.key=value`` overrides, validated all at once.
 
-The core owns the ``model``, ``output_dir``, ``plugins``, ``data`` and ``train`` keys; each
+The core owns the ``model``, ``output_dir``, ``plugins``, ``data``, ``train`` and ``eval`` keys; each
 plugin adds one section through ``ftengine_config_section``. Every problem (unknown key, bad
 value, contradictory options, a plugin's own checks) is collected into one ``ConfigError``
 whose lines name the key, where it was set (``file:line`` or ``-o``) and the fix.
@@ -8,7 +8,7 @@ whose lines name the key, where it was set (``file:line`` or ``-o``) and the fix
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -18,13 +18,14 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    StringConstraints,
     ValidationError,
     create_model,
 )
 
 from .errors import ConfigError
 
-CORE_KEYS = ("model", "output_dir", "plugins", "data", "train")
+CORE_KEYS = ("model", "output_dir", "plugins", "data", "train", "eval")
 
 
 class Section(BaseModel):
@@ -46,6 +47,10 @@ class DataFields(Section):
     output: str | None = Field(None, description="Alpaca: the answer learned")
 
 
+# A name that becomes part of metric names (eval_<name>_loss).
+EvalSetName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=40)]
+
+
 class DataOptions(Section):
     train: str | None = Field(
         None,
@@ -59,6 +64,10 @@ class DataOptions(Section):
         None, gt=0, lt=1, description="without data.eval: this fraction of the train data, seeded by train.seed, is held out"
     )
     limit: PositiveInt | None = Field(None, description="read at most this many rows of each data source (quick tries)")
+    eval_sets: dict[EvalSetName, str] = Field(
+        default_factory=dict,
+        description="more evaluation sets, {name: source}, each read as data.eval and logged as eval_<name>_<metric>",
+    )
 
 
 class TrainOptions(Section):
@@ -77,6 +86,10 @@ class TrainOptions(Section):
     packing: bool = Field(
         False, description="pack examples into rows of max_length, attention confined to each example (no padding)"
     )
+    group_by_length: bool = Field(
+        False,
+        description="batch examples of similar length (seeded, chunks of 64 batches) to pad less; the alternative to packing",
+    )
     seed: int = 0
     log_every: PositiveInt = 1
     eval_every: NonNegativeInt = Field(0, description="evaluate every N steps; 0 = at the end only")
@@ -93,6 +106,15 @@ class TrainOptions(Section):
     )
 
 
+class EvalOptions(Section):
+    baselines: list[Literal["zero_shot", "few_shot"]] = Field(
+        default_factory=list,
+        description="before training, also evaluate the base model as is (zero_shot) and prompted with "
+        "few_shot_k training examples (few_shot), to compare fine-tuning against prompting",
+    )
+    few_shot_k: PositiveInt = Field(3, description="training examples placed before each prompt by the few_shot baseline")
+
+
 class BaseConfig(Section):
     """The core keys; plugin sections are added by ``config_model``."""
 
@@ -101,6 +123,7 @@ class BaseConfig(Section):
     plugins: list[str] = Field(default_factory=list, description="plugins to activate")
     data: DataOptions = Field(default_factory=DataOptions)
     train: TrainOptions = Field(default_factory=TrainOptions)
+    eval: EvalOptions = Field(default_factory=EvalOptions)
 
 
 # A run's config is built per plugin set (``config_model``): the core keys of ``BaseConfig``
@@ -264,6 +287,12 @@ def _contradictions(data, origins):
     if train.get("max_steps") is not None and train.get("epochs") is not None:
         where = origins.get(("train", "epochs"))
         problems.append(f"{where + ': ' if where else ''}train.epochs: set train.max_steps or train.epochs, not both")
+    if train.get("packing") is True and train.get("group_by_length") is True:
+        where = origins.get(("train", "group_by_length"))
+        problems.append(
+            f"{where + ': ' if where else ''}train.group_by_length: packing already removes the padding that length "
+            f"grouping reduces; set one of train.packing and train.group_by_length"
+        )
     data_section = data.get("data") if isinstance(data.get("data"), dict) else {}
     if data_section.get("eval") is not None and data_section.get("eval_split") is not None:
         where = origins.get(("data", "eval_split"))

@@ -586,7 +586,8 @@ def collate_sft(examples, pad_token_id):
 def pack_examples(examples, max_length, label="the training data"):
     """Pack examples into rows of at most ``max_length`` tokens (best-fit decreasing, deterministic).
 
-    Each row holds ``input_ids``, ``labels`` and ``position_ids`` restarting at 0 per example;
+    Each row holds ``input_ids``, ``labels`` and ``position_ids`` restarting at 0 per example
+    (and the ``sources`` and source ``rows`` of its examples);
     the first label of every example is ``IGNORE_INDEX`` (the previous example's last token
     must not learn to predict it; unpacked, nothing predicts it either).
 
@@ -617,13 +618,14 @@ def pack_examples(examples, max_length, label="the training data"):
     packed = []
     for members in rows:
         members.sort()
-        row = {"input_ids": [], "labels": [], "position_ids": [], "sources": []}
+        row = {"input_ids": [], "labels": [], "position_ids": [], "sources": [], "rows": []}
         for i in members:
             example = examples[i]
             row["input_ids"] += example["input_ids"]
             row["labels"] += [IGNORE_INDEX] + list(example["labels"][1:])
             row["position_ids"] += range(len(example["input_ids"]))
             row["sources"].append(example.get("source"))
+            row["rows"].append(example.get("row"))
         packed.append(row)
     return packed
 
@@ -781,7 +783,8 @@ def split_off_eval(examples, fraction, seed, label):
 
 
 def load_splits(config, read_file, collate):
-    """``Datasets`` from ``data.train`` and ``data.eval`` (or ``data.eval_split`` of the train data).
+    """``Datasets`` from ``data.train``, ``data.eval`` (or ``data.eval_split`` of the train data)
+    and ``data.eval_sets``.
 
     :param read_file: ``read_file(path, split) -> (examples, stats)`` for one data source.
     :param collate: pads a list of examples into a batch.
@@ -795,4 +798,8 @@ def load_splits(config, read_file, collate):
         eval_stats = {"rows": len(eval_examples), "truncated": 0, "dropped": 0, "split_from": "train"}
     else:
         eval_examples, eval_stats = [], {}
-    return Datasets(train=train, eval=eval_examples, collate=collate, stats={"train": stats, "eval": eval_stats})
+    eval_sets, set_stats = {}, {}
+    for name, source in data.eval_sets.items():
+        eval_sets[name], set_stats[f"eval_{name}"] = read_file(source, name)
+    stats = {"train": stats, "eval": eval_stats, **set_stats}
+    return Datasets(train=train, eval=eval_examples, collate=collate, stats=stats, eval_sets=eval_sets)

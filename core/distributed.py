@@ -218,3 +218,11 @@ def no_parallel_plugin_message(size):
     names = parallel_plugin_names()
     fix = " or ".join(f"--plugin {name}" for name in names) or "a plugin that implements ftengine_parallelize"
     return f"the run has {size} processes but no active plugin synchronises them (each would train its own model): add {fix}"
+
+
+def local_batch(datasets, world, examples):
+    """``(batch, weight)``: this rank's share of a global batch, collated. A rank whose share
+    is empty still runs a forward and backward pass with the others (they synchronise), over
+    the batch's first row with weight 0: it then adds nothing to any sum."""
+    mine = world.share(examples)
+    return (datasets.collate(mine), 1.0) if mine else (datasets.collate(examples[:1]), 0.0)

@@ -329,19 +329,33 @@ def ftengine_on_step_end(model: nn.Module, state: RunState) -> None:
 
 @hookspec
 def ftengine_eval_metrics(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, datasets: Datasets, state: RunState
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    datasets: Datasets,
+    state: RunState,
+    shots: list[list[dict[str, str]]] | None,
 ) -> dict[str, float] | None:
     """Compute evaluation metrics besides the eval loss.
 
-    Called every ``train.eval_every`` steps, at the end of training, and by the default job
-    before training. The model is in eval mode under ``torch.no_grad``.
+    Called every ``train.eval_every`` steps, at the end of training, before training with
+    ``--eval-before``, and for the ``eval.baselines``; once per evaluation set (``data.eval``,
+    then each of ``data.eval_sets`` as ``datasets.eval``, named by ``datasets.eval_name``). The
+    model is in eval mode under ``torch.no_grad``.
+
+    A task plugin supports the ``few_shot`` baseline by taking ``shots`` in its signature; the
+    others are not called for it. A metric that does not depend on the eval rows should be
+    computed when ``datasets.eval_name`` is ``None`` only.
 
     :param model: the model being trained.
     :param tokenizer: its tokenizer.
     :param datasets: the ``Datasets``; each example keeps its source row under ``"row"``.
     :param state: the ``RunState``.
+    :param shots: ``None``, or (``few_shot`` baseline) the training conversations (lists of
+        chat messages) to place before every prompt.
     :return: a dict of metric name to number (names without the ``eval_`` prefix; the core
-        adds it). Two plugins returning the same name is an error.
+        adds it). Two plugins returning the same name is an error. A generation-based task
+        should also return ``prompt_tokens``, the mean tokens of its prompts (what a request
+        costs, shown for the baselines).
     """
 
 

@@ -29,9 +29,10 @@ import torch
 from . import checkpoint
 from .build import build
 from .config import dump_config
-from .distributed import Parallel, World, parallel_plugin_names, parallelize, process_group
+from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, FtengineError
-from .modeling import autocast, eval_mode
+from .evaluation import evaluate, evaluate_baselines, few_shot_examples
+from .modeling import autocast, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir
 from .signals import RunInterrupted, StopSignals
@@ -59,10 +60,37 @@ def micro_batch_rows(datasets, config, index):
     shuffles of the train set. The same on every rank: ``train.batch_size`` is global."""
     per_epoch = math.ceil(len(datasets.train) / config.train.batch_size)
     epoch, position = divmod(index, per_epoch)
-    order = torch.randperm(len(datasets.train), generator=torch.Generator().manual_seed(config.train.seed + epoch))
     start = position * config.train.batch_size
-    chosen = order[start : start + config.train.batch_size].tolist()
+    chosen = epoch_order(datasets.train, config.train, epoch)[start : start + config.train.batch_size]
     return epoch, [datasets.train[i] for i in chosen]
+
+
+GROUPED_BATCHES = 64  # train.group_by_length sorts this many batches' worth of examples at a time
+
+
+def epoch_order(examples, options, epoch):
+    """The order of the examples in ``epoch``: a shuffle seeded by ``train.seed`` and the epoch.
+
+    With ``train.group_by_length`` each chunk of ``GROUPED_BATCHES`` batches is sorted by
+    length, cut into batches, and the full batches are shuffled (seeded; a short last batch
+    stays last), so a batch pads little and lengths do not trend through the epoch.
+    """
+    generator = torch.Generator().manual_seed(options.seed + epoch)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    if not options.group_by_length:
+        return order
+    size, chunk = options.batch_size, options.batch_size * GROUPED_BATCHES
+    grouped = []
+    for start in range(0, len(order), chunk):
+        grouped += sorted(order[start : start + chunk], key=lambda i: example_length(examples[i]), reverse=True)
+    complete = len(grouped) // size
+    batches = [grouped[b * size : (b + 1) * size] for b in torch.randperm(complete, generator=generator).tolist()]
+    return [i for batch in batches for i in batch] + grouped[complete * size :]
+
+
+def example_length(example):
+    """Tokens of an example: its longest token sequence (a preference pair has two)."""
+    return max(len(value) for key, value in example.items() if key == "input_ids" or key.endswith("_ids"))
 
 
 def micro_batch(datasets, config, index):
@@ -71,55 +99,11 @@ def micro_batch(datasets, config, index):
     return epoch, datasets.collate(examples)
 
 
-def local_batch(datasets, world, examples):
-    """``(batch, weight)``: this rank's share of a global batch, collated. A rank whose share
-    is empty still runs a forward and backward pass with the others (they synchronise), over
-    the batch's first row with weight 0: it then adds nothing to any sum."""
-    mine = world.share(examples)
-    return (datasets.collate(mine), 1.0) if mine else (datasets.collate(examples[:1]), 0.0)
-
-
-def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def total_steps(config, n_train):
     if config.train.max_steps:
         return config.train.max_steps
     per_epoch = math.ceil(n_train / config.train.batch_size)
     return max(1, math.ceil((config.train.epochs or 1) * per_epoch / config.train.grad_accum))
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, datasets, state):
-    """Eval loss over ``datasets.eval`` plus every plugin's metrics, as ``eval_*`` keys.
-
-    On several processes each eval batch is split between the ranks and the sums are added
-    up; ``ftengine_eval_metrics`` runs on every rank over the whole eval set (generation then
-    runs in step on every rank, whatever lengths it reaches) and rank 0's values are kept.
-    """
-    pm, config, world = state.pm, state.config, state.world
-    record = {}
-    with eval_mode(model):
-        if datasets.eval:
-            loss_sum, count, metric_sums = 0.0, 0, {}
-            for start in range(0, len(datasets.eval), config.train.eval_batch_size):
-                batch, weight = local_batch(datasets, world, datasets.eval[start : start + config.train.eval_batch_size])
-                batch = to_device(batch, state.device)
-                with autocast(state):
-                    out = pm.hook.ftengine_compute_loss(model=model, batch=batch, state=state)
-                loss_sum, count = loss_sum + weight * float(out.loss.detach()), count + (out.count if weight else 0)
-                for key, value in out.metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value)
-            loss_sum, count, *values = world.sum([loss_sum, count, *metric_sums.values()])
-            record["eval_loss"] = loss_sum / max(count, 1)
-            record.update({f"eval_{key}": value / max(count, 1) for key, value in zip(metric_sums, values)})
-        for metrics in pm.hook.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state):
-            for key, value in (metrics or {}).items():
-                if f"eval_{key}" in record:
-                    raise FtengineError(f"two plugins return the evaluation metric '{key}': rename one")
-                record[f"eval_{key}"] = value
-    return world.broadcast(record)
 
 
 def _finite_or_none(value):
@@ -182,10 +166,14 @@ def own_output_dir(world, output_dir, resume, overwrite):
 def _train(config, pm, output_dir, resume, eval_before, stop, world):
     run = prepare(config, pm, output_dir, resume, world)
     model, state, train_options = run.model, run.state, config.train
-    summary, skipped = {"before": None, "after": None}, 0
+    summary, skipped = {"before": None, "baselines": {}, "after": None}, 0
     with ExitStack() as files:
         metrics_file = files.enter_context(open(output_dir / "metrics.jsonl", "a")) if world.is_main else None
         pm.hook.ftengine_on_train_start(model=model, datasets=run.datasets, state=state)
+        if not resume:
+            summary["baselines"] = evaluate_baselines(model, run.tokenizer, run.datasets, state)
+            for label, record in summary["baselines"].items():
+                log(state, {"step": 0, "baseline": label, **record}, metrics_file)
         if eval_before and not resume:
             summary["before"] = {"step": 0, **evaluate(model, run.tokenizer, run.datasets, state)}
             log(state, summary["before"], metrics_file)
@@ -331,6 +319,8 @@ def load_data(config, pm, tokenizer):
     datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
     if not datasets.train:
         raise FtengineError(f"{config.data.train}: no training example left after truncation (raise train.max_length)")
+    if "few_shot" in config.eval.baselines:
+        few_shot_examples(datasets, config)  # a k larger than the training set fails now, not after the model loads
     return datasets
 
 

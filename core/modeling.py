@@ -108,3 +108,7 @@ def replace_module(model, path, module):
     replaced = getattr(parent, child)
     setattr(parent, child, module)
     return replaced
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -16,13 +16,17 @@ class Datasets:
 
     ``train`` and ``eval`` are lists of examples (dicts); ``collate`` pads a list of examples
     into a batch of tensors. Each example keeps its source row under ``"row"`` for metrics that
-    need the raw text (generation-based evaluation).
+    need the raw text (generation-based evaluation). ``eval_sets`` holds the further evaluation
+    sets of ``data.eval_sets``; ``ftengine_eval_metrics`` sees each as ``eval``, named by
+    ``eval_name``.
     """
 
     train: list
     eval: list
     collate: Callable[[list], dict]
     stats: dict = field(default_factory=dict)
+    eval_sets: dict = field(default_factory=dict)  # {name: examples}, from data.eval_sets
+    eval_name: str | None = None  # while one of eval_sets is evaluated, its name
 
 
 @dataclass

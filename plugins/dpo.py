@@ -48,8 +48,7 @@ from ftengine.data import (
     tokenize_with_mask,
 )
 from ftengine.errors import DataError, FtengineError
-from ftengine.loop import to_device
-from ftengine.modeling import autocast, eval_mode, target_logits
+from ftengine.modeling import autocast, eval_mode, target_logits, to_device
 from ftengine.state import LossOutput
 from pydantic import Field, PositiveFloat
 from safetensors import safe_open
@@ -312,15 +311,15 @@ def load_reference_adapter(model, state):
 
 def data_fingerprint(datasets):
     digest = hashlib.sha256()
-    for split in (datasets.train, datasets.eval):
-        digest.update(json.dumps([[e["chosen_ids"], e["rejected_ids"]] for e in split]).encode())
+    for name, split in (("train", datasets.train), ("eval", datasets.eval), *datasets.eval_sets.items()):
+        digest.update(json.dumps([name, [[e["chosen_ids"], e["rejected_ids"]] for e in split]]).encode())
     return digest.hexdigest()
 
 
 def precompute_ref_logps(model, reference, datasets, state):
     """``{split: [N, 2] (chosen, rejected)}`` reference log-probs over every pair, batched."""
     cache, size = {}, state.config.train.eval_batch_size
-    for split, examples in (("train", datasets.train), ("eval", datasets.eval)):
+    for split, examples in (("train", datasets.train), ("eval", datasets.eval), *datasets.eval_sets.items()):
         rows = []
         for start in range(0, len(examples), size):
             batch = to_device(datasets.collate(examples[start : start + size]), state.device)
@@ -337,7 +336,7 @@ def read_ref_logps(path, fingerprint):
     with safe_open(path, framework="pt") as handle:
         if (handle.metadata() or {}).get("fingerprint") != fingerprint:
             return None
-        return {split: handle.get_tensor(split) for split in ("train", "eval")}
+        return {split: handle.get_tensor(split) for split in handle.keys()}
 
 
 def ref_logps_cache(model, reference, datasets, state, full):

@@ -283,13 +283,28 @@ def test_eval_metrics_hook_scores_the_eval_rows(tiny):
     options = contacts.ContactsOptions(eval_batch_size=2, max_new_tokens=4, eval_limit=3)
     state = SimpleNamespace(config=SimpleNamespace(contacts=options), device=torch.device("cpu"), autocast_dtype=None)
     datasets = Datasets(train=[], eval=[{"row": row} for row in rows], collate=list)
-    metrics = contacts.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state)
+    metrics = contacts.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state, shots=None)
     assert model.training  # put back as it was
     # The first eval_limit rows, scored against their own answers. (The untrained model writes
     # no JSON, so every metric is 0 here; test_score_* check the scoring itself.)
     answers = [greedy_answer(model, tokenizer, row, 4) for row in rows[:3]]
-    assert metrics == task.score(answers, [json.loads(row["messages"][-1]["content"]) for row in rows[:3]])
-    assert set(metrics) == {"schema_valid", "exact_match", *(f"field_{k}" for k in task.KEYS)}
+    prompts = [
+        tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False) for row in rows[:3]
+    ]
+    prompt_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts) / 3
+    assert metrics == task.score(answers, [json.loads(row["messages"][-1]["content"]) for row in rows[:3]]) | {
+        "prompt_tokens": prompt_tokens
+    }
+
+
+def test_few_shot_prompts_put_the_shots_as_earlier_turns(tiny):
+    model, tokenizer = tiny
+    rows = [{"messages": e["messages"]} for e in task.generate_examples(4, seed=7)]
+    shots = [rows[0]["messages"], rows[1]["messages"]]
+    with_shots = [{"messages": shots[0] + shots[1] + row["messages"]} for row in rows[2:]]
+    assert contacts.prompts_of(tokenizer, rows[2:], shots) == contacts.prompts_of(tokenizer, with_shots)
+    answers = contacts.predict(model, tokenizer, rows[2:], batch_size=2, max_new_tokens=5, shots=shots)
+    assert answers == [greedy_answer(model, tokenizer, row, 5) for row in with_shots]
 
 
 def test_config_section_rejects_unknown_keys():

@@ -6,7 +6,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from ftengine import hookspecs
 from ftengine.cli import cli
-from ftengine.config import TrainOptions
+from ftengine.config import DataOptions, EvalOptions, TrainOptions
 
 DOCS = Path(__file__).parent.parent / "docs"
 README = Path(__file__).parent.parent / "README.md"
@@ -29,10 +29,11 @@ def test_every_hook_has_a_documented_signature():
                 assert f"`{name}(" in reference
 
 
-def test_every_train_option_is_in_the_config_docs():
+def test_every_core_option_is_in_the_config_docs():
     text = (DOCS / "configuration.md").read_text()
-    for key in TrainOptions.model_fields:
-        assert f"`train.{key}`" in text, key
+    for section, options in (("train", TrainOptions), ("data", DataOptions), ("eval", EvalOptions)):
+        for key in options.model_fields:
+            assert f"`{section}.{key}" in text, f"{section}.{key}"
 
 
 def test_readme_opens_with_the_two_commands():

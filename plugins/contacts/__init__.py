@@ -5,7 +5,9 @@ answer a message about a person with one line of compact JSON: ``name, age, city
 phone, date``. The eval loss says little about that behaviour, so at every evaluation this
 plugin generates greedily for the eval rows and scores the answers against the reference
 assistant turn: ``schema_valid``, ``exact_match`` and ``field_<key>`` accuracies, logged as
-``eval_schema_valid``, ``eval_exact_match``, ...
+``eval_schema_valid``, ``eval_exact_match``, ..., and ``eval_prompt_tokens`` (mean tokens per
+prompt). It supports the ``few_shot`` baseline (``eval.baselines``): the training examples go
+before each message as earlier user/assistant turns.
 
 Options, in the ``contacts:`` config section: ``eval_batch_size``, ``max_new_tokens`` and
 ``eval_limit`` (score only the first N eval rows, to keep evaluation cheap on a CPU).
@@ -59,21 +61,32 @@ def _stop_token_ids(tokenizer):
     return stop_ids
 
 
-def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96):
-    """Greedy answers of ``model`` to the user turns of chat ``rows``, in row order.
-
-    Every message but a final assistant one is the prompt. Prompts are left padded, so every
-    row's answer starts right after its own prompt, and batched by length to pad little.
-    Generation stops at the first newline: the answer must be one line, so nothing after a
-    newline could make it valid (the newline is kept, so such an answer scores invalid). An
-    untrained model that pretty-prints JSON then costs a few tokens instead of all of them.
-    """
+def prompts_of(tokenizer, rows, shots=None):
+    """The rendered prompt of each chat row: every message but a final assistant one, after
+    the ``shots`` conversations (few-shot prompting) when given."""
+    prefix = [message for shot in shots or () for message in shot if message["role"] != "system"]
     prompts = []
     for row in rows:
         messages = row["messages"]
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        system = [m for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        prompts.append(tokenizer.apply_chat_template(system + prefix + turns, add_generation_prompt=True, tokenize=False))
+    return prompts
+
+
+def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96, shots=None):
+    """Greedy answers of ``model`` to the user turns of chat ``rows``, in row order.
+
+    Every message but a final assistant one is the prompt, after the ``shots`` conversations
+    when given (few-shot prompting). Prompts are left padded, so every
+    row's answer starts right after its own prompt, and batched by length to pad little.
+    Generation stops at the first newline: the answer must be one line, so nothing after a
+    newline could make it valid (the newline is kept, so such an answer scores invalid). An
+    untrained model that pretty-prints JSON then costs a few tokens instead of all of them.
+    """
+    prompts = prompts_of(tokenizer, rows, shots)
     stop_ids = _stop_token_ids(tokenizer)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
@@ -98,12 +111,15 @@ def ftengine_config_section(register):
 
 
 @hookimpl
-def ftengine_eval_metrics(model, tokenizer, datasets, state):
+def ftengine_eval_metrics(model, tokenizer, datasets, state, shots):
     options = state.config.contacts
     rows = [example["row"] for example in datasets.eval][: options.eval_limit]
     if not rows:
         return {}
     references = [_reference_record(i, row) for i, row in enumerate(rows)]
     with autocast(state):
-        predictions = predict(model, tokenizer, rows, options.eval_batch_size, options.max_new_tokens)
-    return task.score(predictions, references)
+        predictions = predict(model, tokenizer, rows, options.eval_batch_size, options.max_new_tokens, shots)
+    prompt_tokens = [
+        len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts_of(tokenizer, rows, shots)
+    ]
+    return task.score(predictions, references) | {"prompt_tokens": sum(prompt_tokens) / len(prompt_tokens)}
