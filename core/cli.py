@@ -208,7 +208,7 @@ def print_summary(summary):
     for label, record in (summary.get("baselines") or {}).items():
         columns[BASELINE_TITLES.get(label, label).format(**record)] = record
     columns["fine-tuned" if summary.get("baselines") else "after"] = summary.get("after") or {}
-    keys = list(dict.fromkeys(k for record in columns.values() for k in record if k.startswith("eval_")))
+    keys = list(dict.fromkeys(k for record in columns.values() for k in record if k.startswith("eval_") and k != "eval_time_s"))
     if keys:
         table = Table(title="evaluation", show_lines=False)
         table.add_column("metric")
@@ -217,10 +217,25 @@ def print_summary(summary):
         for key in keys:
             table.add_row(key.removeprefix("eval_"), *(_fmt(record.get(key)) for record in columns.values()))
         console.print(table)
+    console.print(time_breakdown(summary), highlight=False, soft_wrap=True)
     data = summary.get("data", {}).get("train", {})
     if data.get("truncated"):
         console.print(f"{data['truncated']} training sequences were truncated to train.max_length ({data['dropped']} dropped)")
     console.print(f"saved: [bold]{summary['saved']}[/bold]  (metrics: {summary['output_dir']}/metrics.jsonl)")
+
+
+def time_breakdown(summary):
+    """Where the run's time went: set-up (tokenizer, data, model), each evaluation, training."""
+
+    def seconds(label, record):
+        return [f"{label} {record['eval_time_s']:.0f} s"] if record and record.get("eval_time_s") is not None else []
+
+    parts = [f"set-up {summary.get('setup_s', 0):.0f} s", *seconds("before", summary.get("before"))]
+    for label, record in (summary.get("baselines") or {}).items():
+        parts += seconds(BASELINE_TITLES.get(label, label).format(**record), record)
+    parts.append(f"training {summary.get('train_s', 0):.0f} s")
+    parts += seconds("final evaluation", summary.get("after"))
+    return "time: " + ", ".join(parts)
 
 
 BASELINE_TITLES = {"zero_shot": "zero-shot", "few_shot": "few-shot (k={shots})"}

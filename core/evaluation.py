@@ -17,6 +17,7 @@ model:
   prompt: the cheapest adaptation there is, and what it costs in prompt tokens per request.
 """
 
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -30,7 +31,8 @@ from .modeling import autocast, eval_mode, to_device
 
 @torch.no_grad()
 def evaluate(model, tokenizer, datasets, state, shots=None):
-    """Eval loss over every evaluation set plus every plugin's metrics, as ``eval_*`` keys.
+    """Eval loss over every evaluation set plus every plugin's metrics, as ``eval_*`` keys, and
+    the seconds it took (``eval_time_s``).
 
     On several processes each eval batch is split between the ranks and the sums are added
     up; ``ftengine_eval_metrics`` runs on every rank over the whole eval set (generation then
@@ -39,12 +41,13 @@ def evaluate(model, tokenizer, datasets, state, shots=None):
     :param shots: few-shot conversations for the plugins that take them; the loss is then not
         computed (the loss of the eval rows with examples before them means nothing here).
     """
+    started = time.perf_counter()
     with eval_mode(model):
         record = _evaluate_set(model, tokenizer, datasets, state, shots)
         for name, examples in datasets.eval_sets.items():
             scores = _evaluate_set(model, tokenizer, replace(datasets, eval=examples, eval_name=name), state, shots)
             record.update({f"eval_{name}_{key.removeprefix('eval_')}": value for key, value in scores.items()})
-    return state.world.broadcast(record)
+    return state.world.broadcast(record | {"eval_time_s": time.perf_counter() - started})
 
 
 def _evaluate_set(model, tokenizer, datasets, state, shots):

@@ -164,9 +164,13 @@ def own_output_dir(world, output_dir, resume, overwrite):
 
 
 def _train(config, pm, output_dir, resume, eval_before, stop, world):
+    started = time.perf_counter()
     run = prepare(config, pm, output_dir, resume, world)
     model, state, train_options = run.model, run.state, config.train
-    summary, skipped = {"before": None, "baselines": {}, "after": None}, 0
+    summary, skipped = (
+        {"before": None, "baselines": {}, "after": None, "setup_s": time.perf_counter() - started, "train_s": 0.0},
+        0,
+    )
     with ExitStack() as files:
         metrics_file = files.enter_context(open(output_dir / "metrics.jsonl", "a")) if world.is_main else None
         pm.hook.ftengine_on_train_start(model=model, datasets=run.datasets, state=state)
@@ -181,6 +185,7 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
         stop.arm("finishing the current step, then saving a checkpoint")
         while state.step < state.max_steps:
             record = optimizer_step(run)
+            summary["train_s"] += record["step_time_s"]
             if record.get("skipped"):
                 skipped += 1
                 if train_options.on_nonfinite == "stop" or skipped > train_options.max_nonfinite_skips:

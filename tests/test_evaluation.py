@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from ftengine.build import configure
+from ftengine.cli import cli
 from ftengine.errors import ConfigError, DataError
 from ftengine.evaluation import evaluate, evaluate_baselines
 from ftengine.loop import epoch_order, example_length, prepare, train
@@ -53,7 +55,9 @@ def test_each_eval_set_is_scored_as_data_eval_would_be(contacts_overrides, conta
     )
     train(config, pm)
     alone = records(tmp_path / "b")[-1]
-    scored = {key.removeprefix("eval_"): value for key, value in alone.items() if key.startswith("eval_")}
+    scored = {
+        key.removeprefix("eval_"): value for key, value in alone.items() if key.startswith("eval_") and key != "eval_time_s"
+    }
     assert {key: final[f"eval_other_{key}"] for key in scored} == pytest.approx(scored, rel=1e-6)
     assert final["eval_loss"] != pytest.approx(final["eval_other_loss"])  # two different sets
 
@@ -61,6 +65,10 @@ def test_each_eval_set_is_scored_as_data_eval_would_be(contacts_overrides, conta
 def test_an_eval_set_name_must_fit_a_metric_name(contacts_overrides):
     with pytest.raises(ConfigError, match=r"data\.eval_sets\.Held-Out"):
         configure(None, ["lora", "contacts"], contacts_overrides + ["data.eval_sets={Held-Out: x.jsonl}"])
+
+
+def without_time(record):
+    return {key: value for key, value in record.items() if key != "eval_time_s"}
 
 
 def test_zero_shot_baseline_scores_the_model_with_its_adapters_off(contacts_overrides):
@@ -73,9 +81,10 @@ def test_zero_shot_baseline_scores_the_model_with_its_adapters_off(contacts_over
     tuned = evaluate(run.model, run.tokenizer, run.datasets, run.state)
     assert tuned["eval_loss"] != pytest.approx(base["eval_loss"], rel=1e-3)
     baselines = evaluate_baselines(run.model, run.tokenizer, run.datasets, run.state)
-    assert baselines["zero_shot"] == pytest.approx(base, rel=1e-6)
+    assert without_time(baselines["zero_shot"]) == pytest.approx(without_time(base), rel=1e-6)
     # ...and the trained adapter is on again afterwards.
-    assert evaluate(run.model, run.tokenizer, run.datasets, run.state) == pytest.approx(tuned, rel=1e-6)
+    again = evaluate(run.model, run.tokenizer, run.datasets, run.state)
+    assert without_time(again) == pytest.approx(without_time(tuned), rel=1e-6)
 
 
 def test_few_shot_baseline_puts_k_seeded_training_examples_before_each_prompt(contacts_overrides, contacts_data, tmp_path):
@@ -104,6 +113,25 @@ def test_few_shot_baseline_puts_k_seeded_training_examples_before_each_prompt(co
     assert few["eval_prompt_tokens"] == mean_tokens([m for shot in shots for m in shot])
     logged = [r for r in records(tmp_path / "out") if "baseline" in r]
     assert [(r["step"], r["baseline"]) for r in logged] == [(0, "zero_shot"), (0, "few_shot")]
+
+
+def test_the_table_has_a_column_per_baseline_and_the_run_says_where_its_time_went(contacts_overrides, tmp_path):
+    args = ["run", "--plugin", "lora", "--plugin", "contacts", "-o", "eval.baselines=[zero_shot, few_shot]"]
+    for override in contacts_overrides:
+        args += ["-o", override]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    (header,) = [[cell.strip() for cell in line.split("┃")[1:-1]] for line in lines if line.startswith("┃")]
+    assert header == ["metric", "zero-shot", "few-shot (k=3)", "fine-tuned"]
+    cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in lines if line.startswith("│")}
+    zero, few = (r for r in records(tmp_path / "out") if "baseline" in r)
+    final = records(tmp_path / "out")[-1]
+    assert cells["loss"] == [f"{zero['eval_loss']:.3f}", "-", f"{final['eval_loss']:.3f}"]
+    assert cells["prompt_tokens"] == [f"{r['eval_prompt_tokens']:.3f}" for r in (zero, few, final)]
+    (timing,) = [line for line in lines if line.startswith("time: ")]
+    assert timing.startswith("time: set-up ") and ", zero-shot " in timing and ", few-shot (k=3) " in timing
+    assert ", training " in timing and timing.endswith(f", final evaluation {final['eval_time_s']:.0f} s")
 
 
 def test_few_shot_needs_a_task_plugin_that_supports_it(run_overrides):
