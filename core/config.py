@@ -113,6 +113,10 @@ class EvalOptions(Section):
         "few_shot_k training examples (few_shot), to compare fine-tuning against prompting",
     )
     few_shot_k: PositiveInt = Field(3, description="training examples placed before each prompt by the few_shot baseline")
+    baseline_rows: PositiveInt | None = Field(
+        None,
+        description="score the baselines on the first N rows of each evaluation set only (they cost as much as any evaluation)",
+    )
 
 
 class BaseConfig(Section):

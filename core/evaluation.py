@@ -131,9 +131,16 @@ def adapters_off(model, state):
 
 
 def evaluate_baselines(model, tokenizer, datasets, state):
-    """``{label: record}`` for each of ``eval.baselines``, in order (``few_shot`` records carry
-    ``shots``, the number of examples in the prompt)."""
+    """``{label: record}`` for each of ``eval.baselines``, in order, on the first
+    ``eval.baseline_rows`` rows of each set (``few_shot`` records carry ``shots``, the number
+    of examples in the prompt)."""
     options, results = state.config.eval, {}
+    if options.baseline_rows:
+        datasets = replace(
+            datasets,
+            eval=datasets.eval[: options.baseline_rows],
+            eval_sets={name: rows[: options.baseline_rows] for name, rows in datasets.eval_sets.items()},
+        )
     with adapters_off(model, state):
         for baseline in options.baselines:
             if baseline == "zero_shot":

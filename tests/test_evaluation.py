@@ -109,7 +109,7 @@ def test_few_shot_baseline_puts_k_seeded_training_examples_before_each_prompt(co
         ]
         return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
 
-    assert zero["eval_prompt_tokens"] == mean_tokens([])
+    assert zero["eval_prompt_tokens"] == mean_tokens([]) != few["eval_prompt_tokens"]
     assert few["eval_prompt_tokens"] == mean_tokens([m for shot in shots for m in shot])
     logged = [r for r in records(tmp_path / "out") if "baseline" in r]
     assert [(r["step"], r["baseline"]) for r in logged] == [(0, "zero_shot"), (0, "few_shot")]
@@ -132,6 +132,21 @@ def test_the_table_has_a_column_per_baseline_and_the_run_says_where_its_time_wen
     (timing,) = [line for line in lines if line.startswith("time: ")]
     assert timing.startswith("time: set-up ") and ", zero-shot " in timing and ", few-shot (k=3) " in timing
     assert ", training " in timing and timing.endswith(f", final evaluation {final['eval_time_s']:.0f} s")
+
+
+def test_baseline_rows_limits_the_baselines_to_the_first_rows_of_each_set(contacts_overrides, contacts_data, tmp_path):
+    other = contacts_data[2]
+    overrides = contacts_overrides + [f"data.eval_sets={{other: {other}}}", "eval.baselines=[zero_shot]", "eval.baseline_rows=2"]
+    config, pm = configure(None, ["lora", "contacts"], overrides)
+    zero = train(config, pm)["baselines"]["zero_shot"]
+    for name, source in (("", contacts_data[1]), ("other_", other)):
+        first_two = write_jsonl(tmp_path / f"{name}two.jsonl", [json.loads(line) for line in source.read_text().splitlines()[:2]])
+        config, pm = configure(
+            None, ["lora", "contacts"], contacts_overrides + [f"data.eval={first_two}", f"output_dir={tmp_path / name}x"]
+        )
+        run = prepare(config, pm, Path(config.output_dir), resume=False)
+        alone = evaluate(run.model, run.tokenizer, run.datasets, run.state)
+        assert {key: zero[f"eval_{name}{key[5:]}"] for key in without_time(alone)} == pytest.approx(without_time(alone))
 
 
 def test_few_shot_needs_a_task_plugin_that_supports_it(run_overrides):
