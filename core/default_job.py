@@ -12,7 +12,7 @@ def default_job_config():
     from ftengine.plugins.contacts.task import write_splits
     from ftengine.plugins.hf_loader import cache_dir
 
-    data_dir = cache_dir() / "data" / "contacts-default-v1"
+    data_dir = cache_dir() / "data" / "contacts-default-v2"
     if not (data_dir / "valid.jsonl").is_file():
         write_splits(data_dir, n_valid=100)
     return {
@@ -22,6 +22,6 @@ def default_job_config():
         "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "valid.jsonl")},
         "train": {"max_steps": 64, "batch_size": 8, "lr": 2e-3, "warmup_steps": 4, "max_length": 256, "seed": 0},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        # The longest reference answer is 67 tokens; more would only let a wrong answer ramble.
+        # The longest reference answer is 75 tokens; more would only let a wrong answer ramble.
         "contacts": {"max_new_tokens": 80},
     }
