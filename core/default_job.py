@@ -44,6 +44,6 @@ def default_job_config():
             "seed": 0,
         },
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        # The longest reference answer is 67 tokens; more would only let a wrong answer ramble.
+        # The longest reference answer is 75 tokens; more would only let a wrong answer ramble.
         "contacts": {"max_new_tokens": 80},
     }

@@ -1,8 +1,10 @@
 """The bundled "contacts" task: generator, scoring, preference pairs and the eval plugin."""
 
 import calendar
+import datetime
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,10 +17,15 @@ from ftengine.testing import greedy_without_cache, tiny_model, tiny_tokenizer
 
 E164 = re.compile(r"\+1\d{10}")
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-EMAIL = re.compile(r"[a-z0-9._]+@[a-z0-9.]+")
-MONTHS = {name: i for i, name in enumerate(calendar.month_name) if name}
-MONTHS.update({abbr: i for i, abbr in enumerate(calendar.month_abbr) if abbr})
+EMAIL = re.compile(r"[a-z0-9._+-]+@[a-z0-9.-]+\.[a-z]+")
+MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_name) if name}
+MONTHS.update({abbr.lower(): i for i, abbr in enumerate(calendar.month_abbr) if abbr})
+MONTHS["sept"] = 9
 MONTH = "|".join(sorted(MONTHS, key=len, reverse=True))
+WEEKDAY = "|".join(sorted({*calendar.day_name, *calendar.day_abbr}, key=len, reverse=True))
+# How a North American number may be spelled: an optional +1 or 1, then 3, 3 and 4 digits with
+# at most one separator between groups.
+PHONE = re.compile(r"(?<![\d.])(?:\+?1[ .-]?)?\(?(\d{3})\)?[ ./-]?(\d{3})[ .-]?(\d{4})(?!\d)")
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +33,31 @@ def examples():
     return task.generate_examples(600, seed=0)
 
 
+@pytest.fixture(scope="module")
+def many_examples():
+    return task.generate_examples(2000, seed=11)
+
+
 def dates_in(message):
     """ISO dates of every date spelling the task promises to use, parsed independently."""
     found = {m.group(0) for m in re.finditer(r"\b\d{4}-\d{2}-\d{2}\b", message)}
-    for m, d, y in re.findall(r"\b(\d{1,2})/(\d{1,2})/(\d{4})\b", message):
+    for m, d, y in re.findall(r"\b(\d{1,2})[/-](\d{1,2})[/-](\d{4})\b", message):
         found.add(f"{y}-{int(m):02d}-{int(d):02d}")
-    for month, d, y in re.findall(rf"\b({MONTH}) (\d{{1,2}})(?:st|nd|rd|th)?, (\d{{4}})", message):
-        found.add(f"{y}-{MONTHS[month]:02d}-{int(d):02d}")
-    for d, month, y in re.findall(rf"\b(\d{{1,2}})(?:st|nd|rd|th)? (?:of )?({MONTH}) (\d{{4}})", message):
-        found.add(f"{y}-{MONTHS[month]:02d}-{int(d):02d}")
+    flags = re.IGNORECASE
+    for month, d, y in re.findall(rf"\b({MONTH})\.? (\d{{1,2}})(?:st|nd|rd|th)?,? (\d{{4}})", message, flags):
+        found.add(f"{y}-{MONTHS[month.lower()]:02d}-{int(d):02d}")
+    for d, month, y in re.findall(rf"\b(\d{{1,2}})(?:st|nd|rd|th)?[ -](?:of )?({MONTH})\.?,?[ -](\d{{4}})", message, flags):
+        found.add(f"{y}-{MONTHS[month.lower()]:02d}-{int(d):02d}")
     return found
+
+
+def phones_in(message):
+    """E.164 forms of every phone-number spelling in ``message``, parsed independently."""
+    return {f"+1{a}{x}{n}" for a, x, n in PHONE.findall(message)}
+
+
+def name_words(name):
+    return {word.lower() for word in re.split(r"[\s\-']+", name) if len(word) > 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +96,14 @@ def test_write_splits_files_are_disjoint_and_well_formed(tmp_path):
     assert all(again[s].read_text() == paths[s].read_text() for s in paths)
 
 
+def test_committed_example_data_is_what_the_generator_writes(tmp_path):
+    """examples/contacts/data was regenerated after the last change to the generator."""
+    committed = Path(__file__).parent.parent / "examples" / "contacts" / "data"
+    paths = task.write_splits(tmp_path, seed=0)
+    for split, path in paths.items():
+        assert (committed / path.name).read_text() == path.read_text(), f"regenerate {split}: see examples/contacts/README.md"
+
+
 def test_records_follow_the_conventions(examples):
     for example in examples:
         record = example["record"]
@@ -88,14 +118,18 @@ def test_records_follow_the_conventions(examples):
         assert date is None or ISO_DATE.fullmatch(date)
 
 
-def test_messages_carry_exactly_the_record(examples):
-    for example in examples:
+def test_every_field_is_recoverable_from_its_message(many_examples):
+    """A self-check of the generator: each non-null field can be read off the message, and a
+    null one is not there to read."""
+    for example in many_examples:
         message, record = example["message"], example["record"]
         assert example["messages"][0]["content"] == task.USER_PREFIX + message
         if record["name"]:
-            assert record["name"] in message
+            assert record["name"] in message  # as written, less any title
+            before = message[: message.index(record["name"])].split()
+            assert not before or before[-1] not in task.TITLES or before[-1].rstrip(".") + "." in task.TITLES
         if record["age"] is not None:
-            assert re.search(rf"\b{record['age']}\b", message)
+            assert re.search(rf"(?<!\d){record['age']}(?!\d)", message)
         if record["city"]:
             assert record["city"] in message
         else:
@@ -104,30 +138,81 @@ def test_messages_carry_exactly_the_record(examples):
             assert record["email"] in message.lower()
         else:
             assert "@" not in message
+        digits = re.sub(r"\D", "", message)
         if record["phone"]:
-            assert record["phone"][2:] in re.sub(r"\D", "", message)
-        else:
-            assert "555" not in message
+            # The 10 digits in order among the message's digits (a leading 1 may precede them).
+            assert record["phone"][2:] in digits
+        assert phones_in(message) == {record["phone"], *example["others"]["phones"]} - {None}
         if record["date"]:
+            assert record["date"][:4] in message
             assert dates_in(message) == {record["date"]}
+            weekdays = re.findall(rf"\b({WEEKDAY})\b", message)
+            weekday = datetime.date.fromisoformat(record["date"]).weekday()
+            assert all(w in (calendar.day_name[weekday], calendar.day_abbr[weekday]) for w in weekdays)
         else:
-            assert not re.search(r"\b20\d\d\b", message)
+            assert dates_in(message) == set()
 
 
-def test_inputs_vary_in_the_ways_the_task_promises(examples):
-    messages = [e["message"] for e in examples]
-    records = [e["record"] for e in examples]
-    assert any(re.search(r"\(\d{3}\) 555-01\d\d", m) for m in messages)
-    assert any(re.search(r"\b\d{3}\.555\.01\d\d", m) for m in messages)
-    assert any(re.search(r"\b\d{3}55501\d\d\b", m) for m in messages)
-    assert any(re.search(r"\d{2}/\d{2}/\d{4}", m) for m in messages)
-    assert any(re.search(r"the \d+(st|nd|rd|th) of", m) for m in messages)
-    assert any(re.search(r"\b(Dr|Ms|Mr|Mrs|Prof)\. ", m) for m in messages)
-    assert any(r["email"] and r["email"] not in m for m, r in zip(messages, records))
+def test_other_peoples_details_are_never_the_contacts(many_examples):
+    shown = {"names": 0, "phones": 0}
+    for example in many_examples:
+        message, record, others = example["message"], example["record"], example["others"]
+        for name in others["names"]:
+            assert name in message
+            assert record["name"] is None or name_words(name).isdisjoint(name_words(record["name"]))
+        for phone in others["phones"]:
+            assert E164.fullmatch(phone) and phone != record["phone"]
+        for key in shown:
+            shown[key] += bool(others[key])
+    # Often enough to matter, rarely enough not to crowd out the contact.
+    assert all(0.04 < count / len(many_examples) < 0.3 for count in shown.values()), shown
+
+
+def test_name_pools_are_large_varied_and_clear_of_other_fields():
+    pools = (task.FEMALE_FIRST_NAMES, task.MALE_FIRST_NAMES, task.LAST_NAMES, task.CITIES)
+    assert all(len(set(pool)) == len(pool) for pool in pools)
+    assert min(map(len, pools[:3])) >= 200 and len(task.CITIES) >= 200
+    names = {*task.FEMALE_FIRST_NAMES, *task.MALE_FIRST_NAMES, *task.LAST_NAMES}
+    assert any("-" in n for n in names) and any("'" in n for n in names) and any(" " in n for n in task.LAST_NAMES)
+    assert all(name.isascii() for name in names)  # the target JSON would escape anything else
+    # A city, a month or a weekday in a name would make a message ambiguous.
+    reserved = {*map(str.lower, task.CITIES), *MONTHS, *(d.lower() for d in (*calendar.day_name, *calendar.day_abbr))}
+    assert not {word.lower() for name in names for word in re.split(r"[\s\-]+", name)} & reserved
+
+
+def test_inputs_vary_in_the_ways_the_task_promises(many_examples):
+    messages = [e["message"] for e in many_examples]
+    records = [e["record"] for e in many_examples]
+    text = "\n".join(messages)
+    for pattern in (
+        r"\(\d{3}\) \d{3}-\d{4}",  # phones
+        r"\b\d{3}\.\d{3}\.\d{4}\b",
+        r"(?<![\d+])\d{10}\b",
+        r"\+1 \d{3} \d{3} \d{4}",
+        r"\b\d{2}/\d{2}/\d{4}\b",  # dates
+        r"\b\d{1,2}-\d{1,2}-\d{4}\b",
+        rf"\b({WEEKDAY})\.?,? ",
+        r"\b(Jan|Feb|Mar|Apr|Aug|Sept?|Oct|Nov|Dec)\. \d",
+        r"the \d+(st|nd|rd|th) of",
+        r"\b(Dr|Ms|Mr|Mrs|Prof|Mx)\.? [A-Z]",  # titles, with and without the period
+        r"\+[a-z]+@",  # plus-addressing
+        r"@[a-z-]+\.example\b",  # names under the .example TLD
+        r"\b[A-Z]\. [A-Z]",  # middle initials
+        r"#\d{5,6}|\$\d",  # order numbers, prices
+    ):
+        assert re.search(pattern, text), pattern
+    phones = [r["phone"] for r in records if r["phone"]]
+    assert len({p[2:5] for p in phones}) > 300 and sum(p[5:8] == "555" for p in phones) < 0.05 * len(phones)
+    names = [r["name"] for r in records if r["name"]]
+    pooled = {*task.FEMALE_FIRST_NAMES, *task.MALE_FIRST_NAMES}
+    made_up = sum(not any(name.startswith(first) for first in pooled) for name in names)
+    assert 0.15 < made_up / len(names) < 0.4  # first names built from syllables
+    assert len(set(names)) > 0.95 * len(names)
+    assert any(r["email"] and r["email"] not in m for m, r in zip(messages, records))  # typed with capitals
     for key in task.KEYS:
         nulls = sum(r[key] is None for r in records) / len(records)
         assert nulls < 0.1 if key == "name" else 0.15 < nulls < 0.7
-    assert 15 <= sum(len(m.split()) for m in messages) / len(messages) <= 45
+    assert 15 <= sum(len(m.split()) for m in messages) / len(messages) <= 25
 
 
 # --------------------------------------------------------------------------------------------

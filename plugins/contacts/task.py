@@ -7,15 +7,31 @@ plugin.
 The target is ``json.dumps(record, separators=(",", ":"))`` with the keys of ``KEYS`` in that
 order, every key always present:
 
-* ``name``: the person's name as written, without a title (Dr., Ms., Mr., Mrs., Prof.);
+* ``name``: the person's name as written, without a title (``TITLES``: Dr., Prof., Ms., Mrs.,
+  Mr., Mx., also without the period); middle names or initials and a suffix (Jr., III) kept;
 * ``age``: an integer;
 * ``city``: as written;
 * ``email``: lowercased;
 * ``phone``: E.164, ``+1`` and 10 digits (every number here is North American);
-* ``date``: ISO ``YYYY-MM-DD`` (numeric dates in messages are US month/day/year);
+* ``date``: ISO ``YYYY-MM-DD`` (numeric dates in messages are US month/day/year, 4-digit years);
 
-and ``null`` for whatever the message does not say. Emails use reserved example domains and
-phones the fictional 555-01xx range, so no real person appears.
+and ``null`` for whatever the message does not say.
+
+The generator is meant to teach copying, not recall. Names come from large pools of many
+origins (hyphenated, with apostrophes, multi-part surnames such as ``van der Berg``) and a
+quarter of them are built from random syllables; e-mail local parts are built from the name,
+from made-up handles, digits and plus tags; phone numbers are random NANP numbers
+(``NXX-NXX-XXXX``) in many spellings, and dates take many spellings (weekday prefixes,
+abbreviations, ordinals, numeric US dates). Twelve kinds of message (an email, a note, a chat,
+a CRM note, a form, a voicemail, a signature block, a phone slip, an order or ticket, a roster
+line, a short bio, a forwarded text) come in several frames each, with the fields in random
+order. Noise that carries no field is mixed in: extra sentences, order, room and ticket
+numbers, prices, and other people's names and phone numbers, always framed as someone else's
+(``my manager ...``, ``the front desk ...``) and never equal to the contact's.
+
+E-mail addresses use reserved domains only (``example.com``/``.org``/``.net`` and their
+subdomains, names under the ``.example`` and ``.test`` top-level domains); names and phone
+numbers are random draws, not anyone's details.
 """
 
 import calendar
@@ -23,6 +39,8 @@ import datetime
 import itertools
 import json
 import random
+import re
+import string
 from pathlib import Path
 
 from ftengine.checkpoint import atomic_write_text
@@ -30,230 +48,145 @@ from ftengine.checkpoint import atomic_write_text
 KEYS = ("name", "age", "city", "email", "phone", "date")
 USER_PREFIX = "Extract the contact record as JSON.\n\n"
 
-TITLES_BY_GENDER = {"female": ("Dr.", "Prof.", "Ms.", "Mrs."), "male": ("Dr.", "Prof.", "Mr.")}
-TITLES = ("Dr.", "Prof.", "Ms.", "Mrs.", "Mr.")
-FEMALE_FIRST_NAMES = (
-    "Jane",
-    "Priya",
-    "Maria",
-    "Aisha",
-    "Emily",
-    "Sofia",
-    "Mei",
-    "Olivia",
-    "Fatima",
-    "Hannah",
-    "Grace",
-    "Chloe",
-    "Ana",
-    "Yuki",
-    "Leila",
-    "Nora",
-    "Rachel",
-    "Zoe",
-    "Ingrid",
-    "Camila",
-    "Amara",
-    "Julia",
-    "Sarah",
-    "Elena",
-    "Tamika",
-    "Renee",
-    "Lucy",
-    "Keiko",
-    "Divya",
-    "Claire",
+
+def _pool(text):
+    """A tuple of the comma-separated entries of ``text`` (entries may hold spaces)."""
+    return tuple(entry.strip() for entry in text.replace("\n", ",").split(",") if entry.strip())
+
+
+TITLES_BY_GENDER = {
+    "female": ("Dr.", "Prof.", "Ms.", "Mrs.", "Dr", "Ms", "Mx."),
+    "male": ("Dr.", "Prof.", "Mr.", "Dr", "Mr", "Mx."),
+}
+TITLES = ("Dr.", "Prof.", "Ms.", "Mrs.", "Mr.", "Mx.", "Dr", "Prof", "Ms", "Mrs", "Mr")
+SUFFIXES = ("Jr.", "Sr.", "II", "III")
+
+# Given names of many origins, spelled in ASCII (the target JSON would escape anything else).
+FEMALE_FIRST_NAMES = _pool(
+    """
+    Jane, Emily, Olivia, Hannah, Grace, Chloe, Rachel, Zoe, Sarah, Lucy, Claire, Abigail, Megan, Heather,
+    Courtney, Lauren, Gwendolyn, Harriet, Mildred, Imogen, Beatrix, Rosalind, Winifred, Tamsin, Delilah,
+    Marjorie, Mary Ann, Tamika, Renee, Keisha, Shanice, LaToya, Imani, Aaliyah, Ebony, Jazmine, Nia, DeAndra,
+    Maria, Sofia, Camila, Ana, Lucia, Valentina, Ximena, Guadalupe, Itzel, Yesenia, Marisol, Paloma, Rocio,
+    Araceli, Maria Jose, Joana, Thais, Leticia, Fernanda, Luiza, Elodie, Genevieve, Margaux, Anne-Marie,
+    Marie-Claire, Solene, Maelle, Ingrid, Greta, Liesel, Anneke, Friederike, Wiebke, Sanne, Giulia, Chiara,
+    Francesca, Alessandra, Graziella, Benedetta, Ivana, Katarzyna, Agnieszka, Olena, Svetlana, Zdenka,
+    Malgorzata, Oksana, Bozena, Yelena, Dragana, Milena, Astrid, Sigrid, Solveig, Freja, Ingeborg, Liv,
+    Annika, Eira, Eleni, Despina, Chrysoula, Kalliope, Elif, Zeynep, Ayse, Gulsen, Nesrin, Ozlem, Aisha,
+    Fatima, Leila, Yasmin, Nour, Mariam, Rania, Hiba, Samira, Zainab, Amal, Shirin, Parisa, Golnaz, Roya,
+    Azadeh, Tova, Shira, Yael, Noa, Ayelet, Rivka, Priya, Divya, Ananya, Lakshmi, Meenakshi, Harpreet,
+    Simran, Nandini, Sunita, Kavitha, Rupinder, Aishwarya, Thenmozhi, Farzana, Nusrat, Mei, Yuki, Keiko,
+    Xiaoling, Jiayi, Yu-Ting, Min-ji, Seo-yeon, Haruka, Naoko, Chiyo, Ling, Qiong, Ngoc Anh, Linh, Thuy,
+    Phuong, Maricel, Jocelyn, Rosalinda, Siti, Nurul, Ayu, Malai, Kanya, Amara, Chiamaka, Ngozi, Adaeze,
+    Folasade, Yetunde, Abena, Akosua, Wanjiru, Nyambura, Thandiwe, Nomvula, Zanele, Tigist, Selam, Makena,
+    Fatoumata, Aminata, Siobhan, Niamh, Aoife, Caoimhe, Saoirse, Eilidh, Morag, Ffion, Bronwen, Sinead,
+    Leilani, Kalena, Malia, Elena, Julia, Camille, Renata, Beatriz, Dagny, Hadley, Marguerite, Odalys
+    """
 )
-MALE_FIRST_NAMES = (
-    "John",
-    "Raj",
-    "Carlos",
-    "Omar",
-    "Daniel",
-    "Liam",
-    "Wei",
-    "Noah",
-    "Ahmed",
-    "Ethan",
-    "Lucas",
-    "Mateo",
-    "Kenji",
-    "Samuel",
-    "Andre",
-    "Marcus",
-    "David",
-    "Tomas",
-    "Hiro",
-    "Felix",
-    "Kwame",
-    "Jamal",
-    "Peter",
-    "Ivan",
-    "Diego",
-    "Arjun",
-    "Oliver",
-    "Sean",
-    "Victor",
-    "Malik",
+MALE_FIRST_NAMES = _pool(
+    """
+    John, Daniel, Liam, Noah, Ethan, Samuel, David, Oliver, Peter, Sean, Gregory, Bartholomew, Reginald,
+    Clifford, Wendell, Thaddeus, Ambrose, Jasper, Silas, Rupert, Cedric, Ezekiel, Everett, Garrett, Marcus,
+    Jamal, Malik, DeShawn, Tyrone, Darnell, Jalen, Terrell, Kareem, LaMarcus, DaQuan, Carlos, Mateo,
+    Diego, Alejandro, Santiago, Joaquin, Rodrigo, Guillermo, Ignacio, Esteban, Juan Pablo, Jose Luis,
+    Xavier, Eduardo, Cuauhtemoc, Joao, Thiago, Goncalo, Rui, Vinicius, Etienne, Mathieu, Jean-Luc,
+    Jean-Philippe, Benoit, Gaetan, Thibault, Yannick, Lukas, Jurgen, Wolfgang, Friedrich, Matthijs,
+    Pieter, Sjoerd, Joost, Giuseppe, Luca, Matteo, Alessandro, Gianluca, Salvatore, Ivan, Tomas, Dmitri,
+    Bogdan, Wojciech, Zbigniew, Miroslav, Vladimir, Yaroslav, Stanislav, Dragan, Nikola, Grzegorz,
+    Oleksandr, Taras, Lars, Soren, Bjorn, Magnus, Anders, Eskil, Torbjorn, Henrik, Nikos, Giorgos,
+    Dimitrios, Konstantinos, Stavros, Panagiotis, Emre, Mehmet, Burak, Ozgur, Cem, Kerem, Omar, Ahmed,
+    Khalid, Youssef, Tariq, Hamza, Bilal, Mustafa, Faisal, Abdulrahman, Samir, Dariush, Kourosh, Arash,
+    Babak, Farhad, Behrouz, Avi, Eitan, Yossi, Noam, Moshe, Raj, Arjun, Vikram, Sanjay, Rohan, Gurpreet,
+    Harjit, Venkatesh, Subramanian, Aniruddha, Prakash, Siddharth, Karthik, Imran, Tanvir, Wei, Kenji,
+    Hiro, Haruto, Takeshi, Ryo, Joon-ho, Min-joon, Sung-min, Zhiwei, Xiaoming, Jianguo, Bao, Hao, Minh,
+    Quang, Tuan, Duc Anh, Rizal, Budi, Agus, Somchai, Anan, Arnel, Rodel, Kwame, Kofi, Chinedu, Obinna,
+    Oluwaseun, Babatunde, Tunde, Emeka, Jomo, Kipchoge, Themba, Sipho, Mandla, Tesfaye, Dawit, Mamadou,
+    Ousmane, Moussa, Padraig, Cillian, Oisin, Ruairi, Tadhg, Lachlan, Hamish, Dafydd, Gethin, Eoin, Kai,
+    Keanu, Makoa, Felix, Andre, Victor, Hugo, Anselm, Bertrand, Casimir, Leopold, Osvaldo, Thorvald
+    """
 )
-LAST_NAMES = (
-    "Doe",
-    "Patel",
-    "Garcia",
-    "Nguyen",
-    "Smith",
-    "Okafor",
-    "Chen",
-    "Kowalski",
-    "O'Brien",
-    "Rossi",
-    "Haddad",
-    "Yamamoto",
-    "Johansson",
-    "Murphy",
-    "Silva",
-    "Kim",
-    "Schmidt",
-    "Brown",
-    "Martinez",
-    "Dubois",
-    "Novak",
-    "Cohen",
-    "Mensah",
-    "Ivanova",
-    "Park",
-    "Lopez",
-    "Fischer",
-    "Walker",
-    "Singh",
-    "Reyes",
-    "Khan",
-    "Tanaka",
-    "Bennett",
-    "Moreau",
-    "Garcia-Lopez",
-    "Adeyemi",
-    "MacLeod",
-    "Lindqvist",
-    "Herrera",
-    "Wright",
-    "Ali",
-    "Costa",
-    "Hughes",
-    "Larsen",
-    "Baker",
+LAST_NAMES = _pool(
+    """
+    Smith, Brown, Walker, Bennett, Wright, Hughes, Baker, Doe, Thornton, Ashworth, Pemberton, Whitfield,
+    Blackwood, Cartwright, Holloway, Kingsley, Worthington, Featherstone, Abernathy, Murphy, O'Brien,
+    MacLeod, O'Connor, O'Sullivan, McAllister, McKenna, MacDonald, Fitzgerald, O'Shaughnessy,
+    McGillicuddy, Dunleavy, Llewellyn, Pritchard, ap Rhys, Garcia, Martinez, Lopez, Reyes, Herrera,
+    Gutierrez, Villanueva, de la Cruz, de los Santos, del Rio, Fernandez, Ybarra, Quintanilla, Echeverria,
+    Zavala, Garcia-Lopez, Silva, Costa, da Silva, dos Santos, Pereira, Magalhaes, Carvalho, Goncalves,
+    Dubois, Moreau, Lefebvre, Beaulieu, Tremblay, Gagnon, D'Amours, Lavoie, St-Pierre, Bouchard,
+    Desjardins, le Roux, Thibodeaux, Schmidt, Fischer, Mueller, van der Berg, van Dijk, de Vries,
+    ter Horst, von Hagen, Oosterhuis, Brandt, Hoffmann, Rossi, Esposito, D'Angelo, Di Stefano, De Luca,
+    Lombardi, Bianchi, Mancuso, LaRocca, Iacobelli, Kowalski, Novak, Ivanova, Wojcik, Brzezinski,
+    Szczepanski, Petrov, Horvat, Dvorak, Kovalenko, Shevchenko, Nowakowska, Popescu, Dragomir, Vukovic,
+    Jovanovic, Johansson, Lindqvist, Larsen, Haugen, Bjornstad, Nieminen, Virtanen, Halvorsen,
+    Sigurdsdottir, Gunnarsson, Papadopoulos, Georgiou, Karagiannis, Christodoulou, Pappas, Yilmaz, Demir,
+    Ozturk, Kaya, Celik, Haddad, Khoury, Al-Hassan, El-Amin, Abdullah, Nasser, Al-Farsi, Mansour, Saleh,
+    Abu-Ghazaleh, Tehrani, Hosseini, Farahani, Karimi, Rahimi, Cohen, Levy, Friedman, Goldberg, Ben-David,
+    Katz, Rosenblatt, Patel, Singh, Khan, Sharma, Iyer, Reddy, Chatterjee, Subramaniam, Venkataraman, Gill,
+    Dhillon, Chaudhry, Mukherjee, Balasubramanian, Rahman, Hossain, Siddiqui, Fernando, Wickramasinghe,
+    Jayawardena, Chen, Nguyen, Kim, Park, Tanaka, Yamamoto, Li, Wang, Zhang, Liu, Huang, Takahashi,
+    Watanabe, Nakamura, Choi, Jeong, Kang, Ouyang, Sato, Hashimoto, Leung, Ng, Chau, Tsai, Lin, Tran, Pham,
+    Le, Vo, Huynh, Dang, Bui, Santos, dela Cruz, Macapagal, Sutanto, Wijaya, Chaiyaporn, Sok, Okafor,
+    Mensah, Adeyemi, Okonkwo, Nwosu, Asante, Boateng, Owusu, Kamau, Otieno, Mwangi, Ndlovu, Dlamini,
+    Nkosi, Haile, Diallo, Traore, N'Diaye, Balogun, Oyelaran, Kahananui, Kealoha, Tuilagi, Fonoti, Taufa,
+    Smith-Jones, Harper-Nguyen, Okafor-Reid, Yamamoto-Lee, Ruiz-Tagle, Lindqvist-Moreau, MacIntyre,
+    Van Buren, DiMaggio, LeBlanc, DeLuca, St. Clair, Ferreira, Ivanov, Sorensen, Novotny, Takeda
+    """
 )
-CITIES = (
-    "Boston",
-    "Toronto",
-    "Austin",
-    "San Diego",
-    "Vancouver",
-    "St. Louis",
-    "Salt Lake City",
-    "New York",
-    "Chicago",
-    "Denver",
-    "Seattle",
-    "Portland",
-    "Atlanta",
-    "Miami",
-    "Phoenix",
-    "Minneapolis",
-    "Montreal",
-    "Calgary",
-    "Ottawa",
-    "Winnipeg",
-    "Halifax",
-    "Raleigh",
-    "Nashville",
-    "New Orleans",
-    "Pittsburgh",
-    "Philadelphia",
-    "Baltimore",
-    "Detroit",
-    "Cleveland",
-    "Kansas City",
-    "Omaha",
-    "Albuquerque",
-    "Tucson",
-    "Sacramento",
-    "Oakland",
-    "San Jose",
-    "Honolulu",
-    "Anchorage",
-    "Boise",
-    "Spokane",
-    "Madison",
-    "Buffalo",
-    "Providence",
-    "Richmond",
-    "Charlotte",
-    "Tampa",
-    "Dallas",
-    "Houston",
-    "El Paso",
-    "Las Vegas",
-    "Winston-Salem",
-    "Ann Arbor",
-    "Santa Fe",
-    "Edmonton",
-    "Quebec City",
+# Syllables for names nobody has: copying them letter by letter is the only way to get them right.
+ONSETS = ("",) * 4 + _pool("b, br, ch, d, dr, f, g, gr, h, j, k, kh, l, m, n, p, r, s, sh, st, t, th, tr, v, w, y, z, zh")
+VOWELS = _pool("a, e, i, o, u, a, e, i, o, a, ai, ia, ou, ei, ae, io, y")
+CODAS = ("",) * 12 + _pool("n, r, l, s, k, m, th, x, nd, sh, v, t, rk, lt")
+LAST_NAME_PREFIXES = ("O'", "Mc", "Mac", "van ", "de ", "Al-", "da ", "Di ", "St. ", "ben ", "El-", "Le")
+
+CITIES = _pool(
+    """
+    Boston, Toronto, Austin, San Diego, Vancouver, St. Louis, Salt Lake City, New York, Chicago, Denver,
+    Seattle, Portland, Atlanta, Miami, Phoenix, Minneapolis, Montreal, Calgary, Ottawa, Winnipeg, Halifax,
+    Raleigh, Nashville, New Orleans, Pittsburgh, Philadelphia, Baltimore, Detroit, Cleveland, Kansas City,
+    Omaha, Albuquerque, Tucson, Sacramento, Oakland, San Jose, Honolulu, Anchorage, Boise, Spokane,
+    Madison, Buffalo, Providence, Richmond, Charlotte, Tampa, Dallas, Houston, El Paso, Las Vegas,
+    Winston-Salem, Ann Arbor, Santa Fe, Edmonton, Quebec City, Los Angeles, San Francisco, Fresno,
+    Long Beach, Bakersfield, Santa Barbara, Reno, Tacoma, Bellevue, Colorado Springs, Fort Collins,
+    Cheyenne, Billings, Bozeman, Fargo, Sioux Falls, Des Moines, Cedar Rapids, Milwaukee, Green Bay,
+    Indianapolis, Fort Wayne, Columbus, Cincinnati, Toledo, Louisville, Lexington, Memphis, Knoxville,
+    Chattanooga, Birmingham, Huntsville, Little Rock, Tulsa, Oklahoma City, Wichita, San Antonio,
+    Fort Worth, Corpus Christi, Lubbock, Baton Rouge, Shreveport, Jacksonville, Tallahassee,
+    Fort Lauderdale, Charleston, Greenville, Durham, Asheville, Norfolk, Hartford, New Haven, Stamford,
+    Burlington, Worcester, Albany, Syracuse, Rochester, Newark, Jersey City, Scranton, Wilkes-Barre,
+    Allentown, Harrisburg, Wilmington, Coeur d'Alene, St. Paul, Duluth, Grand Rapids, Kalamazoo, Lansing,
+    Dayton, Akron, Santa Cruz, San Luis Obispo, Palm Springs, Flagstaff, Juneau, Hilo, Rapid City,
+    Bismarck, Missoula, Laramie, Provo, Ogden, Carson City, Las Cruces, Amarillo, Port St. Lucie,
+    St. Petersburg, Gainesville, Pensacola, Saskatoon, Regina, Victoria, Kitchener, Waterloo,
+    Mississauga, Brampton, Burnaby, Kelowna, Kamloops, Nanaimo, Thunder Bay, Sudbury, Sault Ste. Marie,
+    Trois-Rivieres, Sherbrooke, Gatineau, Laval, Moncton, Fredericton, St. John's, Charlottetown,
+    Whitehorse, Yellowknife, Iqaluit, Red Deer, Lethbridge, Prince George, Guelph, Oshawa, Niagara Falls,
+    Mexico City, Guadalajara, Monterrey, Tijuana, Puebla, Merida, Oaxaca, Cancun, Queretaro,
+    San Miguel de Allende, Ciudad Juarez, Hermosillo, Ensenada, Modesto, Stockton, Anaheim, Irvine,
+    Chula Vista, Scottsdale, Tempe, Plano, Waco, Galveston, Boulder, Santa Rosa, Eau Claire, La Crosse,
+    Peoria, Rockford, Topeka, Macon, Biloxi, Terre Haute, South Bend, Flint, Traverse City, Bangor, Ithaca,
+    Poughkeepsie, Schenectady, Roanoke, Medicine Hat, Grande Prairie, Val-d'Or, Rouyn-Noranda, Timmins,
+    Peterborough, Chilliwack, Abbotsford, Penticton, Morelia, Mazatlan, Veracruz, Saltillo
+    """
 )
-AREA_CODES = (
-    "617",
-    "212",
-    "312",
-    "415",
-    "206",
-    "303",
-    "512",
-    "404",
-    "305",
-    "416",
-    "604",
-    "514",
-    "403",
-    "613",
-    "902",
-    "702",
-    "214",
-    "713",
-    "503",
-    "612",
-    "919",
-    "615",
-    "504",
-    "412",
-    "215",
-    "410",
-    "313",
-    "216",
-    "816",
-    "402",
-    "505",
-    "520",
-    "916",
-    "510",
-    "408",
-    "808",
-    "907",
-    "208",
-    "509",
+# Reserved for documentation and testing (RFC 2606, RFC 6761): no real mailbox.
+EMAIL_DOMAINS = ("example.com", "example.org", "example.net", "mail.example.com", "mail.example.org", "corp.example.net")
+DOMAIN_WORDS = _pool(
+    """
+    acme, northwind, bluefern, lakeside, summit, harbor, maple, cedar, pinecrest, brightpath, redwood,
+    oakridge, silverline, greenleaf, ironwood, clearwater, stonebridge, sunrise, riverbend, fastmail,
+    postbox, inbox, company, school, clinic, studio, lab, coop, agency, bakery, law, dental, realty, mail
+    """
 )
-EMAIL_DOMAINS = (
-    "example.com",
-    "example.org",
-    "example.net",
-    "mail.example.com",
-    "company.example",
-    "inbox.test",
-)
+EMAIL_TAGS = ("news", "work", "shop", "jobs", "rent", "list", "promo", "apps", "home", "x")
 
 # How often each field is stated; the rest of the time it is null.
 FIELD_RATES = {"name": 0.96, "age": 0.5, "city": 0.65, "email": 0.65, "phone": 0.7, "date": 0.55}
 TITLE_RATE = 0.18
+MADE_UP_NAME_RATE = 0.25  # of first names and of last names, each
+FIRST_NAME_ONLY_RATE = 0.04
 UPPERCASE_EMAIL_RATE = 0.25
+ASIDE_RATE = 0.35
 
 MISTAKES = (
     "date_format",
@@ -283,6 +216,42 @@ PRONOUNS = {
     "female": {"subj": "she", "obj": "her", "poss": "her"},
     "male": {"subj": "he", "obj": "him", "poss": "his"},
 }
+# Words a made-up name must not be: it would read as a month, a weekday, a title, a city.
+_RESERVED_WORDS = {
+    word.lower() for word in (*calendar.month_name[1:], *calendar.month_abbr[1:], *calendar.day_name, *calendar.day_abbr, *TITLES)
+} | {word.lower() for city in CITIES for word in re.findall(r"[A-Za-z']+", city)}
+
+
+def _made_up_name(rng, syllables):
+    while True:
+        word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
+        if 3 <= len(word) <= 9 and word not in _RESERVED_WORDS:
+            return word.capitalize()
+
+
+def _first_name(rng, gender):
+    if rng.random() < MADE_UP_NAME_RATE:
+        return _made_up_name(rng, rng.choice((2, 2, 3)))
+    return rng.choice(FEMALE_FIRST_NAMES if gender == "female" else MALE_FIRST_NAMES)
+
+
+def _last_name(rng):
+    r = rng.random()
+    if r < MADE_UP_NAME_RATE * 0.7:
+        return _made_up_name(rng, rng.choice((2, 2, 3)))
+    if r < MADE_UP_NAME_RATE:
+        prefix = rng.choice(LAST_NAME_PREFIXES)
+        return prefix + _made_up_name(rng, rng.choice((2, 2, 3)))
+    if r < MADE_UP_NAME_RATE + 0.07:
+        # A double-barrelled name out of two others.
+        first, second = rng.choice(LAST_NAMES), rng.choice((*LAST_NAMES, _made_up_name(rng, 2)))
+        if len(first + second) <= 14 and " " not in first + second and "-" not in first + second and first != second:
+            return f"{first}-{second}"
+    return rng.choice(LAST_NAMES)
+
+
+def _name_words(name):
+    return {word.lower() for word in re.split(r"[\s\-']+", name) if len(word) > 1}
 
 
 def _ordinal(day):
@@ -290,75 +259,196 @@ def _ordinal(day):
     return f"{day}{suffix}"
 
 
+def _month_abbreviation(rng, month):
+    """Jan, Jan. or (for September) Sept./Sep; May, June and July may stay whole."""
+    abbr = calendar.month_abbr[month]
+    if month == 9 and rng.random() < 0.5:
+        abbr = "Sept"
+    if abbr == calendar.month_name[month]:
+        return abbr
+    return abbr + "." if rng.random() < 0.4 else abbr
+
+
 def _spell_date(rng, date):
-    month, month_abbr = calendar.month_name[date.month], calendar.month_abbr[date.month]
+    month, mon = calendar.month_name[date.month], _month_abbreviation(rng, date.month)
+    if rng.random() < 0.1:
+        month, mon = month.lower(), mon.lower()
     d, m, y = date.day, date.month, date.year
-    return rng.choice(
+    spelled = rng.choice(
         (
             f"{month} {d}, {y}",
-            f"{month_abbr} {d}, {y}",
+            f"{mon} {d}, {y}",
             f"{month} {_ordinal(d)}, {y}",
-            f"{d} {month_abbr} {y}",
+            f"{mon} {_ordinal(d)}, {y}",
+            f"{month} {d} {y}",
+            f"{d} {mon} {y}",
             f"{d} {month} {y}",
+            f"{_ordinal(d)} {month} {y}",
+            f"{d}-{mon.rstrip('.')}-{y}",
             f"{m:02d}/{d:02d}/{y}",
             f"{m}/{d}/{y}",
+            f"{m:02d}-{d:02d}-{y}",
             date.isoformat(),
             f"the {_ordinal(d)} of {month} {y}",
+            f"the {_ordinal(d)} of {month}, {y}",
         )
     )
+    if rng.random() < 0.15 and not spelled.startswith("the "):
+        weekday = rng.choice((calendar.day_name, calendar.day_abbr))[date.weekday()]
+        if weekday in calendar.day_abbr and rng.random() < 0.4:
+            weekday += "."
+        spelled = f"{weekday}{rng.choice((', ', ' '))}{spelled}"
+    return spelled
 
 
-def _spell_phone(rng, area, line):
+def _nxx(rng):
+    """An area code or exchange of the North American plan: 2-9 then two digits, not N11."""
+    while True:
+        digits = f"{rng.randrange(2, 10)}{rng.randrange(100):02d}"
+        if digits[1:] != "11":
+            return digits
+
+
+def _draw_phone(rng):
+    return _nxx(rng), _nxx(rng), f"{rng.randrange(10000):04d}"
+
+
+def _spell_phone(rng, area, exchange, line):
+    a, x, n = area, exchange, line
     return rng.choice(
         (
-            f"({area}) 555-{line}",
-            f"{area}-555-{line}",
-            f"{area}.555.{line}",
-            f"+1 {area} 555 {line}",
-            f"{area}555{line}",
-            f"+1-{area}-555-{line}",
-            f"1-{area}-555-{line}",
-            f"{area} 555 {line}",
-            f"+1 ({area}) 555-{line}",
-            f"+1{area}555{line}",
+            f"({a}) {x}-{n}",
+            f"({a}) {x}-{n}",
+            f"{a}-{x}-{n}",
+            f"{a}-{x}-{n}",
+            f"{a}.{x}.{n}",
+            f"+1 {a} {x} {n}",
+            f"{a}{x}{n}",
+            f"+1-{a}-{x}-{n}",
+            f"1-{a}-{x}-{n}",
+            f"{a} {x} {n}",
+            f"+1 ({a}) {x}-{n}",
+            f"+1{a}{x}{n}",
+            f"1 ({a}) {x}-{n}",
+            f"({a}){x}-{n}",
+            f"{a}/{x}-{n}",
+            f"1.{a}.{x}.{n}",
+            f"+1.{a}.{x}.{n}",
+            f"{a} {x}-{n}",
+            f"{a}-{x}{n}",
         )
     )
 
 
-def _email_address(rng, first, last):
-    first = "".join(c for c in first.lower() if c.isalnum())
-    last = "".join(c for c in last.lower() if c.isalnum())
+def _email_domain(rng):
+    r = rng.random()
+    if r < 0.45:
+        return rng.choice(EMAIL_DOMAINS)
+    word = rng.choice(DOMAIN_WORDS)
+    if r < 0.8:
+        return f"{word}.example"
+    if r < 0.85:
+        return f"{word}-{rng.choice(DOMAIN_WORDS)}.example"
+    return f"{word}.test"
+
+
+def _email_address(rng, first, middle, last):
+    """An address as typed (the record holds it lowercased)."""
+
+    def clean(part):
+        return "".join(c for c in part if c.isalnum())
+
+    first, last = clean(first), clean(last or _made_up_name(rng, 2))
+    fi, li, mi = first[0], last[0], clean(middle)[:1]
+    n = rng.choice((rng.randrange(1, 10), rng.randrange(10, 100), rng.randrange(10, 100), rng.randrange(100, 10000)))
+    handle = _made_up_name(rng, 2).lower()
     local = rng.choice(
         (
             f"{first}.{last}",
-            f"{first[0]}{last}",
-            f"{first}{last[0]}",
+            f"{first}.{last}",
+            f"{fi}{last}",
+            f"{first}{li}",
             f"{first}_{last}",
             f"{last}.{first}",
-            f"{first}{rng.randrange(10, 100)}",
-            f"{first}.{last}{rng.randrange(1, 100)}",
+            f"{first}{n}",
+            f"{first}.{last}{n}",
+            f"{first}-{last}",
+            f"{fi}.{last}",
+            f"{first}{last}",
+            f"{last}_{fi}{n}",
+            f"{first}.{last}+{rng.choice(EMAIL_TAGS)}",
+            f"{first}+{rng.choice(EMAIL_TAGS)}",
+            f"{handle}{n}",
+            f"{handle}.{rng.choice(DOMAIN_WORDS)}",
+            f"{handle}_{n}",
+            f"{fi}{mi}{li}{n}" if mi else f"{fi}{li}{n}",
+            f"{first}.{mi}.{last}" if mi else f"{first}.{last}.{n}",
         )
     )
-    return f"{local}@{rng.choice(EMAIL_DOMAINS)}"
+    typed = f"{local}@{_email_domain(rng)}"
+    if rng.random() >= UPPERCASE_EMAIL_RATE:
+        return typed.lower()
+    return _with_uppercase(rng, typed)
 
 
 def _with_uppercase(rng, email):
-    """How people sometimes type an address: capitalised parts, or all caps."""
+    """How people sometimes type an address: the name's own capitals, capitalised parts, all caps."""
     local, domain = email.split("@")
-    style = rng.choice(("title", "title", "local", "upper"))
+    style = rng.choice(("as_named", "as_named", "title", "local", "upper"))
+    if style == "as_named":
+        return email if any(c.isupper() for c in local) else f"{local.capitalize()}@{domain.lower()}"
     if style == "upper":
         return email.upper()
-    capitalised_local = ".".join(part.capitalize() for part in local.split("."))
+    capitalised_local = ".".join(part.capitalize() for part in local.lower().split("."))
     if style == "local":
-        return f"{capitalised_local}@{domain}"
-    return f"{capitalised_local}@{domain.capitalize()}"
+        return f"{capitalised_local}@{domain.lower()}"
+    return f"{capitalised_local}@{domain.lower().capitalize()}"
+
+
+def _draw_name(rng, gender):
+    """``(first, middle, last, full name)``; ``last`` is empty for a first name alone."""
+    first = _first_name(rng, gender)
+    if rng.random() < FIRST_NAME_ONLY_RATE:
+        return first, "", "", first
+    last = _last_name(rng)
+    r = rng.random()
+    if r < 0.1:
+        middle = f"{rng.choice(string.ascii_uppercase)}."
+    elif r < 0.14:
+        middle = _first_name(rng, gender)
+    else:
+        middle = ""
+    suffix = f" {rng.choice(SUFFIXES)}" if rng.random() < 0.02 else ""
+    return first, middle, last, " ".join(filter(None, (first, middle, last))) + suffix
+
+
+def _draw_other(rng, name, phone):
+    """Someone else: a name and phone number sharing no word and no number with the contact."""
+    while True:
+        gender = rng.choice(("female", "male"))
+        first, _, last, _ = _draw_name(rng, gender)
+        last = last or rng.choice(LAST_NAMES)
+        if _name_words(f"{first} {last}").isdisjoint(_name_words(name)):
+            break
+    while True:
+        area, exchange, line = _draw_phone(rng)
+        if f"+1{area}{exchange}{line}" != phone:
+            break
+    return {
+        "oname": f"{first} {last}",
+        "ofirst": first,
+        "olast": last,
+        "ophone": _spell_phone(rng, area, exchange, line),
+        "ophone_e164": f"+1{area}{exchange}{line}",
+    }
 
 
 def _draw_person(rng):
     """A record plus the spellings its fields take in the message.
 
     Returns ``(record, written, person)``: ``written`` maps a field to its text in the message,
-    ``person`` holds the first name and pronouns the templates use.
+    ``person`` holds what the templates use besides: the first name, pronouns, and someone
+    else's details (``oname``, ``ofirst``, ``olast``, ``ophone``) for noise.
     """
     while True:
         present = {key: rng.random() < rate for key, rate in FIELD_RATES.items()}
@@ -366,82 +456,286 @@ def _draw_person(rng):
         if any(present[key] for key in KEYS[1:]):
             break
     gender = rng.choice(("female", "male"))
-    first = rng.choice(FEMALE_FIRST_NAMES if gender == "female" else MALE_FIRST_NAMES)
-    last = rng.choice(LAST_NAMES)
-    middle = f" {rng.choice('ABCDEFGHJKLMNPRSTW')}." if rng.random() < 0.08 else ""
-    name = f"{first}{middle} {last}"
-    age = rng.randrange(19, 85)
+    first, middle, last, name = _draw_name(rng, gender)
+    age = rng.randrange(18, 95)
     city = rng.choice(CITIES)
-    email = _email_address(rng, first, last)
-    area, line = rng.choice(AREA_CODES), f"01{rng.randrange(100):02d}"
-    date = datetime.date(rng.randrange(2023, 2027), rng.randrange(1, 13), 1)
+    typed_email = _email_address(rng, first, middle, last)
+    area, exchange, line = _draw_phone(rng)
+    date = datetime.date(rng.randrange(2020, 2031), rng.randrange(1, 13), 1)
     date = date.replace(day=rng.randrange(1, calendar.monthrange(date.year, date.month)[1] + 1))
 
     written = {}
     if present["name"]:
         title = rng.choice(TITLES_BY_GENDER[gender])
-        written["name"] = f"{title} {name}" if rng.random() < TITLE_RATE else name
+        written["name"] = f"{title} {name}" if last and rng.random() < TITLE_RATE else name
     if present["age"]:
         written["age"] = str(age)
     if present["city"]:
         written["city"] = city
     if present["email"]:
-        written["email"] = _with_uppercase(rng, email) if rng.random() < UPPERCASE_EMAIL_RATE else email
+        written["email"] = typed_email
     if present["phone"]:
-        written["phone"] = _spell_phone(rng, area, line)
+        written["phone"] = _spell_phone(rng, area, exchange, line)
     if present["date"]:
         written["date"] = _spell_date(rng, date)
 
-    values = {"name": name, "age": age, "city": city, "email": email, "phone": f"+1{area}555{line}", "date": date.isoformat()}
+    phone = f"+1{area}{exchange}{line}"
+    values = {"name": name, "age": age, "city": city, "email": typed_email.lower(), "phone": phone, "date": date.isoformat()}
     record = {key: values[key] if present[key] else None for key in KEYS}
-    return record, written, {"first": first, **PRONOUNS[gender]}
+    person = {"first": first, **PRONOUNS[gender], **_draw_other(rng, name, phone), "shown": []}
+    return record, written, person
 
 
 # --------------------------------------------------------------------------------------------
 # Message templates. Placeholders: {name} {age} {city} {email} {phone} {date} (as written),
-# {first}, and the pronouns {subj} {obj} {poss}.
+# {first}, the pronouns {subj} {obj} {poss}, and someone else's {oname} {ofirst} {olast}
+# {ophone}.
 # --------------------------------------------------------------------------------------------
 
 FIRST_PERSON = {
-    "age": ("I'm {age}", "I am {age} years old", "I'm {age} years old", "age {age}"),
-    "city": ("I live in {city}", "I'm based in {city}", "I'm in {city}", "I just moved to {city}"),
-    "email": ("my email is {email}", "you can email me at {email}", "reach me at {email}", "email: {email}"),
-    "phone": ("my number is {phone}", "call me at {phone}", "my cell is {phone}", "phone: {phone}", "text me on {phone}"),
+    "age": (
+        "I'm {age}",
+        "I am {age} years old",
+        "I'm {age} years old",
+        "age {age}",
+        "I just turned {age}",
+        "I'm a {age}-year-old",
+        "my age is {age}",
+        "I'm {age} y/o",
+    ),
+    "city": (
+        "I live in {city}",
+        "I'm based in {city}",
+        "I'm in {city}",
+        "I just moved to {city}",
+        "I'm from {city}",
+        "I'm located in {city}",
+        "home is {city}",
+        "I'm over in {city}",
+        "currently living in {city}",
+    ),
+    "email": (
+        "my email is {email}",
+        "you can email me at {email}",
+        "reach me at {email}",
+        "email: {email}",
+        "drop me a line at {email}",
+        "my e-mail is {email}",
+        "write to me at {email}",
+        "best email is {email}",
+        "{email} is my email",
+    ),
+    "phone": (
+        "my number is {phone}",
+        "call me at {phone}",
+        "my cell is {phone}",
+        "phone: {phone}",
+        "text me on {phone}",
+        "you can reach me on {phone}",
+        "my mobile is {phone}",
+        "give me a call at {phone}",
+        "best number is {phone}",
+        "{phone} is my cell",
+        "text or call {phone}",
+    ),
     "date": (
         "I'd like to meet on {date}",
         "I'm available on {date}",
         "my start date is {date}",
         "I can come in on {date}",
         "I'll be free on {date}",
+        "I'd like to book {date}",
+        "I'm hoping to move in on {date}",
+        "my appointment is on {date}",
+        "I fly in on {date}",
+        "I can start {date}",
     ),
 }
 THIRD_PERSON = {
-    "age": ("{subj} is {age}", "{subj}'s {age} years old", "age {age}", "{subj} is {age} years old"),
-    "city": ("{subj} lives in {city}", "{subj}'s based in {city}", "based in {city}", "located in {city}"),
-    "email": ("{poss} email is {email}", "email {email}", "reachable at {email}"),
-    "phone": ("{poss} number is {phone}", "cell {phone}", "phone {phone}", "call {obj} at {phone}"),
-    "date": ("follow up on {date}", "meeting set for {date}", "{subj} starts on {date}", "callback scheduled for {date}"),
+    "age": (
+        "{subj} is {age}",
+        "{subj}'s {age} years old",
+        "age {age}",
+        "{subj} is {age} years old",
+        "{subj} just turned {age}",
+        "aged {age}",
+    ),
+    "city": (
+        "{subj} lives in {city}",
+        "{subj}'s based in {city}",
+        "based in {city}",
+        "located in {city}",
+        "{subj} is from {city}",
+        "{subj} recently moved to {city}",
+        "lives in {city}",
+    ),
+    "email": (
+        "{poss} email is {email}",
+        "email {email}",
+        "reachable at {email}",
+        "{subj} can be emailed at {email}",
+        "email {obj} at {email}",
+        "{poss} e-mail: {email}",
+    ),
+    "phone": (
+        "{poss} number is {phone}",
+        "cell {phone}",
+        "phone {phone}",
+        "call {obj} at {phone}",
+        "{poss} mobile is {phone}",
+        "text {obj} at {phone}",
+        "{subj} can be reached at {phone}",
+    ),
+    "date": (
+        "follow up on {date}",
+        "meeting set for {date}",
+        "{subj} starts on {date}",
+        "callback scheduled for {date}",
+        "{subj} wants to come in on {date}",
+        "appointment booked for {date}",
+        "{subj}'s available {date}",
+    ),
 }
 TERSE = {
-    "age": ("{age} y/o", "age {age}", "{age} yrs", "aged {age}"),
-    "city": ("lives in {city}", "from {city}", "{city} area", "based in {city}"),
-    "email": ("email {email}", "{email}", "e-mail: {email}"),
-    "phone": ("cell {phone}", "{phone}", "ph {phone}", "tel. {phone}"),
-    "date": ("next meeting {date}", "follow up {date}", "met on {date}", "call back {date}"),
+    "age": ("{age} y/o", "age {age}", "{age} yrs", "aged {age}", "{age}yo", "{age} years old", "age: {age}"),
+    "city": ("lives in {city}", "from {city}", "{city} area", "based in {city}", "in {city}", "{city}-based", "out of {city}"),
+    "email": ("email {email}", "{email}", "e-mail: {email}", "em: {email}", "mail {email}", "<{email}>"),
+    "phone": ("cell {phone}", "{phone}", "ph {phone}", "tel. {phone}", "mob. {phone}", "c: {phone}", "phone {phone}"),
+    "date": ("next meeting {date}", "follow up {date}", "met on {date}", "call back {date}", "appt {date}", "f/u {date}"),
 }
 LABELS = {
-    "name": ("Name", "Full name", "Contact", "Customer"),
-    "age": ("Age",),
-    "city": ("City", "Location", "Town"),
-    "email": ("Email", "E-mail", "Email address"),
-    "phone": ("Phone", "Tel", "Mobile", "Phone number"),
-    "date": ("Date", "Follow-up", "Appointment", "Start date", "Preferred date"),
+    "name": ("Name", "Full name", "Contact", "Customer", "Client", "Applicant", "Guest"),
+    "age": ("Age", "Age (yrs)"),
+    "city": ("City", "Location", "Town", "Home city"),
+    "email": ("Email", "E-mail", "Email address", "Mail"),
+    "phone": ("Phone", "Tel", "Mobile", "Phone number", "Cell", "Contact no."),
+    "date": ("Date", "Follow-up", "Appointment", "Start date", "Preferred date", "Move-in", "Visit date"),
 }
-BLANKS = ("n/a", "-", "", "none", "(blank)", "N/A")
+BLANKS = ("n/a", "-", "", "none", "(blank)", "N/A", "?", "not given", "TBD", "--")
+
+# Noise: clauses that carry no field of the record. Someone else's name or number is always
+# framed as someone else's.
+OTHERS = {
+    "first": (
+        "my manager, {oname}, is cc'd",
+        "I was referred by {oname}",
+        "{oname} from accounting says hi",
+        "if I'm out, try the front desk at {ophone}",
+        "my manager {oname} is at {ophone} if it's urgent",
+        "you can also ask for {oname} at reception, {ophone}",
+        "my emergency contact is {oname}, {ophone}",
+        "my roommate {ofirst} might pick up",
+        "my doctor, Dr. {olast}, referred me",
+        "{oname} gave me your number",
+        "the number I called from, {ophone}, is my office's front desk",
+    ),
+    "third": (
+        "referred by {oname}",
+        "{poss} manager is {oname}",
+        "assistant: {oname}, {ophone}",
+        "front desk {ophone}, not {poss} line",
+        "emergency contact {oname} ({ophone})",
+        "spoke with {poss} colleague {oname} first",
+        "the hotel front desk is {ophone}",
+        "{ofirst} took the message",
+        "{ophone} is {poss} landlord's number",
+    ),
+}
+NO_NAME_OTHERS = {
+    "first": ("if I'm out, try the front desk at {ophone}", "the main office line is {ophone}, not mine"),
+    "third": ("front desk {ophone}, not {poss} line", "the hotel front desk is {ophone}"),
+}
+SMALL_TALK = {
+    "first": (
+        "I'm interested in the apartment on Elm Street",
+        "I saw your post about the weekend workshop",
+        "following up on our call last week",
+        "I'd love to join the volunteer program",
+        "sorry for the late reply",
+        "no rush on this",
+        "hope the move went well",
+        "sorry for the typos, sent from my phone",
+        "I have a small dog, hope that's ok",
+        "happy to bring references",
+        "mornings work best for me",
+        "I'll bring the paperwork",
+    ),
+    "third": (
+        "interested in the premium plan",
+        "prefers email over calls",
+        "warm lead from the webinar",
+        "asked about parking",
+        "very friendly",
+        "wants a quote for the kitchen remodel",
+        "came in through the website",
+        "needs wheelchair access",
+        "has a small dog",
+        "left a nice review",
+    ),
+}
+NUMBER_NOISE = {
+    "first": (
+        "re: order #{order}",
+        "my order number is {order}",
+        "I'm in room {room}",
+        "the quote was {price}",
+        "about ticket {ticket}",
+        "my budget is around {price}",
+        "confirmation code {code}",
+        "I'm in unit {room}",
+    ),
+    "third": (
+        "order #{order}",
+        "ticket {ticket}",
+        "quoted {price}",
+        "room {room}",
+        "invoice INV-{order} paid",
+        "conf. code {code}",
+        "budget {price}",
+        "unit {room}",
+    ),
+}
+
+
+NOISE_LINES = (
+    ("Referred by", "{oname}"),
+    ("Emergency contact", "{oname}, {ophone}"),
+    ("Front desk", "{ophone}"),
+    ("Order", "#{order}"),
+    ("Ticket", "{ticket}"),
+    ("Room", "{room}"),
+    ("Budget", "{price}"),
+    ("Notes", "{talk}"),
+)
+
+
+def _noise_numbers(rng):
+    price = rng.choice(
+        (
+            f"${rng.randrange(100, 1000)}",
+            f"${rng.randrange(1, 10)},{rng.randrange(1000):03d}",
+            f"${rng.randrange(100, 500)}.{rng.randrange(100):02d}",
+        )
+    )
+    return {
+        "order": str(rng.randrange(10000, 1000000)),
+        "room": str(rng.randrange(100, 1000)),
+        "price": price,
+        "ticket": f"{rng.choice(('TK', 'INC', 'CS', 'SR'))}-{rng.randrange(10000, 100000)}",
+        "code": "".join(rng.choice(string.ascii_uppercase + "23456789") for _ in range(6)),
+    }
 
 
 def _fill(template, written, person):
+    # Remember which of someone else's details a message shows.
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field in ("oname", "ofirst", "olast", "ophone") and field not in person["shown"]:
+            person["shown"].append(field)
     return template.format(**written, **person)
+
+
+def _capitalise(text):
+    return text[0].upper() + text[1:] if text else text
 
 
 def _sentence_case(template, written, person):
@@ -449,7 +743,7 @@ def _sentence_case(template, written, person):
     # A value keeps its case (an email written in lowercase); a pronoun or a word does not.
     if template.startswith("{") and not template.startswith(("{subj}", "{poss}")):
         return text
-    return text[0].upper() + text[1:]
+    return _capitalise(text)
 
 
 def _clauses(rng, templates, fields, written, person, capitalise):
@@ -457,9 +751,22 @@ def _clauses(rng, templates, fields, written, person, capitalise):
     return [fill(rng.choice(templates[field]), written, person) for field in fields]
 
 
-def _maybe(rng, choices):
-    """One of ``choices`` half of the time, else nothing: context that carries no field."""
-    return rng.choice(choices) if rng.random() < 0.5 else ""
+def _aside(rng, written, person, voice, rate=ASIDE_RATE):
+    """A clause that carries no field (no trailing period), or ``""``: small talk, an order
+    or room number, a price, or someone else's name or number."""
+    if rng.random() >= rate:
+        return ""
+    kind = rng.choice(("talk", "numbers", "other", "other"))
+    if kind == "talk":
+        return rng.choice(SMALL_TALK[voice])
+    if kind == "numbers":
+        return rng.choice(NUMBER_NOISE[voice]).format(**_noise_numbers(rng))
+    others = OTHERS if "name" in written else NO_NAME_OTHERS
+    return _fill(rng.choice(others[voice]), written, person)
+
+
+def _as_sentence(clause):
+    return _capitalise(clause) + "." if clause else ""
 
 
 def _shuffled_details(rng, written):
@@ -468,160 +775,332 @@ def _shuffled_details(rng, written):
     return fields
 
 
+def _insert(rng, items, item):
+    """``items`` with ``item`` at a random place (nothing added when ``item`` is empty)."""
+    if item:
+        items.insert(rng.randrange(len(items) + 1), item)
+    return items
+
+
 def _email_message(rng, written, person):
     fields = _shuffled_details(rng, written)
-    greeting = rng.choice(("Hi,", "Hello,", "Dear team,", "Hi there,", "Good morning,"))
+    greeting = rng.choice(("Hi,", "Hello,", "Dear team,", "Hi there,", "Good morning,", "Hey,"))
     if "name" in written and rng.random() < 0.25:
         # A referral: the sender writes about someone else.
-        intro = rng.choice(("I'd like to introduce {name}.", "Referring {name} to you.", "Please add {name} to the list."))
-        sentences = [_fill(intro, written, person)]
-        sentences += [c + "." for c in _clauses(rng, THIRD_PERSON, fields, written, person, True)]
-        return f"{greeting} {' '.join(sentences)} Thanks!"
-    sentences = []
-    if "name" in written:
-        intro = rng.choice(("My name is {name}.", "This is {name}.", "I'm {name}, writing about the opening."))
-        sentences.append(_fill(intro, written, person))
-    else:
-        sentences.append(rng.choice(("I'm writing about the open position.", "I saw your listing online.")))
-    sentences.append(
-        _maybe(
-            rng,
+        intro = rng.choice(
             (
-                "I'm interested in the apartment on Elm Street.",
-                "I saw your post about the weekend workshop.",
-                "Following up on our call last week.",
-                "I'd love to join the volunteer program.",
-            ),
+                "I'd like to introduce {name}.",
+                "Referring {name} to you.",
+                "Please add {name} to the list.",
+                "Passing along {name}'s details.",
+                "My friend {name} is interested.",
+            )
         )
-    )
-    sentences += [c + "." for c in _clauses(rng, FIRST_PERSON, fields, written, person, True)]
-    sign_off = rng.choice(("Thanks,", "Best,", "Regards,"))
-    signature = f" {person['first']}" if "name" in written and rng.random() < 0.5 else ""
-    return f"{greeting}\n{' '.join(filter(None, sentences))}\n{sign_off}{signature}"
+        sentences = [c + "." for c in _clauses(rng, THIRD_PERSON, fields, written, person, True)]
+        _insert(rng, sentences, _as_sentence(_aside(rng, written, person, "third")))
+        return f"{greeting} {_fill(intro, written, person)} {' '.join(sentences)} Thanks!"
+    sentences = [c + "." for c in _clauses(rng, FIRST_PERSON, fields, written, person, True)]
+    _insert(rng, sentences, _as_sentence(_aside(rng, written, person, "first")))
+    name_in_signature = "name" in written and rng.random() < 0.25
+    if "name" in written and not name_in_signature:
+        intro = rng.choice(
+            ("My name is {name}.", "This is {name}.", "I'm {name}, writing about the opening.", "{name} here.", "It's {name}.")
+        )
+        sentences.insert(0, _fill(intro, written, person))
+    elif rng.random() < 0.5:
+        sentences.insert(0, rng.choice(("I'm writing about the open position.", "I saw your listing online.")))
+    sign_off = rng.choice(("Thanks,", "Best,", "Regards,", "Cheers,", "Thank you,", "Best wishes,"))
+    if name_in_signature:
+        signature = f"\n{written['name']}"
+    else:
+        signature = f" {person['first']}" if "name" in written and rng.random() < 0.5 else ""
+    return f"{greeting}\n{' '.join(sentences)}\n{sign_off}{signature}"
 
 
 def _note_message(rng, written, person):
     fields = _shuffled_details(rng, written)
     if "name" in written:
-        opener = rng.choice(("Met {name} today", "Spoke with {name}", "Note: {name}", "Lunch with {name}", "{name}"))
-        opener = _fill(opener, written, person) + _maybe(
-            rng,
+        opener = rng.choice(
             (
-                " at the trade show",
-                " at the school fundraiser",
-                " after the conference",
-                " at the coffee shop",
-                " about the kitchen remodel",
-            ),
+                "Met {name} today",
+                "Spoke with {name}",
+                "Note: {name}",
+                "Lunch with {name}",
+                "{name}",
+                "Call from {name}",
+                "Coffee w/ {name}",
+                "Ran into {name}",
+                "{name} stopped by",
+            )
+        )
+        opener = _fill(opener, written, person) + rng.choice(
+            ("", "", " at the trade show", " at the school fundraiser", " after the conference", " at the coffee shop")
         )
     else:
-        opener = rng.choice(("Walk-in, no name given", "Caller didn't leave a name"))
+        opener = rng.choice(("Walk-in, no name given", "Caller didn't leave a name", "Unknown caller", "Anonymous inquiry"))
     clauses = _clauses(rng, TERSE, fields, written, person, False)
+    _insert(rng, clauses, _aside(rng, written, person, "third"))
     separator = rng.choice((", ", "; ", " - ", ". "))
-    return opener + separator + separator.join(clauses) + "."
+    return opener + separator + separator.join(clauses) + rng.choice((".", "", "."))
 
 
 def _chat_message(rng, written, person):
     fields = _shuffled_details(rng, written)
     if "name" in written and rng.random() < 0.2:
-        intro = rng.choice(("my cousin {name} is looking for a place", "fyi {name} wants in"))
+        intro = rng.choice(
+            ("my cousin {name} is looking for a place", "fyi {name} wants in", "my friend {name} asked me to pass this on")
+        )
         clauses = _clauses(rng, THIRD_PERSON, fields, written, person, False)
+        voice = "third"
     else:
         if "name" in written:
-            intro = rng.choice(("hey! it's {name} from the meetup", "hi, {name} here", "hey it's {name}"))
+            intro = rng.choice(
+                ("hey! it's {name} from the meetup", "hi, {name} here", "hey it's {name}", "yo, {name} again", "hello! {name}")
+            )
         else:
-            intro = rng.choice(("hey, new number", "hi! from the meetup"))
+            intro = rng.choice(("hey, new number", "hi! from the meetup", "hey", "hi again"))
         clauses = _clauses(rng, FIRST_PERSON, fields, written, person, False)
-    aside = _maybe(rng, ("sorry for the late reply", "still keen on the bike", "lmk if that works", "great seeing you"))
-    if aside:
-        clauses.append(aside)
-    separator = rng.choice((", ", " - ", ". "))
-    ending = rng.choice(("", "!", " :)", " thx"))
+        voice = "first"
+    _insert(rng, clauses, _aside(rng, written, person, voice))
+    separator = rng.choice((", ", " - ", ". ", "\n"))
+    ending = rng.choice(("", "!", " :)", " thx", " lmk"))
     return _fill(intro, written, person) + separator + separator.join(clauses) + ending
 
 
-def _labelled_lines(rng, written, header, keep_order):
-    details = list(KEYS[1:])
+def _labelled_lines(rng, written, person, header, keep_order):
+    fields = list(KEYS)
     if not keep_order:
+        details = fields[1:]
         rng.shuffle(details)
-    separator = rng.choice(("\n", " | ", "; "))
+        fields = [fields[0], *details]
+        if rng.random() < 0.3:
+            rng.shuffle(fields)
+    separator = rng.choice(("\n", "\n", " | ", "; "))
+    colon = rng.choice((": ", ": ", ": ", " - "))
     show_blanks = rng.random() < 0.4
     lines = []
-    for field in ("name", *details):
+    for field in fields:
         label = rng.choice(LABELS[field])
         if field in written:
-            lines.append(f"{label}: {written[field]}")
+            lines.append(f"{label}{colon}{written[field]}")
         elif show_blanks:
-            lines.append(f"{label}: {rng.choice(BLANKS)}".rstrip())
+            lines.append(f"{label}{colon}{rng.choice(BLANKS)}".rstrip())
+    if rng.random() < ASIDE_RATE:
+        label, value = rng.choice(NOISE_LINES)
+        if "name" not in written and "{oname}" in value:
+            label, value = "Front desk", "{ophone}"
+        values = {**written, **_noise_numbers(rng), "talk": _capitalise(rng.choice(SMALL_TALK["third"]))}
+        _insert(rng, lines, f"{label}{colon}{_fill(value, values, person)}")
     return header + separator.join(lines)
 
 
 def _crm_message(rng, written, person):
     if rng.random() < 0.5:
-        header = rng.choice(("CRM note - ", "Lead update: ", "Account note\n", "[CRM] "))
-        return _labelled_lines(rng, written, header, keep_order=False)
+        header = rng.choice(("CRM note - ", "Lead update: ", "Account note\n", "[CRM] ", "Contact card\n"))
+        return _labelled_lines(rng, written, person, header, keep_order=False)
     fields = _shuffled_details(rng, written)
     subject = _fill("{name}", written, person) if "name" in written else "Unnamed lead"
-    lead = rng.choice(("requested a demo", "asked for pricing", "renewed the contract", "called about billing"))
-    clauses = _clauses(rng, THIRD_PERSON, fields, written, person, True)
-    interest = _maybe(rng, (" Interested in the premium plan.", " Prefers email over calls.", " Warm lead from the webinar."))
-    return f"CRM: {subject} {lead}.{interest} " + " ".join(c + "." for c in clauses)
+    lead = rng.choice(
+        ("requested a demo", "asked for pricing", "renewed the contract", "called about billing", "signed up for the trial")
+    )
+    clauses = [c + "." for c in _clauses(rng, THIRD_PERSON, fields, written, person, True)]
+    _insert(rng, clauses, _as_sentence(_aside(rng, written, person, "third")))
+    return f"{rng.choice(('CRM: ', 'Lead: ', ''))}{subject} {lead}. " + " ".join(clauses)
 
 
 def _form_message(rng, written, person):
     header = rng.choice(
-        ("New sign-up\n", "Registration form:\n", "Web form submission\n", "Volunteer application - ", "Newsletter sign-up: ")
+        (
+            "New sign-up\n",
+            "Registration form:\n",
+            "Web form submission\n",
+            "Volunteer application - ",
+            "Newsletter sign-up: ",
+            "Booking request\n",
+            "RSVP\n",
+        )
     )
-    return _labelled_lines(rng, written, header, keep_order=rng.random() < 0.6)
+    return _labelled_lines(rng, written, person, header, keep_order=rng.random() < 0.6)
 
 
 def _voicemail_message(rng, written, person):
     fields = _shuffled_details(rng, written)
-    header = rng.choice(("Voicemail transcript: ", "[Voicemail] ", "Transcribed voicemail: "))
+    header = rng.choice(("Voicemail transcript: ", "[Voicemail] ", "Transcribed voicemail: ", "VM: "))
     if "name" in written:
-        intro = _fill(rng.choice(("Hi, this is {name}", "Hello, um, it's {name}", "Hey, {name} calling")), written, person)
+        intro = _fill(
+            rng.choice(("Hi, this is {name}", "Hello, um, it's {name}", "Hey, {name} calling", "Yes hi, {name} here")),
+            written,
+            person,
+        )
     else:
-        intro = "Hi, um, hello"
-    reason = rng.choice(("about the apartment", "returning your call", "about the job posting", "regarding my appointment"))
+        intro = rng.choice(("Hi, um, hello", "Hi there"))
+    reason = rng.choice(
+        ("", "", ", about the apartment", ", returning your call", ", about the job posting", ", regarding my appointment")
+    )
     clauses = _clauses(rng, FIRST_PERSON, fields, written, person, True)
-    filler = _maybe(rng, (" Um, anyway.", " Sorry I missed you.", " Hope you're well."))
-    return f"{header}{intro}, {reason}.{filler} " + ". ".join(clauses) + ". Thanks, bye."
+    _insert(rng, clauses, _capitalise(_aside(rng, written, person, "first")))
+    return f"{header}{intro}{reason}. " + ". ".join(clauses) + rng.choice((". Thanks, bye.", ". Bye.", ". Talk soon."))
 
 
-MESSAGE_KINDS = (_email_message, _note_message, _chat_message, _crm_message, _form_message, _voicemail_message)
+def _signature_message(rng, written, person):
+    """A short email whose sender's details sit in the signature block, mostly unlabelled."""
+    body = [c + "." for c in _clauses(rng, FIRST_PERSON, [f for f in ("age", "date") if f in written], written, person, True)]
+    body.insert(
+        0, rng.choice(("Thanks for the quick reply.", "See you then.", "Details below.", "Per our call.", "Resume attached."))
+    )
+    _insert(rng, body, _as_sentence(_aside(rng, written, person, "first", rate=0.4)))
+    marks = {"email": ("", "", "E: ", "email: "), "phone": ("", "", "T: ", "M: ", "cell: ", "tel ")}
+    details = [f for f in ("city", "email", "phone") if f in written]
+    if rng.random() < 0.3:
+        rng.shuffle(details)
+    block = [written["name"]] if "name" in written else []
+    block += [rng.choice(marks.get(f, ("",))) + written[f] for f in details]
+    if len(block) > 2 and rng.random() < 0.5:
+        block[1:] = [rng.choice((" | ", " / ", " - ")).join(block[1:])]
+    sign_off = rng.choice(("Best,", "--", "Cheers,", "Regards,", "Thanks,"))
+    return "\n".join((rng.choice(("Hi,", "Hello,", "Hi all,")), " ".join(body), sign_off, *block))
+
+
+def _phone_slip_message(rng, written, person):
+    """A message taken for someone else: the recipient's first name is not the contact's."""
+    fields = _shuffled_details(rng, written)
+    header = rng.choice(
+        ("While you were out: ", "Phone message for {ofirst}: ", "Message for {ofirst} - ", "Front desk note: ", "Msg: ")
+    )
+    if "name" in written:
+        caller = rng.choice(("{name} called", "{name} stopped by", "Caller: {name}", "{name} rang"))
+    else:
+        caller = rng.choice(("Someone called", "A caller (no name)"))
+    clauses = _clauses(rng, TERSE, fields, written, person, False)
+    _insert(rng, clauses, _aside(rng, written, person, "third", rate=0.3))
+    return _fill(header, written, person) + _fill(caller, written, person) + ". " + ", ".join(clauses) + "."
+
+
+def _order_message(rng, written, person):
+    """An order, booking or support ticket: numbers around the contact's details."""
+    numbers = _noise_numbers(rng)
+    header = rng.choice(
+        (
+            "Order #{order} ({price})",
+            "Ticket {ticket}",
+            "Booking {code}",
+            "Delivery for order {order}",
+            "Support case {ticket}",
+            "Reservation {code}, room {room}",
+        )
+    ).format(**numbers)
+    fields = _shuffled_details(rng, written)
+    if "name" in written:
+        subject = _fill(rng.choice(("customer {name}", "for {name}", "opened by {name}", "guest: {name}")), written, person)
+    else:
+        subject = rng.choice(("guest checkout", "no name on file"))
+    clauses = _clauses(rng, TERSE, fields, written, person, False)
+    _insert(rng, clauses, _aside(rng, written, person, "third", rate=0.3))
+    separator = rng.choice((", ", "; ", " | "))
+    return f"{header} - {subject}{separator}" + separator.join(clauses)
+
+
+def _roster_message(rng, written, person):
+    """One line of bare values, the name first or last."""
+    fields = _shuffled_details(rng, written)
+    name = written.get("name")
+    if name and "age" in fields and rng.random() < 0.3:
+        name = f"{name} ({written['age']})"
+        fields.remove("age")
+    ages = ("{age}", "age {age}", "{age} y/o")
+    parts = [rng.choice(ages).format(**written) if f == "age" else written[f] for f in fields]
+    if name:
+        parts.insert(0 if rng.random() < 0.75 else len(parts), name)
+    prefix = rng.choice(("", "", "Attendee: ", "RSVP: ", "Waitlist: ", "New lead -> ", "Contact: "))
+    return prefix + rng.choice((", ", " | ", " / ", "; ", " - ")).join(parts)
+
+
+def _bio_message(rng, written, person):
+    """A few third-person sentences: a speaker bio, a new hire, a tenant."""
+    fields = _shuffled_details(rng, written)
+    job = rng.choice(
+        ("nurse", "software developer", "teacher", "chef", "carpenter", "grad student", "paralegal", "pilot", "photographer")
+    )
+    header = rng.choice(("Speaker bio: ", "New hire: ", "Volunteer profile: ", "Tenant: ", "About the guest: ", ""))
+    subject = _fill("{name}", written, person) if "name" in written else rng.choice(("The applicant", "Our new tenant"))
+    sentences = [f"{subject} is a {job}."]
+    sentences += [c + "." for c in _clauses(rng, THIRD_PERSON, fields, written, person, True)]
+    aside = _aside(rng, written, person, "third", rate=0.4)
+    if aside:
+        sentences.insert(rng.randrange(1, len(sentences) + 1), _as_sentence(aside))
+    return header + " ".join(sentences)
+
+
+def _forwarded_text_message(rng, written, person):
+    """A text message forwarded by a colleague, whose own name is not the contact's."""
+    fields = _shuffled_details(rng, written)
+    if "name" in written:
+        header = rng.choice(("Fwd from {ofirst}: ", "{ofirst} forwarded this: ", "Fw: text from a client - ", "> "))
+        intro = rng.choice(("hi, it's {name}", "{name} here", "this is {name}"))
+    else:
+        # Without the contact's name, a forwarder's name could pass for the sender's.
+        header = rng.choice(("Fw: text from a client - ", "> "))
+        intro = rng.choice(("hi", "hello, quick one"))
+    clauses = _clauses(rng, FIRST_PERSON, fields, written, person, False)
+    return _fill(header, written, person) + _fill(intro, written, person) + ", " + ", ".join(clauses)
+
+
+MESSAGE_KINDS = (
+    _email_message,
+    _note_message,
+    _chat_message,
+    _crm_message,
+    _form_message,
+    _voicemail_message,
+    _signature_message,
+    _phone_slip_message,
+    _order_message,
+    _roster_message,
+    _bio_message,
+    _forwarded_text_message,
+)
 
 
 def _draw(rng):
+    """``(message, record, written, others)``: ``others`` holds the names (as written) and
+    phone numbers (E.164) of people other than the contact that the message shows."""
     record, written, person = _draw_person(rng)
     message = rng.choice(MESSAGE_KINDS)(rng, written, person)
-    return message, record, written
+    shown = person["shown"]
+    others = {
+        "names": [person[field] for field in ("oname", "ofirst", "olast") if field in shown],
+        "phones": [person["ophone_e164"]] if "ophone" in shown else [],
+    }
+    return message, record, written, others
 
 
 def _unique_draws(seed, exclude):
-    """Endless ``(message, record, written)`` draws, no message twice nor in ``exclude``."""
+    """Endless ``(message, record, written, others)`` draws, no message twice nor in ``exclude``."""
     rng = random.Random(seed)
     seen = set(exclude)
     while True:
-        message, record, written = _draw(rng)
-        if message not in seen:
-            seen.add(message)
-            yield message, record, written
+        draw = _draw(rng)
+        if draw[0] not in seen:
+            seen.add(draw[0])
+            yield draw
 
 
 def generate_examples(n, seed, exclude=()):
     """``n`` examples, the same for the same ``seed`` (an int or a str).
 
     :param exclude: messages not to produce (those of another split).
-    :return: dicts with ``message``, ``record`` (keys in ``KEYS`` order) and ``messages`` (the
-        chat form written to the JSONL files).
+    :return: dicts with ``message``, ``record`` (keys in ``KEYS`` order), ``messages`` (the
+        chat form written to the JSONL files) and ``others`` (``{"names": [...], "phones":
+        [...]}``: other people's names and E.164 numbers the message shows as noise).
     """
     return [
         {
             "message": message,
             "record": record,
             "messages": [user_message(message), {"role": "assistant", "content": compact(record)}],
+            "others": others,
         }
-        for message, record, _ in itertools.islice(_unique_draws(seed, exclude), n)
+        for message, record, _, others in itertools.islice(_unique_draws(seed, exclude), n)
     ]
 
 
@@ -691,7 +1170,7 @@ def generate_preferences(n, seed, exclude=()):
     for _ in range(n):
         mistake = rng.choice(MISTAKES)
         # Draw until a message allows the mistake, so that every kind is about equally common.
-        message, record, written = next(d for d in draws if mistake in _applicable_mistakes(*d[1:]))
+        message, record, written, _ = next(d for d in draws if mistake in _applicable_mistakes(*d[1:3]))
         rows.append(
             {
                 "prompt": [user_message(message)],
