@@ -5,6 +5,10 @@ Shapes stay tiny (the interpreter runs every program in Python); its blocks are 
 its rank slice 16, so a rank-20 adapter takes two passes of the kernel's rank loop.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from ftengine.adapter_contract import AdapterContract
@@ -211,3 +215,11 @@ def test_greedy_generation_gives_the_same_tokens_with_the_kernel(servers):
     # The adapters change what is generated, so a kernel serving the base would show.
     base = servers[0].generate(PROMPTS, adapters=None, max_tokens=6, temperature=0)
     assert sum(e.token_ids != b.token_ids for e, b in zip(eager, base)) >= 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
+def test_the_serving_benchmark_refuses_fused_without_cuda():
+    script = Path(__file__).parent.parent / "examples" / "benchmarks" / "bench_serving.py"
+    child = subprocess.run([sys.executable, str(script), "--smoke", "--fused"], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 2
+    assert "--fused measures the fused_lora Triton kernel, which needs a CUDA device" in child.stderr

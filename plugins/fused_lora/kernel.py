@@ -979,9 +979,11 @@ def _nf4_problems(weight, magnitude):
 # --------------------------------------------------------------------------------------------
 
 # Under the interpreter: small blocks, and BLOCK_R 16 so that a stack of rank > 16 takes two
-# passes of the rank loop. On GPU: autotuned; one program computes an output tile from its
-# row's whole X Aᵀ, so a wide BLOCK_N spreads that (redundant per column block) product over
-# more outputs, while a narrow one gives short batches more programs.
+# rank slices. On GPU: autotuned; one program computes an output tile from its row's whole
+# X Aᵀ, so a wide BLOCK_N spreads that (redundant per column block) product over more outputs,
+# while a narrow one gives short batches more programs. Ranks up to MAX_RANK are one slice:
+# a runtime loop over slices took every config to 255 registers on sm_90 (ptxas), so the
+# slices are unrolled (RANK_SLICES) and only ranks above MAX_RANK take more than one.
 _ROWS_INTERPRETER_META = {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32}
 _ROWS_CONFIGS = [
     triton.Config({"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=3)
@@ -994,7 +996,6 @@ _ROWS_CONFIGS = [
         (128, 128, 64, 8),
     ]
 ]
-_ROWS_MAX_BLOCK_R = 64
 
 
 def _prune_rows(configs, named_args, **kwargs):
@@ -1037,6 +1038,7 @@ def _lora_rows(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    RANK_SLICES: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -1046,8 +1048,9 @@ def _lora_rows(
     (X[i] A_aᵀ) B_aᵀ, DoRA's eval-mode output from the base output (g_a = 1 for plain LoRA).
 
     Program (column block, token block, row). The rank-r product S = X[i] A_aᵀ is computed in
-    BLOCK_R slices, each reduced over k and then multiplied into the output tile, so any rank
-    runs; A, B are read straight from the stacks by the row's adapter index (nothing gathered).
+    RANK_SLICES slices of BLOCK_R, each reduced over k and then multiplied into the output tile,
+    so any rank runs; A, B are read straight from the stacks by the row's adapter index
+    (nothing gathered).
     """
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -1060,8 +1063,8 @@ def _lora_rows(
         a_adapter = A + adapter * stride_aa
         b_adapter = B + adapter * stride_ba
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, r, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
+        for rank_slice in tl.static_range(RANK_SLICES):
+            ranks = rank_slice * BLOCK_R + tl.arange(0, BLOCK_R)
             s = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
             for k0 in range(0, k, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
@@ -1141,7 +1144,7 @@ def mixed_lora_(y, x, adapter_of_row, lora_a, lora_b, scaling, column_scale=None
     bias = None if bias is None else bias.contiguous()
     if rows == 0 or T == 0 or adapters == 0 or r == 0:
         return y
-    block_r = 16 if INTERPRETED else min(_ROWS_MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+    block_r = 16 if INTERPRETED else min(MAX_RANK, max(16, triton.next_power_of_2(r)))
     _lora_rows[lambda m: (triton.cdiv(n, m["BLOCK_N"]), triton.cdiv(T, m["BLOCK_T"]), rows)](
         x3,
         y,
@@ -1165,5 +1168,6 @@ def mixed_lora_(y, x, adapter_of_row, lora_a, lora_b, scaling, column_scale=None
         UPCAST=INTERPRETED,
         PRECISION=_dot_precision(lora_a.dtype),
         BLOCK_R=block_r,
+        RANK_SLICES=triton.cdiv(r, block_r),
     )
     return y
