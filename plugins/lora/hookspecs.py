@@ -76,7 +76,8 @@ def ftengine_lora_rows_kernel(layer: LoraLinear) -> Callable[[torch.Tensor, torc
     of each row's slot in ``layer.adapter_stack()`` (0: no adapter in this layer, the base
     alone); it reads the stack at every call. It must give the eager mixed path's output (each
     row: its adapter's eval-mode output, DoRA rows through the stack's ``column_scale``); it is
-    used without autograd only (``lora`` keeps the eager path when ``x`` requires grad).
+    used without autograd only (``lora`` keeps its eager path for a forward that records a graph
+    through ``x`` or the base layer).
 
     :param layer: a ``ftengine.plugins.lora.layer.LoraLinear``.
     :return: ``fn(x, slots) -> y`` or ``None``.
