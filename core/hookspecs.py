@@ -57,7 +57,8 @@ def ftengine_addhooks(pluginmanager: pluggy.PluginManager) -> None:
     """Add a plugin's own hook specifications, so other plugins can extend it.
 
     Called once for every registered plugin, including plugins registered later (historic).
-    The ``lora`` plugin uses it to add ``ftengine_lora_variant`` and ``ftengine_lora_kernel``.
+    The ``lora`` plugin uses it to add ``ftengine_lora_variant``, ``ftengine_lora_kernel`` and
+    ``ftengine_lora_rows_kernel``.
 
     :param pluginmanager: the ``pluggy.PluginManager``; call
         ``pluginmanager.add_hookspecs(module)``.

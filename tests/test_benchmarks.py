@@ -67,9 +67,10 @@ def test_every_fused_lora_kernel_compiles_for_the_h100(tmp_path):
     assert child.returncode == 0, child.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     kernels = {row["kernel"] for row in rows}
-    assert {"_lora_down", "_lora_fwd", "_lora_grad_sb", "_lora_grad_a", "_lora_grad_x"} <= kernels
+    assert {"_lora_down", "_lora_fwd", "_lora_grad_sb", "_lora_grad_a", "_lora_grad_x", "_lora_rows"} <= kernels
     compiled = {(row["kernel"], row["variant"], row["dtype"]) for row in rows}
     for dtype in ("bf16", "fp32"):
         assert {(kernel, "lora", dtype) for kernel in kernels} <= compiled
         assert {("_lora_fwd", "dora", dtype), ("_lora_fwd", "nf4", dtype), ("_lora_grad_x", "nf4", dtype)} <= compiled
+        assert ("_lora_rows", "dora", dtype) in compiled
     assert all(row["registers"] > 0 for row in rows)

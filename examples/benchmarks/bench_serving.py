@@ -3,6 +3,7 @@ mixed-adapter batches against the alternatives, and the HTTP server under concur
 
     python examples/benchmarks/bench_serving.py [--tokens 32] [--clients 16] [--out serving.json]
     python examples/benchmarks/bench_serving.py --smoke      # the tiny test model: every path, meaningless timings
+    python examples/benchmarks/bench_serving.py --fused      # CUDA: also the fused_lora kernel's mixed batches
 
 Base: SmolLM2-135M-Instruct (``model: default``) in float32; 8 LoRA adapters, r=16, alpha 32,
 all linear layers but the head, saved by ftengine with random weights (speed does not depend
@@ -15,6 +16,10 @@ tokens; decode tokens/s counts the tokens after the first (the prefill is timed 
 * ``mixed k``: 8 rows over k = 1, 2, 4, 8 adapters in one batch (``ftengine_set_adapter_rows``);
 * ``grouped``: the 8 rows over 4 adapters as 4 sequential batches of 2, one adapter active each;
 * ``naive``: batch size 1, swapping the active adapter before each of the 8 requests.
+* ``mixed k fused`` (``--fused``, CUDA only): as ``mixed k`` with ``fused_lora`` active, every
+  layer's mixed batch through its Triton kernel (``kernel.mixed_lora_``), next to the eager
+  gathered matmuls of ``mixed k`` in the same server (the kernels are switched off for those);
+  the script also checks that both give the same greedy tokens for 8 rows over 4 adapters.
 
 Goals (the issue's): mixed 8 rows over 4 adapters >= 0.8x the one-adapter batch and >= 3x the
 naive path; an adapter swap < 1 ms. Then the server (``ftengine.server``) on a loopback port
@@ -23,6 +28,7 @@ first token.
 """
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -88,6 +94,27 @@ def stack_bytes(model):
     return total
 
 
+class RowsKernels:
+    """With ``on=False``, the server's LoRA layers run mixed batches eagerly although
+    ``fused_lora`` gave them a rows kernel; restored on exit."""
+
+    def __init__(self, server, on):
+        from ftengine.plugins.lora.layer import lora_layers
+
+        self.server, self.on = server, on
+        self.kernels = {layer: layer.rows_kernel for _, layer in lora_layers(server.model)}
+
+    def __enter__(self):
+        for layer, kernel in self.kernels.items():
+            layer.rows_kernel = kernel if self.on else None
+        self.server._set_rows(None)  # the next batch sets its rows again, with or without kernels
+
+    def __exit__(self, *exc):
+        for layer, kernel in self.kernels.items():
+            layer.rows_kernel = kernel
+        self.server._set_rows(None)
+
+
 class SingleAdapterPath:
     """Run the server's decode loop with one adapter globally active and no per-row adapters:
     the layer's single-adapter forward, what training uses (the baseline of the goals)."""
@@ -139,7 +166,8 @@ def decode_speed(server, prompt_ids, tokens, configuration):
                 return [decode(server, prompt_ids, [None] * 8, tokens)]
         if configuration.startswith("mixed"):
             k = int(configuration.split()[1])
-            return [decode(server, prompt_ids, [names[i % k] for i in range(8)], tokens)]
+            with RowsKernels(server, on=configuration.endswith("fused")):
+                return [decode(server, prompt_ids, [names[i % k] for i in range(8)], tokens)]
         if configuration == "grouped":
             results = []
             for name in names[:4]:
@@ -167,6 +195,19 @@ def decode_speed(server, prompt_ids, tokens, configuration):
         "total_s": total,
         "decode_tokens": decoded,
     }
+
+
+def fused_tokens_match(server, prompt_ids, tokens):
+    """Whether 8 rows over 4 adapters get the same greedy tokens through the kernel as eagerly."""
+    names = list(server.adapters)
+    results = []
+    for on in (False, True):
+        with RowsKernels(server, on):
+            completions = server.generate(
+                [prompt_ids] * 8, adapters=[names[i % 4] for i in range(8)], max_tokens=tokens, temperature=0
+            )
+        results.append([c.token_ids for c in completions])
+    return results[0] == results[1]
 
 
 def serve_clients(server, clients, tokens):
@@ -238,7 +279,18 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--fused", action="store_true", help="also mixed batches through the fused_lora Triton kernel (needs CUDA and triton)"
+    )
     args = parser.parse_args()
+    if args.fused and not torch.cuda.is_available():
+        parser.exit(
+            2,
+            "bench_serving.py: --fused measures the fused_lora Triton kernel, which needs a CUDA device, and none is available; "
+            "run without --fused to measure the eager paths\n",
+        )
+    if args.fused and importlib.util.find_spec("triton") is None:
+        parser.exit(2, 'bench_serving.py: --fused needs Triton: pip install "ftengine[gpu]"\n')
     if args.threads:
         torch.set_num_threads(args.threads)
     from ftengine.inference import set_adapter
@@ -252,7 +304,7 @@ def main():
         else:
             model, r, tokens, clients = "default", 16, args.tokens, args.clients
         paths = make_adapters(model, Path(tmp) / "adapters", 8, r, args.smoke)
-        server = AdapterServer(model, {}, plugins=["lora"], max_batch_size=16)
+        server = AdapterServer(model, {}, plugins=["lora", "fused_lora"] if args.fused else ["lora"], max_batch_size=16)
         server.eos_ids = set()  # every row decodes exactly --tokens tokens
         loads = []
         for name, path in paths.items():
@@ -262,7 +314,13 @@ def main():
         names = list(paths)
         swap_ms = median_ms(lambda: [set_adapter(server.model, server.pm, n) for n in names], 20) / len(names)
         set_adapter(server.model, server.pm, None)
-        rows_ms = median_ms(lambda: [server._set_rows([names[(i + j) % 8] for i in range(8)]) for j in range(8)], 20) / 8
+
+        def set_rows_ms():
+            return median_ms(lambda: [server._set_rows([names[(i + j) % 8] for i in range(8)]) for j in range(8)], 20) / 8
+
+        with RowsKernels(server, on=False):  # eager: each row's A, B gathered from the stacks
+            rows_ms = set_rows_ms()
+        rows_fused_ms = set_rows_ms() if args.fused else None  # the kernel reads the stacks: slots only
         server._set_rows(None)
         memory = {
             "adapter_parameters_mib": adapter_bytes(server.model, "a0") / 2**20,
@@ -270,10 +328,18 @@ def main():
         }
         prompt_ids = server.tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"][:32]
         configurations = ["base", "one adapter", "mixed 1", "mixed 2", "mixed 4", "mixed 8", "grouped", "naive"]
+        fused = None
+        if args.fused:
+            from ftengine.plugins.fused_lora import rows_summary
+
+            configurations += ["mixed 1 fused", "mixed 2 fused", "mixed 4 fused", "mixed 8 fused"]
+            fused = {"summary": rows_summary(server.model), "greedy_tokens_match": fused_tokens_match(server, prompt_ids, tokens)}
+            print(fused["summary"], flush=True)
+            print(f"fused and eager mixed batches give the same greedy tokens: {fused['greedy_tokens_match']}", flush=True)
         decode_rows = []
         for configuration in configurations:
             decode_rows.append(decode_speed(server, prompt_ids, tokens, configuration))
-            print(f"{configuration:>12}: {decode_rows[-1]['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
+            print(f"{configuration:>13}: {decode_rows[-1]['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
         speed = {row["configuration"]: row["decode_tokens_per_s"] for row in decode_rows}
         served = serve_clients(server, clients, tokens)
 
@@ -290,6 +356,15 @@ def main():
         },
         {"goal": "adapter swap < 1 ms", "ms": swap_ms, "target": 1.0},
     ]
+    if args.fused:
+        fused["speedup_over_eager"] = {f"mixed {k}": speed[f"mixed {k} fused"] / speed[f"mixed {k}"] for k in (1, 2, 4, 8)}
+        goals.append(
+            {
+                "goal": "mixed 8 rows / 4 adapters through the fused kernel >= 0.8x one-adapter batch",
+                "ratio": speed["mixed 4 fused"] / speed["one adapter"],
+                "target": 0.8,
+            }
+        )
     for goal in goals:
         goal["met"] = goal["ratio"] >= goal["target"] if "ratio" in goal else goal["ms"] < goal["target"]
     result = {
@@ -307,13 +382,18 @@ def main():
         "adapter_load_ms_median": 1000 * statistics.median(loads),
         "swap_active_adapter_ms": swap_ms,
         "set_adapter_rows_ms": rows_ms,
+        "set_adapter_rows_fused_ms": rows_fused_ms,
         "memory": memory,
         "decode": decode_rows,
+        "fused": fused,
         "server": served,
         "goals": goals,
     }
     suffix = " (smoke run: not meaningful)" if args.smoke else ""
-    print(f"adapter load {result['adapter_load_ms_median']:.1f} ms, swap {swap_ms:.3f} ms, set rows {rows_ms:.3f} ms{suffix}")
+    fused_rows = "" if rows_fused_ms is None else f" (fused: {rows_fused_ms:.3f} ms)"
+    print(
+        f"adapter load {result['adapter_load_ms_median']:.1f} ms, swap {swap_ms:.3f} ms, set rows {rows_ms:.3f} ms{fused_rows}{suffix}"
+    )
     print(
         f"memory per adapter: {memory['adapter_parameters_mib']:.2f} MiB parameters + {memory['stacked_copies_mib_per_adapter']:.2f} MiB stacked"
     )

@@ -12,8 +12,10 @@ block are worth pruning; none of this measures speed.
 
 Kernel arguments are typed by name, following the kernel module's conventions: sizes, strides
 and the seed are int32, ``scale``/``p``/``keep_scale`` fp32, buffers named in ``FP32_BUFFERS``
-fp32, those in ``UINT8_BUFFERS`` (the packed NF4 weight) uint8, and every other pointer has the
-activation dtype. The NF4 block size is qlora's default, 64.
+fp32, those in ``UINT8_BUFFERS`` (the packed NF4 weight) uint8, ``INT64_BUFFERS`` int64, and
+every other pointer has the activation dtype, but for ``_lora_rows`` (mixed-adapter batches),
+whose adapter stacks are fp32 as ``lora`` keeps them, so its dots are fp32 (tf32). The NF4
+block size is qlora's default, 64.
 """
 
 import argparse
@@ -41,6 +43,9 @@ INT_ARGS = {"T", "n", "k", "r", "T_BUCKET", "seed"}
 FLOAT_ARGS = {"scale", "p", "keep_scale"}
 FP32_BUFFERS = {"dS", "dB", "dbias", "dA", "GY", "M", "column_scale", "W_absmax", "W_code"}
 UINT8_BUFFERS = {"W_packed"}
+INT64_BUFFERS = {"adapter_of_row"}
+# Buffers that are fp32 in one kernel only: the adapter stacks _lora_rows reads as lora keeps them.
+KERNEL_FP32_BUFFERS = {"_lora_rows": {"A", "B", "scaling"}}
 NF4_BLOCKSIZE = 64
 TUNED = {"BLOCK_T", "BLOCK_N", "BLOCK_K", "GROUP_T"}
 # The largest dynamic shared memory one block may use (CUDA occupancy tables), by sm version.
@@ -57,7 +62,8 @@ def kernels():
     return found
 
 
-def signature(fn, dtype, constexprs):
+def signature(name_of_kernel, fn, dtype, constexprs):
+    fp32_buffers = FP32_BUFFERS | KERNEL_FP32_BUFFERS.get(name_of_kernel, set())
     types = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -68,8 +74,10 @@ def signature(fn, dtype, constexprs):
             types[name] = "fp32"
         elif name in UINT8_BUFFERS:
             types[name] = "*u8"
+        elif name in INT64_BUFFERS:
+            types[name] = "*i64"
         else:
-            types[name] = "*fp32" if name in FP32_BUFFERS else "*" + dtype
+            types[name] = "*fp32" if name in fp32_buffers else "*" + dtype
     return types
 
 
@@ -94,19 +102,24 @@ def flag_settings(fn):
     return settings
 
 
-def compile_one(fn, dtype, config, flags, arch, rank):
+def compile_one(name, fn, dtype, config, flags, arch, rank):
+    fp32_dots = dtype == "fp32" or name in KERNEL_FP32_BUFFERS
+    block_r = max(16, triton.next_power_of_2(rank))  # as kernel._common_meta
     constexprs = {
         **config.kwargs,
         **flags,
         "UPCAST": False,
-        "PRECISION": "tf32" if dtype == "fp32" else None,
-        "BLOCK_R": max(16, triton.next_power_of_2(rank)),  # as kernel._common_meta
+        "PRECISION": "tf32" if fp32_dots else None,
+        "BLOCK_R": block_r,
     }
+    if "RANK_SLICES" in fn.arg_names:  # as kernel.mixed_lora_: ranks above MAX_RANK in slices
+        constexprs["BLOCK_R"] = min(block_r, kernel.MAX_RANK)
+        constexprs["RANK_SLICES"] = triton.cdiv(rank, constexprs["BLOCK_R"])
     if "NF4_BLOCKSIZE" in fn.arg_names:
         constexprs["NF4_BLOCKSIZE"] = NF4_BLOCKSIZE
     source = ASTSource(
         fn=fn,
-        signature=signature(fn, dtype, constexprs),
+        signature=signature(name, fn, dtype, constexprs),
         constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
     )
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -133,6 +146,7 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--rank", type=int, nargs="+", default=[16, 64], help="LoRA ranks r")
     parser.add_argument("--quick", action="store_true", help="only the first autotune config of each kernel")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels, e.g. _lora_rows (default: all)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
 
@@ -140,10 +154,11 @@ def main():
     started = time.perf_counter()
     header = f"{'kernel':<14} {'sm':>3} {'dtype':<5} {'r':>3} {'T x N x K':>11} {'w':>2} {'st':>2} {'variant':<7} "
     print(header + f"{'regs':>4} {'spill B':>7} {'shared KiB':>10}")
-    for (name, fn, configs), arch, dtype, rank in itertools.product(kernels(), args.arch, args.dtype, args.rank):
+    chosen = [found for found in kernels() if not args.kernel or found[0] in args.kernel]
+    for (name, fn, configs), arch, dtype, rank in itertools.product(chosen, args.arch, args.dtype, args.rank):
         for config in configs[:1] if args.quick else configs:
             for variant, flags in flag_settings(fn).items():
-                shared, report = compile_one(fn, dtype, config, flags, arch, rank)
+                shared, report = compile_one(name, fn, dtype, config, flags, arch, rank)
                 meta = config.kwargs
                 tile = f"{meta['BLOCK_T']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
                 row = {

@@ -7,7 +7,13 @@ this plugin answers with a forward function built on ``kernel.fused_lora_linear`
 LoRA and dropout, or DoRA without dropout, in fused kernels; a QLoRA base in bitsandbytes NF4 is
 dequantised inside the GEMMs), or ``None`` where the fused path does not apply, and the layer
 then runs eagerly. Each layer keeps the answers it got (``layer.fused_lora_decisions``), and
-``summary(model)`` says in one line what was fused in a model and why the rest was not. With
+``summary(model)`` says in one line what was fused in a model and why the rest was not.
+
+Mixed-adapter batches (serving, ``ftengine_set_adapter_rows``): ``lora`` calls
+``ftengine_lora_rows_kernel(layer)`` when it loads an adapter into a layer; this plugin answers
+with a forward built on ``kernel.mixed_lora_`` (every row's own LoRA/DoRA update added to the
+base output in one launch, reading the layer's adapter stack by slot), kept in
+``layer.fused_lora_rows_decision`` and summed up by ``rows_summary(model)``. With
 ``TRITON_INTERPRET=1`` the kernels run on CPU through Triton's interpreter (slowly), which is
 how the tests train with the plugin active on machines without a GPU.
 
@@ -27,6 +33,8 @@ requires = ("lora",)
 
 # The attribute of a LoRA layer holding {adapter name: None if fused, else why not}.
 DECISIONS = "fused_lora_decisions"
+# The attribute holding None if the layer's mixed-adapter batches run the kernel, else why not.
+ROWS_DECISION = "fused_lora_rows_decision"
 
 
 @hookimpl
@@ -40,6 +48,15 @@ def ftengine_lora_kernel(layer, name):
         setattr(layer, DECISIONS, decisions)
     decisions[name] = reason
     return None if reason else fused_forward(layer, name)
+
+
+@hookimpl
+def ftengine_lora_rows_kernel(layer):
+    """The mixed-adapter forward of ``layer`` through ``kernel.mixed_lora_``, or ``None`` where
+    it does not apply; the decision is kept on the layer for ``rows_summary``."""
+    reason = _environment_problem() or rows_unsupported_reason(layer)
+    setattr(layer, ROWS_DECISION, reason)
+    return None if reason else rows_forward(layer)
 
 
 @hookimpl(trylast=True)
@@ -62,6 +79,21 @@ def summary(model):
     fused = reasons.pop(None, 0)
     mode = " (Triton interpreter: slow)" if _interpreted() else ""
     line = f"fused_lora{mode}: {fused} layers fused, {sum(reasons.values())} fell back"
+    if reasons:
+        line += " (" + ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common()) + ")"
+    return line
+
+
+def rows_summary(model):
+    """One line on the mixed-adapter batches of ``model``'s LoRA layers, e.g.
+    "fused_lora: mixed-adapter batches in 210 layers through the kernel, 0 eager"."""
+    problem = _environment_problem()
+    if problem:
+        return f"fused_lora: mixed-adapter batches eager ({problem})"
+    reasons = Counter(getattr(m, ROWS_DECISION) for m in model.modules() if hasattr(m, ROWS_DECISION))
+    fused = reasons.pop(None, 0)
+    mode = " (Triton interpreter: slow)" if _interpreted() else ""
+    line = f"fused_lora{mode}: mixed-adapter batches in {fused} layers through the kernel, {sum(reasons.values())} eager"
     if reasons:
         line += " (" + ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common()) + ")"
     return line
@@ -112,6 +144,50 @@ def unsupported_reason(layer, name):
     if base.weight.device.type != "cuda" and not _interpreted():
         return "not on a CUDA device"
     return None
+
+
+def rows_unsupported_reason(layer):
+    """Why ``kernel.mixed_lora_`` cannot serve the mixed-adapter batches of ``layer``, or
+    ``None``. The base output comes from the base layer itself, so any base (4-bit included)
+    and any rank (the kernel loops over rank slices) qualify; only the device matters."""
+    if layer.base_layer.weight.device.type != "cuda" and not _interpreted():
+        return "not on a CUDA device"
+    return None
+
+
+def rows_forward(layer):
+    """``fn(x, slots) -> y``: ``layer``'s output in a mixed-adapter batch, each row ``i`` with
+    the adapter in slot ``slots[i]`` of ``layer.adapter_stack()`` (0: the base alone): the base
+    layer's output, then ``kernel.mixed_lora_`` adds every row's update to it in place.
+
+    The stack is read at every call (the layer caches it until adapters change); the rows'
+    adapter indices (slot − 1) are kept for as long as the layer keeps the same ``slots``
+    tensor, i.e. until the next ``set_adapter_rows``, so a decode step launches the base GEMM
+    and one kernel per layer. Forward only: ``lora`` keeps its eager path when autograd records.
+    """
+    from .kernel import mixed_lora_
+
+    indices = [None, None]  # (the slots tensor last seen, its adapter indices)
+
+    def forward(x, slots):
+        if indices[0] is not slots:
+            indices[:] = [slots, slots - 1]
+        stack = layer.adapter_stack()
+        base = layer.base_layer
+        y = base(x).contiguous()
+        column_scale = None if stack.column_scale is None else stack.column_scale[1:]
+        return mixed_lora_(
+            y,
+            x,
+            indices[1],
+            stack.lora_a[1:].transpose(1, 2),
+            stack.lora_b[1:].transpose(1, 2),
+            stack.scaling[1:],
+            column_scale,
+            base.bias if column_scale is not None else None,
+        )
+
+    return forward
 
 
 def _is_4bit(base):

@@ -972,3 +972,202 @@ def _nf4_problems(weight, magnitude):
         if tensor.dtype != dtype or tensor.numel() != numel:
             problems.append(f"NF4 {name} is {tensor.numel()} x {tensor.dtype}, expected {numel} x {dtype}")
     return problems
+
+
+# --------------------------------------------------------------------------------------------
+# mixed-adapter batches: one adapter per row (serving)
+# --------------------------------------------------------------------------------------------
+
+# Under the interpreter: small blocks, and BLOCK_R 16 so that a stack of rank > 16 takes two
+# rank slices. On GPU: autotuned; one program computes an output tile from its row's whole
+# X Aᵀ, so a wide BLOCK_N spreads that (redundant per column block) product over more outputs,
+# while a narrow one gives short batches more programs. Ranks up to MAX_RANK are one slice:
+# a runtime loop over slices took every config to 255 registers on sm_90 (ptxas), so the
+# slices are unrolled (RANK_SLICES) and only ranks above MAX_RANK take more than one.
+_ROWS_INTERPRETER_META = {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+_ROWS_CONFIGS = [
+    triton.Config({"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=3)
+    for t, n, k, warps in [
+        (16, 64, 128, 4),
+        (16, 128, 128, 4),
+        (16, 256, 64, 4),
+        (32, 128, 64, 4),
+        (64, 128, 64, 4),
+        (128, 128, 64, 8),
+    ]
+]
+
+
+def _prune_rows(configs, named_args, **kwargs):
+    return [triton.Config(_ROWS_INTERPRETER_META)] if INTERPRETED else configs
+
+
+@triton.autotune(
+    _ROWS_CONFIGS,
+    key=["T_BUCKET", "n", "k", "r", "HAS_COLUMN_SCALE"],
+    restore_value=["Y"],  # the kernel adds into Y: each tuning run must start from the base output
+    prune_configs_by={"early_config_prune": _prune_rows},
+)
+@triton.jit
+def _lora_rows(
+    X,
+    Y,
+    adapter_of_row,
+    A,
+    B,
+    scaling,
+    column_scale,
+    bias,
+    T,
+    n,
+    k,
+    r,
+    T_BUCKET,
+    stride_xrow,
+    stride_xt,
+    stride_xk,
+    stride_aa,
+    stride_ar,
+    stride_ak,
+    stride_ba,
+    stride_bn,
+    stride_br,
+    stride_ga,
+    HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    RANK_SLICES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Y[i] += s_a · (X[i] A_aᵀ) B_aᵀ in place, a = adapter_of_row[i] (rows with a < 0 are left
+    as they are); with HAS_COLUMN_SCALE: Y[i] = Y[i] + (g_a − 1) ⊙ (Y[i] − bias) + g_a ⊙ s_a ·
+    (X[i] A_aᵀ) B_aᵀ, DoRA's eval-mode output from the base output (g_a = 1 for plain LoRA).
+
+    Program (column block, token block, row). The rank-r product S = X[i] A_aᵀ is computed in
+    RANK_SLICES slices of BLOCK_R, each reduced over k and then multiplied into the output tile,
+    so any rank runs; A, B are read straight from the stacks by the row's adapter index
+    (nothing gathered).
+    """
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    row = tl.program_id(2)
+    adapter = tl.load(adapter_of_row + row).to(tl.int64)
+    if adapter >= 0:
+        tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        x_row = X + row.to(tl.int64) * stride_xrow
+        a_adapter = A + adapter * stride_aa
+        b_adapter = B + adapter * stride_ba
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for rank_slice in tl.static_range(RANK_SLICES):
+            ranks = rank_slice * BLOCK_R + tl.arange(0, BLOCK_R)
+            s = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, k, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                x = _load(x_row, tokens, cols, stride_xt, stride_xk, T, k).to(A.dtype.element_ty)
+                a_t = _load(a_adapter, cols, ranks, stride_ak, stride_ar, k, r)
+                s = _mma(x, a_t, s, UPCAST, PRECISION)
+            b_t = _load(b_adapter, ranks, outs, stride_br, stride_bn, r, n)
+            acc = _mma(s.to(B.dtype.element_ty), b_t, acc, UPCAST, PRECISION)
+        acc *= tl.load(scaling + adapter).to(tl.float32)
+        y_row = Y + row.to(tl.int64) * T * n
+        y = _load(y_row, tokens, outs, n, 1, T, n).to(tl.float32)
+        if HAS_COLUMN_SCALE:
+            g = tl.load(column_scale + adapter * stride_ga + outs, mask=outs < n, other=1.0).to(tl.float32)[None, :]
+            direction = y
+            if HAS_BIAS:
+                direction = y - tl.load(bias + outs, mask=outs < n, other=0.0).to(tl.float32)[None, :]
+            y = y + (g - 1.0) * direction + g * acc
+        else:
+            y = y + acc
+        _store(y_row, tokens, outs, T, n, y)
+
+
+def mixed_lora_(y, x, adapter_of_row, lora_a, lora_b, scaling, column_scale=None, bias=None):
+    """Add each row's own LoRA update to the base output ``y``, in place, in one launch (the
+    BGMV/SGMV idea of Punica and S-LoRA): ``y[i] += scaling[a] · (x[i] A_aᵀ) B_aᵀ`` with
+    ``a = adapter_of_row[i]``; rows with ``a = −1`` keep the base output. With ``column_scale``
+    (DoRA): ``y[i] += (g_a − 1) ⊙ (y[i] − bias) + g_a ⊙ scaling[a] · (x[i] A_aᵀ) B_aᵀ``, the
+    eval-mode DoRA output given its precomputed ``g_a = m / ‖W + ΔW‖`` (ones for LoRA adapters).
+
+    Forward only (no autograd): for inference. The update is computed in the stacks' dtype
+    (fp32 as ``lora`` keeps them: x is cast to it, as the eager path casts it), fp32 dots follow
+    torch's matmul precision, and the sum with ``y`` is formed in fp32 and rounded once to y's
+    dtype.
+
+    :param y: the base output ``[rows, ..., n]``, contiguous; updated and returned.
+    :param x: the input ``[rows, ..., k]`` (any strides, any float dtype).
+    :param adapter_of_row: ``[rows]`` integer adapter indices into the stacks, −1 for none.
+    :param lora_a: ``[adapters, r, k]``: every adapter's A, ranks padded with zeros to ``r``
+        (any strides: a transposed view of an ``[adapters, k, r]`` stack is read in place).
+    :param lora_b: ``[adapters, n, r]``, padded alike.
+    :param scaling: ``[adapters]`` scaling factors (α/r, or α/√r for rsLoRA).
+    :param column_scale: ``[adapters, n]`` or ``None``.
+    :param bias: the base layer's bias ``[n]`` or ``None``; read only with ``column_scale``.
+    """
+    rows, k, n = x.shape[0], x.shape[-1], y.shape[-1]
+    adapters, r = lora_a.shape[0], lora_a.shape[1]
+    problems = []
+    expected = {
+        "y": (y, (*x.shape[:-1], n)),
+        "adapter_of_row": (adapter_of_row, (rows,)),
+        "lora_a": (lora_a, (adapters, r, k)),
+        "lora_b": (lora_b, (adapters, n, r)),
+        "scaling": (scaling, (adapters,)),
+        "column_scale": (column_scale, (adapters, n)),
+        "bias": (bias, (n,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if not y.is_contiguous():
+        problems.append("y must be contiguous")
+    if lora_a.dtype != lora_b.dtype:
+        problems.append(f"lora_a is {lora_a.dtype} but lora_b {lora_b.dtype}")
+    if adapter_of_row.dtype.is_floating_point:
+        problems.append("adapter_of_row must hold integers")
+    tensors = [t for t, _ in expected.values() if t is not None] + [x]
+    if any(t.device != y.device for t in tensors):
+        problems.append("tensors are on different devices")
+    if y.device.type == "cpu" and not INTERPRETED:
+        problems.append("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before this module is imported")
+    if problems:
+        raise ValueError("mixed_lora_: " + "; ".join(problems))
+    x3 = x.reshape(rows, -1, k)
+    T = x3.shape[1]
+    adapter_of_row, scaling = adapter_of_row.contiguous(), scaling.contiguous()
+    column_scale = None if column_scale is None else column_scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if rows == 0 or T == 0 or adapters == 0 or r == 0:
+        return y
+    block_r = 16 if INTERPRETED else min(MAX_RANK, max(16, triton.next_power_of_2(r)))
+    _lora_rows[lambda m: (triton.cdiv(n, m["BLOCK_N"]), triton.cdiv(T, m["BLOCK_T"]), rows)](
+        x3,
+        y,
+        adapter_of_row,
+        lora_a,
+        lora_b,
+        scaling,
+        column_scale,
+        bias,
+        T,
+        n,
+        k,
+        r,
+        triton.next_power_of_2(T),
+        *x3.stride(),
+        *lora_a.stride(),
+        *lora_b.stride(),
+        0 if column_scale is None else column_scale.stride(0),
+        HAS_COLUMN_SCALE=column_scale is not None,
+        HAS_BIAS=bias is not None,
+        UPCAST=INTERPRETED,
+        PRECISION=_dot_precision(lora_a.dtype),
+        BLOCK_R=block_r,
+        RANK_SLICES=triton.cdiv(r, block_r),
+    )
+    return y

@@ -7,8 +7,8 @@ time. Results are PEFT adapter directories (``peft_format``), which ``PeftModel.
 loads and which ``ftengine merge`` folds into a plain transformers model.
 
 Other plugins extend LoRA through the hooks this plugin adds (``lora/hookspecs.py``): a
-*variant* changes what an adapter computes (``dora``), a *kernel* computes a layer faster
-(``fused_lora``).
+*variant* changes what an adapter computes (``dora``), a *kernel* computes a layer faster, in
+training or in mixed-adapter batches (``fused_lora``).
 """
 
 import re
@@ -192,6 +192,8 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
             parameters = dict(layer.named_parameters())
             for suffix, tensor in tensors[target].items():
                 parameters[peft_format.parameter_name(suffix, name)].copy_(tensor)
+    for layer in layers:  # a kernel for mixed-adapter batches (serving), if a plugin offers one
+        layer.rows_kernel = pluginmanager.hook.ftengine_lora_rows_kernel(layer=layer)
     return model
 
 

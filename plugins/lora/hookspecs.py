@@ -63,3 +63,22 @@ def ftengine_lora_kernel(layer: LoraLinear, name: str) -> Callable[[torch.Tensor
     :param name: the adapter name.
     :return: ``fn(x) -> y`` or ``None``.
     """
+
+
+@hookspec(firstresult=True)
+def ftengine_lora_rows_kernel(layer: LoraLinear) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """Return a function computing a ``LoraLinear``'s whole output in a mixed-adapter batch
+    (``ftengine_set_adapter_rows``), or ``None`` to keep the eager gathered matmuls.
+
+    Called by ``lora`` for every layer an adapter is loaded into (``ftengine_load_adapter``),
+    once per load; the result is stored in ``layer.rows_kernel``. The function is called as
+    ``fn(x, slots)`` with ``x`` ``[rows, ..., in]`` and ``slots`` an integer tensor ``[rows]``
+    of each row's slot in ``layer.adapter_stack()`` (0: no adapter in this layer, the base
+    alone); it reads the stack at every call. It must give the eager mixed path's output (each
+    row: its adapter's eval-mode output, DoRA rows through the stack's ``column_scale``); it is
+    used without autograd only (``lora`` keeps its eager path for a forward that records a graph
+    through ``x`` or the base layer).
+
+    :param layer: a ``ftengine.plugins.lora.layer.LoraLinear``.
+    :return: ``fn(x, slots) -> y`` or ``None``.
+    """

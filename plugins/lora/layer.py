@@ -34,8 +34,10 @@ rank; slot 0, all zeros, is the base), and the update is two batched matmuls::
 where ``g_i`` is the variant's per-column scale (DoRA: ``m / ‖W + ΔW‖``), constant at
 inference and computed when the stack is built, not per forward; plain rows have ``g = 1``.
 Gathering beat grouping rows by adapter on CPU (docs/serving.md): the decode step costs the
-same as a one-adapter batch whatever the number of adapters. The path is for inference: no
-dropout, no kernel, and a merged layer refuses it.
+same as a one-adapter batch whatever the number of adapters. A *rows kernel* (from
+``ftengine_lora_rows_kernel``, asked when an adapter is loaded: ``fused_lora`` on CUDA) may
+instead compute the whole mixed output reading the stack by slot, so nothing is gathered. The
+path is for inference: no dropout, no gradients for the adapters, and a merged layer refuses it.
 
 The base layer is never copied: a wrapper only holds a reference to it. Adapter parameters are
 created in float32 on the base weight's device, whatever the base dtype (4-bit included).
@@ -43,6 +45,7 @@ created in float32 on the base weight's device, whatever the base dtype (4-bit i
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
 from ftengine.errors import AdapterError
@@ -73,6 +76,17 @@ def dense_weight(base_layer):
     return bnb_functional.dequantize_4bit(weight.data, quant_state)
 
 
+class AdapterStack(NamedTuple):
+    """Every adapter of a layer, stacked for mixed batches; slot 0 is the base (zeros)."""
+
+    slots: dict  # adapter name -> slot (1, 2, ...)
+    lora_a: torch.Tensor  # [slots, in, r_max], fp32, ranks padded with zeros
+    lora_b: torch.Tensor  # [slots, r_max, out]
+    scaling: torch.Tensor  # [slots]
+    column_scale: torch.Tensor | None  # [slots, out]: the variant's g (ones for plain LoRA), or None
+    scaled: set  # the slots with a variant's column scale
+
+
 class LoraLinear(nn.Module):
     """A frozen linear layer plus named LoRA adapters (see the module docstring).
 
@@ -92,6 +106,7 @@ class LoraLinear(nn.Module):
         self.scaling = {}
         self.variant = {}
         self.kernel = {}
+        self.rows_kernel = None  # fn(x, slots) -> y for mixed batches (ftengine_lora_rows_kernel)
         self.active_adapter = None
         self.merged = False
         # What the merged variant needs to unmerge and cannot recompute (DoRA's row norms).
@@ -176,11 +191,11 @@ class LoraLinear(nn.Module):
     # ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _adapter_stack(self):
-        """``(slot by name, A [n+1, in, r_max], B [n+1, r_max, out], scaling [n+1], g [n+1, out]
-        or None, slots with a g)``; slot 0 is the base (zeros). Rebuilt after adapters are added
-        or deleted. The scaling stays a separate factor, applied after B as the single-adapter
-        forward does, so a row's output matches it to rounding."""
+    def adapter_stack(self):
+        """The ``AdapterStack``: A ``[n+1, in, r_max]``, B ``[n+1, r_max, out]``, scaling
+        ``[n+1]``, g ``[n+1, out]`` or None; slot 0 is the base (zeros). Cached; rebuilt after
+        adapters are added or deleted. The scaling stays a separate factor, applied after B as
+        the single-adapter forward does, so a row's output matches it to rounding."""
         if self._stack is not None:
             return self._stack
         names = list(self.lora_A)
@@ -208,29 +223,42 @@ class LoraLinear(nn.Module):
                 scales = torch.ones(len(names) + 1, self.out_features, device=device)
             scales[slot] = column_scale(self, name)
             scaled.add(slot)
-        self._stack = ({name: slot for slot, name in enumerate(names, start=1)}, stack_a, stack_b, scaling, scales, scaled)
+        slots = {name: slot for slot, name in enumerate(names, start=1)}
+        self._stack = AdapterStack(slots, stack_a, stack_b, scaling, scales, scaled)
         return self._stack
 
     def set_adapter_rows(self, names):
         """Use adapter ``names[i]`` for row ``i`` of the next forwards (``None`` or a name this
         layer lacks: the base layer alone for that row); ``names=None``: back to the active
         adapter. Adapter weights changed after this call are not seen until it is called again
-        after an adapter is added or deleted (the stack is cached)."""
+        after an adapter is added or deleted (the stack is cached). With a rows kernel only the
+        rows' slots are kept: the kernel reads the stack itself."""
         if names is None:
             self._rows = None
             return
         if self.merged:
             raise AdapterError("a merged LoRA layer cannot use one adapter per row: unmerge the adapters first")
-        slots, stack_a, stack_b, scaling, scales, scaled = self._adapter_stack()
-        row_slots = [slots.get(name, 0) for name in names]
-        index = torch.tensor(row_slots, device=stack_a.device)
-        row_scales = scales[index] if scaled.intersection(row_slots) else None
-        self._rows = (stack_a[index], stack_b[index], scaling[index].view(-1, 1, 1), row_scales)
+        stack = self.adapter_stack()
+        row_slots = [stack.slots.get(name, 0) for name in names]
+        index = torch.tensor(row_slots, device=stack.lora_a.device)
+        self._rows = (index, None if self.rows_kernel is not None else self._gather_rows(stack, index, row_slots))
+
+    @staticmethod
+    def _gather_rows(stack, index, row_slots):
+        """Each row's ``(A [rows, in, r_max], B [rows, r_max, out], scaling [rows, 1, 1], g
+        [rows, out] or None)``, copied out of the stack."""
+        row_scales = stack.column_scale[index] if stack.scaled.intersection(row_slots) else None
+        return (stack.lora_a[index], stack.lora_b[index], stack.scaling[index].view(-1, 1, 1), row_scales)
 
     def _forward_rows(self, x):
-        rows_a, rows_b, row_scaling, row_scales = self._rows
-        if x.shape[0] != rows_a.shape[0]:
-            raise AdapterError(f"a batch of {x.shape[0]} rows, but adapters were set for {rows_a.shape[0]} rows")
+        index, gathered = self._rows
+        if x.shape[0] != index.shape[0]:
+            raise AdapterError(f"a batch of {x.shape[0]} rows, but adapters were set for {index.shape[0]} rows")
+        if gathered is None:
+            if not self._needs_autograd(x):
+                return self.rows_kernel(x, index)
+            gathered = self._gather_rows(self.adapter_stack(), index, index.tolist())  # the kernel has no backward
+        rows_a, rows_b, row_scaling, row_scales = gathered
         base_output = self.base_layer(x)
         flat = x.to(rows_a.dtype).reshape(x.shape[0], -1, self.in_features)
         update = (torch.bmm(torch.bmm(flat, rows_a), rows_b) * row_scaling).view(*x.shape[:-1], self.out_features)
@@ -240,6 +268,11 @@ class LoraLinear(nn.Module):
         bias = self.base_layer.bias
         direction_output = base_output if bias is None else base_output - bias
         return (base_output + (scale - 1) * direction_output + scale * update).to(base_output.dtype)
+
+    def _needs_autograd(self, x):
+        """Whether this forward records a graph through x or the base layer (the adapters in the
+        stack are constants either way)."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.base_layer.parameters()))
 
     @torch.no_grad()
     def merge(self):
