@@ -143,6 +143,17 @@ def test_dpo_under_ddp_equals_one_process(work, tmp_path, cached):
     assert "reward_accuracy" in metrics
 
 
+def test_dpo_with_full_fine_tuning_under_ddp_equals_one_process(work, tmp_path):
+    """No adapter to switch off: the reference is a frozen copy of the model, made on every rank
+    when training starts (fsdp refuses this combination: a sharded model cannot be copied)."""
+    opts = overrides(work, tmp_path / "one", "train.lr=1e-3", data="prefs.jsonl", evaluation="prefs.jsonl")
+    opts += ["train.batch_size=2"]
+    one_process(["full", "dpo"], opts)
+    launch(["full", "dpo", "ddp"], [o.replace(str(tmp_path / "one"), str(tmp_path / "two")) for o in opts])
+    assert_same_run(tmp_path / "one", tmp_path / "two", weights="model.safetensors")
+    assert "reward_accuracy" in records(tmp_path / "two")[0]
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_prompt_tuning_on_two_processes_equals_one(work, tmp_path, parallel):
     """Under fsdp the virtual tokens are in the root unit, sharded like the embeddings."""
