@@ -19,6 +19,7 @@ rank 0 alone writes; see ``docs/distributed.md``.
 import json
 import math
 import random
+import signal
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -197,10 +198,12 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
                 log(state, {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}, metrics_file)
             saved = save_checkpoint(run) if train_options.save_every and state.step % train_options.save_every == 0 else None
             pm.hook.ftengine_on_step_end(model=model, state=state)
-            # Every rank stops after the same step, whichever rank the signal reached.
-            stop.signum = world.max(stop.signum or 0) or None
-            if stop.signum:
-                raise interrupted(stop, state, saved or save_checkpoint(run))
+            # Every rank stops after the same step, whichever rank the signal reached. What they
+            # agree on is not written back to ``stop.signum``: a signal that lands while this
+            # rank waits in the collective, its own 0 already given, must count next step.
+            agreed = world.max(stop.signum or 0)
+            if agreed:
+                raise interrupted(agreed, state, saved or save_checkpoint(run))
         stop.arm("finishing the final evaluation and saving the result")
         summary["after"] = {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}
         log(state, summary["after"], metrics_file)
@@ -392,10 +395,10 @@ def nonfinite_error(state, record, skipped):
     )
 
 
-def interrupted(stop, state, saved):
+def interrupted(signum, state, saved):
     return RunInterrupted(
-        f"{stop.name}: stopped after step {state.step} of {state.max_steps}; checkpoint written to {saved}",
-        stop.signum,
+        f"{signal.Signals(signum).name}: stopped after step {state.step} of {state.max_steps}; checkpoint written to {saved}",
+        signum,
         step=state.step,
         checkpoint=saved,
     )

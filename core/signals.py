@@ -11,6 +11,10 @@ save. Once armed, the first signal only sets ``signum``; the loop finishes the s
 checkpoint and stops with exit status 128 + signal (130 for SIGINT, 143 for SIGTERM). A second
 signal raises ``SignalInterrupt`` (a ``KeyboardInterrupt``) at once (temporary files are cleaned up; the last complete
 checkpoint stays).
+
+On several processes the loop agrees on stopping with the other ranks after each step (the
+largest ``signum``, an all-reduce) without writing the result back: ``signum`` stays this
+rank's own, so a signal that lands during that all-reduce counts at the next step.
 """
 
 import os
@@ -74,7 +78,3 @@ class StopSignals:
         again = "Ctrl-C" if signum == signal.SIGINT else name
         # os.write: printing from a signal handler must not re-enter a buffered stream.
         os.write(2, f"\n{name}: {self.doing} ({again} again stops at once)\n".encode())
-
-    @property
-    def name(self):
-        return signal.Signals(self.signum).name if self.signum else None
