@@ -185,7 +185,7 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
     summary, skipped = {"before": None, "after": None}, 0
     with ExitStack() as files:
         metrics_file = files.enter_context(open(output_dir / "metrics.jsonl", "a")) if world.is_main else None
-        pm.hook.ftengine_on_train_start(model=model, datasets=run.datasets, state=state)
+        pm.hook.ftengine_on_train_start(model=model, tokenizer=run.tokenizer, datasets=run.datasets, state=state)
         if eval_before and not resume:
             summary["before"] = {"step": 0, **evaluate(model, run.tokenizer, run.datasets, state)}
             log(state, summary["before"], metrics_file)
