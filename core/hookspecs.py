@@ -296,10 +296,15 @@ def ftengine_compute_loss(model: nn.Module, batch: dict[str, Any], state: RunSta
 
 
 @hookspec
-def ftengine_on_train_start(model: nn.Module, datasets: Datasets, state: RunState) -> None:
+def ftengine_on_train_start(model: nn.Module, tokenizer: PreTrainedTokenizerBase, datasets: Datasets, state: RunState) -> None:
     """Called once after the model, optimiser and data are ready, before the first step.
 
+    On a fresh run the model is still the base model here: a plugin that compares against the
+    base without keeping a copy (a forgetting check under full fine-tuning) computes what it
+    needs now.
+
     :param model: the model to train.
+    :param tokenizer: its tokenizer.
     :param datasets: the ``Datasets`` from ``ftengine_load_dataset`` (DPO precomputes reference
         log-probs over them).
     :param state: the ``RunState`` (``state.step`` is above 0 when resuming).

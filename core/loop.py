@@ -174,7 +174,7 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
     )
     with ExitStack() as files:
         metrics_file = files.enter_context(open(output_dir / "metrics.jsonl", "a")) if world.is_main else None
-        pm.hook.ftengine_on_train_start(model=model, datasets=run.datasets, state=state)
+        pm.hook.ftengine_on_train_start(model=model, tokenizer=run.tokenizer, datasets=run.datasets, state=state)
         if not resume:
             summary["baselines"] = evaluate_baselines(model, run.tokenizer, run.datasets, state)
             for label, record in summary["baselines"].items():

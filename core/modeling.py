@@ -95,6 +95,23 @@ def generate_greedy(model, tokenizer, texts, max_new_tokens, add_special_tokens=
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def stop_token_ids(tokenizer):
+    """The token ids that end an answer: eos, plus the token that closes an assistant turn in the
+    chat template when it differs (a base model's eos is often ``<|endoftext|>`` while its
+    template ends turns with ``<|im_end|>``, which is what fine-tuning teaches it to emit)."""
+    stop_ids = [tokenizer.eos_token_id]
+    if not tokenizer.chat_template:
+        return stop_ids
+    sentinel = "\x00answer\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}], tokenize=False
+    )
+    after_answer = tokenizer(rendered.split(sentinel, 1)[1], add_special_tokens=False)["input_ids"]
+    if after_answer and after_answer[0] in tokenizer.all_special_ids and after_answer[0] not in stop_ids:
+        stop_ids.append(after_answer[0])
+    return stop_ids
+
+
 def output_head(model):
     """The model's output (vocabulary) projection, or ``None`` for a model without one."""
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -68,7 +68,7 @@ def start(config, pm, model, tokenizer, tmp_path):
     state = RunState(config=config, pm=pm, output_dir=tmp_path / "out", device=torch.device("cpu"), adapter_name=adapter_name)
     state.output_dir.mkdir(parents=True, exist_ok=True)
     datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)
-    pm.hook.ftengine_on_train_start(model=model, datasets=datasets, state=state)
+    pm.hook.ftengine_on_train_start(model=model, tokenizer=tokenizer, datasets=datasets, state=state)
     return state
 
 

@@ -188,7 +188,9 @@ class DoublingKernel:
 def test_kernel_hook_result_is_used_only_while_the_adapter_is_active_and_unmerged(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
     run.pm.register(DoublingKernel())
-    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=run_state(run))
+    run.pm.hook.ftengine_on_train_start(
+        model=run.model, tokenizer=run.tokenizer, datasets=SimpleNamespace(stats={}), state=run_state(run)
+    )
     layer = run.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 32)
     assert callable(layer.kernel["default"])
@@ -202,7 +204,9 @@ def test_kernel_hook_result_is_used_only_while_the_adapter_is_active_and_unmerge
 
 def test_without_a_kernel_plugin_layers_run_eagerly(tiny_model_dir, tmp_path):
     run = build_lora(tiny_model_dir, tmp_path)
-    run.pm.hook.ftengine_on_train_start(model=run.model, datasets=SimpleNamespace(stats={}), state=run_state(run))
+    run.pm.hook.ftengine_on_train_start(
+        model=run.model, tokenizer=run.tokenizer, datasets=SimpleNamespace(stats={}), state=run_state(run)
+    )
     assert all(layer.kernel == {"default": None} for _, layer in lora_layers(run.model))
 
 

@@ -168,9 +168,10 @@ def test_training_lowers_the_loss(workdir, trained):
 
 def test_memory_line_is_printed_at_train_start(workdir, capsys):
     config, pm = configure(None, ["lora", "qlora"], overrides(workdir))
-    model, _, info = build(config, pm)
+    model, tokenizer, info = build(config, pm)
     pm.hook.ftengine_on_train_start(
         model=model,
+        tokenizer=tokenizer,
         datasets=SimpleNamespace(stats={}),
         state=RunState(config=config, pm=pm, output_dir=workdir / "out", device=torch.device("cpu"), build_info=info),
     )

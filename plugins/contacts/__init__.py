@@ -16,7 +16,7 @@ Options, in the ``contacts:`` config section: ``eval_batch_size``, ``max_new_tok
 import json
 
 from ftengine import hookimpl
-from ftengine.modeling import autocast, generate_greedy
+from ftengine.modeling import autocast, generate_greedy, stop_token_ids
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import task
@@ -46,21 +46,6 @@ def _reference_record(index, row):
     return json.loads(messages[-1]["content"])
 
 
-def _stop_token_ids(tokenizer):
-    """eos, plus the token that closes an assistant turn in the chat template when it differs
-    (a base model's eos is often ``<|endoftext|>`` while its template ends turns with
-    ``<|im_end|>``, which is what fine-tuning teaches it to emit)."""
-    sentinel = "\x00answer\x00"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}], tokenize=False
-    )
-    after_answer = tokenizer(rendered.split(sentinel, 1)[1], add_special_tokens=False)["input_ids"]
-    stop_ids = [tokenizer.eos_token_id]
-    if after_answer and after_answer[0] in tokenizer.all_special_ids and after_answer[0] not in stop_ids:
-        stop_ids.append(after_answer[0])
-    return stop_ids
-
-
 def prompts_of(tokenizer, rows, shots=None):
     """The rendered prompt of each chat row: every message but a final assistant one, after
     the ``shots`` conversations (few-shot prompting) when given."""
@@ -87,7 +72,7 @@ def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96, shots=None
     untrained model that pretty-prints JSON then costs a few tokens instead of all of them.
     """
     prompts = prompts_of(tokenizer, rows, shots)
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
     for start in range(0, len(by_length), batch_size):
