@@ -14,6 +14,7 @@ from ftengine.errors import ConfigError
 from ftengine.plugins import tensorboard as tensorboard_plugin
 from ftengine.plugins.contacts.task import write_splits
 from ftengine.report import comparison_rows, draw_report, split_metrics
+from ftengine.rundir import move_run_aside
 from ftengine.state import RunState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -203,6 +204,15 @@ def test_report_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, c
     assert printed.out.count("\n") == 1 and "pip install 'ftengine[report]'" in printed.out
     assert f"ftengine report {run_dir}" in printed.out
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+
+
+def test_overwrite_moves_the_earlier_report_aside_with_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, HANDMADE)
+    draw_report(run_dir)
+    (run_dir / "final").mkdir()
+    moved = move_run_aside(run_dir)
+    assert sorted(p.name for p in moved.iterdir()) == ["final", "metrics.jsonl", "report.png"]
 
 
 def test_a_report_that_cannot_be_drawn_never_fails_the_run(tmp_path, capsys):
