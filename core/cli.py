@@ -1,4 +1,4 @@
-"""The ``ftengine`` command line: ``run``, ``plugins``, plus commands plugins register."""
+"""The ``ftengine`` command line: ``run``, ``plugins``, ``report``, plus commands plugins register."""
 
 import errno
 import json
