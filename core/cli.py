@@ -1,4 +1,4 @@
-"""The ``ftengine`` command line: ``run``, ``plugins``, plus commands plugins register."""
+"""The ``ftengine`` command line: ``run``, ``plugins``, ``report``, plus commands plugins register."""
 
 import errno
 import json
@@ -158,6 +158,7 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
         sys.exit(exc.exit_code)
     if not _rank():
         print_summary(summary)
+        draw_run_report(summary["output_dir"])
 
 
 def worker_args(config_file, plugins, overrides, resume, overwrite, eval_before):
@@ -241,6 +242,22 @@ def time_breakdown(summary):
 BASELINE_TITLES = {"zero_shot": "zero-shot", "few_shot": "few-shot (k={shots})"}
 
 
+def draw_run_report(output_dir):
+    """Draw ``output_dir/report.png`` at the end of a run; a picture never fails the run."""
+    from .report import REPORT_FILE, draw_report, matplotlib_installed
+
+    if not matplotlib_installed():
+        line = f"no {REPORT_FILE}: pip install 'ftengine[report]', then: ftengine report {shlex.quote(output_dir)}"
+        console.print(escape(line), soft_wrap=True, highlight=False)
+        return
+    try:
+        path = draw_report(output_dir)
+    except Exception as exc:  # the run itself succeeded: its result is saved
+        err_console.print(f"[yellow]warning:[/yellow] {REPORT_FILE} was not drawn: {escape(str(exc))}", highlight=False)
+        return
+    console.print(f"report: [bold]{escape(str(path))}[/bold]", soft_wrap=True, highlight=False)
+
+
 def _fmt(value):
     if value is None:
         return "-"
@@ -264,6 +281,25 @@ def plugins_command(as_json):
         hook_text = hooks if isinstance(hooks, str) else ", ".join(h.removeprefix("ftengine_") for h in hooks)
         table.add_row(name, str(version), source, "yes" if is_default else "", hook_text)
     console.print(table)
+
+
+@cli.command(name="report")
+@click.argument("run_dir", type=click.Path())
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The file to write (default RUN_DIR/report.png); .svg for SVG.",
+)
+def report_command(run_dir, output):
+    """Draw a run's losses, learning rate and before/after metrics from RUN_DIR/metrics.jsonl.
+
+    RUN_DIR is a run's output_dir; 'ftengine run' draws RUN_DIR/report.png itself when
+    matplotlib is installed (pip install 'ftengine[report]').
+    """
+    from .report import draw_report
+
+    console.print(f"report: [bold]{escape(str(draw_report(run_dir, output)))}[/bold]", soft_wrap=True, highlight=False)
 
 
 cli.add_command(merge)

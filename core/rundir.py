@@ -29,7 +29,7 @@ from .errors import RunDirError
 
 LOCK_FILE = ".ftengine.lock"
 #: What a run writes into its output_dir; --overwrite moves exactly these aside.
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final", "ref_logps.safetensors")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final", "ref_logps.safetensors", "report.png")
 REPLACED_PREFIX = "replaced-"
 
 
