@@ -27,23 +27,26 @@ def default_job_config():
     return {
         "model": "default",
         "output_dir": "runs/default",
-        "plugins": ["lora", "contacts"],
+        "plugins": ["lora", "contacts", "drift"],
         "data": {
             "train": str(data_dir / "train.jsonl"),
             "eval": str(data_dir / "valid.jsonl"),
             "eval_sets": {"heldout": str(data_dir / "heldout.jsonl")},
         },
-        "eval": {"baselines": ["zero_shot", "few_shot"], "few_shot_k": 3},
+        # Baselines on 24 rows of each set: a few-shot prompt is four times a plain one.
+        "eval": {"baselines": ["zero_shot", "few_shot"], "few_shot_k": 3, "baseline_rows": 24},
+        # 512 examples as 256 steps of 2: measured against 64 of 8 and 128 of 4 (same examples,
+        # about the same time), more updates copied names, numbers and e-mails better.
         "train": {
-            "max_steps": 64,
-            "batch_size": 8,
-            "lr": 2e-3,
-            "warmup_steps": 4,
+            "max_steps": 256,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "warmup_steps": 8,
             "max_length": 256,
             "group_by_length": True,
             "seed": 0,
         },
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         # The longest reference answer is 75 tokens; more would only let a wrong answer ramble.
-        "contacts": {"max_new_tokens": 80},
+        "contacts": {"max_new_tokens": 80, "eval_batch_size": 48},
     }
