@@ -315,12 +315,15 @@ def ftengine_on_train_start(model: nn.Module, tokenizer: PreTrainedTokenizerBase
 def ftengine_on_log(state: RunState, record: dict[str, Any]) -> None:
     """Called for each metrics record: every ``train.log_every`` steps and every evaluation.
 
-    The core writes each record as one line of ``metrics.jsonl``; the ``progress`` plugin
-    shows them.
+    Called on the main process only. The core writes each record as one line of
+    ``metrics.jsonl``; the ``progress`` plugin shows them, the ``tensorboard`` plugin is an
+    example of a logging plugin.
 
     :param state: the ``RunState``.
-    :param record: a dict; training records hold ``step``, ``loss``, ``lr``,
-        ``tokens_per_s``; evaluation records hold ``step`` and ``eval_*`` keys.
+    :param record: a dict; training records hold ``step``, ``loss``, ``lr``, ``grad_norm``,
+        ``tokens_per_s``, ``step_time_s``; evaluation records hold ``step``, ``eval_*`` keys
+        (``eval_<set>_*`` for ``data.eval_sets``) and ``eval_time_s``; a baseline's evaluation
+        (``eval.baselines``) is a step-0 record with ``baseline`` (its name) as well.
     """
 
 
