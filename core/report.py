@@ -28,8 +28,8 @@ FORMATS = {".png": "png", ".svg": "svg"}
 MAX_FRACTION_METRICS = 10
 #: Metrics shown first, in this order (then held-out ones, then per-field ones, then the rest).
 HEADLINE = ("exact_match", "schema_valid")
-#: Evaluation keys that are never fractions, whatever their value.
-NOT_FRACTIONS = ("loss", "kl", "ppl")
+#: Words of evaluation keys that are never fractions, whatever their value (eval_time_s may be 0.4).
+NOT_FRACTIONS = ("loss", "kl", "ppl", "time", "tokens")
 
 
 def read_metrics(run_dir):
