@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ftengine.adapter_contract import AdapterContract
-from ftengine.loop import save
 from ftengine.serving import AdapterServer
+from test_serving import save_adapter
 from torch import nn
 
 pytest.importorskip("triton", reason="the fused_lora kernels are written in Triton, which is not installed")
@@ -166,15 +165,6 @@ ADAPTERS = {
 }
 ROWS = [None, "r4", "r8", "rs", "dora", "qv"]
 PROMPTS = ["Reverse: alpha", "Hi", "Reverse: the longest prompt", "abc", "x", "Reverse: beta"]
-
-
-def save_adapter(model_dir, path, plugins, overrides, seed=0, scale=0.1):
-    contract = AdapterContract()
-    contract.plugins, contract.overrides = plugins, overrides
-    run = contract.build(model_dir, path)
-    torch.manual_seed(seed)
-    contract.perturb(run.model, run.info["trainable"], scale=scale)
-    return save(run.model, run.tokenizer, run.config, run.pm, path / "adapter")
 
 
 @pytest.fixture(scope="module")
