@@ -97,6 +97,11 @@ class TrainOptions(Section):
     eval_batch_size: PositiveInt = 16
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="bf16: compute under bfloat16 autocast (weights and optimiser stay fp32); fp32: no autocast; "
+        "auto: bf16 on CUDA, fp32 on a CPU",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or gradient norm: stop the run, or skip the step (no update)"
     )

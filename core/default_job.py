@@ -16,6 +16,7 @@ HELDOUT_ROWS = 100  # scored rows phrased unlike them: the number that matters
 
 def default_job_config():
     """The default job's config as a dict."""
+    from ftengine.modeling import cpu_computes_bf16
     from ftengine.plugins.contacts.heldout import write_heldout
     from ftengine.plugins.contacts.task import write_splits
     from ftengine.plugins.hf_loader import cache_dir
@@ -45,6 +46,8 @@ def default_job_config():
             "max_length": 256,
             "group_by_length": True,
             "seed": 0,
+            # bf16 autocast where the CPU computes it natively: measured 1.6x faster LoRA steps.
+            "precision": "bf16" if cpu_computes_bf16() else "auto",
         },
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         # The longest reference answer is 75 tokens; more would only let a wrong answer ramble.

@@ -33,7 +33,7 @@ from .config import dump_config
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, FtengineError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
-from .modeling import autocast, to_device
+from .modeling import autocast, autocast_dtype_for, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir
 from .signals import RunInterrupted, StopSignals
@@ -262,7 +262,7 @@ def prepare(config, pm, output_dir, resume, world=None):
         pm=pm,
         output_dir=output_dir,
         device=device,
-        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        autocast_dtype=autocast_dtype_for(config.train.precision, device),
         max_steps=max_steps,
         adapter_name=info["adapter_name"],
         build_info=info,

@@ -18,6 +18,21 @@ import torch
 from .data import IGNORE_INDEX
 
 
+def autocast_dtype_for(precision, device):
+    """The dtype a run autocasts to under ``train.precision`` on ``device``, or ``None`` to
+    compute in the weights' dtype. ``auto`` keeps CPU runs in fp32 (exact, the same on every CPU)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def cpu_computes_bf16():
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast is
+    faster than fp32; elsewhere it is emulated, and slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
 def autocast(state):
     """The run's mixed-precision context: ``torch.autocast`` to ``state.autocast_dtype`` on
     ``state.device``, or a no-op when the run computes in the weights' dtype (``None``)."""

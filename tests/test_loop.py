@@ -164,6 +164,18 @@ def test_gradient_checkpointing_gives_the_same_losses(run_overrides, tmp_path):
         assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_bf16_precision_trains_under_autocast_on_a_cpu(run_overrides, tmp_path):
+    """``train.precision: bf16`` computes the steps in bfloat16 on a CPU (the weights stay fp32):
+    the losses follow the fp32 run's closely without equalling them (CPU fp32 runs repeat exactly)."""
+    run(run_overrides + [f"output_dir={tmp_path / 'fp32'}"], plugins=("lora",))
+    run(run_overrides + [f"output_dir={tmp_path / 'bf16'}", "train.precision=bf16"], plugins=("lora",))
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert [s for s, _ in fp32] == [s for s, _ in bf16]
+    assert all(a != b for (_, a), (_, b) in zip(fp32, bf16))
+    for (_, a), (_, b) in zip(fp32, bf16):
+        assert b == pytest.approx(a, rel=2e-2)
+
+
 def test_truncation_is_reported_when_training_starts(run_overrides, tiny_data, capsys):
     from ftengine.data import IGNORE_INDEX, load_sft_file
     from ftengine.testing import tiny_tokenizer
