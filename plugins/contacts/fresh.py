@@ -46,26 +46,24 @@ def _words(text):
 
 # --- pools -----------------------------------------------------------------------------------
 
-GIVEN = _words(
-    # West / East Africa
-    "Chidi Adaeze Tunde Folake Emeka Ngozi Kwabena Akosua Kofi Baraka Zawadi Imani Selam Dawit Hiwot "
-    # Middle East, Iran, Turkey
-    "Karim Layla Yousef Rania Tariq Samira Dariush Shirin Navid Parisa Emre Elif Burak Zeynep "
-    # South Asia
-    "Arjun Priyanka Rohan Kavya Sanjay Meera Vikram Anjali Karthik Lakshmi Anik Tahmina Bilal Hira "
-    # East / Southeast Asia
-    "Wei Xiaoling Jun Mei Haoran Yuting Minjun Seoyeon Jiho Hyejin Haruto Yui Kenji Ayaka Takumi "
-    "Thanh Linh Quang Ngoc Maricel Jerome Rowena Somchai Ploy Budi Ayu "
-    # Latin America, Iberia, Italy, France
-    "Alejandro Ximena Mateo Valentina Joaquin Guadalupe Rocio Esteban Thiago Larissa Joao Beatriz "
-    "Giulia Matteo Lorenzo Chiara Amelie Baptiste Solene Etienne "
-    # Central / Northern / Eastern Europe
-    "Lukas Friederike Jonas Annika Joris Femke Sanne Sigrid Anders Linnea Eskil Krzysztof Agnieszka "
-    "Wojciech Dmitri Oksana Yaroslav Natalia Eleni Stavros Dimitra "
-    # Ireland, Scotland, Wales, English-speaking North America
-    "Niamh Ciaran Eilidh Ruairi Rhys Carys Tyler Brooke Dwayne Shelby Cody Harold Margaret Dolores "
-    "Wendell Noa Eitan Tamar Kalani Leilani Keoni Jean-Luc Mary-Kate Ji-woo Marie-Claude"
+# Given names of many origins, by the titles and middle names that suit them.
+GIVEN_F = _words(
+    "Adaeze Folake Ngozi Akosua Zawadi Imani Selam Hiwot Layla Rania Samira Shirin Parisa Elif Zeynep "
+    "Priyanka Kavya Meera Anjali Lakshmi Tahmina Hira Xiaoling Mei Yuting Seoyeon Hyejin Yui Ayaka Linh "
+    "Ngoc Maricel Rowena Ploy Ayu Ximena Valentina Guadalupe Rocio Larissa Beatriz Giulia Chiara Amelie "
+    "Solene Friederike Annika Femke Sanne Sigrid Linnea Agnieszka Oksana Natalia Eleni Dimitra Niamh "
+    "Eilidh Carys Brooke Margaret Dolores Tamar Leilani Mary-Kate Marie-Claude"
 )
+GIVEN_M = _words(
+    "Chidi Tunde Emeka Kwabena Kofi Baraka Dawit Karim Yousef Tariq Dariush Navid Emre Burak Arjun Rohan "
+    "Sanjay Vikram Karthik Anik Bilal Wei Haoran Minjun Haruto Kenji Takumi Quang Jerome Somchai Budi "
+    "Alejandro Mateo Joaquin Esteban Thiago Joao Matteo Lorenzo Baptiste Etienne Lukas Jonas Joris Anders "
+    "Eskil Krzysztof Wojciech Dmitri Yaroslav Stavros Ciaran Ruairi Rhys Dwayne Cody Harold Wendell Eitan "
+    "Keoni Jean-Luc"
+)
+GIVEN_X = _words("Jun Jiho Thanh Tyler Noa Kalani Ji-woo Shelby Sasha Remy")
+GIVEN = GIVEN_F + GIVEN_M + GIVEN_X
+GENDER = {**dict.fromkeys(GIVEN_F, "f"), **dict.fromkeys(GIVEN_M, "m"), **dict.fromkeys(GIVEN_X, "x")}
 
 SURNAMES = _words(
     "Adeyemi Okonkwo Mensah Asante Kimani Wanjiru Tesfaye Haddad Khalil Mansour Farahani Tehrani "
@@ -78,9 +76,18 @@ SURNAMES = _words(
     "Brennan Hawthorne Goldberg Ben-David Friedman Kahananui Akana Begay D'Amico Al-Sayed Ng Le"
 ) + ("de Groot", "Dela Cruz", "St. Pierre", "Van Horn", "De Luca", "da Silva", "El Amrani")
 
-MIDDLE = _words("Rose James Amir Lee Marie Jose Tomas Grace Ann Kai Ray Nia")
+MIDDLE = {
+    "f": _words("Rose Marie Grace Ann Nia Lee Kai"),
+    "m": _words("James Amir Jose Tomas Ray Lee Kai"),
+    "x": _words("Lee Kai"),
+}
 SUFFIXES = ("Jr.", "Sr.", "II", "III", "IV")
-TITLES = ("Dr.", "Dr", "Prof.", "Ms.", "Ms", "Mrs.", "Mr.", "Mr", "Mx.")
+TITLES = {
+    "f": ("Dr.", "Dr", "Prof.", "Ms.", "Ms", "Mrs.", "Mx."),
+    "m": ("Dr.", "Dr", "Prof.", "Mr.", "Mr", "Mx."),
+    "x": ("Dr.", "Prof.", "Mx."),
+}
+SALUTATION = {"f": "Ms.", "m": "Mr.", "x": "Mx."}
 
 CITIES = (
     # United States
@@ -243,13 +250,13 @@ class Subject:
         if roll < 0.14:
             parts.append(rng.choice("ABCDEFGHJKLMNPRSTVW") + ".")
         elif roll < 0.22:
-            parts.append(rng.choice(MIDDLE))
+            parts.append(rng.choice(MIDDLE[GENDER[given]]))
         parts.append(surname)
         if rng.random() < 0.06:
             parts.append(rng.choice(SUFFIXES))
         self.given = given
         self.full = " ".join(parts)
-        self.title = rng.choice(TITLES) if rng.random() < 0.18 else None
+        self.title = rng.choice(TITLES[GENDER[given]]) if rng.random() < 0.18 else None
         self.digits = _random_phone(rng)
         self.address = f"{_email_local(rng, given, surname, 'name' in present)}@{rng.choice(DOMAINS)}"
         self.date_value = dt.date(2024, 1, 1) + dt.timedelta(days=rng.randrange(0, 3 * 365))
@@ -391,7 +398,14 @@ def rental(rng, s):
         "phone": ("Phone is {v}.", "Best number: {v}.", "Call or text {v}."),
         "date": ("Ideally I'd move in {v}.", "I could sign as early as {v}.", "Is {v} possible for a viewing?"),
     }
-    head = rng.choice((f"Hi {landlord.given},", f"Hello Mr. {landlord.full.split()[-1]},", "Hi there,", "Re: listing"))
+    head = rng.choice(
+        (
+            f"Hi {landlord.given},",
+            f"Hello {SALUTATION[GENDER[landlord.given]]} {landlord.full.split()[-1]},",
+            "Hi there,",
+            "Re: listing",
+        )
+    )
     text = [f"I saw your ad for {unit} {_street(rng)} and I'm very interested."]
     text += _pick(rng, bank, s)
     text += _maybe(
@@ -438,7 +452,7 @@ def league(rng, s):
         "age": ("Player age: {v}.", "Listed age {v} (adult bracket).", "{v} years old per waiver."),
         "city": ("Plays out of {v}.", "Home club city: {v}.", "Hometown on file: {v}."),
         "email": ("Schedule emails go to {v}.", "Contact email {v}.", "Login: {v}"),
-        "phone": ("Emergency-call number given: {v}.", "Player phone {v}.", "Cell {v}."),
+        "phone": ("Number on the waiver: {v}.", "Player phone {v}.", "Cell {v}."),
         "date": ("First game is {v}.", "Season opener: {v}.", "Registered on {v}."),
     }
     text = [f"{who} is registered for {sport}."] + _pick(rng, bank, s)
