@@ -1,29 +1,37 @@
 """A second, independent held-out evaluation set for the "contacts" task.
 
 Written by an engineer who was given only the output contract (the docstring of
-``ftengine.plugins.contacts.task``) and who never opened the training generator, the first
-held-out generator (``heldout.py``), their tests, or any data file under
-``examples/contacts/data``. Only ``KEYS``, ``compact`` and ``user_message`` are imported from the
-task module, so the rows have the same shape; every message kind, frame, name, city, spelling
-and piece of noise here is this module's own. The set therefore measures how a fine-tuned model
-does on wording nobody tuned for::
+``ftengine.plugins.contacts.task`` and the conventions in ``examples/contacts/README.md``) and who
+never opened the training generator, the first held-out generator (``heldout.py``), their tests,
+or any data file under ``examples/contacts/data``. Only ``KEYS``, ``compact`` and
+``user_message`` are imported from the task module, so the rows have the same shape; every kind
+of message, frame, name, city, spelling and piece of noise here is this module's own. The set
+therefore measures how a fine-tuned model does on wording nobody tuned for::
 
     from ftengine.plugins.contacts.fresh import generate_fresh, write_fresh
     rows = generate_fresh(100, seed=7)        # [{"messages": [user, assistant]}, ...]
     write_fresh("examples/contacts/data")     # -> examples/contacts/data/fresh.jsonl
 
-Sixteen kinds of message (``KINDS``): an RSVP reply, a clinic appointment note, a rental
-inquiry, a volunteer sign-up form, a sports-league registration, a hotel front-desk log, a
-recruiter's screening notes, an OCR'd business card, a support-call transcript, a marketplace
-listing, a pet-adoption application, an invoice, a courier delivery slip, a friend's referral, a
-pasted spreadsheet row and a text-message thread. Fields come in random order, each present
-with some probability (about 60% of fields overall), forms sometimes mark an absent field
-(``n/a``, ``TBD``, an empty cell). Other people (staff, senders, captains, landlords) appear
-with their own names, phones and e-mails, always framed as theirs; a message never holds a
-second date, city or age that could be the contact's.
+Sixteen kinds of message (``KINDS``): an RSVP reply, a clinic front-desk note, a rental inquiry,
+a volunteer sign-up form, a sports-league registration, a hotel shift log, a recruiter's
+screening bullets, an OCR'd business card with a note from its back, a support-call transcript,
+a classified listing, a pet-adoption application, an invoice, a courier waybill, a friend's
+referral, a pasted spreadsheet row (comma, tab, pipe or semicolon) and a text-message thread.
+
+What varies: the fields given (each with its own probability, about 60% overall; forms sometimes
+mark a missing one with ``n/a``, ``-``, ``?``, ``TBD`` or an empty cell) and their order; names
+from about 140 given names and 100 surnames of many origins (hyphenated and multi-part surnames,
+middle initials or names, suffixes, a title that suits the name on about one in six); about 110
+cities of the United States, Canada and Mexico; 16 phone spellings; 18 date spellings (weekdays
+that match the date, ordinals, abbreviations, numeric US and ISO orders, sometimes lowercase);
+e-mail addresses from the name or from a made-up handle (always a handle when the name is not
+given, so the address gives no name away), typed with capitals or in all caps now and then; ages
+as digits or, about one in eight, in words. Other people (staff, senders, captains, landlords,
+drivers) appear with their own names, phones and e-mails, always framed as theirs, and a message
+never holds a second date, city or age that could be the contact's.
 
 E-mail addresses use reserved domains only; names and phone numbers are random draws
-(``NXX-NXX-XXXX``, ``N`` = 2-9), not anyone's details.
+(``NXX-NXX-XXXX``, ``N`` = 2-9, no ``N11``), not anyone's details.
 """
 
 import datetime as dt
