@@ -1329,9 +1329,9 @@ SUBJECT_AGE = (
     "{First} ({age}) {doing}",
     "{First}, {age}, {doing}",
     "{Subj} is {age}, {remark}",
-    "a {age} y/o, {subj} {doing}",
+    "{a_age} y/o, {subj} {doing}",
     "{Subj} is {age}",
-    "{Subj} is a {age}-year-old",
+    "{Subj} is {a_age}-year-old",
     "age: {age}",
 )
 RELATIONS = ("my friend", "my cousin", "my neighbour", "a former colleague", "an old classmate", "my sister-in-law's friend")
@@ -1363,7 +1363,9 @@ def _subject_sentences(rng, written, fields, refs):
     for field in fields:
         if field == "age":
             template = rng.choice(SUBJECT_AGE)
-            values = {**refs, "age": written["age"], "doing": rng.choice(DOINGS)}
+            age = written["age"]
+            article = "an" if age == "18" or age.startswith("8") else "a"
+            values = {**refs, "age": age, "a_age": f"{article} {age}", "doing": rng.choice(DOINGS)}
             values["remark"] = rng.choice(AGE_REMARKS).format(**values)
             sentences.append(_capitalise(template.format(**values)) + ".")
         else:
@@ -1375,7 +1377,11 @@ def _subject_sentences(rng, written, fields, refs):
 def _scene_subject(rng, written, fields, role, trailing):
     """The subject as first named: ``guest Rodel Santos``, ``guest Rodel Santos, 61,``."""
     if "name" not in written:
-        return {"role": f"a {role}", "who": rng.choice(("who gave no name", "(no name given)", "who didn't leave a name"))}
+        article = "an" if role[0] in "aeiou" else "a"
+        return {
+            "role": f"{article} {role}",
+            "who": rng.choice(("who gave no name", "(no name given)", "who didn't leave a name")),
+        }
     return {"role": role, "who": _with_age(rng, written, fields, trailing)["name"]}
 
 
