@@ -137,8 +137,8 @@ def test_every_field_is_recoverable_from_its_message(many_examples):
             assert not any(re.search(rf"\b{re.escape(city)}\b", message) for city in task.CITIES)
         if record["email"]:
             assert record["email"] in message.lower()
-        else:
-            assert "@" not in message
+        # No address but the contact's and other people's (framed as theirs).
+        assert set(EMAIL.findall(message.lower())) == {record["email"], *example["others"]["emails"]} - {None}
         digits = re.sub(r"\D", "", message)
         if record["phone"]:
             # The 10 digits in order among the message's digits (a leading 1 may precede them).
@@ -155,7 +155,7 @@ def test_every_field_is_recoverable_from_its_message(many_examples):
 
 
 def test_other_peoples_details_are_never_the_contacts(many_examples):
-    shown = {"names": 0, "phones": 0}
+    shown = {"names": 0, "phones": 0, "emails": 0}
     for example in many_examples:
         message, record, others = example["message"], example["record"], example["others"]
         for name in others["names"]:
@@ -163,10 +163,88 @@ def test_other_peoples_details_are_never_the_contacts(many_examples):
             assert record["name"] is None or name_words(name).isdisjoint(name_words(record["name"]))
         for phone in others["phones"]:
             assert E164.fullmatch(phone) and phone != record["phone"]
+        for email in others["emails"]:
+            assert EMAIL.fullmatch(email) and email in message.lower() and email != record["email"]
         for key in shown:
             shown[key] += bool(others[key])
-    # Often enough to matter, rarely enough not to crowd out the contact.
-    assert all(0.04 < count / len(many_examples) < 0.3 for count in shown.values()), shown
+    # Often enough to matter (in scenes most messages name someone else), rarely enough not to
+    # crowd out the contact.
+    assert 0.3 < shown["names"] / len(many_examples) < 0.7, shown
+    assert all(0.08 < shown[key] / len(many_examples) < 0.4 for key in ("phones", "emails")), shown
+
+
+def full_names(others):
+    return [name for name in others.get("names", []) if " " in name]
+
+
+def test_scenes_put_the_contact_among_other_people_in_roles(many_examples):
+    """Staff, authors, forwarders and attendees with full names and their own phones and
+    e-mails; the record is the subject's alone, and a detail only someone else gave stays null."""
+    named = [e for e in many_examples if e["record"]["name"]]
+    among_others = [e for e in named if full_names(e["others"])]
+    assert len(among_others) > 0.3 * len(named)
+    assert sum(len(full_names(e["others"])) >= 2 for e in named) > 0.08 * len(named)
+    # The first full name in the message is often not the contact's.
+    first_is_other = [
+        e
+        for e in among_others
+        if min(e["message"].index(n) for n in full_names(e["others"])) < e["message"].index(e["record"]["name"])
+    ]
+    assert len(first_is_other) > 0.15 * len(named)
+    # Someone else's number or address is the only one in the message: the record's is null.
+    only_theirs = {
+        key: sum(e["record"][key] is None and bool(e["others"].get(key + "s")) for e in many_examples)
+        for key in ("phone", "email")
+    }
+    assert all(count > 0.04 * len(many_examples) for count in only_theirs.values()), only_theirs
+    # Roles name the subject and the staff.
+    text = "\n".join(e["message"] for e in many_examples)
+    for role in ("guest", "patient", "candidate", "tenant", "recipient", "new member", "customer"):
+        assert re.search(rf"\b{role} [A-Z]", text, re.IGNORECASE), role
+    for role in ("sales rep", "desk clerk", "driver", "building super", "organiser", "recruiter", "secretary", "coach"):
+        assert role in text, role
+
+
+def test_ages_come_in_apposition_too(many_examples):
+    """``Kang Ji-woo, 41, quiet ...``, ``Torbjorn (46) is ...``, ``X is 63, which ...``, ``a 39 y/o``."""
+    forms = {"name, age,": 0, "first (age)": 0, "is age, which": 0, "a age y/o": 0}
+    for example in many_examples:
+        message, record = example["message"], example["record"]
+        if record["age"] is None or record["name"] is None:
+            continue
+        age, first = record["age"], record["name"].split()[0]
+        forms["name, age,"] += bool(re.search(rf"{re.escape(record['name'])}, {age}, [a-z]+ ", message))
+        forms["first (age)"] += bool(re.search(rf"\b{re.escape(first)} \({age}\) [a-z]", message)) and first != record["name"]
+        forms["is age, which"] += bool(re.search(rf"\bis {age}, which\b", message))
+        forms["a age y/o"] += bool(re.search(rf"\b[Aa]n? {age} y/o\b", message))
+    assert all(count >= 10 for count in forms.values()), forms
+
+
+def test_dates_often_have_single_digit_days(many_examples):
+    """``Aug. 1, 2024`` and ``4/2/2024`` must come out zero-padded: they need to be common."""
+    dates = [datetime.date.fromisoformat(e["record"]["date"]) for e in many_examples if e["record"]["date"]]
+    assert sum(d.day < 10 for d in dates) > 0.4 * len(dates)
+    unpadded = sum(
+        bool(re.search(rf"(?<![\d/]){d.month}/{d.day}/{d.year}\b", e["message"]))
+        for e, d in zip((e for e in many_examples if e["record"]["date"]), dates)
+        if d.day < 10 and d.month < 10
+    )
+    assert unpadded > 0.03 * len(dates)
+
+
+def test_hard_to_copy_values_are_common(many_examples):
+    """Long multi-word cities, made-up handles and addresses typed in upper or mixed case."""
+    long_cities = [city for city in task.CITIES if len(re.split(r"[\s-]+", city)) >= 3 or len(city) >= 12]
+    assert len(long_cities) >= 60 and len(task.CITIES) >= 400
+    messages = [e["message"] for e in many_examples]
+    records = [e["record"] for e in many_examples]
+    emails = [(m, r["email"]) for m, r in zip(messages, records) if r["email"]]
+    typed_with_capitals = sum(email not in m for m, email in emails)
+    assert typed_with_capitals > 0.33 * len(emails)
+    assert sum(email.upper() in m for m, email in emails) > 0.08 * len(emails)
+    # Handles that share nothing with the name: trellrunner26, quietfox.
+    words = task.HANDLE_WORDS
+    assert sum(any(w in email.split("@")[0] for w in words) for _, email in emails) > 0.1 * len(emails)
 
 
 def test_name_pools_are_large_varied_and_clear_of_other_fields():

@@ -18,16 +18,31 @@ order, every key always present:
 and ``null`` for whatever the message does not say.
 
 The generator is meant to teach copying, not recall. Names come from large pools of many
-origins (hyphenated, with apostrophes, multi-part surnames such as ``van der Berg``) and a
-quarter of them are built from random syllables; e-mail local parts are built from the name,
-from made-up handles, digits and plus tags; phone numbers are random NANP numbers
-(``NXX-NXX-XXXX``) in many spellings, and dates take many spellings (weekday prefixes,
-abbreviations, ordinals, numeric US dates). Twelve kinds of message (an email, a note, a chat,
-a CRM note, a form, a voicemail, a signature block, a phone slip, an order or ticket, a roster
-line, a short bio, a forwarded text) come in several frames each, with the fields in random
-order. Noise that carries no field is mixed in: extra sentences, order, room and ticket
-numbers, prices, and other people's names and phone numbers, always framed as someone else's
-(``my manager ...``, ``the front desk ...``) and never equal to the contact's.
+origins (hyphenated, with apostrophes, multi-part surnames such as ``van der Berg``) and about a
+third of them are built from random syllables; e-mail local parts are built from the name,
+from made-up handles (``trellrunner26``, some typed CamelCase), digits and plus tags, and
+addresses are often typed with capitals or all caps; cities include long, multi-word and
+hard-to-spell ones (``Saint-Jean-sur-Richelieu``, ``Punxsutawney``); phone numbers are random
+NANP numbers (``NXX-NXX-XXXX``) in many spellings, and dates take many spellings (weekday
+prefixes, abbreviations, ordinals, numeric US dates), with single-digit days made common.
+Twelve kinds of message (an email, a note, a chat, a CRM note, a form, a voicemail, a
+signature block, a phone slip, an order or ticket, a roster line, a short bio, a forwarded
+text) come in several frames each, with the fields in random order; ages are sometimes in
+apposition (``Kang Ji-woo, 41, ...``, ``Torbjorn (46) ...``). Noise that carries no field is
+mixed in: extra sentences, order, room and ticket numbers, prices, and other people's names,
+phone numbers and e-mails, always framed as someone else's (``my manager ...``, ``the front
+desk ...``) and never equal to the contact's.
+
+About two messages in five are scenes (``SCENES``, ``SCENE_KINDS``): the record is about one
+person, the subject (a customer, guest, patient, candidate, tenant, recipient, new member,
+attendee ...), written up among other people with full names, titles and their own phones and
+e-mails: a member of staff (a sales rep, a desk clerk, a nurse, a recruiter, a building super,
+a driver, a coach, an organiser ...) who may write in the first person and sign, a colleague
+or attendee, an author introducing the subject, a forwarder relaying a friend's details, a
+secretary taking minutes. The subject may come before or after the staff member, is named in
+full once and then by first name or pronoun (a pronoun only when nobody else shares it), and
+a detail that only someone else gave (their phone, their e-mail) leaves the field null. Other
+people never have an age, a city or a date, so every record stays unambiguous.
 
 E-mail addresses use reserved domains only (``example.com``/``.org``/``.net`` and their
 subdomains, names under the ``.example`` and ``.test`` top-level domains); names and phone
@@ -168,6 +183,41 @@ CITIES = _pool(
     Poughkeepsie, Schenectady, Roanoke, Medicine Hat, Grande Prairie, Val-d'Or, Rouyn-Noranda, Timmins,
     Peterborough, Chilliwack, Abbotsford, Penticton, Morelia, Mazatlan, Veracruz, Saltillo
     """
+) + _pool(
+    # Long, multi-word and hard-to-spell places: copied letter by letter or not at all.
+    """
+    Tuscaloosa, Punxsutawney, Ypsilanti, Walla Walla, Wapakoneta, Okeechobee, Natchitoches, Hackensack,
+    Weehawken, Cheektowaga, Tonawanda, Skaneateles, Canandaigua, Mishawaka, Oconomowoc, Kenosha, Sheboygan,
+    Winnemucca, Tehachapi, Rancho Cucamonga, Rancho Palos Verdes, Lake Havasu City, Bullhead City,
+    Hot Springs, Eureka Springs, Myrtle Beach, Hilton Head Island, Kill Devil Hills, Pocatello, Idaho Falls,
+    Twin Falls, Sioux City, Council Bluffs, Cedar Falls, Grand Junction, Glenwood Springs, Steamboat Springs,
+    Pagosa Springs, Truth or Consequences, Los Alamos, Rio Rancho, Virginia Beach, Newport News,
+    Fredericksburg, Harpers Ferry, Morgantown, Parkersburg, Chillicothe, Ashtabula, Sandusky, Youngstown,
+    Altoona, Hagerstown, Annapolis, Saratoga Springs, Plattsburgh, Binghamton, Montpelier, St. Johnsbury,
+    New Bedford, Fall River, Pawtucket, Woonsocket, Waterbury, Bridgeport, Bar Harbor, Presque Isle,
+    Spartanburg, Valdosta, Kissimmee, Apalachicola, Boca Raton, West Palm Beach, Daytona Beach, Cape Coral,
+    Muscle Shoals, Opelousas, Thibodaux, Hattiesburg, Texarkana, Nacogdoches, Brownsville, Harlingen,
+    San Angelo, Wichita Falls, Round Rock, New Braunfels, Broken Arrow, Bartlesville, Dodge City,
+    Grand Island, North Platte, Scottsbluff, Spearfish, Grand Forks, Bemidji, International Falls, Mankato,
+    Oshkosh, Wausau, Escanaba, Battle Creek, Muskegon, Petoskey, Valparaiso, Kokomo, Muncie, Champaign,
+    Carbondale, Cape Girardeau, Poplar Bluff, Paducah, Bowling Green, Owensboro, Murfreesboro, Clarksville,
+    Johnson City, Kingsport, Gatlinburg, Pigeon Forge, Rocky Mount, Kitty Hawk, Coos Bay, Klamath Falls,
+    Grants Pass, Port Angeles, Wenatchee, Yakima, Puyallup, Sedro-Woolley, Anacortes, Port Townsend,
+    Ketchikan, Fairbanks, Kodiak, Wasilla, Kailua-Kona, Lahaina, Pahrump, Prescott Valley, Sierra Vista,
+    Cedar City, Rock Springs, Great Falls, Kalispell, Saint-Jean-sur-Richelieu, Riviere-du-Loup,
+    Salaberry-de-Valleyfield, Mont-Tremblant, Baie-Comeau, Drummondville, Saint-Hyacinthe, Shawinigan,
+    Chicoutimi, Rimouski, Dollard-des-Ormeaux, Pointe-Claire, Repentigny, Terrebonne, Lac-Megantic,
+    Chibougamau, Kapuskasing, Kirkland Lake, Elliot Lake, North Bay, Owen Sound, Smiths Falls, Orillia,
+    Collingwood, Moose Jaw, Swift Current, Prince Albert, North Battleford, Flin Flon, Portage la Prairie,
+    Steinbach, Fort McMurray, Lloydminster, Canmore, Revelstoke, Salmon Arm, Dawson Creek, Fort St. John,
+    Prince Rupert, Campbell River, Port Alberni, Tofino, Squamish, Coquitlam, Port Coquitlam, Maple Ridge,
+    Corner Brook, Grand Falls-Windsor, Happy Valley-Goose Bay, Antigonish, Miramichi, Edmundston, Inuvik,
+    Hay River, Rankin Inlet, Dawson City, Ciudad Obregon, San Luis Potosi, Aguascalientes,
+    San Cristobal de las Casas, Playa del Carmen, Puerto Vallarta, Puerto Escondido, Zihuatanejo, Cuernavaca,
+    Pachuca, Tlaxcala, Zacatecas, Culiacan, Los Mochis, Cabo San Lucas, Nuevo Laredo, Reynosa, Matamoros,
+    Tampico, Xalapa, Coatzacoalcos, Villahermosa, Chetumal, Irapuato, Celaya, Guanajuato, Tlaquepaque,
+    Zapopan, Torreon, Uruapan
+    """
 )
 # Reserved for documentation and testing (RFC 2606, RFC 6761): no real mailbox.
 EMAIL_DOMAINS = ("example.com", "example.org", "example.net", "mail.example.com", "mail.example.org", "corp.example.net")
@@ -179,13 +229,23 @@ DOMAIN_WORDS = _pool(
     """
 )
 EMAIL_TAGS = ("news", "work", "shop", "jobs", "rent", "list", "promo", "apps", "home", "x")
+# Words people glue to a made-up handle: ``trellrunner26``, ``quietfox``.
+HANDLE_WORDS = _pool(
+    """
+    runner, fox, bird, maker, wolf, rider, moon, pixel, otter, hawk, reader, baker, sailor, pine, river, storm,
+    dust, cloud, bear, crow, lark, spark, frost, jazz, quiet, swift, blue, lucky, wild, ember, finch, moss
+    """
+)
 
 # How often each field is stated; the rest of the time it is null.
 FIELD_RATES = {"name": 0.96, "age": 0.5, "city": 0.65, "email": 0.65, "phone": 0.7, "date": 0.55}
 TITLE_RATE = 0.18
-MADE_UP_NAME_RATE = 0.25  # of first names and of last names, each
+MADE_UP_NAME_RATE = 0.32  # of first names and of last names, each
 FIRST_NAME_ONLY_RATE = 0.04
-UPPERCASE_EMAIL_RATE = 0.25
+UPPERCASE_EMAIL_RATE = 0.35
+SINGLE_DIGIT_DAY_RATE = 0.3  # on top of days 1-9 drawn at random: "Aug. 1", "4/2/2024" must still be padded
+SCENE_RATE = 0.4  # messages about one person among others: staff, a forwarder, an author, attendees
+APPOSITION_RATE = 0.4  # an age right after the name: "Kang Ji-woo, 41, ...", "Torbjorn (46) ..."
 ASIDE_RATE = 0.35
 
 MISTAKES = (
@@ -287,6 +347,7 @@ def _spell_date(rng, date):
             f"{d}-{mon.rstrip('.')}-{y}",
             f"{m:02d}/{d:02d}/{y}",
             f"{m}/{d}/{y}",
+            f"{m}/{d}/{y}",
             f"{m:02d}-{d:02d}-{y}",
             date.isoformat(),
             f"the {_ordinal(d)} of {month} {y}",
@@ -361,7 +422,10 @@ def _email_address(rng, first, middle, last):
     first, last = clean(first), clean(last or _made_up_name(rng, 2))
     fi, li, mi = first[0], last[0], clean(middle)[:1]
     n = rng.choice((rng.randrange(1, 10), rng.randrange(10, 100), rng.randrange(10, 100), rng.randrange(100, 10000)))
-    handle = _made_up_name(rng, 2).lower()
+    handle = _made_up_name(rng, rng.choice((1, 2, 2))).lower()
+    word = rng.choice(HANDLE_WORDS)
+    if rng.random() < 0.3:
+        handle, word = handle.capitalize(), word.capitalize()  # typed CamelCase: TrellRunner26
     local = rng.choice(
         (
             f"{first}.{last}",
@@ -381,24 +445,31 @@ def _email_address(rng, first, middle, last):
             f"{handle}{n}",
             f"{handle}.{rng.choice(DOMAIN_WORDS)}",
             f"{handle}_{n}",
+            f"{handle}{word}{n}",
+            f"{handle}{word}",
+            f"{word}{handle}{n}",
+            f"{word}.{handle}",
+            f"{handle}_{word}{rng.randrange(10, 100)}",
             f"{fi}{mi}{li}{n}" if mi else f"{fi}{li}{n}",
             f"{first}.{mi}.{last}" if mi else f"{first}.{last}.{n}",
         )
     )
     typed = f"{local}@{_email_domain(rng)}"
     if rng.random() >= UPPERCASE_EMAIL_RATE:
-        return typed.lower()
+        return typed if any(c.isupper() for c in local) and rng.random() < 0.2 else typed.lower()
     return _with_uppercase(rng, typed)
 
 
 def _with_uppercase(rng, email):
     """How people sometimes type an address: the name's own capitals, capitalised parts, all caps."""
     local, domain = email.split("@")
-    style = rng.choice(("as_named", "as_named", "title", "local", "upper"))
+    style = rng.choice(("as_named", "as_named", "title", "local", "upper", "upper", "upper_local"))
     if style == "as_named":
         return email if any(c.isupper() for c in local) else f"{local.capitalize()}@{domain.lower()}"
     if style == "upper":
         return email.upper()
+    if style == "upper_local":
+        return f"{local.upper()}@{domain.lower()}"
     capitalised_local = ".".join(part.capitalize() for part in local.lower().split("."))
     if style == "local":
         return f"{capitalised_local}@{domain.lower()}"
@@ -422,25 +493,44 @@ def _draw_name(rng, gender):
     return first, middle, last, " ".join(filter(None, (first, middle, last))) + suffix
 
 
-def _draw_other(rng, name, phone):
-    """Someone else: a name and phone number sharing no word and no number with the contact."""
+def _someone(rng, person, prefix):
+    """Someone else, sharing no name word, phone number or e-mail address with the contact or
+    with anyone already in the message; their details become placeholders ``{<prefix>name}``,
+    ``{<prefix>first}``, ``{<prefix>last}``, ``{<prefix>phone}``, ``{<prefix>email}`` and
+    ``{<prefix>title}`` (Dr., Ms., ...) in ``person``, tracked as other people's once shown."""
+    taken = person["taken"]
     while True:
         gender = rng.choice(("female", "male"))
         first, _, last, _ = _draw_name(rng, gender)
         last = last or rng.choice(LAST_NAMES)
-        if _name_words(f"{first} {last}").isdisjoint(_name_words(name)):
+        if _name_words(f"{first} {last}").isdisjoint(taken["words"]):
             break
     while True:
         area, exchange, line = _draw_phone(rng)
-        if f"+1{area}{exchange}{line}" != phone:
+        if f"+1{area}{exchange}{line}" not in taken["phones"]:
             break
-    return {
-        "oname": f"{first} {last}",
-        "ofirst": first,
-        "olast": last,
-        "ophone": _spell_phone(rng, area, exchange, line),
-        "ophone_e164": f"+1{area}{exchange}{line}",
-    }
+    while True:
+        email = _email_address(rng, first, "", last)
+        if email.lower() not in taken["emails"]:
+            break
+    name, e164 = f"{first} {last}", f"+1{area}{exchange}{line}"
+    taken["words"] |= _name_words(name)
+    taken["phones"].add(e164)
+    taken["emails"].add(email.lower())
+    values = {"name": name, "first": first, "last": last, "phone": _spell_phone(rng, area, exchange, line), "email": email}
+    person.update({prefix + key: value for key, value in values.items()})
+    person[prefix + "gender"] = gender
+    person[prefix + "title"] = rng.choice(TITLES_BY_GENDER[gender][:-1])
+    person["track"].update(
+        {
+            prefix + "name": ("names", name),
+            prefix + "first": ("names", first),
+            prefix + "last": ("names", last),
+            prefix + "phone": ("phones", e164),
+            prefix + "email": ("emails", email.lower()),
+        }
+    )
+    return person
 
 
 def _draw_person(rng):
@@ -448,7 +538,9 @@ def _draw_person(rng):
 
     Returns ``(record, written, person)``: ``written`` maps a field to its text in the message,
     ``person`` holds what the templates use besides: the first name, pronouns, and someone
-    else's details (``oname``, ``ofirst``, ``olast``, ``ophone``) for noise.
+    else's details (``oname``, ``ofirst``, ``olast``, ``ophone``, ``oemail``) for noise; a
+    scene draws more people with ``_someone``. ``person["shown"]`` collects the other people's
+    names, phones (E.164) and e-mails (lowercased) that the message shows.
     """
     while True:
         present = {key: rng.random() < rate for key, rate in FIELD_RATES.items()}
@@ -462,7 +554,8 @@ def _draw_person(rng):
     typed_email = _email_address(rng, first, middle, last)
     area, exchange, line = _draw_phone(rng)
     date = datetime.date(rng.randrange(2020, 2031), rng.randrange(1, 13), 1)
-    date = date.replace(day=rng.randrange(1, calendar.monthrange(date.year, date.month)[1] + 1))
+    last_day = 9 if rng.random() < SINGLE_DIGIT_DAY_RATE else calendar.monthrange(date.year, date.month)[1]
+    date = date.replace(day=rng.randrange(1, last_day + 1))
 
     written = {}
     if present["name"]:
@@ -482,8 +575,15 @@ def _draw_person(rng):
     phone = f"+1{area}{exchange}{line}"
     values = {"name": name, "age": age, "city": city, "email": typed_email.lower(), "phone": phone, "date": date.isoformat()}
     record = {key: values[key] if present[key] else None for key in KEYS}
-    person = {"first": first, **PRONOUNS[gender], **_draw_other(rng, name, phone), "shown": []}
-    return record, written, person
+    person = {
+        "first": first,
+        "gender": gender,
+        **PRONOUNS[gender],
+        "taken": {"words": _name_words(name), "phones": {phone}, "emails": {typed_email.lower()}},
+        "track": {},
+        "shown": {"names": [], "phones": [], "emails": []},
+    }
+    return record, written, _someone(rng, person, "o")
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,6 +728,8 @@ OTHERS = {
         "my doctor, Dr. {olast}, referred me",
         "{oname} gave me your number",
         "the number I called from, {ophone}, is my office's front desk",
+        "please cc my assistant {oname} at {oemail}",
+        "my colleague {oname} ({oemail}) is handling the paperwork",
     ),
     "third": (
         "referred by {oname}",
@@ -639,6 +741,8 @@ OTHERS = {
         "the hotel front desk is {ophone}",
         "{ofirst} took the message",
         "{ophone} is {poss} landlord's number",
+        "cc {poss} assistant {oname}, {oemail}",
+        "{poss} agent {oname} ({oemail}) set this up",
     ),
 }
 NO_NAME_OTHERS = {
@@ -727,10 +831,12 @@ def _noise_numbers(rng):
 
 
 def _fill(template, written, person):
-    # Remember which of someone else's details a message shows.
+    # Remember which of other people's details a message shows.
     for _, field, _, _ in string.Formatter().parse(template):
-        if field in ("oname", "ofirst", "olast", "ophone") and field not in person["shown"]:
-            person["shown"].append(field)
+        if field in person["track"]:
+            kind, value = person["track"][field]
+            if value not in person["shown"][kind]:
+                person["shown"][kind].append(value)
     return template.format(**written, **person)
 
 
@@ -775,6 +881,17 @@ def _shuffled_details(rng, written):
     return fields
 
 
+def _with_age(rng, written, fields, trailing):
+    """``written`` with, sometimes, the age in apposition to the name (``Kang Ji-woo, 41,``
+    when more words follow in the sentence, else ``Torbjorn (46)``); the age then leaves
+    ``fields``."""
+    if "name" not in written or "age" not in fields or rng.random() >= APPOSITION_RATE:
+        return written
+    fields.remove("age")
+    name, age = written["name"], written["age"]
+    return {**written, "name": f"{name}, {age}," if trailing and rng.random() < 0.6 else f"{name} ({age})"}
+
+
 def _insert(rng, items, item):
     """``items`` with ``item`` at a random place (nothing added when ``item`` is empty)."""
     if item:
@@ -796,9 +913,10 @@ def _email_message(rng, written, person):
                 "My friend {name} is interested.",
             )
         )
+        named = _with_age(rng, written, fields, trailing=False)
         sentences = [c + "." for c in _clauses(rng, THIRD_PERSON, fields, written, person, True)]
         _insert(rng, sentences, _as_sentence(_aside(rng, written, person, "third")))
-        return f"{greeting} {_fill(intro, written, person)} {' '.join(sentences)} Thanks!"
+        return f"{greeting} {_fill(intro, named, person)} {' '.join(sentences)} Thanks!"
     sentences = [c + "." for c in _clauses(rng, FIRST_PERSON, fields, written, person, True)]
     _insert(rng, sentences, _as_sentence(_aside(rng, written, person, "first")))
     name_in_signature = "name" in written and rng.random() < 0.25
@@ -833,7 +951,7 @@ def _note_message(rng, written, person):
                 "{name} stopped by",
             )
         )
-        opener = _fill(opener, written, person) + rng.choice(
+        opener = _fill(opener, _with_age(rng, written, fields, trailing=False), person) + rng.choice(
             ("", "", " at the trade show", " at the school fundraiser", " after the conference", " at the coffee shop")
         )
     else:
@@ -850,6 +968,7 @@ def _chat_message(rng, written, person):
         intro = rng.choice(
             ("my cousin {name} is looking for a place", "fyi {name} wants in", "my friend {name} asked me to pass this on")
         )
+        named = _with_age(rng, written, fields, trailing=True)
         clauses = _clauses(rng, THIRD_PERSON, fields, written, person, False)
         voice = "third"
     else:
@@ -859,12 +978,13 @@ def _chat_message(rng, written, person):
             )
         else:
             intro = rng.choice(("hey, new number", "hi! from the meetup", "hey", "hi again"))
+        named = written
         clauses = _clauses(rng, FIRST_PERSON, fields, written, person, False)
         voice = "first"
     _insert(rng, clauses, _aside(rng, written, person, voice))
     separator = rng.choice((", ", " - ", ". ", "\n"))
     ending = rng.choice(("", "!", " :)", " thx", " lmk"))
-    return _fill(intro, written, person) + separator + separator.join(clauses) + ending
+    return _fill(intro, named, person) + separator + separator.join(clauses) + ending
 
 
 def _labelled_lines(rng, written, person, header, keep_order):
@@ -899,7 +1019,7 @@ def _crm_message(rng, written, person):
         header = rng.choice(("CRM note - ", "Lead update: ", "Account note\n", "[CRM] ", "Contact card\n"))
         return _labelled_lines(rng, written, person, header, keep_order=False)
     fields = _shuffled_details(rng, written)
-    subject = _fill("{name}", written, person) if "name" in written else "Unnamed lead"
+    subject = _fill("{name}", _with_age(rng, written, fields, trailing=True), person) if "name" in written else "Unnamed lead"
     lead = rng.choice(
         ("requested a demo", "asked for pricing", "renewed the contract", "called about billing", "signed up for the trial")
     )
@@ -991,7 +1111,8 @@ def _order_message(rng, written, person):
     ).format(**numbers)
     fields = _shuffled_details(rng, written)
     if "name" in written:
-        subject = _fill(rng.choice(("customer {name}", "for {name}", "opened by {name}", "guest: {name}")), written, person)
+        named = _with_age(rng, written, fields, trailing=False)
+        subject = _fill(rng.choice(("customer {name}", "for {name}", "opened by {name}", "guest: {name}")), named, person)
     else:
         subject = rng.choice(("guest checkout", "no name on file"))
     clauses = _clauses(rng, TERSE, fields, written, person, False)
@@ -1022,7 +1143,8 @@ def _bio_message(rng, written, person):
         ("nurse", "software developer", "teacher", "chef", "carpenter", "grad student", "paralegal", "pilot", "photographer")
     )
     header = rng.choice(("Speaker bio: ", "New hire: ", "Volunteer profile: ", "Tenant: ", "About the guest: ", ""))
-    subject = _fill("{name}", written, person) if "name" in written else rng.choice(("The applicant", "Our new tenant"))
+    named = _with_age(rng, written, fields, trailing=True)
+    subject = _fill("{name}", named, person) if "name" in written else rng.choice(("The applicant", "Our new tenant"))
     sentences = [f"{subject} is a {job}."]
     sentences += [c + "." for c in _clauses(rng, THIRD_PERSON, fields, written, person, True)]
     aside = _aside(rng, written, person, "third", rate=0.4)
@@ -1045,6 +1167,374 @@ def _forwarded_text_message(rng, written, person):
     return _fill(header, written, person) + _fill(intro, written, person) + ", " + ", ".join(clauses)
 
 
+# --------------------------------------------------------------------------------------------
+# Scenes: the contact among other people. A message names staff (a sales rep, a desk clerk, a
+# driver ...), an author, a forwarder or attendees, with their own phones and e-mails; the
+# record is about one person only, the subject (the customer, the guest, the patient ...).
+# Other people get names, titles, phones and e-mails, never an age, a city or a date.
+# --------------------------------------------------------------------------------------------
+
+# subject roles, staff roles, headers, acts with the staff member first (also in the first
+# person, "I"), acts with the subject first.
+SCENES = (
+    (
+        ("customer", "client", "prospect"),
+        ("sales rep", "account manager", "sales associate"),
+        ("Sales log: ", "Call notes - ", "CRM activity\n"),
+        (
+            "{staff} logged a call with {role} {who}",
+            "{staff} met {role} {who} at the showroom",
+            "{staff} sent a quote to {role} {who}",
+        ),
+        ("{role} {who} spoke with {staff} about a quote", "{role} {who} asked {staff} for pricing"),
+    ),
+    (
+        ("guest",),
+        ("desk clerk", "night manager", "front desk agent", "concierge"),
+        ("Front desk log: ", "Shift notes - ", "Night audit\n"),
+        ("{staff} checked in {role} {who}", "{staff} took a booking from {role} {who}", "{staff} upgraded {role} {who}"),
+        ("{role} {who} checked in with {staff}", "{role} {who} called {staff} about a late arrival"),
+    ),
+    (
+        ("patient", "new patient"),
+        ("receptionist", "nurse", "intake coordinator", "physician assistant"),
+        ("Intake note: ", "Clinic desk - ", "Patient intake\n"),
+        ("{staff} registered {role} {who}", "{staff} saw {role} {who} for a checkup", "{staff} triaged {role} {who}"),
+        ("{role} {who} was seen by {staff}", "{role} {who} booked in with {staff}"),
+    ),
+    (
+        ("candidate", "applicant"),
+        ("recruiter", "hiring manager", "HR coordinator", "talent partner"),
+        ("Recruiting note: ", "Candidate summary\n", "Interview log - "),
+        (
+            "{staff} screened {role} {who}",
+            "{staff} interviewed {role} {who} for the analyst role",
+            "{staff} is submitting {role} {who}",
+        ),
+        ("{role} {who} interviewed with {staff}", "{role} {who} was referred to {staff}"),
+    ),
+    (
+        ("tenant", "new tenant", "renter"),
+        ("building super", "property manager", "leasing agent"),
+        ("Leasing note: ", "Building log - ", "Unit {room} turnover\n"),
+        (
+            "{staff} showed unit {room} to {role} {who}",
+            "{staff} signed a lease with {role} {who}",
+            "{staff} handed keys to {role} {who}",
+        ),
+        ("{role} {who} met {staff} for the walkthrough", "{role} {who} reported a leak to {staff}"),
+    ),
+    (
+        ("recipient", "customer"),
+        ("driver", "courier", "dispatcher"),
+        ("Delivery report: ", "Dispatch - ", "Route note\n"),
+        ("{staff} left a parcel for {role} {who}", "{staff} could not reach {role} {who}", "{staff} delivered to {role} {who}"),
+        ("{role} {who} signed for a parcel from {staff}", "{role} {who} called {staff} about a missed drop"),
+    ),
+    (
+        ("new member", "member", "trial member"),
+        ("coach", "trainer", "club secretary", "membership officer"),
+        ("Club notes: ", "Membership desk - ", "New member\n"),
+        ("{staff} signed up {role} {who}", "{staff} gave {role} {who} a tour", "{staff} welcomed {role} {who}"),
+        ("{role} {who} joined {staff}'s evening class", "{role} {who} trained with {staff}"),
+    ),
+    (
+        ("attendee", "registrant", "speaker"),
+        ("organiser", "event coordinator", "host", "volunteer lead"),
+        ("Event desk: ", "RSVP log - ", "Registration note\n"),
+        ("{staff} registered {role} {who}", "{staff} confirmed {role} {who} for the gala", "{staff} seated {role} {who}"),
+        ("{role} {who} RSVP'd to {staff}", "{role} {who} was badged by {staff}"),
+    ),
+    (
+        ("caller", "customer", "user"),
+        ("support agent", "technician", "help desk analyst"),
+        ("Ticket {ticket}: ", "Support log - ", "Case notes\n"),
+        (
+            "{staff} took a call from {role} {who}",
+            "{staff} reset the router for {role} {who}",
+            "{staff} escalated for {role} {who}",
+        ),
+        ("{role} {who} was helped by {staff}", "{role} {who} chatted with {staff}"),
+    ),
+    (
+        ("policyholder", "claimant", "loan applicant", "client"),
+        ("claims adjuster", "loan officer", "insurance agent", "branch manager"),
+        ("Claim note: ", "Branch log - ", "File review\n"),
+        ("{staff} opened a file for {role} {who}", "{staff} called {role} {who} back", "{staff} approved {role} {who}"),
+        ("{role} {who} met {staff} at the branch", "{role} {who} filed a claim with {staff}"),
+    ),
+    (
+        ("passenger", "traveller", "guest"),
+        ("travel agent", "gate agent", "tour guide", "shuttle driver"),
+        ("Booking note: ", "Tour roster - ", "Trip file\n"),
+        ("{staff} rebooked {role} {who}", "{staff} picked up {role} {who}", "{staff} added {role} {who} to the tour"),
+        ("{role} {who} booked through {staff}", "{role} {who} rode with {staff}"),
+    ),
+    (
+        ("applicant", "new student", "student"),
+        ("registrar", "admissions officer", "academic advisor"),
+        ("Admissions note: ", "Registrar log - ", "Advising notes\n"),
+        ("{staff} enrolled {role} {who}", "{staff} met {role} {who} about the evening program", "{staff} admitted {role} {who}"),
+        ("{role} {who} met with {staff}", "{role} {who} applied through {staff}"),
+    ),
+)
+SCENE_TAILS = ("", "", " today", " this morning", " after lunch", " on the phone", " yesterday")
+# How the staff member is named the first time; {stitle} is Dr., Ms., Mr. ...
+STAFF_NAMED = ("{srole} {sname}", "{srole} {sname}", "{sname} ({srole})", "{stitle} {sname}", "our {srole} {sname}")
+# The staff member's own details, framed as theirs ("I" when the staff member writes).
+STAFF_DETAILS = {
+    "third": (
+        "{sfirst}'s direct line is {sphone}",
+        "{sfirst} is at {sphone} if anything comes up",
+        "questions to {sfirst} at {semail}",
+        "{sfirst}'s own email is {semail}",
+        "the {srole} can be reached at {sphone}",
+        "reply to {semail} ({sfirst}'s inbox)",
+        "{sname} can be reached at {semail}",
+    ),
+    "first": (
+        "my direct line is {sphone}",
+        "you can reach me at {semail}",
+        "my cell is {sphone} if anything comes up",
+        "email me at {semail} with questions",
+    ),
+}
+# Someone else again: a colleague, an attendee, the recipient of the note.
+SECOND_PERSON = (
+    "{o2name} sat in",
+    "cc {o2name}",
+    "{o2name} will follow up",
+    "also present: {o2name}",
+    "{o2name} from billing is cc'd at {o2email}",
+    "{o2name} covers weekends, {o2phone}",
+    "{o2title} {o2name} signed off on it",
+    "handing over to {o2name} ({o2phone})",
+)
+SIGNATURES = ("-- {sname}", "{sname}, {srole}", "{sname} | {srole} | {sphone}", "{sname}\n{semail}", "- {sfirst}")
+# What the subject did, and remarks on an age: no field in them.
+DOINGS = (
+    "asked about parking",
+    "prefers texts",
+    "offered to bring references",
+    "paid the deposit",
+    "was very patient",
+    "wants the premium plan",
+    "needs a ground-floor room",
+    "asked for a callback",
+    "has a small dog",
+    "left a nice review",
+)
+AGE_REMARKS = ("which we noted on the file", "which qualifies for the senior rate", "which matters for the plan")
+SUBJECT_AGE = (
+    "{First} ({age}) {doing}",
+    "{First}, {age}, {doing}",
+    "{Subj} is {age}, {remark}",
+    "{a_age} y/o, {subj} {doing}",
+    "{Subj} is {age}",
+    "{Subj} is {a_age}-year-old",
+    "age: {age}",
+)
+RELATIONS = ("my friend", "my cousin", "my neighbour", "a former colleague", "an old classmate", "my sister-in-law's friend")
+
+
+def _period(sentence):
+    """``sentence`` ended with a period, unless it ends with one already (``... Jr.``)."""
+    return sentence if sentence.endswith(".") else sentence + "."
+
+
+def _subject_refs(rng, written, person, role):
+    """Pronouns, or the subject's first name (``Rodel``), for the third-person frames. A
+    pronoun only when nobody else in the message shares it, so it can only mean the subject."""
+    shared = any(person.get(f"{prefix}gender") == person["gender"] for prefix in ("s", "o2"))
+    if "name" in written and (shared or rng.random() < 0.5):
+        first = person["first"]
+        return {"subj": first, "obj": first, "poss": f"{first}'s", "First": first, "Subj": first}
+    if "name" not in written and shared:
+        the = f"the {role}"
+        return {"subj": the, "obj": the, "poss": f"{the}'s", "First": _capitalise(the), "Subj": _capitalise(the)}
+    first = person["first"] if "name" in written else f"the {role}"
+    subj = person["subj"]
+    return {"subj": subj, "obj": person["obj"], "poss": person["poss"], "First": _capitalise(first), "Subj": _capitalise(subj)}
+
+
+def _subject_sentences(rng, written, fields, refs):
+    """One sentence per field of the subject, in the third person."""
+    sentences = []
+    for field in fields:
+        if field == "age":
+            template = rng.choice(SUBJECT_AGE)
+            age = written["age"]
+            article = "an" if age == "18" or age.startswith("8") else "a"
+            values = {**refs, "age": age, "a_age": f"{article} {age}", "doing": rng.choice(DOINGS)}
+            values["remark"] = rng.choice(AGE_REMARKS).format(**values)
+            sentences.append(_capitalise(template.format(**values)) + ".")
+        else:
+            template = rng.choice(THIRD_PERSON[field])
+            sentences.append(_capitalise(template.format(**written, **refs)) + ".")
+    return sentences
+
+
+def _scene_subject(rng, written, fields, role, trailing):
+    """The subject as first named: ``guest Rodel Santos``, ``guest Rodel Santos, 61,``."""
+    if "name" not in written:
+        article = "an" if role[0] in "aeiou" else "a"
+        return {
+            "role": f"{article} {role}",
+            "who": rng.choice(("who gave no name", "(no name given)", "who didn't leave a name")),
+        }
+    return {"role": role, "who": _with_age(rng, written, fields, trailing)["name"]}
+
+
+def _staff_scene_message(rng, written, person):
+    """Staff and the subject: a log, a note or an email by (or about) a member of staff."""
+    subject_roles, staff_roles, headers, staff_acts, subject_acts = rng.choice(SCENES)
+    _someone(rng, person, "s")
+    role, person["srole"] = rng.choice(subject_roles), rng.choice(staff_roles)
+    numbers = _noise_numbers(rng)
+    fields = _shuffled_details(rng, written)
+    second = rng.random() < 0.35
+    if second:
+        _someone(rng, person, "o2")
+    first_person = rng.random() < 0.3
+    if first_person:
+        staff, act = "I", rng.choice(staff_acts)
+    else:
+        staff = _fill(rng.choice(STAFF_NAMED), written, person)
+        act = rng.choice(staff_acts + subject_acts)
+    tail = rng.choice(SCENE_TAILS)
+    subject = _scene_subject(rng, written, fields, role, trailing=bool(tail) or not act.endswith("{who}"))
+    act = _period(_capitalise(act.format(staff=staff, **subject, **numbers) + tail))
+    refs = _subject_refs(rng, written, person, role)
+    sentences = _subject_sentences(rng, written, fields, refs)
+    extras = []
+    # Most often when the subject gave no number or no address: theirs must stay null.
+    if rng.random() < (0.5 if "phone" in written and "email" in written else 0.8):
+        extras.append(rng.choice(STAFF_DETAILS["first" if first_person else "third"]))
+    if second:
+        extras.append(rng.choice(SECOND_PERSON))
+    signed = first_person or rng.random() < 0.3
+    # Short enough for the default job: at most five sentences and lines besides the first
+    # (six when the writer, "I", signs).
+    while extras and len(fields) + len(extras) + signed > 5:
+        if signed and not first_person:
+            signed = False
+        else:
+            extras.pop()
+    for extra in extras:
+        _insert(rng, sentences, _as_sentence(_fill(extra, written, person)))
+    header = rng.choice(headers).format(**numbers) if rng.random() < 0.6 else ""
+    message = header + act + " " + " ".join(sentences)
+    if signed:
+        message += "\n" + _fill(rng.choice(SIGNATURES), written, person)
+    return message.strip()
+
+
+def _introduction_message(rng, written, person):
+    """An author introduces the subject to a recipient and signs with their own details."""
+    _someone(rng, person, "s")
+    _someone(rng, person, "o2")
+    fields = _shuffled_details(rng, written)
+    relation = rng.choice(RELATIONS)
+    if "name" in written:
+        who = _with_age(rng, written, fields, trailing=False)["name"]
+        intro = rng.choice(
+            (f"I'd like you to meet {who}, {relation}.", _period(f"Introducing {relation}, {who}"), f"Meet {who} ({relation}).")
+        )
+    else:
+        intro = f"Passing along {relation}'s details (no name yet)."
+    refs = _subject_refs(rng, written, person, "friend")
+    sentences = _subject_sentences(rng, written, fields, refs)
+    greeting = _fill(rng.choice(("Hi {o2first},", "Dear {o2title} {o2last},", "{o2first} -")), written, person)
+    signature = _fill(
+        rng.choice(("{sname}", "{sname}\n{sphone}", "{sname} | {semail}", "{sfirst}\n{stitle} {sname}, {semail}")),
+        written,
+        person,
+    )
+    closing = rng.choice(("Best,", "Thanks,", "Cheers,"))
+    return f"{greeting}\n{intro} {' '.join(sentences)}\n{closing}\n{signature}"
+
+
+def _forwarder_message(rng, written, person):
+    """A forwarder relays a friend's details, with their own number or address as well."""
+    _someone(rng, person, "s")
+    fields = _shuffled_details(rng, written)
+    if "name" in written and rng.random() < 0.5:
+        # The friend's own words, quoted under the forwarder's header.
+        header = _fill(
+            rng.choice(("Fwd from {sname} ({sphone}):\n", "{sname} <{semail}> forwarded:\n", "From {sname}, {sphone}: ")),
+            written,
+            person,
+        )
+        clauses = _clauses(rng, FIRST_PERSON, fields, written, person, False)
+        return (
+            header
+            + "> "
+            + _fill(rng.choice(("hi, it's {name}", "{name} here", "this is {name}")), written, person)
+            + ", "
+            + ", ".join(clauses)
+        )
+    relation = rng.choice(RELATIONS)
+    if "name" in written:
+        who = _with_age(rng, written, fields, trailing=True)["name"]
+        intro = f"{relation} {who} asked me to pass this on:"
+    else:
+        intro = f"{relation} (didn't want to give a name) asked me to pass this on:"
+    opener = _fill(rng.choice(("{sname} here. ", "It's {sname}. ", "")), written, person)
+    refs = _subject_refs(rng, written, person, "friend")
+    sentences = _subject_sentences(rng, written, fields, refs)
+    own = _fill(
+        rng.choice(("My own number is {sphone}.", "I'm at {semail} if you need me.", "Reach me, not them, at {sphone}.")),
+        written,
+        person,
+    )
+    message = opener + _capitalise(intro) + " " + " ".join(sentences) + " " + own
+    if not opener:
+        message += "\n" + _fill(rng.choice(("-- {sname}", "{sname}")), written, person)
+    return message
+
+
+def _minutes_message(rng, written, person):
+    """Minutes taken by a secretary: attendees, and the new member the record is about."""
+    _someone(rng, person, "s")
+    _someone(rng, person, "o2")
+    fields = _shuffled_details(rng, written)
+    club = rng.choice(("Garden club", "Book club", "Board", "Residents' association", "Choir", "Running club"))
+    present = ["{sname}", "{o2name}"]
+    rng.shuffle(present)
+    header = f"{club} minutes, taken by {{sname}} (secretary). Present: {', '.join(present)}."
+    if "name" in written:
+        joined = rng.choice(
+            ("{o2first} introduced new member {who}", "New member {who} was welcomed.", "{who} joined as a new member.")
+        )
+        who = _with_age(rng, written, fields, trailing=joined.startswith("{who}"))["name"]
+        joined = _period(_fill(joined, {"who": who}, person))
+    else:
+        joined = "A new member joined (name to follow)."
+    refs = _subject_refs(rng, written, person, "new member")
+    sentences = _subject_sentences(rng, written, fields, refs)
+    if len(fields) < 4 and rng.random() < 0.5:
+        _insert(
+            rng,
+            sentences,
+            _fill(
+                rng.choice(("Secretary's email: {semail}.", "{o2first} moved to adjourn.", "Dues go to {o2first}, {o2phone}.")),
+                written,
+                person,
+            ),
+        )
+    return _fill(header, written, person) + " " + _capitalise(joined) + " " + " ".join(sentences)
+
+
+SCENE_KINDS = (
+    _staff_scene_message,
+    _staff_scene_message,
+    _staff_scene_message,
+    _introduction_message,
+    _forwarder_message,
+    _minutes_message,
+)
+
+
 MESSAGE_KINDS = (
     _email_message,
     _note_message,
@@ -1062,16 +1552,13 @@ MESSAGE_KINDS = (
 
 
 def _draw(rng):
-    """``(message, record, written, others)``: ``others`` holds the names (as written) and
-    phone numbers (E.164) of people other than the contact that the message shows."""
+    """``(message, record, written, others)``: ``others`` holds the names (as written), phone
+    numbers (E.164) and e-mails (lowercased) of people other than the contact that the message
+    shows."""
     record, written, person = _draw_person(rng)
-    message = rng.choice(MESSAGE_KINDS)(rng, written, person)
-    shown = person["shown"]
-    others = {
-        "names": [person[field] for field in ("oname", "ofirst", "olast") if field in shown],
-        "phones": [person["ophone_e164"]] if "ophone" in shown else [],
-    }
-    return message, record, written, others
+    kinds = SCENE_KINDS if rng.random() < SCENE_RATE else MESSAGE_KINDS
+    message = rng.choice(kinds)(rng, written, person)
+    return message, record, written, person["shown"]
 
 
 def _unique_draws(seed, exclude):
@@ -1091,7 +1578,8 @@ def generate_examples(n, seed, exclude=()):
     :param exclude: messages not to produce (those of another split).
     :return: dicts with ``message``, ``record`` (keys in ``KEYS`` order), ``messages`` (the
         chat form written to the JSONL files) and ``others`` (``{"names": [...], "phones":
-        [...]}``: other people's names and E.164 numbers the message shows as noise).
+        [...], "emails": [...]}``: other people's names, E.164 numbers and lowercased e-mails
+        the message shows).
     """
     return [
         {
