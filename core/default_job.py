@@ -9,7 +9,7 @@ answers to general prompts (forgetting). The data is generated (seeded) into the
 first time. ``-o`` overrides apply on top (``ftengine run -o train.max_steps=80``).
 """
 
-DATA_VERSION = "contacts-default-v3"  # a new name whenever the generators change
+DATA_VERSION = "contacts-default-v4"  # a new name whenever the generators change
 VALID_ROWS = 50  # scored rows drawn like the training rows
 HELDOUT_ROWS = 100  # scored rows phrased unlike them: the number that matters
 
