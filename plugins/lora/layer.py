@@ -176,12 +176,17 @@ class LoraLinear(nn.Module):
             return self.base_layer(x)
         if self.kernel.get(name) is not None:
             return self.kernel[name](x)
-        base_output = self.base_layer(x)
         lora_A = self.lora_A[name]
         variant = self.variant[name]
+        autocast = variant is None and torch.is_autocast_enabled(x.device.type)
+        if autocast and type(self.base_layer).forward is nn.Linear.forward:
+            # Both matmuls would cast x to the autocast dtype (an fp32 residual stream after a
+            # norm): cast it once, and the dropout mask multiplies half the bytes (exactly: 0 or 1).
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        base_output = self.base_layer(x)
         if variant is not None:
             return variant.forward(self, name, x.to(lora_A.weight.dtype), base_output).to(base_output.dtype)
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast:
             # Under autocast the adapter's matmuls run in the autocast dtype whatever x is, and a
             # round trip through fp32 would only copy the activations twice.
             x = x.to(lora_A.weight.dtype)
