@@ -59,7 +59,7 @@ def accepts_logits_to_keep(model):
     return "logits_to_keep" in inspect.signature(forward).parameters
 
 
-def target_logits(model, batch):
+def target_logits(model, batch, only_targets=False):
     """``(logits, targets)`` of a forward pass over ``batch`` (``input_ids``, ``attention_mask``,
     ``labels``, and ``position_ids`` for packed rows), where ``logits[:, j]`` predicts ``targets[:, j]``.
 
@@ -67,6 +67,11 @@ def target_logits(model, batch):
     the compute of small models, so where the model takes ``logits_to_keep`` it runs only at
     the positions that predict a labelled token in some row; other positions of ``targets``
     are ``IGNORE_INDEX`` as in ``labels``. Otherwise all logits are computed and shifted.
+
+    ``only_targets=True`` (a loss that sums over tokens, like SFT's): the projection runs on the
+    labelled positions of each row alone, and they come back as one row, ``[1, targets, vocab]``
+    in row order, with no ``IGNORE_INDEX`` left. Rows whose answers sit at different positions
+    (packed rows, padded batches) would otherwise project every position labelled in any row.
     """
     labels = batch["labels"]
     if "position_ids" in batch:
@@ -77,9 +82,32 @@ def target_logits(model, batch):
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if not accepts_logits_to_keep(model):
-        return model(**inputs).logits[:, :-1], labels[:, 1:]
+        logits, targets = model(**inputs).logits[:, :-1], labels[:, 1:]
+        if only_targets:
+            keep = targets != IGNORE_INDEX
+            return logits[keep].unsqueeze(0), targets[keep].unsqueeze(0)
+        return logits, targets
     positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    return model(**inputs, logits_to_keep=positions).logits, labels[:, positions + 1]
+    targets = labels[:, positions + 1]
+    head = output_head(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
+    if not only_targets or head is None:
+        return model(**inputs, logits_to_keep=positions).logits, targets
+    keep = targets != IGNORE_INDEX
+
+    def project_targets_only(module, args):
+        # The head's input is the hidden states at ``positions``, [rows, positions, hidden].
+        if args and torch.is_tensor(args[0]) and args[0].shape[:2] == keep.shape:
+            return (args[0][keep].unsqueeze(0), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(project_targets_only)
+    try:
+        logits = model(**inputs, logits_to_keep=positions).logits
+    finally:
+        handle.remove()
+    if logits.shape[:2] == keep.shape:  # a model that called its head some other way
+        return logits[keep].unsqueeze(0), targets[keep].unsqueeze(0)
+    return logits, targets[keep].unsqueeze(0)
 
 
 @torch.no_grad()

@@ -51,5 +51,5 @@ def token_nll_sum(logits, targets):
 
 @hookimpl(trylast=True)
 def ftengine_compute_loss(model, batch, state):
-    loss, count = token_nll_sum(*target_logits(model, batch))
+    loss, count = token_nll_sum(*target_logits(model, batch, only_targets=True))
     return LossOutput(loss=loss, count=count)

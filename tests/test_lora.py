@@ -172,6 +172,48 @@ def test_layer_computes_base_plus_scaled_low_rank_update():
     torch.testing.assert_close(layer(x), layer.base_layer(x) + 1.5 * x @ A.T @ B.T)
 
 
+def test_dropout_draws_nn_dropouts_mask_and_scales_the_update_instead_of_the_input():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 48))
+    layer.add_adapter("a", r=4, alpha=8, dropout=0.25)
+    nn.init.normal_(layer.lora_B["a"].weight)
+    layer.set_active_adapter("a")
+    layer.train()
+    x = torch.randn(3, 20, 64, requires_grad=True)
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    torch.manual_seed(1)
+    output = layer(x)
+    torch.manual_seed(1)
+    expected = layer.base_layer(x) + 2 * nn.functional.dropout(x, 0.25, training=True) @ A.T @ B.T
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-4)  # the same random mask
+    grads = torch.autograd.grad(output.square().sum(), [x, A, B])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, A, B])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-4)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 2 * x @ A.T @ B.T)
+
+
+def test_under_bf16_autocast_the_adapter_computes_in_bf16_without_an_fp32_copy():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 48))
+    layer.add_adapter("a", r=4, alpha=8, dropout=0.1)
+    nn.init.normal_(layer.lora_B["a"].weight)
+    layer.set_active_adapter("a")
+    layer.train()
+    x = torch.randn(3, 20, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile(record_shapes=True) as profile:
+        torch.manual_seed(1)
+        output = layer(x)
+    copies = [e for e in profile.events() if e.name == "aten::_to_copy"]
+    assert output.dtype == torch.bfloat16
+    assert not [e for e in copies if e.input_shapes and e.input_shapes[0] == [3, 20, 64]], "the activations stay bf16"
+    torch.manual_seed(1)
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    expected = layer.base_layer(x.float()) + 2 * nn.functional.dropout(x.float(), 0.1, training=True) @ A.T @ B.T
+    torch.testing.assert_close(output.float(), expected, rtol=2e-2, atol=0.1)
+
+
 # --------------------------------------------------------------------------------------------
 # hooks other plugins use
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,30 @@ def test_target_logits_compute_only_the_predicting_positions_and_agree_with_all_
     torch.testing.assert_close(kept, full[:, [3, 4, 6]], rtol=0, atol=1e-5)
 
 
+def test_only_targets_projects_each_rows_labelled_positions_alone(tiny):
+    model, _ = tiny
+    ids = torch.arange(10, 30).view(2, 10)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 4:6], labels[1, 7] = ids[0, 4:6], ids[1, 7]  # predicted from positions 3, 4 (row 0) and 6 (row 1)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    projected = []
+    with torch.no_grad():
+        full, _ = target_logits(LogitsOnly(model), batch)
+    handle = output_head(model).register_forward_hook(lambda module, args, output: projected.append(output.shape[:-1]))
+    try:
+        with torch.no_grad():
+            logits, targets = target_logits(model, batch, only_targets=True)
+    finally:
+        handle.remove()
+    assert projected == [(1, 3)], "3 labelled positions, not the 2 x 3 labelled in some row"
+    assert torch.equal(targets, torch.stack([ids[0, 4], ids[0, 5], ids[1, 7]]).unsqueeze(0))
+    torch.testing.assert_close(logits[0], torch.stack([full[0, 3], full[0, 4], full[1, 6]]), rtol=0, atol=1e-5)
+    with torch.no_grad():  # a model without logits_to_keep: the same, from all logits
+        fallback, fallback_targets = target_logits(LogitsOnly(model), batch, only_targets=True)
+    assert torch.equal(fallback_targets, targets)
+    torch.testing.assert_close(fallback, logits, rtol=0, atol=1e-5)
+
+
 def test_eval_mode_restores_the_mode_even_after_an_error():
     model = nn.Sequential(nn.Dropout(0.5)).train()
     with pytest.raises(RuntimeError), eval_mode(model):

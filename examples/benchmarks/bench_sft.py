@@ -6,7 +6,7 @@ What a user would pick instead of ftengine is TRL's ``SFTTrainer`` with a PEFT `
 Both train SmolLM2-135M-Instruct (the default job's model) with LoRA r=16, alpha 32, dropout
 0.05 on all linear layers, AdamW lr 2e-3, on the first ``--examples`` rows of the default job's
 training data (the contacts task), one epoch, loss on the assistant answer only, so every
-configuration trains on the same target tokens (counted and reported for each). Four
+configuration trains on the same target tokens (counted and reported for each). Eight
 configurations, each in its own child process (peak memory = that process's max RSS, loading
 included):
 
@@ -17,8 +17,9 @@ included):
   batches with position_ids), ``max_length`` 448, 2 rows per step.
 * ``trl padded``: ``packing=False``, batches of 8 padded, ``max_length`` 256.
 
-TRL runs in fp32 without gradient checkpointing, as ftengine does (``SFTConfig`` defaults to
-bf16 autocast and checkpointing).
+Each again under bf16 autocast (``... bf16``; weights and optimiser states stay fp32 on both
+sides): ftengine's ``train.precision=bf16``, TRL's ``bf16=True``. TRL never recomputes
+activations here (``SFTConfig`` defaults to checkpointing, which is slower).
 
 Reported: target tokens per second over the summed step times, the median step time and the
 peak RSS; then ftengine's best target tokens/s over TRL's best.
@@ -27,6 +28,12 @@ peak RSS; then ftengine's best target tokens/s over TRL's best.
 
 times only ftengine's forward+backward on the same examples packed and padded, alternating in
 one process, for a ratio that holds on a machine shared with other work.
+
+    python examples/benchmarks/bench_sft.py --examples 24 --versus-trl 3 [--bf16]
+
+likewise alternates ftengine's packed forward+backward (its SFT loss hook) with TRL's
+(``SFTTrainer.compute_loss`` on its own packed batches of the same examples), both under the same
+autocast, and prints the ratio of the median pass times.
 """
 
 import argparse
@@ -48,6 +55,9 @@ SETUPS = {
     "trl packed": {"packing": True, "batch": 2, "length": 448},
     "trl padded": {"packing": False, "batch": 8, "length": 256},
 }
+# The same under bf16 autocast (weights and optimiser in fp32 on both sides): ftengine's
+# train.precision=bf16, TRL's bf16=True (still without gradient checkpointing).
+SETUPS.update({f"{name} bf16": {**setup, "bf16": True} for name, setup in list(SETUPS.items())})
 
 
 def train_rows(n):
@@ -80,6 +90,7 @@ def run_ftengine(setup, n):
             f"train.batch_size={setup['batch']}",
             f"train.max_length={setup['length']}",
             f"train.packing={str(setup['packing']).lower()}",
+            f"train.precision={'bf16' if setup.get('bf16') else 'fp32'}",
             f"train.lr={LR}",
             "train.warmup_steps=0",
             f"lora.r={R}",
@@ -104,17 +115,47 @@ def run_ftengine(setup, n):
     return steps, captured["targets"]
 
 
-def run_trl(setup, n):
+def trl_trainer(setup, n, out, callbacks=()):
+    """TRL's ``SFTTrainer`` with a PEFT ``LoraConfig`` for ``setup`` on the first ``n`` rows."""
     from datasets import Dataset
     from ftengine.plugins.hf_loader import load_pretrained
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     _, rows = train_rows(n)
     # Prompt/completion rows: TRL then trains on the completion (the assistant answer) only.
     data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     model, tokenizer = load_pretrained("default")
+    args = SFTConfig(
+        output_dir=out,
+        max_length=setup["length"],
+        packing=setup["packing"],
+        per_device_train_batch_size=setup["batch"],
+        num_train_epochs=1,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        seed=0,
+        # SFTConfig defaults to bf16 autocast and gradient checkpointing; the fp32 setups compute in
+        # fp32 as ftengine does on a CPU, the bf16 ones under bf16 autocast as ftengine's
+        # train.precision=bf16 does; neither recomputes activations (the faster setting).
+        bf16=bool(setup.get("bf16")),
+        gradient_checkpointing=False,
+    )
+    lora = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM")
+    return SFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks)
+    )
+
+
+def run_trl(setup, n):
+    from transformers import TrainerCallback
+
     steps = []
 
     class StepTimes(TrainerCallback):
@@ -125,30 +166,7 @@ def run_trl(setup, n):
             steps.append(time.perf_counter() - self.started)
 
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out,
-            max_length=setup["length"],
-            packing=setup["packing"],
-            per_device_train_batch_size=setup["batch"],
-            num_train_epochs=1,
-            learning_rate=LR,
-            lr_scheduler_type="cosine",
-            max_grad_norm=1.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0,
-            seed=0,
-            # SFTConfig defaults to bf16 autocast and gradient checkpointing; ftengine computes in
-            # fp32 on a CPU without recomputation, so TRL does the same here (its faster setting).
-            bf16=False,
-            gradient_checkpointing=False,
-        )
-        lora = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM")
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora, callbacks=[StepTimes()]
-        )
+        trainer = trl_trainer(setup, n, out, [StepTimes()])
         # TRL folds the completion mask into "labels" (-100 elsewhere); a row's first label is never predicted.
         targets = sum(sum(label != -100 for label in row["labels"][1:]) for row in trainer.train_dataset)
         trainer.train()
@@ -171,6 +189,7 @@ def packed_vs_padded(n, rounds):
             f"data.train={path}",
             f"train.max_length={setup['length']}",
             f"train.packing={str(setup['packing']).lower()}",
+            "train.group_by_length=false",  # the default job groups by length, which packing replaces
         ]
         setups[name] = (configure(None, [], [*overrides, "output_dir=/tmp/unused"], base=default_job_config())[0], setup)
     config, pm = configure(None, [], ["output_dir=/tmp/unused"], base=default_job_config())
@@ -199,6 +218,68 @@ def packed_vs_padded(n, rounds):
     print(f"packed speed-up over padded (median pass time ratio): {ratio:.2f}x")
 
 
+def versus_trl(n, rounds, bf16):
+    """Forward+backward of the same ``n`` examples, packed, by ftengine (its loss hook) and by TRL
+    (``SFTTrainer.compute_loss`` on its own packed batches: its loss and the metrics it logs),
+    alternating in one process under the same autocast: on a shared machine both see the same
+    load, so their ratio holds when absolute times do not. The optimiser step (the same AdamW
+    over the same adapter sizes on both sides) is left out."""
+    from contextlib import nullcontext
+
+    from ftengine.build import build, configure
+    from ftengine.default_job import default_job_config
+    from ftengine.plugins import sft
+
+    setup = {**SETUPS["ftengine packed"], "bf16": bf16}
+    path, _ = train_rows(n)
+    overrides = [
+        "output_dir=/tmp/unused",
+        f"data.train={path}",
+        f"train.max_length={setup['length']}",
+        "train.packing=true",
+        "train.group_by_length=false",  # the default job groups by length, which packing replaces
+    ]
+    config, pm = configure(None, [], overrides, base=default_job_config())
+    model, tokenizer, _ = build(config, pm)
+    model.train()
+    datasets = sft.load_sft_data(config, tokenizer)
+    rows = datasets.train
+    batches = {"ftengine packed": [datasets.collate(rows[i : i + setup["batch"]]) for i in range(0, len(rows), setup["batch"])]}
+    out = tempfile.mkdtemp()
+    trainer = trl_trainer(setup, n, out)
+    trainer.model.train()
+    batches["trl packed"] = list(trainer.get_train_dataloader())
+
+    def ftengine_pass(batch):
+        return sft.ftengine_compute_loss(model=model, batch=batch, state=None).loss
+
+    def trl_pass(batch):
+        return trainer.compute_loss(trainer.model, batch)
+
+    passes = {"ftengine packed": (ftengine_pass, model), "trl packed": (trl_pass, trainer.model)}
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+    times = {name: [] for name in passes}
+    for round_ in range(rounds + 1):  # round 0 warms up both sides and is not counted
+        for name in passes if round_ % 2 else reversed(passes):
+            compute, module = passes[name]
+            started = time.perf_counter()
+            for batch in batches[name]:
+                with context():
+                    loss = compute(batch)
+                loss.backward()
+                module.zero_grad(set_to_none=True)
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    precision = "bf16 autocast" if bf16 else "fp32"
+    for name, measured in times.items():
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches[name])
+        print(
+            f"{name} ({precision}): {len(batches[name])} batches, {tokens} target tokens, seconds per pass {[round(t, 1) for t in measured]}"
+        )
+    ratio = statistics.median(times["trl packed"]) / statistics.median(times["ftengine packed"])
+    print(f"ftengine speed-up over TRL, packed, {precision} (median pass time ratio): {ratio:.2f}x")
+
+
 def child(name, n):
     torch.manual_seed(0)
     setup = SETUPS[name]
@@ -214,10 +295,19 @@ def main():
     parser.add_argument(
         "--packed-vs-padded", type=int, metavar="ROUNDS", help="only time ftengine packed against padded, alternating"
     )
+    parser.add_argument(
+        "--versus-trl",
+        type=int,
+        metavar="ROUNDS",
+        help="only time ftengine's and TRL's packed forward+backward, alternating in one process",
+    )
+    parser.add_argument("--bf16", action="store_true", help="with --versus-trl: under bf16 autocast")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.packed_vs_padded:
         return packed_vs_padded(args.examples, args.packed_vs_padded)
+    if args.versus_trl:
+        return versus_trl(args.examples, args.versus_trl, args.bf16)
     if args.child:
         return child(args.child, args.examples)
 

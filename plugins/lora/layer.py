@@ -176,15 +176,36 @@ class LoraLinear(nn.Module):
             return self.base_layer(x)
         if self.kernel.get(name) is not None:
             return self.kernel[name](x)
-        base_output = self.base_layer(x)
         lora_A = self.lora_A[name]
-        x = x.to(lora_A.weight.dtype)
         variant = self.variant[name]
+        autocast = variant is None and torch.is_autocast_enabled(x.device.type)
+        if autocast and type(self.base_layer).forward is nn.Linear.forward:
+            # Both matmuls would cast x to the autocast dtype (an fp32 residual stream after a
+            # norm): cast it once, and the dropout mask multiplies half the bytes (exactly: 0 or 1).
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        base_output = self.base_layer(x)
         if variant is not None:
-            output = variant.forward(self, name, x, base_output)
-        else:
-            output = base_output + self.lora_B[name](lora_A(self.lora_dropout[name](x))) * self.scaling[name]
-        return output.to(base_output.dtype)
+            return variant.forward(self, name, x.to(lora_A.weight.dtype), base_output).to(base_output.dtype)
+        if not autocast:
+            # Under autocast the adapter's matmuls run in the autocast dtype whatever x is, and a
+            # round trip through fp32 would only copy the activations twice.
+            x = x.to(lora_A.weight.dtype)
+        x, scaling = self._dropout(name, x)
+        return torch.add(base_output, self.lora_B[name](lora_A(x)), alpha=scaling).to(base_output.dtype)
+
+    def _dropout(self, name, x):
+        """``(x', s)`` with ``s · B A x'`` the adapter's output on x under its dropout.
+
+        ``nn.Dropout`` multiplies x by a 0/1 mask scaled by ``1 / (1 - p)``; the mask is drawn
+        the same way here (the same random numbers), but the scale moves onto the scalar
+        ``scaling`` (B A is linear), which saves a pass over the activations and, under bf16
+        autocast, keeps ``1 / (1 - p)`` exact instead of rounding it to bf16 in every element.
+        """
+        dropout = self.lora_dropout[name]
+        if not (isinstance(dropout, nn.Dropout) and dropout.training and 0 < dropout.p < 1):
+            return dropout(x), self.scaling[name]
+        keep = 1 - dropout.p
+        return x * torch.empty_like(x).bernoulli_(keep), self.scaling[name] / keep
 
     # ----------------------------------------------------------------------------------------
     # mixed batches: one adapter per row
