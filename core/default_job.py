@@ -38,8 +38,9 @@ def default_job_config():
             "eval": str(data_dir / "valid.jsonl"),
             "eval_sets": {name: str(data_dir / f"{name}.jsonl") for name in ("heldout", "fresh")},
         },
-        # Baselines on 16 rows of each set: a few-shot prompt is four times a plain one.
-        "eval": {"baselines": ["zero_shot", "few_shot"], "few_shot_k": 3, "baseline_rows": 16},
+        # Baselines on 8 rows of each set (a few-shot prompt is four times a plain one): both score
+        # no whole record right, which 8 rows show as well as 100 would, in a third of the time.
+        "eval": {"baselines": ["zero_shot", "few_shot"], "few_shot_k": 3, "baseline_rows": 8},
         # 512 examples, one per step: measured against 256 steps of 2 and 64 of 8 (same examples),
         # more updates copied names, numbers and e-mails better, and lr 1e-3 beat 5e-4 and 2e-3.
         "train": {
@@ -52,7 +53,9 @@ def default_job_config():
             # bf16 autocast where the CPU computes it natively: measured 1.6x faster LoRA steps.
             "precision": "bf16" if cpu_computes_bf16() else "auto",
         },
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        # No LoRA dropout: 15% faster steps here, and as accurate within the noise of 100 rows.
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         # The longest reference answer is 75 tokens; more would only let a wrong answer ramble.
-        "contacts": {"max_new_tokens": 80, "eval_batch_size": 48},
+        # Batches of 50 split every scored set evenly (50 and 100 rows): no short last batch.
+        "contacts": {"max_new_tokens": 80, "eval_batch_size": 50},
     }
