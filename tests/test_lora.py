@@ -161,23 +161,25 @@ def test_initialisation_of_a_and_b(init):
     assert torch.equal(layer(torch.ones(3, 256)), layer.base_layer(torch.ones(3, 256)))
 
 
-def test_layer_computes_base_plus_scaled_low_rank_update():
+def active_layer(in_features, out_features, r, alpha, dropout):
+    """A seeded ``LoraLinear`` with adapter "a" active and a random (non-zero) B."""
     torch.manual_seed(0)
-    layer = LoraLinear(nn.Linear(8, 6))
-    layer.add_adapter("a", r=2, alpha=3, dropout=0.0)
+    layer = LoraLinear(nn.Linear(in_features, out_features))
+    layer.add_adapter("a", r=r, alpha=alpha, dropout=dropout)
     nn.init.normal_(layer.lora_B["a"].weight)
     layer.set_active_adapter("a")
+    return layer
+
+
+def test_layer_computes_base_plus_scaled_low_rank_update():
+    layer = active_layer(8, 6, r=2, alpha=3, dropout=0.0)
     x = torch.randn(4, 8)
     A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
     torch.testing.assert_close(layer(x), layer.base_layer(x) + 1.5 * x @ A.T @ B.T)
 
 
 def test_dropout_draws_nn_dropouts_mask_and_scales_the_update_instead_of_the_input():
-    torch.manual_seed(0)
-    layer = LoraLinear(nn.Linear(64, 48))
-    layer.add_adapter("a", r=4, alpha=8, dropout=0.25)
-    nn.init.normal_(layer.lora_B["a"].weight)
-    layer.set_active_adapter("a")
+    layer = active_layer(64, 48, r=4, alpha=8, dropout=0.25)
     layer.train()
     x = torch.randn(3, 20, 64, requires_grad=True)
     A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
@@ -195,11 +197,7 @@ def test_dropout_draws_nn_dropouts_mask_and_scales_the_update_instead_of_the_inp
 
 
 def test_under_bf16_autocast_the_adapter_computes_in_bf16_without_an_fp32_copy():
-    torch.manual_seed(0)
-    layer = LoraLinear(nn.Linear(64, 48))
-    layer.add_adapter("a", r=4, alpha=8, dropout=0.1)
-    nn.init.normal_(layer.lora_B["a"].weight)
-    layer.set_active_adapter("a")
+    layer = active_layer(64, 48, r=4, alpha=8, dropout=0.1)
     layer.train()
     x = torch.randn(3, 20, 64).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile(record_shapes=True) as profile:
