@@ -243,7 +243,7 @@ def test_adapters_load_and_unload_while_serving(url, client, adapter_dirs, tiny_
     assert client.completions.create(model="r4", prompt="Hi", max_tokens=5, temperature=0).choices[0].text == same[1]
 
 
-def test_limits_adapter_loading_off_full_queue_and_a_client_that_goes_away(engine, adapter_dirs):
+def test_limits_adapter_loading_off_full_queue_and_a_client_that_goes_away(engine, adapter_dirs, monkeypatch):
     app = create_app(engine, max_queue=1, base_name="base")
     with running(app) as url:
         status, _, text = post(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(adapter_dirs["r4"])})
@@ -260,6 +260,19 @@ def test_limits_adapter_loading_off_full_queue_and_a_client_that_goes_away(engin
             assert first.result()[0] == second.result()[0] == 200
 
         # A streaming client that disconnects: its row leaves the batch (cancelled), not at max_tokens.
+        # The engine pauses after its first step until the server has seen the client go: taking
+        # engine._lock after the first chunk raced the scheduler, which re-takes that (unfair) lock
+        # step after step and could finish all 400 tokens first on a busy machine.
+        gate, streamed_rows, run_batch = threading.Event(), [], engine._run
+
+        def run_first_step_then_wait_at_the_gate(rows):
+            streamed_rows.extend(rows)
+            steps = run_batch(rows)
+            yield next(steps)
+            assert gate.wait(timeout=30), "the test never opened the gate"
+            yield from steps
+
+        monkeypatch.setattr(engine, "_run", run_first_step_then_wait_at_the_gate)
         request = json.dumps({**body, "max_tokens": 400, "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
             conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
@@ -267,12 +280,13 @@ def test_limits_adapter_loading_off_full_queue_and_a_client_that_goes_away(engin
             received = b""
             while b"data: " not in received:
                 received += conn.recv(4096)
-            with engine._lock:  # no step runs until the server has seen the client go
-                conn.shutdown(socket.SHUT_RDWR)
-                wait_for(lambda: get_json(url, "/v1/stats")["running_rows"] == 1)
-                time.sleep(0.2)
+            assert get_json(url, "/v1/stats")["running_rows"] == 1
+            conn.shutdown(socket.SHUT_RDWR)
+            wait_for(lambda: streamed_rows[0].cancelled)  # the server saw the client go
+        gate.set()
         wait_for(lambda: get_json(url, "/v1/stats")["cancelled_rows"] == 1)
         assert get_json(url, "/v1/stats")["running_rows"] == 0
+        assert streamed_rows[0].finish_reason == "cancelled" and len(streamed_rows[0].token_ids) == 1
 
 
 def wait_for(condition, timeout=20):
