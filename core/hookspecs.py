@@ -101,6 +101,19 @@ def ftengine_validate(config: Config, active: frozenset[str]) -> list[str] | Non
     """
 
 
+@hookspec
+def ftengine_run_files(config: Config) -> list[str] | None:
+    """Name the files and directories this plugin writes into ``output_dir``.
+
+    ``--overwrite`` moves them aside into ``replaced-<time>/`` with the core's own
+    (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``final/``, ``report.png``), so an
+    earlier run's files are neither deleted nor mixed with the new run's.
+
+    :param config: the run ``Config``.
+    :return: names relative to ``output_dir`` (e.g. ``["tensorboard"]``), or ``None``.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # build: model, quantisation, adapters, trainable parameters, optimiser, data
 # --------------------------------------------------------------------------------------------

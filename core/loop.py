@@ -147,7 +147,7 @@ def train(config, pm, resume=False, eval_before=False, overwrite=False):
     output_dir = Path(config.output_dir)
     with (
         process_group(config) as world,
-        own_output_dir(world, output_dir, resume, overwrite) as run_dir,
+        own_output_dir(world, output_dir, resume, overwrite, plugin_run_files(pm, config)) as run_dir,
         StopSignals() as stop,
     ):
         if run_dir.moved_to and world.is_main:
@@ -155,12 +155,21 @@ def train(config, pm, resume=False, eval_before=False, overwrite=False):
         return _train(config, pm, output_dir, resume, eval_before, stop, world)
 
 
+def plugin_run_files(pm, config):
+    """What the active plugins write into ``output_dir`` (hook ``ftengine_run_files``)."""
+    return [name for names in pm.hook.ftengine_run_files(config=config) for name in names or ()]
+
+
 @contextmanager
-def own_output_dir(world, output_dir, resume, overwrite):
+def own_output_dir(world, output_dir, resume, overwrite, plugin_files):
     """Claim ``output_dir`` (``ftengine.rundir``) for the block: rank 0 holds the lock, and
     every rank learns whether it got it."""
     with ExitStack() as stack:
-        claimed = world.on_main(lambda: stack.enter_context(claim_output_dir(output_dir, resume=resume, overwrite=overwrite)))
+        claimed = world.on_main(
+            lambda: stack.enter_context(
+                claim_output_dir(output_dir, resume=resume, overwrite=overwrite, plugin_files=plugin_files)
+            )
+        )
         yield claimed or RunDir(path=output_dir)
 
 

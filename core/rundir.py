@@ -28,8 +28,9 @@ from pathlib import Path
 from .errors import RunDirError
 
 LOCK_FILE = ".ftengine.lock"
-#: What a run writes into its output_dir; --overwrite moves exactly these aside.
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final", "ref_logps.safetensors", "report.png")
+#: What the core writes into a run's output_dir; --overwrite moves these aside, and what the
+#: plugins name (hook ``ftengine_run_files``).
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final", "report.png")
 REPLACED_PREFIX = "replaced-"
 
 
@@ -108,10 +109,10 @@ def earlier_run(path):
     return found
 
 
-def move_run_aside(path):
-    """Move an earlier run's files (``RUN_FILES`` and leftover temporaries) into
-    ``<path>/replaced-<time>/``; return that directory, or ``None`` if there was nothing."""
-    present = [path / name for name in RUN_FILES if (path / name).exists()]
+def move_run_aside(path, plugin_files=()):
+    """Move an earlier run's files (``RUN_FILES``, ``plugin_files`` and leftover temporaries)
+    into ``<path>/replaced-<time>/``; return that directory, or ``None`` if there was nothing."""
+    present = [path / name for name in dict.fromkeys((*RUN_FILES, *plugin_files)) if (path / name).exists()]
     present += [p for p in path.glob(".*.tmp")] + [p for p in path.glob(".*.old")]
     if not present:
         return None
@@ -128,12 +129,13 @@ def move_run_aside(path):
 
 
 @contextmanager
-def claim_output_dir(output_dir, resume=False, overwrite=False):
+def claim_output_dir(output_dir, resume=False, overwrite=False, plugin_files=()):
     """Own ``output_dir`` for the duration of the block; yield a ``RunDir``.
 
     :param resume: the run continues the one in ``output_dir`` (its files are expected).
     :param overwrite: a fresh run may replace an earlier one: its files are moved into
         ``replaced-<time>/`` inside ``output_dir``.
+    :param plugin_files: what the run's plugins write into ``output_dir``, moved aside too.
     :raises RunDirError: ``output_dir`` is a file or not writable, another run holds it, or a
         fresh run (neither ``resume`` nor ``overwrite``) would mix with an earlier run.
     """
@@ -153,7 +155,7 @@ def claim_output_dir(output_dir, resume=False, overwrite=False):
                     f"(moves the earlier run into {path / (REPLACED_PREFIX + '<time>')}/), or choose another output_dir"
                 )
             if overwrite:
-                run_dir.moved_to = move_run_aside(path)
+                run_dir.moved_to = move_run_aside(path, plugin_files)
         yield run_dir
     finally:
         try:

@@ -390,6 +390,11 @@ def ftengine_validate(config):
 
 
 @hookimpl
+def ftengine_run_files(config):
+    return [REF_LOGPS_FILE]
+
+
+@hookimpl
 def ftengine_load_dataset(config, tokenizer):
     return load_preferences(config, tokenizer)
 

@@ -9,7 +9,8 @@ Each number of a record that ``metrics.jsonl`` gets (``loss``, ``lr``, ``grad_no
 evaluation (a record holding ``"baseline": LABEL``) is tagged ``baseline/LABEL/KEY``. Nulls
 (NaN, infinity) and text are left out. The event files go to ``tensorboard.log_dir`` (default
 ``<output_dir>/tensorboard``), flushed after each record; only rank 0 writes. A resumed run
-hides the events of steps after its checkpoint, as ``metrics.jsonl`` drops them.
+hides the events of steps after its checkpoint, as ``metrics.jsonl`` drops them; ``--overwrite``
+moves the default directory aside with the rest of the earlier run.
 
 An example of a logging plugin: it implements ``ftengine_on_log`` and keeps its writer in
 ``state.plugin_data["tensorboard"]``.
@@ -42,6 +43,12 @@ def ftengine_validate(config):
         why = "which is not installed" if exc.name == "tensorboard" else f"which does not import ({exc})"
         return [f"plugin 'tensorboard' needs the tensorboard package, {why}: pip install 'ftengine[tensorboard]'"]
     return []
+
+
+@hookimpl
+def ftengine_run_files(config):
+    # --overwrite moves an earlier run's events aside; a log_dir of the user's own is left alone.
+    return ["tensorboard"] if config.tensorboard.log_dir is None else []
 
 
 def log_dir(state):

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from ftengine.build import configure
 from ftengine.cli import cli, draw_run_report
 from ftengine.errors import ConfigError
+from ftengine.loop import train
 from ftengine.plugins import tensorboard as tensorboard_plugin
 from ftengine.plugins.contacts.task import write_splits
 from ftengine.report import comparison_rows, draw_report, split_metrics
@@ -253,6 +254,20 @@ def test_a_resumed_run_hides_the_events_after_its_checkpoint(run_overrides, tmp_
     resumed = [{"step": s, "loss": 10.0 * s} for s in range(3, 5)]
     log_records(tensorboard_state(run_overrides, tmp_path, step=2), resumed)
     assert scalars_in(tmp_path / "out" / "tensorboard")["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_overwrite_moves_the_earlier_runs_tensorboard_events_aside(run_overrides, tmp_path):
+    """A plugin's files go with the run they belong to: the new run's events start afresh and
+    the earlier run's are kept (they were left in place, shown under the new run's curves)."""
+    out = tmp_path / "out"
+    overrides = run_overrides + ["train.max_steps=2", "train.eval_every=0"]
+    train(*configure(None, ["lora", "tensorboard"], overrides))
+    earlier = scalars_in(out / "tensorboard")["loss"]
+    train(*configure(None, ["lora", "tensorboard"], [*overrides, "train.max_steps=1"]), overwrite=True)
+    (moved,) = out.glob("replaced-*")
+    assert sorted(p.name for p in moved.iterdir()) == ["config.json", "final", "metrics.jsonl", "tensorboard"]
+    assert scalars_in(moved / "tensorboard")["loss"] == earlier and len(earlier) == 2
+    assert [step for step, _ in scalars_in(out / "tensorboard")["loss"]] == [1]
 
 
 def test_the_tensorboard_plugin_without_tensorboard_is_a_config_error(run_overrides, monkeypatch):
