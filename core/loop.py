@@ -33,7 +33,7 @@ from .config import dump_config
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, FtengineError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
-from .modeling import autocast, autocast_dtype_for, to_device
+from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir
 from .signals import RunInterrupted, StopSignals
@@ -257,6 +257,10 @@ def prepare(config, pm, output_dir, resume, world=None):
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    device = world.device or next(model.parameters()).device
+    autocast_dtype = autocast_dtype_for(config.train.precision, device)
+    if world.size == 1:  # sharding keeps one dtype per unit: across processes weights stay as loaded
+        store_frozen_weights_in(model, autocast_dtype)
     parallel = parallelize(pm, model, list(params.items()), config, world)
     model = parallel.unwrap()
     # A parallelism plugin may replace the parameters (by shards): take them again, by name.
@@ -265,13 +269,12 @@ def prepare(config, pm, output_dir, resume, world=None):
     max_steps = total_steps(config, len(datasets.train))
     schedule = lr_lambda(config.train.warmup_steps, max_steps, config.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    device = world.device or next(model.parameters()).device
     state = RunState(
         config=config,
         pm=pm,
         output_dir=output_dir,
         device=device,
-        autocast_dtype=autocast_dtype_for(config.train.precision, device),
+        autocast_dtype=autocast_dtype,
         max_steps=max_steps,
         adapter_name=info["adapter_name"],
         build_info=info,

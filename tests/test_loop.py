@@ -176,6 +176,31 @@ def test_bf16_precision_trains_under_autocast_on_a_cpu(run_overrides, tmp_path):
         assert b == pytest.approx(a, rel=2e-2)
 
 
+def test_bf16_precision_keeps_frozen_linear_weights_in_bf16_with_the_same_results(run_overrides, tmp_path, monkeypatch):
+    """Frozen ``nn.Linear`` weights are stored in bf16 (autocast cast them anew at every forward):
+    the losses and the adapter equal those of casting at every forward; what is trained and the
+    embedding its output head is tied to stay fp32."""
+    from ftengine import loop
+    from ftengine.testing import save_tiny_model
+    from safetensors.torch import load_file
+
+    tied = save_tiny_model(tmp_path / "tied", tie_word_embeddings=True)  # as SmolLM2's
+    overrides = run_overrides + ["train.precision=bf16", f"model={tied}"]
+    config, pm = configure(None, ["lora"], overrides + [f"output_dir={tmp_path / 'built'}"])
+    model = loop.prepare(config, pm, tmp_path / "built", resume=False).model
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["model.layers.0.mlp.down_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["model.layers.0.mlp.down_proj.lora_A.default.weight"] == torch.float32
+    assert dtypes["model.embed_tokens.weight"] == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+
+    run(overrides + [f"output_dir={tmp_path / 'stored'}"], plugins=("lora",))
+    monkeypatch.setattr(loop, "store_frozen_weights_in", lambda model, dtype: 0)
+    run(overrides + [f"output_dir={tmp_path / 'cast'}"], plugins=("lora",))
+    assert losses(tmp_path / "stored") == losses(tmp_path / "cast")
+    stored, cast = (load_file(tmp_path / d / "final" / "adapter_model.safetensors") for d in ("stored", "cast"))
+    assert all(torch.equal(stored[name], cast[name]) for name in cast)
+
+
 def test_truncation_is_reported_when_training_starts(run_overrides, tiny_data, capsys):
     from ftengine.data import IGNORE_INDEX, load_sft_file
     from ftengine.testing import tiny_tokenizer
