@@ -42,13 +42,35 @@ def many_examples():
 def dates_in(message):
     """ISO dates of every date spelling the task promises to use, parsed independently."""
     found = {m.group(0) for m in re.finditer(r"\b\d{4}-\d{2}-\d{2}\b", message)}
-    for m, d, y in re.findall(r"\b(\d{1,2})[/-](\d{1,2})[/-](\d{4})\b", message):
+    for m, _, d, y in re.findall(r"\b(\d{1,2})([/.-])(\d{1,2})\2(\d{4})\b", message):
         found.add(f"{y}-{int(m):02d}-{int(d):02d}")
+    for y, m, d in re.findall(r"\b(\d{4})/(\d{2})/(\d{2})\b", message):
+        found.add(f"{y}-{m}-{d}")
     flags = re.IGNORECASE
     for month, d, y in re.findall(rf"\b({MONTH})\.? (\d{{1,2}})(?:st|nd|rd|th)?,? (\d{{4}})", message, flags):
         found.add(f"{y}-{MONTHS[month.lower()]:02d}-{int(d):02d}")
     for d, month, y in re.findall(rf"\b(\d{{1,2}})(?:st|nd|rd|th)?[ -](?:of )?({MONTH})\.?,?[ -](\d{{4}})", message, flags):
         found.add(f"{y}-{MONTHS[month.lower()]:02d}-{int(d):02d}")
+    return found
+
+
+# One to nineteen, and the tens, as words.
+NUMBER_WORDS = re.findall(
+    r"[a-z]+",
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen",
+)
+TENS_WORDS = re.findall(r"[a-z]+", "twenty thirty forty fifty sixty seventy eighty ninety")
+
+
+def ages_in_words(message):
+    """Numbers from 10 to 99 spelled in words (``thirty-five``, ``Forty two``, ``eighteen``), parsed
+    independently."""
+    found = set()
+    units = "|".join(NUMBER_WORDS[:9])
+    for tens, unit in re.findall(rf"\b({'|'.join(TENS_WORDS)})(?:[- ]({units}))?\b", message, re.IGNORECASE):
+        found.add(10 * (TENS_WORDS.index(tens.lower()) + 2) + (NUMBER_WORDS.index(unit.lower()) + 1 if unit else 0))
+    for teen in re.findall(rf"\b({'|'.join(NUMBER_WORDS[9:])})\b", message, re.IGNORECASE):
+        found.add(NUMBER_WORDS.index(teen.lower()) + 1)
     return found
 
 
@@ -130,7 +152,7 @@ def test_every_field_is_recoverable_from_its_message(many_examples):
             before = message[: message.index(record["name"])].split()
             assert not before or before[-1] not in task.TITLES or before[-1].rstrip(".") + "." in task.TITLES
         if record["age"] is not None:
-            assert re.search(rf"(?<!\d){record['age']}(?!\d)", message)
+            assert re.search(rf"(?<!\d){record['age']}(?!\d)", message) or record["age"] in ages_in_words(message)
         if record["city"]:
             assert record["city"] in message
         else:
@@ -221,15 +243,113 @@ def test_ages_come_in_apposition_too(many_examples):
 
 
 def test_dates_often_have_single_digit_days(many_examples):
-    """``Aug. 1, 2024`` and ``4/2/2024`` must come out zero-padded: they need to be common."""
+    """``Aug. 1, 2024``, ``4/2/2024`` and ``4.2.2024`` must come out zero-padded: they need to be common."""
     dates = [datetime.date.fromisoformat(e["record"]["date"]) for e in many_examples if e["record"]["date"]]
     assert sum(d.day < 10 for d in dates) > 0.4 * len(dates)
     unpadded = sum(
-        bool(re.search(rf"(?<![\d/]){d.month}/{d.day}/{d.year}\b", e["message"]))
+        bool(re.search(rf"(?<![\d/.]){d.month}(?P<sep>[/.]){d.day}(?P=sep){d.year}\b", e["message"]))
         for e, d in zip((e for e in many_examples if e["record"]["date"]), dates)
         if d.day < 10 and d.month < 10
     )
     assert unpadded > 0.03 * len(dates)
+
+
+# Each document shape, recognised by what only it writes.
+DOCUMENT_MARKERS = {
+    # A header line: three or more cells of column names and nothing else, then a row.
+    "spreadsheet row under its header": (
+        r"(?im)^\|? ?(?:(?:full.?name|name|contact|client|customer name|e-?mail|email.address|mail|mobile|mobile #|phone"
+        r"|phone.number|tel|cell|contact no|city|town|location|home city|city/town|age|age \(yrs\)|yrs|age_years|date|appt"
+        r"|start date|follow_up|visit date|move-in|booked for|id|status|source|amount|qty|notes|owner|ref) ?(?:,|\t|\||;|$) ?)"
+        r"{3,}\|?\n"
+    ),
+    "business card": r"Handwritten on back|\[handwritten\]|Note \(back of card\)|\[Scanned business card\]|Business card \(scan\)",
+    "invoice or receipt": r"(?m)^(?:BILL TO|Bill to|Sold to|Billed to|Customer): .*\n(?:.*\n)*TOTAL \$",
+    "waybill": r"(?m)^(?:WAYBILL|Delivery note|Consignment note|Bill of lading) [A-Z]+-\d{5}-",
+    "chat thread": r"(?m)(?:^(?:\[|\()?\d{1,2}:\d{2}(?:\]|\))?(?: [AaPp][Mm])? [^:\n]+: .*\n){3}",
+    "classified ad": r"OBO\.|Roommate wanted\.|must pick up\.|Tutor available|Lost cat|WANTED: used|Garage sale!",
+    "intake note": r"Entered by .+, ext\. \d+|\(front desk\) x\d+|Taken by .+, ext \d+",
+    "screening bullets": r"(?m)^Phone screen - .+\n[-*•>] ",
+    "RSVP": r"(?m)^(?:RSVP: |RSVP - |Reply for the )(?:Spring gala|Alumni dinner|Team offsite|Book launch|Charity 5K|Open house)",
+    "forwarded e-mail headers": r"(?m)^From: .+\nSubject: .+\nTo: ",
+    "long signature": r"(?m)^(?:www\.|https://)?[a-z]+\.example$",
+    "social post": r"(?m)^.+ · \d+[hm]$|\(@[a-z]+\w*\)$|^Posted by ",
+    "handwritten note": r"\(handwritten note, scanned\)|\[photo of sticky note\]|^NEW CLIENT -> ",
+    "message to a named reader": r"^(?:Hi|Dear|Hey|Hello) [A-Z][^,!\n]*[,!]\n",
+}
+
+
+def test_document_shapes_each_appear_at_a_modest_rate(many_examples):
+    """Spreadsheet rows, business cards, invoices, waybills, chat threads, ads, intake notes ...:
+    each common enough to learn from, none crowding out the others."""
+    messages = [e["message"] for e in many_examples]
+    rates = {
+        kind: sum(bool(re.search(pattern, m)) for m in messages) / len(messages) for kind, pattern in DOCUMENT_MARKERS.items()
+    }
+    assert all(0.005 < rate < 0.08 for rate in rates.values()), rates
+    # Spreadsheet rows: several delimiters, header spellings and column orders.
+    rows = [m for m in messages if re.search(DOCUMENT_MARKERS["spreadsheet row under its header"], m)]
+    for delimiter in (",", "\t", "|", ";"):
+        assert any(delimiter in m.split("\n")[-1] for m in rows), delimiter
+    headers = {line.lower() for m in rows for line in m.split("\n") if re.search(r"(?i)e-?mail", line)}
+    assert len(headers) > 0.6 * len(rows)
+
+
+def test_nameless_messages_name_other_people_and_keep_the_other_fields(many_examples):
+    """With no contact name, a greeting's addressee, staff, a vendor or an e-mail handle that reads
+    like words must not become the name; the contact's other details are still there to copy."""
+    nameless = [e for e in many_examples if e["record"]["name"] is None]
+    assert 0.04 < len(nameless) / len(many_examples) < 0.1
+    assert sum(bool(e["others"]["names"]) for e in nameless) > 0.25 * len(nameless)
+    assert sum(bool(re.match(r"(?:Hi|Dear|Hey|Hello) [A-Z]", e["message"])) for e in nameless) >= 5
+    assert sum(sum(v is not None for v in e["record"].values()) for e in nameless) / len(nameless) > 2.5
+    emails = [e["record"]["email"].split("@")[0] for e in nameless if e["record"]["email"]]
+    worded = [local for local in emails if any(word in local for word in task.HANDLE_WORDS)]
+    assert len(worded) > 0.3 * len(emails)
+
+
+def test_spellings_of_ages_phones_dates_and_emails_vary(many_examples):
+    messages = [e["message"] for e in many_examples]
+    records = [e["record"] for e in many_examples]
+    aged = [(m, r["age"]) for m, r in zip(messages, records) if r["age"] is not None]
+    in_words = sum(not re.search(rf"(?<!\d){age}(?!\d)", m) and age in ages_in_words(m) for m, age in aged)
+    assert 0.03 < in_words / len(aged) < 0.15
+    text = "\n".join(messages)
+    for pattern in (
+        r"\b(?:thirty|forty|fifty|sixty)[- ](?:one|two|three|four|five|six|seven|eight|nine)\b",
+        r"\d{4}(?:,? ext\.? | x)\d+",  # an extension after the number
+        r"\b\d{2}-(?:JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEP|OCT|NOV|DEC)-\d{4}\b",
+        r"\b\d{1,2}\.\d{1,2}\.\d{4}\b",  # 10.27.2024, US order
+        r"\b\d{4}/\d{2}/\d{2}\b",
+        r"@[a-z]+\.[a-z-]+\.example\b",  # a subdomain
+        r"\b\d{3}-\d{7}\b",  # 366-9713787
+    ):
+        assert re.search(pattern, text), pattern
+    # An extension is never part of the record's phone.
+    extended = [(m, r) for m, r in zip(messages, records) if r["phone"] and re.search(r"\d{4}(?:,? ext\.? | x)\d+", m)]
+    assert len(extended) > 0.02 * sum(bool(r["phone"]) for r in records)
+    assert all(E164.fullmatch(r["phone"]) for _, r in extended)
+
+
+def test_names_and_addresses_are_long_enough_to_test_copying(many_examples):
+    """Two surnames (``Camila Lindqvist Abdullah``), suffixes and long local parts: more letters
+    to copy exactly."""
+    names = [e["record"]["name"] for e in many_examples if e["record"]["name"]]
+    surnames = [
+        [w for w in name.split()[1:] if w[0].isupper() and not w.endswith(".") and w not in task.SUFFIXES] for name in names
+    ]
+    assert sum(len(words) >= 2 for words in surnames) > 0.075 * len(names)
+    assert any(name.endswith((" Jr.", " III", " II", " Sr.")) for name in names)
+    emails = [e["record"]["email"] for e in many_examples if e["record"]["email"]]
+    assert sum(len(email.split("@")[0]) >= 20 for email in emails) > 0.08 * len(emails)
+
+
+def test_company_names_and_streets_name_no_city():
+    """A vendor's or a card's street naming a city would make the contact's city ambiguous."""
+    for pool in (task.COMPANY_WORDS, task.COMPANY_KINDS, task.STREETS):
+        assert len(pool) >= 15
+        for entry in pool:
+            assert not any(re.search(rf"\b{re.escape(city)}\b", entry) for city in task.CITIES), entry
 
 
 def test_hard_to_copy_values_are_common(many_examples):
