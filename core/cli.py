@@ -1,6 +1,7 @@
 """The ``ftengine`` command line: ``run``, ``plugins``, ``report``, plus commands plugins register."""
 
 import errno
+import faulthandler
 import json
 import os
 import shlex
@@ -12,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .distributed import launched_world_size
 from .errors import FtengineError
 from .inference import generate_command, merge
 from .server import serve_command
@@ -317,7 +319,25 @@ def _register_plugin_commands():
 
 def main():
     _register_plugin_commands()
-    cli()
+    if launched_world_size() <= 1:
+        cli()
+        return
+    # A worker of a multi-process run. Its work is done (the group torn down, rank 0's files
+    # written and closed) when the command returns; the interpreter's own teardown only stops
+    # native thread pools (pyarrow's, gloo's), which now and then aborts a finished worker
+    # ("terminate called without an active exception", exit -6) and fails the whole run. So a
+    # worker exits without it; faulthandler names the Python frames of any abort before that.
+    faulthandler.enable()
+    try:
+        cli()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # the module torch.distributed.run starts each worker with
