@@ -9,8 +9,9 @@ categories later guided the widening of the training generator) and ``blind``
 (``ftengine.plugins.contacts.blind``, written from the output contract alone and tuned for by
 nobody), plus the drift of its answers to general prompts (forgetting). A third held-out set,
 ``fresh``, is written beside them; its kinds of message have since been added to the training
-generator, so it is scored on request only (``-o data.eval_sets.fresh=<data dir>/fresh.jsonl``). The data is generated (seeded) into the cache the
-first time. ``-o`` overrides apply on top (``ftengine run -o train.max_steps=80``).
+generator, so it is scored on request only (``-o data.eval_sets.fresh=<data dir>/fresh.jsonl``).
+The data is generated (seeded) into the cache the first time. ``-o`` overrides apply on top
+(``ftengine run -o train.max_steps=80``).
 """
 
 DATA_VERSION = "contacts-default-v5"  # a new name whenever the generators change

@@ -36,7 +36,7 @@ def cpu_computes_bf16():
 
 def store_frozen_weights_in(model, dtype):
     """Keep the frozen weights and biases of ``model``'s ``nn.Linear`` layers in ``dtype``, the
-    autocast dtype (nothing when ``None``); return how many tensors changed.
+    autocast dtype (nothing when ``None``).
 
     Autocast casts a frozen fp32 weight anew at every forward (its cast cache keeps trainable
     leaves only): a sixth of a bf16 LoRA step on a CPU, and every decoding step of an
@@ -45,17 +45,14 @@ def store_frozen_weights_in(model, dtype):
     autocast) and anything trained stay as they are.
     """
     if dtype is None:
-        return 0
+        return
     names = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    changed = 0
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
             continue
         for tensor in (module.weight, module.bias):
             if tensor is not None and tensor.dtype == torch.float32 and not tensor.requires_grad and names[id(tensor)] == 1:
                 tensor.data = tensor.data.to(dtype)
-                changed += 1
-    return changed
 
 
 def autocast(state):

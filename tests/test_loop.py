@@ -194,7 +194,7 @@ def test_bf16_precision_keeps_frozen_linear_weights_in_bf16_with_the_same_result
     assert dtypes["model.embed_tokens.weight"] == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
 
     run(overrides + [f"output_dir={tmp_path / 'stored'}"], plugins=("lora",))
-    monkeypatch.setattr(loop, "store_frozen_weights_in", lambda model, dtype: 0)
+    monkeypatch.setattr(loop, "store_frozen_weights_in", lambda model, dtype: None)
     run(overrides + [f"output_dir={tmp_path / 'cast'}"], plugins=("lora",))
     assert losses(tmp_path / "stored") == losses(tmp_path / "cast")
     stored, cast = (load_file(tmp_path / d / "final" / "adapter_model.safetensors") for d in ("stored", "cast"))
