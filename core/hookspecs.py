@@ -110,7 +110,9 @@ def ftengine_run_files(config: Config) -> list[str] | None:
     earlier run's files are neither deleted nor mixed with the new run's.
 
     :param config: the run ``Config``.
-    :return: names relative to ``output_dir`` (e.g. ``["tensorboard"]``), or ``None``.
+    :return: a list of names inside ``output_dir`` (e.g. ``["tensorboard"]``), or ``None``.
+        Anything else (a bare string, an absolute path, a ``..``) stops the run before the
+        model loads, naming the plugin.
     """
 
 

@@ -31,7 +31,7 @@ from . import checkpoint
 from .build import build
 from .config import dump_config
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
-from .errors import ConfigError, FtengineError
+from .errors import ConfigError, FtengineError, PluginError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
 from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
 from .pluginmanager import nondefault_implementers
@@ -156,8 +156,24 @@ def train(config, pm, resume=False, eval_before=False, overwrite=False):
 
 
 def plugin_run_files(pm, config):
-    """What the active plugins write into ``output_dir`` (hook ``ftengine_run_files``)."""
-    return [name for names in pm.hook.ftengine_run_files(config=config) for name in names or ()]
+    """What the active plugins write into ``output_dir`` (hook ``ftengine_run_files``): names
+    inside it, since ``--overwrite`` moves them; anything else is refused, naming the plugin."""
+    files, problems = [], []
+    for impl in pm.hook.ftengine_run_files.get_hookimpls():
+        names = impl.function(config=config) or []
+        inside = isinstance(names, (list, tuple)) and all(
+            isinstance(n, str) and n and not Path(n).is_absolute() and ".." not in Path(n).parts for n in names
+        )
+        if not inside:
+            problems.append(
+                f"plugin '{impl.plugin_name}': ftengine_run_files returned {names!r}; return a list of names "
+                f"inside output_dir, such as ['tensorboard']"
+            )
+        else:
+            files += names
+    if problems:
+        raise PluginError(problems)
+    return files
 
 
 @contextmanager

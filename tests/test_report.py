@@ -8,9 +8,10 @@ import matplotlib.image
 import pytest
 import torch
 from click.testing import CliRunner
+from ftengine import hookimpl
 from ftengine.build import configure
 from ftengine.cli import cli, draw_run_report
-from ftengine.errors import ConfigError
+from ftengine.errors import ConfigError, PluginError
 from ftengine.loop import train
 from ftengine.plugins import tensorboard as tensorboard_plugin
 from ftengine.plugins.contacts.task import write_splits
@@ -268,6 +269,25 @@ def test_overwrite_moves_the_earlier_runs_tensorboard_events_aside(run_overrides
     assert sorted(p.name for p in moved.iterdir()) == ["config.json", "final", "metrics.jsonl", "tensorboard"]
     assert scalars_in(moved / "tensorboard")["loss"] == earlier and len(earlier) == 2
     assert [step for step, _ in scalars_in(out / "tensorboard")["loss"]] == [1]
+
+
+@pytest.mark.parametrize("returned", ["tensorboard", ["../elsewhere"], ["/tmp/events"]])
+def test_run_files_outside_output_dir_are_refused_before_anything_moves(run_overrides, tmp_path, returned):
+    """A plugin naming a bare string (moved letter by letter) or a path outside ``output_dir``
+    would have ``--overwrite`` move things that are not the run's: refused, naming the plugin."""
+
+    class Careless:
+        @hookimpl
+        def ftengine_run_files(self, config):
+            return returned
+
+    overrides = run_overrides + ["train.max_steps=1"]
+    train(*configure(None, ["lora"], overrides))
+    config, pm = configure(None, ["lora"], overrides)
+    pm.register(Careless(), name="careless")
+    with pytest.raises(PluginError, match=r"plugin 'careless': ftengine_run_files returned .*inside output_dir"):
+        train(config, pm, overwrite=True)
+    assert not list((tmp_path / "out").glob("replaced-*")) and (tmp_path / "out" / "final").is_dir()
 
 
 def test_the_tensorboard_plugin_without_tensorboard_is_a_config_error(run_overrides, monkeypatch):
