@@ -167,7 +167,7 @@ def plugin_run_files(pm, config):
         if not inside:
             problems.append(
                 f"plugin '{impl.plugin_name}': ftengine_run_files returned {names!r}; return a list of names "
-                f"inside output_dir, such as ['tensorboard']"
+                f"inside output_dir, such as ['events', 'cache/index.json']"
             )
         else:
             files += names
