@@ -12,11 +12,11 @@ PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: run test test-latest lint format install docs constraints
 
-$(BIN)/.installed: pyproject.toml examples/neftune_plugin/pyproject.toml tests/ia3_plugin/pyproject.toml $(CONSTRAINTS)
+$(BIN)/.installed: pyproject.toml examples/neftune_plugin/pyproject.toml examples/contacts/pyproject.toml tests/ia3_plugin/pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q $(PIP_CONSTRAINTS) -e ".[test]" -e examples/neftune_plugin -e tests/ia3_plugin
+	$(BIN)/python -m pip install -q $(PIP_CONSTRAINTS) -e ".[test]" -e examples/contacts -e examples/neftune_plugin -e tests/ia3_plugin
 	touch $@
 
 install: $(BIN)/.installed
@@ -44,7 +44,7 @@ test-latest:
 
 # Record the versions of .venv as the tested set (after the suite passed in it).
 constraints: $(BIN)/.installed
-	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|ftengine|ftengine-neftune|ftengine-ia3-test)=='; } > constraints.txt.new
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|ftengine|ftengine-contacts|ftengine-neftune|ftengine-ia3-test)=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 docs: $(BIN)/.installed

@@ -73,8 +73,9 @@ def _storage_message(exc):
 def cli():
     """ftengine: fine-tune pre-trained language models with plugins.
 
-    Run 'ftengine run' with no arguments for the embedded default job: fine-tune
-    SmolLM2-135M-Instruct on the bundled contact-extraction task and show before/after.
+    Run 'ftengine run' with no arguments for the default job an installed task package
+    provides (the demo in examples/contacts, which make install installs: fine-tune
+    SmolLM2-135M-Instruct on contact extraction and show before/after).
     """
 
 
@@ -120,8 +121,8 @@ def cli():
 def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_before, nproc, nnodes, node_rank, rdzv_endpoint):
     """Train: CONFIG_FILE (YAML) plus --plugin and -o overrides.
 
-    With neither CONFIG_FILE nor --plugin, runs the embedded default job (overrides apply on
-    top of it, e.g. -o train.max_steps=10).
+    With neither CONFIG_FILE nor --plugin, runs the default job an installed task package
+    provides (overrides apply on top of it, e.g. -o train.max_steps=10).
 
     A run owns its output_dir: a second run into it is refused while the first runs, and a
     fresh run into a directory that holds an earlier run needs --resume or --overwrite (the
@@ -132,13 +133,12 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     the global micro-batch. See docs/distributed.md.
     """
     from .build import configure
-    from .default_job import default_job_config
     from .loop import train
 
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
     default_job = config_file is None and not plugins
-    base = default_job_config() if default_job else None
+    base = installed_default_job() if default_job else None
     # The demo is meant to be rerun: its earlier result is moved aside (never deleted).
     overwrite = overwrite or (default_job and not resume)
     if allow_pickle:
@@ -161,6 +161,20 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     if not _rank():
         print_summary(summary)
         draw_run_report(summary["output_dir"])
+
+
+def installed_default_job():
+    """The config of the default job an installed package provides (hook ``ftengine_default_job``)."""
+    from .pluginmanager import all_plugins_manager
+
+    job = all_plugins_manager().hook.ftengine_default_job()
+    if job is None:
+        raise click.UsageError(
+            "no default job is installed: give a CONFIG_FILE or --plugin (see docs/configuration.md), "
+            "or install the demo task that provides one: pip install ./examples/contacts from a source "
+            "checkout (make install does it), then run 'ftengine run' again"
+        )
+    return job
 
 
 def worker_args(config_file, plugins, overrides, resume, overwrite, eval_before):

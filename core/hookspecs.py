@@ -77,6 +77,18 @@ def ftengine_register_commands(cli: click.Group) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def ftengine_default_job() -> dict[str, Any] | None:
+    """The job ``ftengine run`` runs with no config file and no ``--plugin``, as a config dict
+    (what a YAML config file holds; ``-o`` overrides apply on top).
+
+    Asked of every installed plugin, selected or not, before the run's plugins are chosen; the
+    first answer wins. A task package provides it (the demo, ``examples/contacts``, returns its
+    ``default_job.yaml`` after generating the data it names). With no implementation,
+    ``ftengine run`` without arguments says how to install one.
+    """
+
+
 @hookspec
 def ftengine_config_section(register: Callable[[str, type[Section]], None]) -> None:
     """Declare this plugin's configuration section.
@@ -380,6 +392,16 @@ def ftengine_eval_metrics(
         adds it). Two plugins returning the same name is an error. A generation-based task
         should also return ``prompt_tokens``, the mean tokens of its prompts (what a request
         costs, shown for the baselines).
+    """
+
+
+@hookspec
+def ftengine_headline_metrics() -> list[str] | None:
+    """The evaluation metrics that say most about this plugin's task, most important first.
+
+    Names as the plugin's ``ftengine_eval_metrics`` returns them, without the ``eval_`` and
+    evaluation-set prefixes (``exact_match``). ``report.png`` shows them first, for every
+    evaluation set (``eval_exact_match``, ``eval_heldout_exact_match``, ...).
     """
 
 

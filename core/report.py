@@ -12,6 +12,8 @@ atomically: a failed drawing leaves no file, or the previous one.
 
 Rows of the metrics panel: ``before`` is the first evaluation at step 0 (zero-shot), each
 record holding ``"baseline": LABEL`` is a row named LABEL, ``after`` is the last evaluation.
+The metrics the run's task plugins declare as headline (hook ``ftengine_headline_metrics``)
+come first, for every evaluation set (``eval_<metric>``, ``eval_<set>_<metric>``).
 """
 
 import json
@@ -24,10 +26,8 @@ from .errors import DataError, FtengineError, RunDirError
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.png"
 FORMATS = {".png": "png", ".svg": "svg"}
-#: At most this many bars groups: more would be unreadable; the rest stay in metrics.jsonl.
+#: At most this many bar groups: more would be unreadable; the rest stay in metrics.jsonl.
 MAX_FRACTION_METRICS = 10
-#: Metrics shown first, in this order (then held-out ones, then per-field ones, then the rest).
-HEADLINE = ("exact_match", "schema_valid")
 #: Words of evaluation keys that are never fractions, whatever their value (eval_time_s may be 0.4).
 NOT_FRACTIONS = ("loss", "kl", "ppl", "time", "tokens")
 
@@ -95,18 +95,23 @@ def comparison_rows(records):
     return rows
 
 
-def _order(key):
+def _headline_order(key, headline):
+    """``(headline index, set name)`` of an ``eval_[<set>_]<metric>`` key whose metric is in
+    ``headline``; ``None`` for any other key."""
     name = key.removeprefix("eval_")
-    heldout = name.startswith("heldout_")
-    name = name.removeprefix("heldout_")
-    if name in HEADLINE:
-        return (0, heldout, HEADLINE.index(name))
-    return (1 if name.startswith("field_") else 2, heldout, 0)
+    for index, metric in enumerate(headline):
+        if name == metric:
+            return index, ""
+        if name.endswith(f"_{metric}"):
+            return index, name.removesuffix(f"_{metric}")
+    return None
 
 
-def split_metrics(rows):
+def split_metrics(rows, headline=()):
     """``(fractions, others)``: the evaluation keys whose values all lie in [0, 1] (rates,
-    accuracies), first those the panel prefers; and the rest (losses, drift), in file order."""
+    accuracies), the ``headline`` metrics first (set by set, in the order the sets appear, each
+    set's in ``headline``'s order), the rest in file order; and the other keys (losses, drift),
+    in file order."""
     keys = list(dict.fromkeys(k for r in rows.values() for k in r if k.startswith("eval_")))
     fractions, others = [], []
     for key in keys:
@@ -116,13 +121,34 @@ def split_metrics(rows):
             fractions.append(key)
         else:
             others.append(key)
-    return sorted(fractions, key=_order), others
+    ranked = {key: order for key in fractions if (order := _headline_order(key, headline)) is not None}
+    sets = list(dict.fromkeys(name for _, name in sorted(ranked.values(), key=lambda o: o[1] != "")))
+    first = sorted(ranked, key=lambda key: (sets.index(ranked[key][1]), ranked[key][0]))
+    return first + [key for key in fractions if key not in ranked], others
 
 
-def draw_report(run_dir, output=None):
+def run_headline_metrics(run_dir):
+    """The headline metrics the plugins of the run in ``run_dir`` declare (its ``config.json``
+    names them); none when the run's config or one of its plugins cannot be read."""
+    from .pluginmanager import select_plugins
+
+    try:
+        plugins = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8")).get("plugins") or []
+        return headline_metrics(select_plugins([p for p in plugins if isinstance(p, str)]))
+    except (OSError, ValueError, AttributeError, FtengineError):
+        return []
+
+
+def headline_metrics(pm):
+    """Every headline metric the plugins of ``pm`` declare, in plugin order."""
+    return list(dict.fromkeys(name for names in pm.hook.ftengine_headline_metrics() for name in names or ()))
+
+
+def draw_report(run_dir, output=None, headline=None):
     """Draw the report of the run in ``run_dir``; return the path written.
 
     :param output: the file to write (default ``run_dir/report.png``); ``.svg`` writes SVG.
+    :param headline: the metrics shown first (default: what the run's plugins declare).
     :raises RunDirError: ``run_dir`` holds no ``metrics.jsonl``.
     :raises DataError: a line of it cannot be read.
     :raises FtengineError: matplotlib is not installed, or ``output`` is neither .png nor .svg.
@@ -135,7 +161,8 @@ def draw_report(run_dir, output=None):
     if output.is_dir():
         raise FtengineError(f"{output}: is a directory; give the file to write, e.g. {output / REPORT_FILE}")
     records = read_metrics(run_dir)
-    figure = _figure(records, title=str(run_dir))
+    headline = run_headline_metrics(run_dir) if headline is None else headline
+    figure = _figure(records, title=str(run_dir), headline=headline)
     return checkpoint.atomic_write(output, lambda tmp: figure.savefig(tmp, format=file_format, dpi=100))
 
 
@@ -159,7 +186,7 @@ def matplotlib_installed():
     return True
 
 
-def _figure(records, title):
+def _figure(records, title, headline):
     Figure = _matplotlib_figure()
     figure = Figure(figsize=(14, 8.5), layout="constrained")
     grid = figure.add_gridspec(2, 3)
@@ -167,7 +194,7 @@ def _figure(records, title):
     _draw_losses(figure.add_subplot(grid[0, :2]), records)
     _draw_lr(figure.add_subplot(grid[0, 2]), records)
     rows = comparison_rows(records)
-    fractions, others = split_metrics(rows)
+    fractions, others = split_metrics(rows, headline)
     _draw_fractions(figure.add_subplot(grid[1, :2]), rows, fractions)
     _draw_numbers(figure.add_subplot(grid[1, 2]), rows, others)
     return figure
@@ -177,13 +204,30 @@ def _no_data(axes, text):
     axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, color="gray")
 
 
+def smoothed(values, window):
+    """An exponential moving average over about ``window`` values, debiased at the start (as
+    TensorBoard smooths); NaN values (skipped steps) are passed over."""
+    weight, average, count, out = 1 - 1 / max(window, 1), 0.0, 0, []
+    for value in values:
+        if not math.isnan(value):
+            average, count = weight * average + (1 - weight) * value, count + 1
+        out.append(average / (1 - weight**count) if count else math.nan)
+    return out
+
+
 def _draw_losses(axes, records):
     axes.set_title("loss")
     axes.set_xlabel("step")
     train = [r for r in records if "loss" in r and not _is_eval(r)]
     evals = [r for r in records if "eval_loss" in r and "baseline" not in r]
     if train:
-        axes.plot([r["step"] for r in train], [_value(r, "loss") for r in train], label="train loss", linewidth=1.2)
+        steps, losses = [r["step"] for r in train], [_value(r, "loss") for r in train]
+        # One-example steps are noisy: the raw line in the background, a smoothed one on top.
+        (raw,) = axes.plot(steps, losses, linewidth=0.8, alpha=0.3, label="train loss")
+        window = max(1, len(train) // 20)
+        axes.plot(
+            steps, smoothed(losses, window), linewidth=1.8, color=raw.get_color(), label=f"train loss, smoothed (~{window} steps)"
+        )
     if evals:
         axes.plot([r["step"] for r in evals], [_value(r, "eval_loss") for r in evals], "o-", label="eval loss")
     if train or evals:
@@ -226,7 +270,8 @@ def _draw_fractions(axes, rows, fractions):
     axes.set_ylim(0, 1.1)
     axes.yaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize="small")
+    # Outside the axes, so no bar or bar label is ever hidden behind it.
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _format(value):

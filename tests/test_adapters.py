@@ -149,12 +149,10 @@ def _code_strings(tree):
 
 
 def test_the_core_names_no_plugin():
-    """Plugin names appear in core/ only in docstrings, help examples and the default job."""
+    """Plugin names appear in core/ only in docstrings and help examples."""
     names = set(builtin_plugins()) - {"hf_loader", "sft", "adamw", "progress"}
     found = []
     for path in sorted(CORE.glob("*.py")):
-        if path.name == "default_job.py":  # the default job chooses its plugins
-            continue
         tree = ast.parse(path.read_text())
         words = {w for s in _code_strings(tree) for w in re.findall(r"\w+", s)}
         identifiers = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {

@@ -11,8 +11,8 @@ from ftengine.cli import cli
 from ftengine.errors import ConfigError, DataError
 from ftengine.evaluation import evaluate, evaluate_baselines
 from ftengine.loop import epoch_order, example_length, prepare, train
-from ftengine.plugins.contacts import task
 from ftengine.testing import KillAfter, write_jsonl
+from ftengine_contacts import task
 
 
 def records(output_dir):

@@ -14,10 +14,10 @@ from ftengine.cli import cli, draw_run_report
 from ftengine.errors import ConfigError, PluginError
 from ftengine.loop import train
 from ftengine.plugins import tensorboard as tensorboard_plugin
-from ftengine.plugins.contacts.task import write_splits
-from ftengine.report import comparison_rows, draw_report, split_metrics
+from ftengine.report import MAX_FRACTION_METRICS, comparison_rows, draw_report, run_headline_metrics, smoothed, split_metrics
 from ftengine.rundir import move_run_aside
 from ftengine.state import RunState
+from ftengine_contacts.task import write_splits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,7 +92,7 @@ def test_the_rows_of_a_real_run_are_before_and_after(contacts_run):
     records = read_records(out / "metrics.jsonl")
     rows = comparison_rows(records)
     assert list(rows) == ["before", "after"] and (rows["before"]["step"], rows["after"]["step"]) == (0, 4)
-    fractions, others = split_metrics(rows)
+    fractions, others = split_metrics(rows, run_headline_metrics(out))
     assert fractions[:2] == ["eval_exact_match", "eval_schema_valid"]
     assert others == ["eval_loss", "eval_prompt_tokens", "eval_time_s"]  # a time or a count is never a rate
     assert {k for k in fractions if k.startswith("eval_field_")} == {
@@ -163,9 +163,42 @@ def test_handmade_metrics_with_baselines_and_nulls_draw(tmp_path):
     rows = comparison_rows(HANDMADE)
     assert list(rows) == ["before", "few_shot_3", "prompted", "after"]
     assert rows["after"] is HANDMADE[-1]
-    fractions, others = split_metrics(rows)
+    fractions, others = split_metrics(rows, headline=["exact_match", "schema_valid"])
     assert fractions == ["eval_exact_match", "eval_schema_valid", "eval_heldout_exact_match", "eval_field_name"]
     assert others == ["eval_loss", "eval_drift_kl", "eval_drift_ppl"]
+
+
+def test_every_evaluation_sets_headline_metrics_come_before_the_per_field_ones():
+    """Three sets of six per-field rates: the blind set's exact_match used to be the 14th rate,
+    past what the panel shows."""
+    fields = ("name", "age", "city", "email", "phone", "date")
+    after = {"step": 9, "eval_loss": 0.3}
+    for prefix in ("", "heldout_", "blind_"):
+        after |= {f"eval_{prefix}schema_valid": 0.9, f"eval_{prefix}exact_match": 0.5}
+        after |= {f"eval_{prefix}field_{field}": 0.7 for field in fields}
+    fractions, _ = split_metrics({"after": after}, headline=["exact_match", "schema_valid"])
+    assert fractions[:6] == [
+        "eval_exact_match",
+        "eval_schema_valid",
+        "eval_heldout_exact_match",
+        "eval_heldout_schema_valid",
+        "eval_blind_exact_match",
+        "eval_blind_schema_valid",
+    ]
+    assert len(fractions) == 24 and MAX_FRACTION_METRICS >= 6
+
+
+def test_the_run_s_task_plugin_declares_its_headline_metrics(contacts_run, tmp_path):
+    _, out = contacts_run
+    assert run_headline_metrics(out) == ["exact_match", "schema_valid"]
+    assert run_headline_metrics(tmp_path) == []  # no config.json: no preference, still drawn
+
+
+def test_the_training_loss_is_drawn_smoothed_over_the_raw_line():
+    assert smoothed([1.0, 1.0, 1.0], window=5) == pytest.approx([1.0, 1.0, 1.0])  # debiased from the start
+    noisy = [2.0, 0.0] * 50
+    assert max(smoothed(noisy, window=10)[20:]) < 1.3 and min(smoothed(noisy, window=10)[20:]) > 0.7
+    assert smoothed([float("nan"), 3.0], window=1)[1] == 3.0
 
 
 def test_report_of_a_directory_without_metrics_is_a_clear_error_and_writes_nothing(tmp_path):

@@ -31,8 +31,8 @@ R, ALPHA, DROPOUT, BATCH, LENGTH, LR = 16, 32, 0.05, 8, 128, 1e-4
 
 
 def contacts_train_file():
-    from ftengine.plugins.contacts.task import write_splits
     from ftengine.plugins.hf_loader import cache_dir
+    from ftengine_contacts.task import write_splits
 
     data_dir = cache_dir() / "data" / "contacts-v1"
     if not (data_dir / "train.jsonl").is_file():

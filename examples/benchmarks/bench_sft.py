@@ -62,7 +62,7 @@ SETUPS.update({f"{name} bf16": {**setup, "bf16": True} for name, setup in list(S
 
 def train_rows(n):
     """The first ``n`` rows of the default job's training data, written to a file of their own."""
-    from ftengine.default_job import default_job_config
+    from ftengine_contacts.default_job import default_job_config
 
     source = Path(default_job_config()["data"]["train"])
     rows = [json.loads(line) for line in source.read_text().splitlines()[:n]]
@@ -178,8 +178,8 @@ def packed_vs_padded(n, rounds):
     process: on a shared machine both see the same load, so their ratio holds when absolute
     times do not."""
     from ftengine.build import build, configure
-    from ftengine.default_job import default_job_config
     from ftengine.plugins import sft
+    from ftengine_contacts.default_job import default_job_config
 
     path, _ = train_rows(n)
     setups = {}
@@ -227,8 +227,8 @@ def versus_trl(n, rounds, bf16):
     from contextlib import nullcontext
 
     from ftengine.build import build, configure
-    from ftengine.default_job import default_job_config
     from ftengine.plugins import sft
+    from ftengine_contacts.default_job import default_job_config
 
     setup = {**SETUPS["ftengine packed"], "bf16": bf16}
     path, _ = train_rows(n)

@@ -1,13 +1,13 @@
 """Write the contacts task's data: train/valid chat rows, train/valid preference pairs, and
-held-out rows phrased unlike the training rows (``ftengine.plugins.contacts.heldout``).
+held-out rows phrased unlike the training rows (``ftengine_contacts.heldout``).
 
 python examples/contacts/generate.py --out examples/contacts/data --train 2000 --valid 200 --prefs 600 --heldout 100 --seed 0
 """
 
 import argparse
 
-from ftengine.plugins.contacts.heldout import write_heldout
-from ftengine.plugins.contacts.task import write_splits
+from ftengine_contacts.heldout import write_heldout
+from ftengine_contacts.task import write_splits
 
 
 def main(argv=None):

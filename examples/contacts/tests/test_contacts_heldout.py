@@ -5,8 +5,8 @@ import json
 import re
 
 import pytest
-from ftengine.plugins.contacts.heldout import KINDS, generate_heldout, write_heldout
-from ftengine.plugins.contacts.task import KEYS, USER_PREFIX, compact, generate_examples
+from ftengine_contacts.heldout import KINDS, generate_heldout, write_heldout
+from ftengine_contacts.task import KEYS, USER_PREFIX, compact, generate_examples
 
 N = 200
 PHONE = re.compile(r"^\+1\d{10}$")

@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ftengine.plugins.contacts import blind
-from ftengine.plugins.contacts.task import KEYS, compact, user_message
+from ftengine_contacts import blind
+from ftengine_contacts.task import KEYS, compact, user_message
 
-BUNDLED = Path(__file__).resolve().parents[1] / "examples" / "contacts" / "data" / "blind.jsonl"
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "blind.jsonl"
 PREFIX = user_message("")["content"]
 RESERVED = re.compile(r"@(?:[a-z0-9-]+\.)*(?:example\.(?:com|org|net)|[a-z0-9-]+\.(?:example|test))$")
 ADDRESS = re.compile(r"[A-Za-z0-9._+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")

@@ -1,14 +1,14 @@
 """A second, independent held-out evaluation set for the "contacts" task.
 
 Written by an engineer who was given only the output contract (the docstring of
-``ftengine.plugins.contacts.task`` and the conventions in ``examples/contacts/README.md``) and who
+``ftengine_contacts.task`` and the conventions in ``examples/contacts/README.md``) and who
 never opened the training generator, the first held-out generator (``heldout.py``), their tests,
 or any data file under ``examples/contacts/data``. Only ``KEYS``, ``compact`` and
 ``user_message`` are imported from the task module, so the rows have the same shape; every kind
 of message, frame, name, city, spelling and piece of noise here is this module's own. The set
 therefore measures how a fine-tuned model does on wording nobody tuned for::
 
-    from ftengine.plugins.contacts.fresh import generate_fresh, write_fresh
+    from ftengine_contacts.fresh import generate_fresh, write_fresh
     rows = generate_fresh(100, seed=7)        # [{"messages": [user, assistant]}, ...]
     write_fresh("examples/contacts/data")     # -> examples/contacts/data/fresh.jsonl
 

@@ -1,4 +1,4 @@
-"""The second held-out contacts set (``ftengine.plugins.contacts.fresh``): every answer follows the
+"""The second held-out contacts set (``ftengine_contacts.fresh``): every answer follows the
 output contract and can be read off its message, a seed fixes the rows, every kind of message
 appears, and the bundled ``examples/contacts/data/fresh.jsonl`` is what ``write_fresh`` writes."""
 
@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from ftengine.plugins.contacts.fresh import (
+from ftengine_contacts.fresh import (
     CITIES,
     DEFAULT_SEED,
     GIVEN,
@@ -20,9 +20,9 @@ from ftengine.plugins.contacts.fresh import (
     generate_fresh,
     write_fresh,
 )
-from ftengine.plugins.contacts.task import KEYS, compact, score, user_message
+from ftengine_contacts.task import KEYS, compact, score, user_message
 
-DATA = Path(__file__).resolve().parents[1] / "examples" / "contacts" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 BUNDLED = DATA / "fresh.jsonl"
 RESERVED = re.compile(r"@([a-z0-9-]+\.)*(example\.(com|org|net)|[a-z0-9-]+\.(example|test))$")
 E164 = re.compile(r"^\+1[2-9]\d\d[2-9]\d\d\d{4}$")

@@ -7,14 +7,14 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import ftengine_contacts as contacts
 import pytest
 import torch
 from ftengine.modeling import eval_mode
-from ftengine.plugins import contacts
-from ftengine.plugins.contacts import task
-from ftengine.plugins.contacts.heldout import write_heldout
 from ftengine.state import Datasets
 from ftengine.testing import greedy_without_cache, tiny_model, tiny_tokenizer
+from ftengine_contacts import task
+from ftengine_contacts.heldout import write_heldout
 
 E164 = re.compile(r"\+1\d{10}")
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -121,7 +121,7 @@ def test_write_splits_files_are_disjoint_and_well_formed(tmp_path):
 
 def test_committed_example_data_is_what_the_generator_writes(tmp_path):
     """examples/contacts/data was regenerated after the last change to the generator."""
-    committed = Path(__file__).parent.parent / "examples" / "contacts" / "data"
+    committed = Path(__file__).parent.parent / "data"
     paths = task.write_splits(tmp_path, seed=0) | {"heldout": write_heldout(tmp_path, n=100, seed=0)}
     for split, path in paths.items():
         assert (committed / path.name).read_text() == path.read_text(), f"regenerate {split}: see examples/contacts/README.md"

@@ -1,7 +1,7 @@
 """A third held-out evaluation set for the "contacts" task, written blind: ``blind.jsonl``.
 
 How it was written: by a helper engineer (an AI agent started by the project lead for this one
-job), from the output contract alone: the module docstring of ``ftengine.plugins.contacts.task``,
+job), from the output contract alone: the module docstring of ``ftengine_contacts.task``,
 its ``KEYS``, ``compact`` and ``user_message``, and ``examples/contacts/README.md``. It did not
 read the rest of ``task.py`` (the training generator and its templates), ``heldout.py``,
 ``fresh.py``, any of their tests, or any file under ``examples/contacts/data/``, and nobody has

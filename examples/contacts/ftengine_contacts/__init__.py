@@ -1,6 +1,6 @@
 """Generation-based evaluation for the bundled "contacts" task (``--plugin contacts``).
 
-The task (``ftengine.plugins.contacts.task``, data in ``examples/contacts``) teaches a model to
+The task (``ftengine_contacts.task``, data in ``examples/contacts``) teaches a model to
 answer a message about a person with one line of compact JSON: ``name, age, city, email,
 phone, date``. The eval loss says little about that behaviour, so at every evaluation this
 plugin generates greedily for the eval rows and scores the answers against the reference
@@ -11,6 +11,10 @@ before each message as earlier user/assistant turns.
 
 Options, in the ``contacts:`` config section: ``eval_batch_size``, ``max_new_tokens`` and
 ``eval_limit`` (score only the first N eval rows, to keep evaluation cheap on a CPU).
+
+The package also provides ftengine's default job (``ftengine run`` with no arguments), the file
+``default_job.yaml`` (see ``ftengine_contacts.default_job``), whether or not ``contacts`` is
+selected.
 """
 
 import json
@@ -88,6 +92,18 @@ def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96, shots=None
         for i, text in zip(batch, texts):
             answers[i] = text
     return answers
+
+
+@hookimpl
+def ftengine_default_job():
+    from .default_job import default_job_config
+
+    return default_job_config()
+
+
+@hookimpl
+def ftengine_headline_metrics():
+    return ["exact_match", "schema_valid"]
 
 
 @hookimpl

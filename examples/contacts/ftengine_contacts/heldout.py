@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftengine.checkpoint import atomic_write_text
-from ftengine.plugins.contacts.task import KEYS, compact, user_message
+
+from ftengine_contacts.task import KEYS, compact, user_message
 
 # ---------------------------------------------------------------- name pools
 # origin: (female given names, male given names, family names, style)
