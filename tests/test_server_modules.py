@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import queue
 import time
+from pathlib import Path
 
 import pytest
 from ftengine.errors import FtengineError
@@ -187,3 +188,13 @@ def test_23_stream_ticket_hands_deltas_to_asyncio_and_cancels_when_abandoned(eng
             time.sleep(0.01)
     assert delta.text and ticket.rows[0].cancelled
     assert ticket.rows[0].finish_reason == "cancelled" and len(ticket.rows[0].token_ids) < 40
+
+
+def test_23_every_core_subpackage_is_in_the_wheel():
+    """Editable installs find ``ftengine.server`` anyway; a wheel only holds the packages listed."""
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    subpackages = {f"ftengine.{p.parent.name}" for p in (root / "core").glob("*/__init__.py")}
+    assert "ftengine.server" in subpackages and subpackages <= listed
