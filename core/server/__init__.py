@@ -1,0 +1,166 @@
+"""``ftengine serve``: an OpenAI-compatible HTTP server over ``ftengine.serving.AdapterServer``.
+
+    pip install 'ftengine[serve]'
+    ftengine serve --model models/base --adapter support=runs/a/final --adapter sales=runs/b/final
+    curl localhost:8000/v1/completions -d '{"model": "sales", "prompt": "Hi", "max_tokens": 16}'
+
+Endpoints: ``GET /v1/models`` (the base and each adapter), ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``stream: true`` for server-sent events ending in
+``data: [DONE]``), ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's
+names; off unless ``--allow-adapter-loading``), ``GET /v1/stats`` (the scheduler's counters).
+The request's ``model`` names the adapter (the base model's own name: no adapter).
+
+One scheduler thread runs every forward: requests that wait are taken together (any mix of
+adapters) into one batch, whose rows each keep their own adapter, sampling parameters, seed
+and stop strings; batches started while others run are stepped in turn. Errors are OpenAI's
+JSON (``{"error": {"message", "type", "param", "code"}}``) with the HTTP status OpenAI uses.
+
+The pieces, each testable alone: ``models`` (request models, their bounds, the answers'
+JSON), ``scheduler`` (tickets, the queue, the batching thread over the engine; no HTTP),
+``routes`` (the endpoints, thin). FastAPI and uvicorn are imported only when a server is
+made, so ``ftengine --help`` works without them.
+"""
+
+import click
+
+from ..errors import FtengineError
+from ..inference import adapters_option, model_option
+from ..serving import AdapterServer
+from .models import ApiError
+from .scheduler import Scheduler
+
+DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_tokens_cap": 1024, "max_queue": 64, "max_body_bytes": 1 << 20}
+
+
+def create_app(
+    engine,
+    *,
+    allow_adapter_loading=False,
+    max_tokens_cap=DEFAULTS["max_tokens_cap"],
+    max_queue=DEFAULTS["max_queue"],
+    max_body_bytes=DEFAULTS["max_body_bytes"],
+    base_name=None,
+    batch_window_s=0.01,
+):
+    """The FastAPI application serving ``engine`` (an ``AdapterServer``); its lifespan starts
+    and stops the scheduler thread."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from .routes import api_router
+
+    scheduler = Scheduler(engine, max_queue=max_queue, max_batch_size=engine.max_batch_size, batch_window_s=batch_window_s)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="ftengine", lifespan=lifespan)
+    app.state.scheduler = scheduler
+    app.include_router(
+        api_router(
+            engine,
+            scheduler,
+            allow_adapter_loading=allow_adapter_loading,
+            max_tokens_cap=max_tokens_cap,
+            max_queue=max_queue,
+            max_body_bytes=max_body_bytes,
+            base_name=base_name or engine.model_name,
+        )
+    )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(FtengineError)
+    async def ftengine_error(request, exc):
+        return await api_error(request, ApiError.of(exc))
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
+
+
+def _require_serve_extra():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise FtengineError(
+            f"ftengine serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'ftengine[serve]'"
+        ) from None
+
+
+@click.command(name="serve")
+@model_option
+@adapters_option("Serve an adapter as model NAME (repeatable).")
+@click.option(
+    "--host", default=DEFAULTS["host"], show_default=True, help="Address to bind; 0.0.0.0 exposes the server to the network."
+)
+@click.option("--port", default=DEFAULTS["port"], show_default=True, type=click.IntRange(0, 65535))
+@click.option("--allow-adapter-loading", is_flag=True, help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter.")
+@click.option(
+    "--max-tokens-cap",
+    default=DEFAULTS["max_tokens_cap"],
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest max_tokens a request may ask for.",
+)
+@click.option(
+    "--max-queue",
+    default=DEFAULTS["max_queue"],
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests waiting for a batch before new ones get 503.",
+)
+@click.option(
+    "--max-body-bytes",
+    default=DEFAULTS["max_body_bytes"],
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest request body (413 above).",
+)
+@click.option("--max-batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Rows per forward pass.")
+@click.option("--served-model-name", default=None, help="The base model's name in the API (default: --model).")
+@click.option(
+    "--plugin", "-p", "plugins", multiple=True, help="Activate another plugin (repeatable), e.g. qlora for a 4-bit base."
+)
+def serve_command(
+    model,
+    adapters,
+    host,
+    port,
+    allow_adapter_loading,
+    max_tokens_cap,
+    max_queue,
+    max_body_bytes,
+    max_batch_size,
+    served_model_name,
+    plugins,
+):
+    """Serve a base model and its adapters over an OpenAI-compatible HTTP API.
+
+    Each adapter is a model of the API; requests for any mix of adapters share forward passes.
+    SIGTERM (or Ctrl-C) stops taking requests, finishes those in flight, and exits.
+    """
+    _require_serve_extra()
+    import uvicorn
+
+    engine = AdapterServer(model, adapters, plugins, max_batch_size=max_batch_size)
+    app = create_app(
+        engine,
+        allow_adapter_loading=allow_adapter_loading,
+        max_tokens_cap=max_tokens_cap,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        base_name=served_model_name,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)

@@ -1,0 +1,154 @@
+"""The HTTP endpoints: each reads its body, checks it (``models``), makes the engine's rows and
+hands them to the scheduler; answers are built by ``models``. Imported only when an app is
+made, since it needs FastAPI."""
+
+import contextlib
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import AdapterError
+from .models import (
+    AdapterRequest,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_messages,
+    chunk,
+    chunk_kind,
+    completion_response,
+    model_cards,
+    parse_body,
+    prompts_of,
+    sampling_params,
+    sse,
+    usage,
+)
+from .scheduler import QueueFull, StreamTicket
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_queue, max_body_bytes, base_name):
+    """The ``/v1`` endpoints over ``engine`` (an ``AdapterServer``) and its ``scheduler``."""
+    router = APIRouter()
+    created = int(time.time())
+
+    async def read_body(request, schema):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            raise ApiError(
+                413, f"the request body has {length} bytes; this server takes at most {max_body_bytes} (--max-body-bytes)"
+            )
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > max_body_bytes:
+                raise ApiError(413, f"the request body is over {max_body_bytes} bytes (--max-body-bytes)")
+        return parse_body(body, schema)
+
+    def adapter_of(model):
+        if model == base_name:
+            return None
+        engine.check_adapter(model)
+        return model
+
+    def sampling(body, prompt_lengths, default_max_tokens):
+        return sampling_params(
+            body,
+            prompt_lengths,
+            default_max_tokens=default_max_tokens,
+            context_length=engine.context_length,
+            max_tokens_cap=max_tokens_cap,
+        )
+
+    async def deltas(ticket):
+        """The ticket's deltas; its failed batch as an ``ApiError``."""
+        async with contextlib.aclosing(ticket.deltas()) as stream:  # closing it cancels unfinished rows
+            try:
+                async for delta in stream:
+                    yield delta
+            except Exception as exc:
+                raise ApiError.of(exc) from None
+
+    async def respond(body, rows, chat):
+        ticket = StreamTicket(rows)
+        try:
+            scheduler.submit(ticket)
+        except QueueFull:
+            raise ApiError(
+                503, f"the server has {max_queue} requests waiting (--max-queue); retry shortly", headers={"Retry-After": "1"}
+            ) from None
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        if not body.stream:
+            async for _ in deltas(ticket):
+                pass
+            return JSONResponse(completion_response(head, rows, chat))
+
+        async def events():
+            if chat:
+                for row in rows:
+                    yield sse(chunk(head, chat, row.index, "", None, first=True))
+            try:
+                async for delta in deltas(ticket):
+                    yield sse(chunk(head, chat, delta.index, delta.text, delta.finish_reason))
+            except ApiError as exc:
+                yield sse(exc.body())
+            if (body.stream_options or {}).get("include_usage"):
+                yield sse({**head, "object": chunk_kind(chat), "choices": [], "usage": usage(rows)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @router.get("/v1/models")
+    async def models():
+        return model_cards(base_name, engine.adapters, created)
+
+    @router.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest)
+        adapter = adapter_of(body.model)
+        encoded = [engine.encode(p) for p in prompts_of(body, engine.max_batch_size)]
+        params = sampling(body, [len(e) for e in encoded], default_max_tokens=16)
+        rows = [engine.row(ids, adapter, params, index=i) for i, ids in enumerate(encoded)]
+        return await respond(body, rows, chat=False)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request, ChatRequest)
+        adapter = adapter_of(body.model)
+        encoded = engine.encode(chat_messages(body.messages), chat=True)
+        params = sampling(body, [len(encoded)], default_max_tokens=None)
+        return await respond(body, [engine.row(encoded, adapter, params)], chat=True)
+
+    def check_loading_allowed():
+        if not allow_adapter_loading:
+            raise ApiError(403, "loading and unloading adapters is off; start the server with --allow-adapter-loading")
+
+    @router.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        check_loading_allowed()
+        body = await read_body(request, AdapterRequest)
+        if not body.lora_path:
+            raise ApiError(400, "lora_path: give the adapter directory to load", "lora_path")
+        try:
+            await run_in_threadpool(engine.load, body.lora_name, body.lora_path)
+        except AdapterError as exc:
+            raise ApiError(400, str(exc), "lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @router.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        check_loading_allowed()
+        body = await read_body(request, AdapterRequest)
+        await run_in_threadpool(engine.unload, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @router.get("/v1/stats")
+    async def stats():
+        return scheduler.snapshot()
+
+    return router
