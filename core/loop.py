@@ -30,8 +30,9 @@ import torch
 from . import checkpoint
 from .build import build
 from .config import dump_config
+from .data import local_files
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
-from .errors import ConfigError, FtengineError, PluginError
+from .errors import ConfigError, DataError, FtengineError, PluginError, StorageError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
 from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
 from .pluginmanager import nondefault_implementers
@@ -252,6 +253,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: RunState
     parallel: Parallel
+    data_sha256: dict | None = None  # {training data file: sha256}, recorded in checkpoints for --resume
 
 
 def prepare(config, pm, output_dir, resume, world=None):
@@ -319,7 +321,7 @@ def save_checkpoint(run):
                 params,
                 None,
                 run.scheduler,
-                {"tokens_seen": state.tokens_seen},
+                {"tokens_seen": state.tokens_seen, "data_sha256": run.data_sha256},
                 healthy=not nonfinite_names(params),
                 config=dump_config(state.config),
                 optimizer_state=optimizer_state,
@@ -361,32 +363,76 @@ def load_data(config, pm, tokenizer):
 
 
 def find_resume_checkpoint(output_dir, config):
-    """The newest healthy checkpoint, after checking its recorded config against ``config``.
+    """The newest checkpoint that verifies (``checkpoint.verification_problem``; the newer ones
+    that do not are named, with why), after checking its recorded config and training data
+    against ``config``'s.
 
+    :raises StorageError: no checkpoint verifies.
     :raises ConfigError: naming every changed key that changes what is trained.
+    :raises DataError: a training data file changed since the run started.
     """
-    latest = checkpoint.latest_checkpoint(output_dir)
-    if latest is None:
+    if not checkpoint.checkpoint_dirs(output_dir):
         raise FtengineError(
             f"{output_dir}: --resume given but no complete checkpoint found in {output_dir / checkpoint.CHECKPOINTS}"
+        )
+    latest, failed = checkpoint.newest_verified(output_dir)
+    for path, problem in failed:
+        _note(f"resume: {path} failed verification: {problem}")
+    if latest is None:
+        raise StorageError(
+            f"{output_dir / checkpoint.CHECKPOINTS}: no checkpoint verifies ("
+            + "; ".join(f"{path.name}: {problem}" for path, problem in failed)
+            + "); the run cannot be continued: start it again with --overwrite (moves these aside), or in another output_dir"
+        )
+    if failed:
+        _note(f"resume: resuming from {latest}, the newest checkpoint that verifies")
+    if not (latest / checkpoint.MANIFEST).is_file():
+        _note(
+            f"resume: {latest.name} has no manifest (written by an earlier version): only its files, "
+            f"step and finite weights were checked"
         )
     saved = checkpoint.checkpoint_config(latest)
     if saved is None and (output_dir / "config.json").is_file():  # checkpoints from before config.json
         saved = json.loads((output_dir / "config.json").read_text())
-    if saved is None:
-        return latest
-    errors, accepted = checkpoint.compare_configs(saved, dump_config(config), resume_safe_plugins=parallel_plugin_names())
-    if errors:
-        raise ConfigError(
-            [f"{key}: {before!r} in {latest.name}, {after!r} now" for key, before, after in errors]
-            + [
-                f"--resume continues the run {latest} was trained with: put these keys back, or start a new run "
-                f"(another output_dir, or --overwrite)"
-            ]
-        )
-    for key, before, after in accepted:
-        _note(f"resume: accepted {key}: {before!r} -> {after!r} ({checkpoint.RESUME_SAFE_KEYS[key]})")
+    if saved is not None:
+        errors, accepted = checkpoint.compare_configs(saved, dump_config(config), resume_safe_plugins=parallel_plugin_names())
+        if errors:
+            raise ConfigError(
+                [f"{key}: {before!r} in {latest.name}, {after!r} now" for key, before, after in errors]
+                + [
+                    f"--resume continues the run {latest} was trained with: put these keys back, or start a new run "
+                    f"(another output_dir, or --overwrite)"
+                ]
+            )
+        for key, before, after in accepted:
+            _note(f"resume: accepted {key}: {before!r} -> {after!r} ({checkpoint.RESUME_SAFE_KEYS[key]})")
+    refuse_changed_training_data(checkpoint.read_state(latest).get("data_sha256"), config, latest)
     return latest
+
+
+def training_data_hashes(config):
+    """``{file: sha256}`` of the training data files (``{}`` for a hub dataset: not hashed)."""
+    if not config.data.train or not Path(config.data.train).exists():
+        return {}
+    return {str(file): checkpoint.sha256_file(file) for file in local_files(Path(config.data.train))}
+
+
+def refuse_changed_training_data(recorded, config, latest):
+    """Raise ``DataError`` if a training data file differs from the one the run started with
+    (``recorded``, from checkpoint ``latest``; ``None`` for checkpoints from before hashes)."""
+    if not recorded:
+        return
+    current = training_data_hashes(config)
+    changes = [
+        f"{file}: {'removed' if file not in current else 'added' if file not in recorded else 'changed'} since the run started"
+        for file in sorted(set(recorded) | set(current))
+        if recorded.get(file) != current.get(file)
+    ]
+    if changes:
+        raise DataError(
+            "; ".join(changes) + f" (sha256 recorded in {latest.name}). --resume continues training on the data the run "
+            f"started with: restore it, or start a new run (another output_dir, or --overwrite)"
+        )
 
 
 def _note(message):
@@ -437,6 +483,8 @@ def start_or_resume(run, resume_from):
     record the run's config beside its checkpoints (rank 0)."""
     state, parallel = run.state, run.parallel
     output_dir, config, world = state.output_dir, state.config, state.world
+    world.on_main(lambda: checkpoint.remove_temporaries(output_dir))  # this run holds the lock
+    record = {}
     if resume_from is not None:
         record = checkpoint.load_checkpoint(
             resume_from,
@@ -455,6 +503,8 @@ def start_or_resume(run, resume_from):
         torch.manual_seed(config.train.seed + world.rank)
         random.seed(config.train.seed + world.rank)
         world.on_main(lambda: (output_dir / "metrics.jsonl").unlink(missing_ok=True))
+    # A resumed run keeps the hashes its data was checked against; older checkpoints had none.
+    run.data_sha256 = record.get("data_sha256") or world.on_main(lambda: training_data_hashes(config))
     world.on_main(lambda: checkpoint.atomic_write_text(output_dir / "config.json", json.dumps(dump_config(config), indent=1)))
 
 

@@ -267,6 +267,7 @@ def test_5_a_crafted_rng_pt_is_refused_and_runs_no_code(run_overrides, tmp_path)
     (ckpt,) = checkpoint.checkpoint_dirs(out)
     rng_without_pickle = not (ckpt / "rng.pt").exists()
     (ckpt / "rng.safetensors").unlink(missing_ok=True)
+    (ckpt / checkpoint.MANIFEST).unlink()  # a checkpoint from before manifests (else it fails verification)
     marker = tmp_path / "pwned"
     torch.save({"torch": _CreatesAFile(marker), "python": None}, ckpt / "rng.pt")  # pickles the object
 
