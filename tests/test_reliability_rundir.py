@@ -145,3 +145,24 @@ def test_2_the_lock_and_metrics_are_opened_without_following_links(tmp_path):
     with pytest.raises(RunDirError, match="is a symbolic link"):
         open_run_file(tmp_path / "metrics.jsonl", "a")
     assert victim.read_text() == "precious"
+
+
+# --------------------------------------------------------------------------------------------
+# 8. output_dir: ~/x created a literal '~' directory
+# --------------------------------------------------------------------------------------------
+
+
+def test_8_a_leading_tilde_is_the_home_directory_in_every_path_key(run_overrides, model_copy, tiny_data, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.move(model_copy, home / "m")
+    for path in tiny_data:
+        shutil.move(path, home / path.name)
+    overrides = ["model=~/m", "data.train=~/train.jsonl", "data.eval=~/eval.jsonl", "output_dir=~/runs/x"]
+    config, pm = configure(None, ["lora"], run_overrides + overrides + ["train.max_steps=1"])
+    assert (config.model, config.output_dir) == (str(home / "m"), str(home / "runs" / "x"))
+    train(config, pm)
+    assert (home / "runs" / "x" / "final").is_dir()
+    assert not (tmp_path / "~").exists()
