@@ -32,6 +32,7 @@
 
 import errno
 import fcntl
+import glob
 import json
 import os
 import re
@@ -236,10 +237,14 @@ def earlier_run(path):
 
 
 def move_run_aside(path, plugin_files=()):
-    """Move an earlier run's files (``RUN_FILES``, ``plugin_files`` and leftover temporaries)
-    into ``<path>/replaced-<time>/``; return that directory, or ``None`` if there was nothing."""
-    present = [path / name for name in dict.fromkeys((*RUN_FILES, *plugin_files)) if (path / name).exists()]
-    present += [p for p in path.glob(".*.tmp")] + [p for p in path.glob(".*.old")]
+    """Move an earlier run's files (``RUN_FILES``, ``plugin_files`` and their leftover
+    temporaries) into ``<path>/replaced-<time>/``; return that directory, or ``None`` if there
+    was nothing."""
+    names = list(dict.fromkeys((*RUN_FILES, *plugin_files)))
+    present = [path / name for name in names if (path / name).exists()]
+    # The temporaries of checkpoint.atomic_write / atomic_directory: .<name>.<random>.tmp, .<name>.old
+    for name in names:
+        present += [*path.glob(f".{glob.escape(name)}.*.tmp"), *path.glob(f".{glob.escape(name)}.old")]
     if not present:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")

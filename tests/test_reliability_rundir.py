@@ -108,12 +108,16 @@ def test_1_a_users_own_files_are_named_and_kept_even_with_overwrite(run_override
     assert sorted(p.name for p in project.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "report.png"]
 
 
-def test_1_a_runs_own_files_are_still_recognised(run_overrides, tmp_path):
+def test_1_a_runs_own_files_are_recognised_and_overwrite_moves_only_them(run_overrides, tmp_path):
     out = tmp_path / "out"
     train(*configure(None, ["lora"], run_overrides + ["train.max_steps=1", "train.save_every=1"]))
+    (out / ".notes.tmp").write_text("mine")  # hidden, but not a run's temporary
+    (out / ".config.json.x1y2.tmp").write_text("{")  # what an interrupted atomic write leaves
     train(*configure(None, ["lora"], run_overrides + ["train.max_steps=1"]), overwrite=True)
     (moved,) = out.glob("replaced-*")
     assert (moved / "config.json").is_file() and (moved / "checkpoints" / "step-000001").is_dir()
+    assert (moved / ".config.json.x1y2.tmp").is_file()
+    assert (out / ".notes.tmp").read_text() == "mine"
 
 
 # --------------------------------------------------------------------------------------------
