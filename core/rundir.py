@@ -140,7 +140,7 @@ def _is_run_checkpoints(path):
     return path.is_dir() and all(CHECKPOINT_ENTRY.match(entry.name) for entry in path.iterdir())
 
 
-def not_a_runs(path, names):
+def foreign_files(path, names):
     """Which of ``names`` in ``path`` exist and are not an earlier run's (see the module doc)."""
     beside_run_config = _is_run_config(path / "config.json")
     recognise = {"config.json": lambda _: beside_run_config, "metrics.jsonl": _is_run_metrics, "checkpoints": _is_run_checkpoints}
@@ -153,7 +153,7 @@ def not_a_runs(path, names):
 
 
 def _refuse_foreign(path, names):
-    foreign = not_a_runs(path, names)
+    foreign = foreign_files(path, names)
     if foreign:
         raise RunDirError(
             f"output_dir {path}: holds files that are not an ftengine run's, which the run would write over: "
