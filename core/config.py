@@ -7,11 +7,13 @@ whose lines name the key, where it was set (``file:line`` or ``-o``) and the fix
 """
 
 import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,6 +28,10 @@ from pydantic import (
 from .errors import ConfigError
 
 CORE_KEYS = ("model", "output_dir", "plugins", "data", "train", "eval")
+
+#: A path-valued key (model, data, output_dir): a leading ``~`` or ``~user`` is that home
+#: directory, as in a shell; YAML and ``-o`` values reach us unexpanded. Hub ids never start with ``~``.
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 class Section(BaseModel):
@@ -52,11 +58,11 @@ EvalSetName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max
 
 
 class DataOptions(Section):
-    train: str | None = Field(
+    train: UserPath | None = Field(
         None,
         description="training data: JSONL, JSON, CSV, TSV or Parquet file, a directory of them, or a hub id (org/name[:split])",
     )
-    eval: str | None = Field(None, description="evaluation data, as data.train")
+    eval: UserPath | None = Field(None, description="evaluation data, as data.train")
     fields: DataFields = Field(default_factory=DataFields, description="column names, when they differ from ours")
     split: str = Field("train", description="the split of a hub dataset id (org/name:split overrides it)")
     subset: str | None = Field(None, description="the subset (configuration) of a hub dataset id")
@@ -64,7 +70,7 @@ class DataOptions(Section):
         None, gt=0, lt=1, description="without data.eval: this fraction of the train data, seeded by train.seed, is held out"
     )
     limit: PositiveInt | None = Field(None, description="read at most this many rows of each data source (quick tries)")
-    eval_sets: dict[EvalSetName, str] = Field(
+    eval_sets: dict[EvalSetName, UserPath] = Field(
         default_factory=dict,
         description="more evaluation sets, {name: source}, each read as data.eval and logged as eval_<name>_<metric>",
     )
@@ -127,8 +133,8 @@ class EvalOptions(Section):
 class BaseConfig(Section):
     """The core keys; plugin sections are added by ``config_model``."""
 
-    model: str = Field("default", description="local HF dir, hub id, .gguf file or 'default'")
-    output_dir: str = Field("runs/latest", description="where checkpoints and results go")
+    model: UserPath = Field("default", description="local HF dir, hub id, .gguf file or 'default' (~ is the home directory)")
+    output_dir: UserPath = Field("runs/latest", description="where checkpoints and results go (~ is the home directory)")
     plugins: list[str] = Field(default_factory=list, description="plugins to activate")
     data: DataOptions = Field(default_factory=DataOptions)
     train: TrainOptions = Field(default_factory=TrainOptions)

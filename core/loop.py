@@ -36,7 +36,7 @@ from .errors import ConfigError, DataError, FtengineError, PluginError, StorageE
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
 from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
 from .pluginmanager import nondefault_implementers
-from .rundir import RunDir, claim_output_dir
+from .rundir import RunDir, claim_output_dir, open_run_file, run_inputs
 from .signals import RunInterrupted, StopSignals
 from .state import RunState
 
@@ -148,7 +148,7 @@ def train(config, pm, resume=False, eval_before=False, overwrite=False):
     output_dir = Path(config.output_dir)
     with (
         process_group(config) as world,
-        own_output_dir(world, output_dir, resume, overwrite, plugin_run_files(pm, config)) as run_dir,
+        own_output_dir(world, output_dir, resume, overwrite, plugin_run_files(pm, config), run_inputs(config)) as run_dir,
         StopSignals() as stop,
     ):
         if run_dir.moved_to and world.is_main:
@@ -178,13 +178,13 @@ def plugin_run_files(pm, config):
 
 
 @contextmanager
-def own_output_dir(world, output_dir, resume, overwrite, plugin_files):
+def own_output_dir(world, output_dir, resume, overwrite, plugin_files, inputs):
     """Claim ``output_dir`` (``ftengine.rundir``) for the block: rank 0 holds the lock, and
     every rank learns whether it got it."""
     with ExitStack() as stack:
         claimed = world.on_main(
             lambda: stack.enter_context(
-                claim_output_dir(output_dir, resume=resume, overwrite=overwrite, plugin_files=plugin_files)
+                claim_output_dir(output_dir, resume=resume, overwrite=overwrite, plugin_files=plugin_files, inputs=inputs)
             )
         )
         yield claimed or RunDir(path=output_dir)
@@ -199,7 +199,7 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
         0,
     )
     with ExitStack() as files:
-        metrics_file = files.enter_context(open(output_dir / "metrics.jsonl", "a")) if world.is_main else None
+        metrics_file = files.enter_context(open_run_file(output_dir / "metrics.jsonl")) if world.is_main else None
         pm.hook.ftengine_on_train_start(model=model, tokenizer=run.tokenizer, datasets=run.datasets, state=state)
         if not resume:
             summary["baselines"] = evaluate_baselines(model, run.tokenizer, run.datasets, state)

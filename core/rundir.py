@@ -15,11 +15,27 @@
   ``metrics.jsonl``, ``checkpoints/``, ``final/``, ...) are moved into
   ``<output_dir>/replaced-<time>/``, which the user deletes when it is no longer needed. Files
   that are not a run's are never touched.
+* **A run writes only where nothing else lives.** Before anything is created (and before the
+  model loads), an ``output_dir`` that is, holds or lies inside the model directory or a data
+  path is refused (paths compared resolved: symbolic links and ``..`` followed). So is one whose
+  run files are not a run's: a ``config.json`` is a run's only in the shape the core writes
+  (an object with the core keys ``model``, ``output_dir``, ``train``...; a model's or an app's
+  has other keys), a ``metrics.jsonl`` only if its first record has a ``step``, a
+  ``checkpoints/`` only if it holds nothing but ``step-*`` directories, and ``final/``,
+  ``report.png`` and the plugins' files only beside a run's ``config.json`` (every run writes it
+  before any of them). ``--overwrite`` does not change this: it moves a run aside, never a
+  user's files.
+* **Run files are never symbolic links.** A link among them (``config.json -> ~/notes``) is
+  refused, naming it; the lock and ``metrics.jsonl`` are opened with ``O_NOFOLLOW``, so a link
+  planted later is an error too, never a write through to its target.
 """
 
 import errno
 import fcntl
+import glob
+import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +48,10 @@ LOCK_FILE = ".ftengine.lock"
 #: plugins name (hook ``ftengine_run_files``).
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "final", "report.png")
 REPLACED_PREFIX = "replaced-"
+#: What a checkpoints/ directory of a run holds: checkpoints and their temporaries (``atomic_directory``).
+CHECKPOINT_ENTRY = re.compile(r"^(step-\d+|\.step-\d+\..+\.tmp|\.step-\d+\.old)$")
+#: Keys every config.json the core writes holds (``dump_config``); a model's or an app's has others.
+RUN_CONFIG_KEYS = {"model", "output_dir", "plugins", "data", "train"}
 
 
 @dataclass
@@ -47,6 +67,98 @@ def _read_pid(handle):
     handle.seek(0)
     text = handle.read().strip()
     return int(text) if text.isdigit() else None
+
+
+def run_inputs(config):
+    """The local paths a run reads, by config key: the model and the data. Hub ids and
+    ``default`` are not local paths and are left out."""
+    named = {"model": config.model, "data.train": config.data.train, "data.eval": config.data.eval}
+    named |= {f"data.eval_sets.{name}": spec for name, spec in config.data.eval_sets.items()}
+    return {key: Path(spec) for key, spec in named.items() if spec and Path(spec).exists()}
+
+
+def _input_name(key, path):
+    if key == "model":
+        return "the model directory" if path.is_dir() else "the model file"
+    return "the training data" if key == "data.train" else "the evaluation data"
+
+
+def _refuse_overlap(path, inputs):
+    """Refuse an output_dir that is, holds or lies inside one of ``inputs`` ({key: path})."""
+    out = path.expanduser().resolve()
+    found = []
+    for key, source in inputs.items():
+        resolved = source.expanduser().resolve()
+        if out == resolved:
+            relation = "is"
+        elif out in resolved.parents:
+            relation = "contains"
+        elif resolved.is_dir() and resolved in out.parents:
+            relation = "lies inside"
+        else:
+            continue
+        found.append(f"{relation} {_input_name(key, resolved)} ({key}: {source})")
+    if found:
+        raise RunDirError(
+            f"output_dir {path}: {'; '.join(found)}, where the run would write its files; "
+            f"choose an output_dir outside it, such as runs/<name>"
+        )
+
+
+def _refuse_links(path, names):
+    """Refuse run files that are symbolic links: the run would write through them."""
+    for name in names:
+        item = path / name
+        if item.is_symlink():
+            raise RunDirError(
+                f"{item}: is a symbolic link (to {os.readlink(item)}), and a run writes its files only in output_dir; "
+                f"remove the link, or choose another output_dir"
+            )
+
+
+def _is_run_config(path):
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.keys() >= RUN_CONFIG_KEYS
+
+
+def _is_run_metrics(path):
+    try:
+        with open(path) as handle:
+            first = handle.readline()
+        if not first.strip():
+            return True  # empty: nothing to lose
+        record = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "step" in record
+
+
+def _is_run_checkpoints(path):
+    return path.is_dir() and all(CHECKPOINT_ENTRY.match(entry.name) for entry in path.iterdir())
+
+
+def foreign_files(path, names):
+    """Which of ``names`` in ``path`` exist and are not an earlier run's (see the module doc)."""
+    beside_run_config = _is_run_config(path / "config.json")
+    recognise = {"config.json": lambda _: beside_run_config, "metrics.jsonl": _is_run_metrics, "checkpoints": _is_run_checkpoints}
+    foreign = []
+    for name in names:
+        item = path / name
+        if item.exists() and not recognise.get(name, lambda _: beside_run_config)(item):
+            foreign.append(f"{name}/" if item.is_dir() else name)
+    return foreign
+
+
+def _refuse_foreign(path, names):
+    foreign = foreign_files(path, names)
+    if foreign:
+        raise RunDirError(
+            f"output_dir {path}: holds files that are not an ftengine run's, which the run would write over: "
+            f"{', '.join(foreign)}. Move them elsewhere, or choose another output_dir (--overwrite moves only a run's files)"
+        )
 
 
 def _prepare_dir(path):
@@ -67,7 +179,7 @@ def _lock(path):
     """Open and flock the lock file; return the open handle. Refuse if another process holds it."""
     lock_path = path / LOCK_FILE
     try:
-        handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the run's life
+        handle = open_run_file(lock_path, "a+")  # held open for the run's life
     except OSError as exc:
         raise RunDirError(
             f"{lock_path}: cannot open the run lock ({exc.strerror}); choose a directory you can write to"
@@ -85,6 +197,21 @@ def _lock(path):
             f"stop it, or choose another output_dir"
         ) from None
     return handle
+
+
+def open_run_file(path, mode="a"):
+    """Open the run file ``path`` for appending (``mode`` "a", or "a+" to read too), creating it,
+    never through a symbolic link (``O_NOFOLLOW``): a planted link is an error, not a write to
+    its target."""
+    flags = os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        _refuse_links(Path(path).parent, [Path(path).name])
+        raise
+    return os.fdopen(fd, mode)
 
 
 def _write_pid(handle):
@@ -110,10 +237,14 @@ def earlier_run(path):
 
 
 def move_run_aside(path, plugin_files=()):
-    """Move an earlier run's files (``RUN_FILES``, ``plugin_files`` and leftover temporaries)
-    into ``<path>/replaced-<time>/``; return that directory, or ``None`` if there was nothing."""
-    present = [path / name for name in dict.fromkeys((*RUN_FILES, *plugin_files)) if (path / name).exists()]
-    present += [p for p in path.glob(".*.tmp")] + [p for p in path.glob(".*.old")]
+    """Move an earlier run's files (``RUN_FILES``, ``plugin_files`` and their leftover
+    temporaries) into ``<path>/replaced-<time>/``; return that directory, or ``None`` if there
+    was nothing."""
+    names = list(dict.fromkeys((*RUN_FILES, *plugin_files)))
+    present = [path / name for name in names if (path / name).exists()]
+    # The temporaries of checkpoint.atomic_write / atomic_directory: .<name>.<random>.tmp, .<name>.old
+    for name in names:
+        present += [*path.glob(f".{glob.escape(name)}.*.tmp"), *path.glob(f".{glob.escape(name)}.old")]
     if not present:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -129,17 +260,25 @@ def move_run_aside(path, plugin_files=()):
 
 
 @contextmanager
-def claim_output_dir(output_dir, resume=False, overwrite=False, plugin_files=()):
+def claim_output_dir(output_dir, resume=False, overwrite=False, plugin_files=(), inputs=None):
     """Own ``output_dir`` for the duration of the block; yield a ``RunDir``.
 
     :param resume: the run continues the one in ``output_dir`` (its files are expected).
     :param overwrite: a fresh run may replace an earlier one: its files are moved into
         ``replaced-<time>/`` inside ``output_dir``.
     :param plugin_files: what the run's plugins write into ``output_dir``, moved aside too.
-    :raises RunDirError: ``output_dir`` is a file or not writable, another run holds it, or a
-        fresh run (neither ``resume`` nor ``overwrite``) would mix with an earlier run.
+    :param inputs: ``{config key: path}`` the run reads (``run_inputs``), which ``output_dir``
+        must neither be, hold nor lie inside.
+    :raises RunDirError: ``output_dir`` is a file or not writable, overlaps ``inputs``, holds run
+        files that are symbolic links or not a run's, another run holds it, or a fresh run
+        (neither ``resume`` nor ``overwrite``) would mix with an earlier run.
     """
     path = Path(output_dir)
+    _refuse_overlap(path, inputs or {})
+    if path.is_dir():  # checked before anything is created in it
+        run_files = list(dict.fromkeys((*RUN_FILES, *plugin_files)))
+        _refuse_links(path, [LOCK_FILE, *run_files])
+        _refuse_foreign(path, run_files)
     _prepare_dir(path)
     handle = _lock(path)
     try:
