@@ -30,7 +30,7 @@ import uuid
 import click
 
 from .errors import AdapterError, FtengineError
-from .inference import adapters_option, model_option
+from .inference import adapters_option, model_option, strict_option
 from .serving import AdapterServer, RequestError, SamplingParams
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_tokens_cap": 1024, "max_queue": 64, "max_body_bytes": 1 << 20}
@@ -490,6 +490,7 @@ def _require_serve_extra():
 @click.command(name="serve")
 @model_option
 @adapters_option("Serve an adapter as model NAME (repeatable).")
+@strict_option
 @click.option(
     "--host", default=DEFAULTS["host"], show_default=True, help="Address to bind; 0.0.0.0 exposes the server to the network."
 )
@@ -524,6 +525,7 @@ def _require_serve_extra():
 def serve_command(
     model,
     adapters,
+    strict,
     host,
     port,
     allow_adapter_loading,
@@ -542,7 +544,7 @@ def serve_command(
     _require_serve_extra()
     import uvicorn
 
-    engine = AdapterServer(model, adapters, plugins, max_batch_size=max_batch_size)
+    engine = AdapterServer(model, adapters, plugins, max_batch_size=max_batch_size, strict=strict)
     app = create_app(
         engine,
         allow_adapter_loading=allow_adapter_loading,
