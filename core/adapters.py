@@ -74,6 +74,17 @@ def read_adapter_tensors(path):
         raise AdapterError(
             f"{weights}: not a readable safetensors file ({exc}); it may be truncated or empty: save the adapter again"
         ) from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(
+                f"{weights}: tensor '{key}' has dtype {str(tensor.dtype).removeprefix('torch.')}; adapter weights are "
+                f"floating point (the file was not written by ftengine or PEFT): save the adapter again"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(
+                f"{weights}: tensor '{key}' holds NaN or infinite weights; the adapter is broken (a run that diverged, "
+                f"e.g. with too high a learning rate): use an earlier checkpoint or train again"
+            )
     return tensors
 
 
