@@ -10,11 +10,20 @@ An adapter plugin builds the config dict and the tensors; this module writes the
 one ``AdapterError`` for a missing or malformed file, checks adapter names with one rule for
 every plugin, and asks the installed plugins (``ftengine_adapter_plugins``) which of them load a
 given directory, so the core never needs to know a ``peft_type``.
+
+Beside PEFT's files, ``ftengine_base.json`` records the base model an adapter was trained on:
+its name and a fingerprint of its weights as loaded (before quantisation or adapters). Loading
+the adapter over a base with another fingerprint warns, or with ``strict`` refuses: the shapes
+may fit, yet the adapter was not trained for those weights. PEFT ignores the file; adapters
+without it (made by PEFT) load unchecked.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
+import torch
+from rich.console import Console
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import atomic_save_safetensors, atomic_write_text
@@ -22,6 +31,10 @@ from .errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+BASE_FILE = "ftengine_base.json"
+# Values sampled from each base tensor for its fingerprint: enough to tell two trainings of
+# one architecture apart, cheap for any model size.
+FINGERPRINT_SAMPLES = 16
 # PEFT's on-disk tensor names are the model's own, under PeftModel's two wrapping levels.
 KEY_PREFIX = "base_model.model."
 
@@ -56,11 +69,23 @@ def read_adapter_tensors(path):
         raise AdapterError(f"{weights}: adapter weights not found; is {path} an adapter directory (saved by ftengine or PEFT)?")
     try:
         with safe_open(weights, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise AdapterError(
             f"{weights}: not a readable safetensors file ({exc}); it may be truncated or empty: save the adapter again"
         ) from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(
+                f"{weights}: tensor '{key}' has dtype {str(tensor.dtype).removeprefix('torch.')}; adapter weights are "
+                f"floating point (the file was not written by ftengine or PEFT): save the adapter again"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(
+                f"{weights}: tensor '{key}' holds NaN or infinite weights; the adapter is broken (a run that diverged, "
+                f"e.g. with too high a learning rate): use an earlier checkpoint or train again"
+            )
+    return tensors
 
 
 def write_adapter(path, adapter_config, tensors):
@@ -76,6 +101,67 @@ def write_adapter(path, adapter_config, tensors):
         atomic_write_text(path / CONFIG_FILE, text),
         atomic_save_safetensors(path / WEIGHTS_FILE, tensors, metadata={"format": "pt"}),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# the base an adapter was trained on
+# --------------------------------------------------------------------------------------------
+
+
+def base_fingerprint(model):
+    """A short hash of ``model``'s weights: every tensor's name, shape and dtype, and
+    ``FINGERPRINT_SAMPLES`` evenly spaced values of each. Deterministic, and cheap at any size."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        count = min(FINGERPRINT_SAMPLES, flat.numel())
+        picks = [i * (flat.numel() - 1) // max(count - 1, 1) for i in range(count)]
+        digest.update(f"{name}|{list(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(flat[picks].to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def record_base(model, name):
+    """Remember on ``model``, just loaded, which base it is (``name`` as the user gave it)."""
+    model.ftengine_base = {"base_model_name_or_path": name, "fingerprint": base_fingerprint(model)}
+
+
+def write_base(path, model):
+    """Write ``ftengine_base.json`` into the adapter directory ``path`` when ``model`` knows its
+    base (``record_base``); return the paths written."""
+    base = getattr(model, "ftengine_base", None)
+    if base is None or not (Path(path) / CONFIG_FILE).is_file():
+        return []
+    return [atomic_write_text(Path(path) / BASE_FILE, json.dumps(base, indent=2, sort_keys=True) + "\n")]
+
+
+def check_base(path, model, strict=False):
+    """Warn when the adapter directory ``path`` was trained on another base than ``model``'s;
+    with ``strict``, raise ``AdapterError`` instead (and note an adapter that cannot be checked)."""
+    ours = getattr(model, "ftengine_base", None)
+    base_file = Path(path) / BASE_FILE
+    try:
+        theirs = json.loads(base_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        theirs = None
+    if not isinstance(theirs, dict) or "fingerprint" not in theirs or ours is None:
+        if strict:
+            _warn(f"note: {path}: cannot check which base model this adapter was trained on (no readable {BASE_FILE})")
+        return
+    if theirs["fingerprint"] == ours["fingerprint"]:
+        return
+    message = (
+        f"{path}: this adapter was trained on base model '{theirs.get('base_model_name_or_path')}' "
+        f"(fingerprint {theirs['fingerprint']}), but the base model now is '{ours['base_model_name_or_path']}' "
+        f"(fingerprint {ours['fingerprint']}); the shapes fit, yet its output will not be what it was trained for"
+    )
+    if strict:
+        raise AdapterError(f"{message}: load it over the base model it was trained on (--model)")
+    _warn(f"warning: {message}. Use the base it was trained on; --strict refuses such adapters")
+
+
+def _warn(message):
+    Console(stderr=True, soft_wrap=True).print(message, highlight=False, markup=False)
 
 
 # --------------------------------------------------------------------------------------------

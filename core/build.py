@@ -10,6 +10,7 @@
 
 import torch
 
+from .adapters import record_base
 from .config import apply_overrides, build_config, plugin_sections, read_yaml
 from .distributed import launched_world_size, no_parallel_plugin_message
 from .errors import ConfigError, FtengineError
@@ -88,6 +89,7 @@ def build(config, pm, training=True, device=None):
     device = device or pick_device(config)
     torch.manual_seed(config.train.seed)
     model, tokenizer = pm.hook.ftengine_load_model(config=config)
+    record_base(model, config.model)  # as loaded: before quantisation and adapters change it
     model.to(device)
     info = {"weight_bytes": weight_bytes(model)}
     if pm.hook.ftengine_quantize_model(model=model, config=config):

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import torch
 
-from .adapters import plugins_for_adapter
+from .adapters import check_base, plugins_for_adapter
 from .build import build, configure
 from .checkpoint import atomic_directory
 from .errors import AdapterError, FtengineError
@@ -28,18 +28,19 @@ from .modeling import generate_greedy
 from .pluginmanager import plugin_attribute
 
 
-def load_for_inference(model_name, adapters, plugins=(), sections=None):
+def load_for_inference(model_name, adapters, plugins=(), sections=None, strict=False):
     """Build ``model_name`` and load ``adapters`` (``{name: directory}``) into it.
 
     :param sections: config sections for the plugins (``{"qlora": {"blocksize": 64}}``).
+    :param strict: refuse an adapter trained on another base model (default: warn).
     :return: ``(model, tokenizer, pm)``; the model is in eval mode, frozen, with the first
         adapter active (the base model if ``adapters`` is empty).
     """
-    model, tokenizer, pm, _ = build_for_inference(model_name, adapters, plugins, sections)
+    model, tokenizer, pm, _ = build_for_inference(model_name, adapters, plugins, sections, strict)
     return model, tokenizer, pm
 
 
-def build_for_inference(model_name, adapters, plugins=(), sections=None):
+def build_for_inference(model_name, adapters, plugins=(), sections=None, strict=False):
     """``load_for_inference``, also returning the run ``Config`` (to load more adapters later
     with ``load_adapter``): ``(model, tokenizer, pm, config)``."""
     needed = [*plugins, *(p for path in adapters.values() for p in plugins_for_adapter(path))]
@@ -47,7 +48,7 @@ def build_for_inference(model_name, adapters, plugins=(), sections=None):
     config, pm = configure(plugins=list(dict.fromkeys(needed)), base=base, require_data=False)
     model, tokenizer, _ = build(config, pm, training=False)
     for name, path in adapters.items():
-        model = load_adapter(model, config, pm, name, path)
+        model = load_adapter(model, config, pm, name, path, strict)
     if adapters:
         set_adapter(model, pm, next(iter(adapters)))
     model.requires_grad_(False)
@@ -55,9 +56,11 @@ def build_for_inference(model_name, adapters, plugins=(), sections=None):
     return model, tokenizer, pm, config
 
 
-def load_adapter(model, config, pm, name, path):
+def load_adapter(model, config, pm, name, path, strict=False):
     """Load the adapter directory ``path`` into ``model`` under ``name``; return the model to
-    use from now on (a plugin may wrap it)."""
+    use from now on (a plugin may wrap it). An adapter trained on another base model is
+    refused with ``strict``, and loaded with a warning otherwise."""
+    check_base(path, model, strict)
     loaded = pm.hook.ftengine_load_adapter(model=model, path=Path(path), name=name, config=config, pluginmanager=pm)
     if loaded is None:
         raise AdapterError(f"{path}: no active plugin loads this adapter; add the plugin that made it with --plugin")
@@ -129,19 +132,20 @@ def nonfinite_parameters(model):
     return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False, allow_pickle=False):
+def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False, allow_pickle=False, strict=False):
     """Fold the adapter in ``adapter_dir`` into ``model_name`` and write a plain transformers
     model (and tokenizer) to ``out_dir``, atomically; return its path.
 
     :param overwrite: replace a non-empty ``out_dir`` (never the adapter, the base model or
         the current directory).
+    :param strict: refuse an adapter trained on another base model (default: warn).
     :raises FtengineError: for such an ``out_dir``, or when the merged weights are not finite.
     """
     check_merge_target(out_dir, adapter_dir, model_name, overwrite)
     run_plugins, sections = base_plugins_of_run(adapter_dir)
     if allow_pickle:
         sections = {**sections, "hf_loader": {"allow_pickle": True}}
-    model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, [*plugins, *run_plugins], sections)
+    model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, [*plugins, *run_plugins], sections, strict)
     if not any(pm.hook.ftengine_merge_adapters(model=model)):
         raise AdapterError(
             f"{adapter_dir}: no active plugin merged this adapter into the weights; use it with its base model instead "
@@ -168,6 +172,11 @@ def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False,
 _plugin_option = click.option(
     "--plugin", "-p", "plugins", multiple=True, help="Activate another plugin (repeatable), e.g. qlora."
 )
+strict_option = click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse an adapter trained on another base model (default: warn), as ftengine_base.json in the adapter records.",
+)
 
 
 @click.command()
@@ -176,14 +185,15 @@ _plugin_option = click.option(
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the merged model to.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it is a non-empty directory (never the adapter's own).")
 @click.option("--allow-pickle", is_flag=True, help="Load base weights from pickle files (pytorch_model.bin); they can run code.")
+@strict_option
 @_plugin_option
-def merge(model, adapter, out, overwrite, allow_pickle, plugins):
+def merge(model, adapter, out, overwrite, allow_pickle, strict, plugins):
     """Fold an adapter (LoRA, DoRA) into its base model and save a plain transformers model.
 
     --out must be a new or empty directory unless --overwrite is given; it is never the
     adapter's directory or one that contains it.
     """
-    written = merge_adapter(model, adapter, out, plugins, overwrite=overwrite, allow_pickle=allow_pickle)
+    written = merge_adapter(model, adapter, out, plugins, overwrite=overwrite, allow_pickle=allow_pickle, strict=strict)
     click.echo(f"merged model written to {written}")
 
 
@@ -215,14 +225,15 @@ def adapters_option(help):
 @click.option("--use", help="The adapter to generate with (default: the first one).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A user message (repeatable; all run as one batch).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@strict_option
 @_plugin_option
-def generate_command(model, adapters, use, prompts, max_new_tokens, plugins):
+def generate_command(model, adapters, use, prompts, max_new_tokens, strict, plugins):
     """Generate greedy completions with a base model and its adapters."""
     if use is not None and use not in adapters:
         raise click.BadParameter(
             f"'{use}' is not one of the loaded adapters ({', '.join(adapters) or 'none'})", param_hint="--use"
         )
-    loaded, tokenizer, pm = load_for_inference(model, adapters, plugins)
+    loaded, tokenizer, pm = load_for_inference(model, adapters, plugins, strict=strict)
     if use is not None:
         set_adapter(loaded, pm, use)
     for prompt, completion in zip(prompts, generate(loaded, tokenizer, prompts, max_new_tokens)):

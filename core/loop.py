@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .adapters import write_base
 from .build import build
 from .config import dump_config
 from .data import local_files
@@ -580,4 +581,5 @@ def save(model, tokenizer, config, pm, path):
         ]
         if not written:
             raise FtengineError("no plugin saved the result: select a method plugin (run 'ftengine plugins' to list them)")
+        write_base(tmp, model)  # which base an adapter belongs to, for every adapter plugin
     return path

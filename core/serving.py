@@ -138,11 +138,14 @@ class AdapterServer:
         adapter needs are found from its ``adapter_config.json``.
     :param sections: config sections for the plugins (``{"qlora": {"blocksize": 64}}``).
     :param max_batch_size: rows per forward; longer calls run in several batches.
+    :param strict: refuse adapters trained on another base model (default: warn), at start and
+        in ``load``.
     """
 
-    def __init__(self, model_name, adapters=None, plugins=(), sections=None, max_batch_size=16):
+    def __init__(self, model_name, adapters=None, plugins=(), sections=None, max_batch_size=16, strict=False):
         adapters = dict(adapters or {})
-        self.model, self.tokenizer, self.pm, self._config = build_for_inference(model_name, adapters, plugins, sections)
+        self.strict = strict
+        self.model, self.tokenizer, self.pm, self._config = build_for_inference(model_name, adapters, plugins, sections, strict)
         set_adapter(self.model, self.pm, None)  # rows name their adapters; none is active
         self.model_name = model_name
         self.max_batch_size = max_batch_size
@@ -182,7 +185,7 @@ class AdapterServer:
                 f"restart it with {' '.join(f'--plugin {p}' for p in missing)}"
             )
         with self._lock:
-            self.model = load_adapter(self.model, self._config, self.pm, name, path)
+            self.model = load_adapter(self.model, self._config, self.pm, name, path, self.strict)
             self.model.requires_grad_(False)
             self.model.eval()
             set_adapter(self.model, self.pm, None)

@@ -28,6 +28,7 @@ from ftengine.checkpoint import atomic_directory, atomic_write
 from ftengine.config import Section
 from ftengine.errors import FtengineError
 from pydantic import Field
+from safetensors import SafetensorError, safe_open
 
 default = True
 
@@ -160,6 +161,24 @@ def check_safetensors(path, allow_pickle):
         )
 
 
+def check_complete(path):
+    """Refuse a local model directory with a truncated or damaged ``*.safetensors`` file (an
+    interrupted download or save), before transformers starts loading and fails with a traceback.
+    Opening a file reads its header and checks the data it describes is all there."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise FtengineError(
+                f"model: {weights}: truncated or damaged ({exc}); an interrupted download or save leaves such a file: "
+                f"download or save the model again"
+            ) from None
+
+
 def load_tokenizer(name):
     """The tokenizer of model ``name`` (right padding, with a pad token); no weights are read."""
     from transformers import AutoTokenizer
@@ -182,12 +201,17 @@ def load_pretrained(name, allow_pickle=False):
 
     source = resolve_model_path(name)
     check_safetensors(source, allow_pickle)
+    check_complete(source)
     tokenizer = load_tokenizer(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=None if allow_pickle else True)
     except OSError as exc:
         hint = "" if allow_pickle else " (weights are read from safetensors only; see --allow-pickle)"
         raise FtengineError(f"model: cannot load '{name}': {exc}{hint}") from None
+    except SafetensorError as exc:  # a hub model's cached file, which check_complete does not see
+        raise FtengineError(
+            f"model: '{name}': a weights file is truncated or damaged ({exc}): delete it from the cache and download it again"
+        ) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

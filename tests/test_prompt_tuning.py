@@ -282,7 +282,11 @@ def test_training_lowers_the_loss_and_trains_only_the_prompt(run_overrides, tmp_
     summary = train(config, pm, eval_before=True)
     assert summary["build"]["trainable"] == ["prompt_embeddings.default"]
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
-    assert sorted(p.name for p in summary["saved"].iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in summary["saved"].iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ftengine_base.json",
+    ]
 
 
 def test_activating_an_unknown_prompt_names_the_loaded_ones(tiny_model_dir, tmp_path):

@@ -24,7 +24,7 @@ made, so ``ftengine --help`` works without them.
 import click
 
 from ..errors import FtengineError
-from ..inference import adapters_option, model_option
+from ..inference import adapters_option, model_option, strict_option
 from ..serving import AdapterServer
 from .models import ApiError
 from .scheduler import Scheduler
@@ -102,6 +102,7 @@ def _require_serve_extra():
 @click.command(name="serve")
 @model_option
 @adapters_option("Serve an adapter as model NAME (repeatable).")
+@strict_option
 @click.option(
     "--host", default=DEFAULTS["host"], show_default=True, help="Address to bind; 0.0.0.0 exposes the server to the network."
 )
@@ -136,6 +137,7 @@ def _require_serve_extra():
 def serve_command(
     model,
     adapters,
+    strict,
     host,
     port,
     allow_adapter_loading,
@@ -154,7 +156,7 @@ def serve_command(
     _require_serve_extra()
     import uvicorn
 
-    engine = AdapterServer(model, adapters, plugins, max_batch_size=max_batch_size)
+    engine = AdapterServer(model, adapters, plugins, max_batch_size=max_batch_size, strict=strict)
     app = create_app(
         engine,
         allow_adapter_loading=allow_adapter_loading,

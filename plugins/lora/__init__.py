@@ -23,7 +23,7 @@ from ftengine.errors import AdapterError, ConfigError
 from pydantic import Field, PositiveInt, ValidationError
 
 from . import hookspecs, peft_format
-from .layer import inject_adapter, linear_modules, lora_layers, select_targets, unwrap_merged
+from .layer import inject_adapter, linear_modules, lora_layers, lora_scaling, select_targets, unwrap_merged
 
 conflicts = ("full",)
 
@@ -159,6 +159,7 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
     adapter = peft_format.read_lora_config(path)
     if adapter is None:
         return None
+    peft_format.check_alpha(path, adapter["lora_alpha"])
     try:
         options = LoraOptions(
             r=adapter["r"],
@@ -186,6 +187,8 @@ def ftengine_load_adapter(model, path, name, config, pluginmanager):
         return shapes | (variant.parameter_shapes(module) if variant is not None else {})
 
     peft_format.check_fits(path, modules, targets, tensors, expected_shapes)
+    scale = lora_scaling(options.alpha, options.r, options.rslora)
+    peft_format.check_scale(path, tensors, options.alpha, options.r, scale)
     layers = _inject(model, targets, options, variant)
     with torch.no_grad():
         for target, layer in zip(targets, layers):

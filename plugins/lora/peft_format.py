@@ -17,8 +17,10 @@ neutral value and refused otherwise; keys ftengine does not know are dropped wit
 (a newer PEFT may add keys; PEFT itself reads adapters that way).
 """
 
+import math
 import warnings
 
+import torch
 from ftengine.adapters import (
     CONFIG_FILE,
     KEY_PREFIX,
@@ -82,6 +84,9 @@ READ_KEYS = {
     "target_modules": None,
 }
 
+
+# The largest value a float32 holds: a scale or update beyond it is infinity in the layer.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 # --------------------------------------------------------------------------------------------
 # tensor names
@@ -244,3 +249,33 @@ def check_fits(directory, model_modules, target_paths, tensors, expected_shapes)
         extra = sorted(set(found) - set(expected))
         if extra:
             raise AdapterError(f"{where}: module '{path}': unexpected tensor(s) {extra} (a LoRA variant that is not active?)")
+
+
+def check_alpha(directory, alpha):
+    """Raise ``AdapterError`` for a ``lora_alpha`` that is NaN or infinite (JSON readers accept both)."""
+    if isinstance(alpha, (int, float)) and not math.isfinite(alpha):
+        raise AdapterError(
+            f"{directory / CONFIG_FILE}: lora_alpha is {alpha}; it must be a finite positive number "
+            f"(usually r or 2·r): fix it in the file, or save the adapter again"
+        )
+
+
+def check_scale(directory, tensors, alpha, r, scale):
+    """Raise ``AdapterError`` when ``scale`` (alpha / r), or an update ``scale · B A``, is beyond
+    float32: the layer would output infinities, or NaN where B is zero.
+
+    :param tensors: ``{module path: {suffix: tensor}}`` from the file.
+    """
+    if not scale <= FLOAT32_MAX:
+        raise AdapterError(
+            f"{directory / CONFIG_FILE}: lora_alpha {alpha} with r {r} gives the scale {scale:.3g}, beyond float32 "
+            f"(about {FLOAT32_MAX:.3g}); lora_alpha is usually r or 2·r: fix it in the file, or save the adapter again"
+        )
+    for module, found in tensors.items():
+        A, B = found["lora_A.weight"].double(), found["lora_B.weight"].double()
+        bound = B.abs().max() * A.abs().max() * r * scale  # cheap; the exact product only above it
+        if bound > FLOAT32_MAX and (B @ A).abs().max() * scale > FLOAT32_MAX:
+            raise AdapterError(
+                f"{directory / WEIGHTS_FILE}: module '{module}': lora_B · lora_A × {scale:.3g} (lora_alpha / r) overflows "
+                f"float32; the adapter would output infinities: check lora_alpha in {CONFIG_FILE}, or use an earlier checkpoint"
+            )
