@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import pluggy
 
 from . import hookspecs
+from .config import shown
 from .errors import PluginError
 
 PROJECT = "ftengine"
@@ -122,7 +123,7 @@ def select_plugins(requested):
             infos.append(PluginInfo(name.rsplit(".", 1)[-1], "module", name))
         else:
             problems.append(
-                f"plugin '{name}': unknown.{_did_you_mean(name, list(known))} "
+                f"plugin {shown(name)}: unknown.{_did_you_mean(name, list(known))} "
                 f"Run 'ftengine plugins' to list the available plugins."
             )
 
