@@ -157,6 +157,19 @@ def test_8_plugins_must_be_a_list_of_names_and_one_name_is_accepted(run_override
     assert config.plugins == ["lora"] and pm.has_plugin("lora")
 
 
+def test_8_blocking_a_default_plugin_nothing_replaces_says_what_it_provides(run_overrides):
+    for blocked, provides in (("sft", "ftengine_load_dataset"), ("hf_loader", "ftengine_load_model")):
+        with pytest.raises(PluginError) as caught:
+            configure(None, ["lora", f"no:{blocked}"], run_overrides)
+        message = str(caught.value)
+        assert f"no:{blocked}" in message and provides in message and "no other active plugin" in message
+
+    with pytest.raises(PluginError, match="'bogus' is not a default plugin"):
+        configure(None, ["lora", "no:bogus"], run_overrides)
+
+    configure(None, ["full", "no:progress"], run_overrides)  # nothing needs the progress display
+
+
 def test_8_a_config_file_that_is_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_bytes(b"train:\n  max_steps: 3\n  # caf\xe9\n")
