@@ -214,26 +214,31 @@ def _yaml_lines(node, prefix, out):
             _yaml_lines(value_node, path, out)
 
 
-def _check_expansion(node, where):
+def _check_expansion(root, where):
     """Refuse a YAML graph that expands to more than ``MAX_CONFIG_VALUES`` values. An alias is
     one node however often it is used, so the graph itself stays small; what it expands to (in
-    the constructed config, in a message echoing it) can be billions of values, or endless."""
-    pending, count = [node], 0
+    the constructed config, in a message echoing it) can be billions of values, or endless.
+    The message names the line of the top-level entry that expands (an alias has no line of
+    its own in the graph)."""
+    pending, count = [(root, root.start_mark)], 0
     while pending:
-        node = pending.pop()
+        node, mark = pending.pop()
         count += 1
         if count > MAX_CONFIG_VALUES:
             raise ConfigError(
                 [
-                    f"{where(node.start_mark)}: the YAML expands to more than {MAX_CONFIG_VALUES:,} values through aliases "
+                    f"{where(mark)}: the YAML expands to more than {MAX_CONFIG_VALUES:,} values through aliases "
                     f"(*name) that repeat or nest anchored collections; a config holds a few hundred: write the "
                     f"values out, or use aliases of single values"
                 ]
             )
         if isinstance(node, yaml.SequenceNode):
-            pending.extend(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            pending.extend(item for pair in node.value for item in pair)
+            children = [(item, item.start_mark) for item in node.value]
+        elif isinstance(node, yaml.MappingNode):  # a value is placed at its key's line
+            children = [(item, key.start_mark) for key, value in node.value for item in (key, value)]
+        else:
+            continue
+        pending.extend((child, child_mark if node is root else mark) for child, child_mark in children)
 
 
 def _load_yaml(text, where):
@@ -272,8 +277,10 @@ def read_yaml(path):
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
-    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting too deep
-        raise ConfigError([f"{path}: not a usable config ({shown(str(exc))})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested hundreds of levels deep; a config is a few levels of sections"]) from None
+    except ValueError as exc:  # an integer of thousands of digits, a date like 2024-13-45
+        raise ConfigError([f"{path}: a value YAML cannot build ({shown(str(exc))}); quote it to keep it as text"]) from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: the config must be a mapping of sections, not {type(data).__name__}"])

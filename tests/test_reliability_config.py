@@ -178,3 +178,16 @@ def test_8_a_config_file_that_is_not_utf8_names_the_line(tmp_path):
 
     assert result.exit_code == 2, result.output
     assert f"{path}:3" in result.output and "UTF-8" in result.output and "Traceback" not in result.output
+
+
+def test_5_a_cyclic_alias_deep_nesting_or_an_impossible_date_is_a_message(tmp_path):
+    cases = {
+        "cycle": ("train:\n  max_steps: 3\nloop: &loop {again: *loop}\n", "cycle.yaml:3: the YAML expands"),
+        "deep": ("x: " + "[" * 3000 + "]" * 3000 + "\n", "nested hundreds of levels deep"),
+        "date": ("train:\n  started: 2024-13-45\n", "quote it to keep it as text"),
+    }
+    for name, (text, expected) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        done = run_bounded("from ftengine.config import read_yaml\nread_yaml(sys.argv[1])", path)
+        assert done.returncode == 2 and expected in done.stdout, (name, done.stdout, done.stderr[-1000:])
