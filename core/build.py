@@ -11,7 +11,7 @@
 import torch
 
 from .adapters import record_base
-from .config import apply_overrides, build_config, plugin_sections, read_yaml
+from .config import apply_overrides, build_config, plugin_sections, read_yaml, requested_plugins
 from .distributed import launched_world_size, no_parallel_plugin_message
 from .errors import ConfigError, FtengineError
 from .evaluation import baseline_problems
@@ -35,7 +35,7 @@ def configure(config_path=None, plugins=(), overrides=(), base=None, require_dat
         file_data, origins = read_yaml(config_path)
         data = _deep_merge(data, file_data)
     apply_overrides(data, origins, overrides)
-    requested = list(dict.fromkeys([*(data.get("plugins") or []), *plugins]))
+    requested = requested_plugins(data, origins, plugins)
     data["plugins"] = requested
     pm = select_plugins(requested)
     sections = plugin_sections(pm)

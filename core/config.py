@@ -8,6 +8,7 @@ whose lines name the key, where it was set (``file:line`` or ``-o``) and the fix
 
 import difflib
 import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,11 +34,38 @@ CORE_KEYS = ("model", "output_dir", "plugins", "data", "train", "eval")
 #: directory, as in a shell; YAML and ``-o`` values reach us unexpanded. Hub ids never start with ``~``.
 UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 
+#: Values a config may expand to, aliases counted each time they are used. A real config holds
+#: a few hundred; nested aliases ("billion laughs") expand a few hundred bytes to billions.
+MAX_CONFIG_VALUES = 10_000
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = _short.maxlong = 60
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 5
+_short.maxlevel = 3
+
+
+def shown(value):
+    """``repr(value)`` cut to a line, for messages that echo what the user wrote: a message
+    must stay readable whatever the value (a 100 kB string, a deeply nested list)."""
+    return _short.repr(value)
+
+
+def at_most(limit, why):
+    """A pydantic validator refusing values above ``limit``, with ``why`` as the fix."""
+
+    def check(value):
+        if value > limit:
+            raise ValueError(f"at most {limit}: {why}")
+        return value
+
+    return AfterValidator(check)
+
 
 class Section(BaseModel):
-    """Base class for a config section: unknown keys are errors, values are checked on assignment."""
+    """Base class for a config section: unknown keys are errors, values are checked on assignment,
+    and no float may be infinite or NaN (a step, a rate or a decay of .inf is never meant)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataFields(Section):
@@ -80,7 +108,14 @@ class TrainOptions(Section):
     max_steps: PositiveInt | None = Field(None, description="optimiser steps (or set epochs)")
     epochs: PositiveFloat | None = Field(None, description="passes over the data (default 1)")
     batch_size: PositiveInt = Field(8, description="examples per micro-batch")
-    grad_accum: PositiveInt = Field(1, description="micro-batches per optimiser step")
+    grad_accum: Annotated[
+        PositiveInt,
+        at_most(
+            1024,
+            "each optimiser step holds this many micro-batches; for more examples per step raise "
+            "train.batch_size (examples per step = batch_size × grad_accum)",
+        ),
+    ] = Field(1, description="micro-batches per optimiser step")
     lr: PositiveFloat = Field(2e-4, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: NonNegativeInt = Field(0, description="linear warmup, then cosine decay")
@@ -96,7 +131,9 @@ class TrainOptions(Section):
         False,
         description="batch examples of similar length (seeded, chunks of 64 batches) to pad less; the alternative to packing",
     )
-    seed: int = 0
+    seed: Annotated[
+        NonNegativeInt, at_most(2**63 - 1, "a seed is a 64-bit integer; a small one seeds as well as a large one")
+    ] = 0
     log_every: PositiveInt = 1
     eval_every: NonNegativeInt = Field(0, description="evaluate every N steps; 0 = at the end only")
     save_every: NonNegativeInt = Field(0, description="checkpoint every N steps; 0 = never")
@@ -182,20 +219,74 @@ def _yaml_lines(node, prefix, out):
             _yaml_lines(value_node, path, out)
 
 
+def _check_expansion(root, where):
+    """Refuse a YAML graph that expands to more than ``MAX_CONFIG_VALUES`` values. An alias is
+    one node however often it is used, so the graph itself stays small; what it expands to (in
+    the constructed config, in a message echoing it) can be billions of values, or endless.
+    The message names the line of the top-level entry that expands (an alias has no line of
+    its own in the graph)."""
+    pending, count = [(root, root.start_mark)], 0
+    while pending:
+        node, mark = pending.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                [
+                    f"{where(mark)}: the YAML expands to more than {MAX_CONFIG_VALUES:,} values through aliases "
+                    f"(*name) that repeat or nest anchored collections; a config holds a few hundred: write the "
+                    f"values out, or use aliases of single values"
+                ]
+            )
+        if isinstance(node, yaml.SequenceNode):
+            children = [(item, item.start_mark) for item in node.value]
+        elif isinstance(node, yaml.MappingNode):  # a value is placed at its key's line
+            children = [(item, key.start_mark) for key, value in node.value for item in (key, value)]
+        else:
+            continue
+        pending.extend((child, child_mark if node is root else mark) for child, child_mark in children)
+
+
+def _load_yaml(text, where):
+    """``(node, data)`` of a YAML document, refused if it expands past ``MAX_CONFIG_VALUES``
+    before anything is built from it. ``where(mark)`` names a place in it for messages."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_expansion(node, where)
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _decode(raw, path):
+    """The text of a config file; a byte that is not UTF-8 is reported with its line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"]) from None
+
+
 def read_yaml(path):
     """Read a YAML config file into ``(dict, {key path: "file:line"})``."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = _decode(path.read_bytes(), path)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the config file ({exc.strerror})"]) from None
     try:
-        data = yaml.safe_load(text) or {}
-        node = yaml.compose(text)
+        node, data = _load_yaml(text, lambda mark: f"{path}:{mark.line + 1}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested hundreds of levels deep; a config is a few levels of sections"]) from None
+    except ValueError as exc:  # an integer of thousands of digits, a date like 2024-13-45
+        raise ConfigError([f"{path}: a value YAML cannot build ({shown(str(exc))}); quote it to keep it as text"]) from None
+    data = data or {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: the config must be a mapping of sections, not {type(data).__name__}"])
     lines = {}
@@ -209,17 +300,20 @@ def apply_overrides(data, origins, overrides):
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            problems.append(f"-o {item}: expected section.key=value, e.g. -o train.lr=1e-4")
+            problems.append(f"-o {shown(item)}: expected section.key=value, e.g. -o train.lr=1e-4")
             continue
         parts = key.strip().split(".")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = _load_yaml(raw, lambda mark, key=key: f"-o {key}")[1] if raw.strip() else None
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML: the string as written
             value = raw
         target = data
         for part in parts[:-1]:
             if not isinstance(target.get(part, {}), dict):
-                problems.append(f"-o {item}: '{part}' is not a section")
+                problems.append(f"-o {shown(item)}: '{part}' is not a section")
                 break
             target = target.setdefault(part, {})
         else:
@@ -227,6 +321,24 @@ def apply_overrides(data, origins, overrides):
             origins[tuple(parts)] = f"-o {key}"
     if problems:
         raise ConfigError(problems)
+
+
+def requested_plugins(data, origins, extra=()):
+    """The plugin names the config's ``plugins:`` asks for, then ``extra`` (``--plugin``), each
+    once. ``plugins:`` is a list, or a string as written by hand (``plugins: lora`` or
+    ``plugins: lora, dora``): one name or several separated by commas."""
+    value = data.get("plugins")
+    names = [name.strip() for name in value.split(",")] if isinstance(value, str) else value
+    if names is None:
+        names = []
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        where = origins.get(("plugins",))
+        raise ConfigError(
+            [
+                f"{where + ': ' if where else ''}plugins: expected a list of plugin names, e.g. plugins: [lora] (got {shown(value)})"
+            ]
+        )
+    return list(dict.fromkeys([*names, *extra]))
 
 
 def _allowed_keys(model, loc):
@@ -291,7 +403,7 @@ def _describe(error, model, origins, plugin_for_section):
         return f"{prefix}: unknown key.{hint} Known keys here: {known}."
     message = error["msg"].removeprefix("Value error, ")
     if "input" in error and error["type"] not in ("missing",):
-        message += f" (got {error['input']!r})"
+        message += f" (got {shown(error['input'])})"
     return f"{prefix}: {message}"
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import pluggy
 
 from . import hookspecs
+from .config import shown
 from .errors import PluginError
 
 PROJECT = "ftengine"
@@ -122,16 +123,18 @@ def select_plugins(requested):
             infos.append(PluginInfo(name.rsplit(".", 1)[-1], "module", name))
         else:
             problems.append(
-                f"plugin '{name}': unknown.{_did_you_mean(name, list(known))} "
+                f"plugin {shown(name)}: unknown.{_did_you_mean(name, list(known))} "
                 f"Run 'ftengine plugins' to list the available plugins."
             )
 
-    plugins = {}
+    plugins, builtins, blocked_defaults = {}, {}, {}
     defaults = set()
     for info in known.values():
-        if info.source == "builtin" and info.name not in blocked and info not in infos:
-            module = import_plugin(info)
-            if getattr(module, "default", False):
+        if info.source == "builtin" and info not in infos:
+            module = builtins[info.name] = import_plugin(info)
+            if getattr(module, "default", False) and info.name in blocked:
+                blocked_defaults[info.name] = module
+            elif getattr(module, "default", False):
                 plugins[info.name] = module
                 defaults.add(info.name)
     for info in infos:
@@ -145,6 +148,8 @@ def select_plugins(requested):
         pm.register(plugin, name=name)
     pm.hook.ftengine_addhooks.call_historic(kwargs={"pluginmanager": pm})
     active = frozenset(plugins)
+
+    problems += _blocking_problems(blocked, blocked_defaults, pm, builtins)
 
     conflicting, missing = set(), set()
     for name, plugin in plugins.items():
@@ -177,6 +182,27 @@ def select_plugins(requested):
     if problems:
         raise PluginError(problems)
     return pm
+
+
+def _blocking_problems(blocked, blocked_defaults, pm, builtins):
+    """What is wrong with the ``no:NAME`` of a selection: a name that is no default plugin, or a
+    default whose exclusive hooks (the model, the data, the loss, the optimiser) no active plugin
+    provides in its place, which would fail the run only once the model is loaded."""
+    problems = []
+    for name in sorted(blocked - set(blocked_defaults)):
+        names = ", ".join(sorted(n for n, m in builtins.items() if getattr(m, "default", False)))
+        problems.append(f"{shown('no:' + name)}: {shown(name)} is not a default plugin; only {names} can be blocked")
+    for name, module in sorted(blocked_defaults.items()):
+        orphaned = [h for h in EXCLUSIVE_HOOKS if hasattr(module, h) and not getattr(pm.hook, h).get_hookimpls()]
+        if not orphaned:
+            continue
+        others = [n for n, m in builtins.items() if n != name and all(hasattr(m, h) for h in orphaned)]
+        instead = f" (--plugin {' or --plugin '.join(others)})" if others else ""
+        problems.append(
+            f"no:{name} blocks the default plugin '{name}', the provider of {', '.join(orphaned)}, and no other active "
+            f"plugin provides {'it' if len(orphaned) == 1 else 'them'}: remove no:{name}, or add a plugin that does{instead}."
+        )
+    return problems
 
 
 def all_plugins_manager(warn=None):

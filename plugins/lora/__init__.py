@@ -11,14 +11,15 @@ Other plugins extend LoRA through the hooks this plugin adds (``lora/hookspecs.p
 training or in mixed-adapter batches (``fused_lora``).
 """
 
+import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from ftengine import hookimpl
 from ftengine.adapters import CONFIG_FILE, adapter_name_problem, check_adapter_name
-from ftengine.config import Section
+from ftengine.config import Section, at_most, shown
 from ftengine.errors import AdapterError, ConfigError
 from pydantic import Field, PositiveInt, ValidationError
 
@@ -29,7 +30,10 @@ conflicts = ("full",)
 
 
 class LoraOptions(Section):
-    r: PositiveInt = Field(16, description="rank of the update B·A")
+    r: Annotated[
+        PositiveInt,
+        at_most(2048, "LoRA ranks are typically 8 to 256; an update of a higher rank costs about what full fine-tuning does"),
+    ] = Field(16, description="rank of the update B·A")
     alpha: float = Field(32, gt=0, description="the update is scaled by alpha / r (alpha / sqrt(r) with rslora)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[str] | str = Field(
@@ -54,6 +58,12 @@ def ftengine_config_section(register):
 @hookimpl
 def ftengine_validate(config):
     options, problems = config.lora, []
+    hidden_size, source = _hidden_size(config.model)
+    if hidden_size is not None and options.r > hidden_size:
+        problems.append(
+            f"lora.r: {options.r} is above the model's hidden size ({hidden_size}) in {source}: the update B·A "
+            f"already has full rank at r = {hidden_size}, a larger r only adds memory; use a smaller r, typically 8 to 64"
+        )
     if adapter_name_problem(options.adapter_name):
         problems.append(f"lora.adapter_name: {adapter_name_problem(options.adapter_name)}")
     targets = options.target_modules
@@ -66,9 +76,19 @@ def ftengine_validate(config):
             re.compile(targets)
         except re.error as exc:
             problems.append(
-                f"lora.target_modules: {targets!r} is not a valid regular expression ({exc}); use a list of names or 'all-linear'"
+                f"lora.target_modules: {shown(targets)} is not a valid regular expression ({exc}); use a list of names or 'all-linear'"
             )
     return problems
+
+
+def _hidden_size(model):
+    """``(hidden size, config.json path)`` of ``model`` when it is a local transformers directory:
+    known before the weights load. ``(None, None)`` for anything else (a hub id, a GGUF file)."""
+    path = Path(model).expanduser() / "config.json"
+    try:
+        return int(json.loads(path.read_text())["hidden_size"]), path
+    except (OSError, ValueError, TypeError, KeyError):
+        return None, None
 
 
 def _variant_for_adapter(pluginmanager, config, adapter, path):
@@ -85,7 +105,7 @@ def _variant_for_adapter(pluginmanager, config, adapter, path):
 def _no_target_message(model, key, targets):
     names = list(linear_modules(model))
     return (
-        f"{key}: {targets!r} matches no linear layer of this model; "
+        f"{key}: {shown(targets)} matches no linear layer of this model; "
         f"its linear layers are named like {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
     )
 
