@@ -10,7 +10,8 @@ Masking renders the conversation prefix by prefix with the tokenizer's chat temp
 labels exactly the characters each assistant turn adds (its content and end-of-turn marker),
 then maps characters to tokens through the tokenizer's offsets. A template that does not
 render prefixes consistently (some templates rewrite earlier turns) is an error naming the row,
-never a silently wrong mask.
+never a silently wrong mask. The text of a special token typed in a message (``<|im_end|>`` in a
+row) is tokenised as text, never as the control token, so data cannot inject turns (``ChatText``).
 
 Packing (``pack_examples``) concatenates examples into rows of at most ``max_length`` tokens
 with ``position_ids`` restarting at 0 for each example; without an ``attention_mask``,
@@ -592,12 +593,86 @@ def row_to_messages(row, where, names=None):
 # --------------------------------------------------------------------------------------------
 
 
+class ChatText(str):
+    """Text rendered from chat messages that remembers where the messages' content typed the
+    text of a special token (``literals``: char spans). ``encode_chat_text`` tokenises those
+    as text, as the serving engines do, so that a data row or a user cannot inject turns."""
+
+    literals = ()
+
+
+#: Stand-ins for special-token text in message content while a template renders: private-use
+#: characters (U+F0000 on), as many as the text has, so that rendered offsets stay the same.
+_PLACEHOLDER = 0xF0000
+
+
+def _hide_special_text(tokenizer, messages):
+    """``(messages, restore)``: ``messages`` with each special token's text in their content
+    replaced by placeholders, and ``restore(rendered)``, the ``ChatText`` with it put back."""
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+    typed = [s for s in specials if any(s in content for content in contents)]
+    if not typed:
+        return messages, ChatText
+    placeholder = {s: chr(_PLACEHOLDER + i) * len(s) for i, s in enumerate(typed)}
+    special_of = {chr(_PLACEHOLDER + i): s for i, s in enumerate(typed)}
+    special_text = re.compile("|".join(map(re.escape, typed)))  # longest first
+    placeholders = re.compile("|".join(map(re.escape, placeholder.values())))
+    hidden = [
+        {**m, "content": special_text.sub(lambda match: placeholder[match.group()], m["content"])}
+        if isinstance(m.get("content"), str)
+        else m
+        for m in messages
+    ]
+
+    def restore(rendered):
+        text = ChatText(placeholders.sub(lambda match: special_of[match.group()[0]], rendered))
+        text.literals = tuple(match.span() for match in placeholders.finditer(rendered))
+        return text
+
+    return hidden, restore
+
+
+def render_prompt(tokenizer, messages):
+    """The generation prompt of ``messages`` in the chat template, as a ``ChatText`` (tokenise
+    it with ``encode_chat_text``)."""
+    hidden, restore = _hide_special_text(tokenizer, messages)
+    return restore(tokenizer.apply_chat_template(hidden, tokenize=False, add_generation_prompt=True))
+
+
+def encode_chat_text(tokenizer, text, add_special_tokens=False, return_offsets_mapping=False):
+    """``{"input_ids"[, "offset_mapping"]}`` of ``text``. In a ``ChatText`` the template's own
+    special tokens are control tokens and the special-token text its messages typed
+    (``literals``) is split into ordinary tokens; other text tokenises as the tokenizer alone would.
+
+    :param add_special_tokens: for text that no template rendered (a template writes its own).
+    """
+    keys = ["input_ids", "offset_mapping"] if return_offsets_mapping else ["input_ids"]
+    literals = getattr(text, "literals", ())
+    if not literals:
+        encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=return_offsets_mapping)
+        return {key: encoding[key] for key in keys}
+    bounds = [0, *(bound for span in literals for bound in span), len(text)]
+    encoded = {key: [] for key in keys}
+    for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if start == end:
+            continue
+        split = {"split_special_tokens": True} if index % 2 else {}  # odd pieces are the literals
+        encoding = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=return_offsets_mapping, **split)
+        encoded["input_ids"] += encoding["input_ids"]
+        if return_offsets_mapping:
+            encoded["offset_mapping"] += [(a + start, b + start) for a, b in encoding["offset_mapping"]]
+    return encoded
+
+
 def render_chat(tokenizer, messages, where):
-    """Render ``messages`` and return ``(text, spans)``: char spans of each assistant turn.
+    """Render ``messages`` and return ``(text, spans)``: the ``ChatText`` and the char spans of
+    each assistant turn.
 
     Without a chat template, turns are concatenated as plain text and each assistant turn ends
     with the EOS token.
     """
+    messages, restore = _hide_special_text(tokenizer, messages)
     if not tokenizer.chat_template:
         text, spans = "", []
         for message in messages:
@@ -606,7 +681,7 @@ def render_chat(tokenizer, messages, where):
             if message["role"] == "assistant":
                 text += tokenizer.eos_token or ""
                 spans.append((start, len(text)))
-        return text, spans
+        return restore(text), spans
 
     spans = []
     for i, message in enumerate(messages):
@@ -624,12 +699,13 @@ def render_chat(tokenizer, messages, where):
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     if spans and not text.startswith(text[: spans[-1][1]]):
         raise DataError(f"{where}: the chat template renders the whole chat differently from its prefixes")
-    return text, spans
+    return restore(text), spans
 
 
 def tokenize_with_mask(tokenizer, text, spans):
-    """Token ids of ``text`` and labels that keep only tokens starting inside ``spans``."""
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    """Token ids of ``text`` (``encode_chat_text``) and labels that keep only tokens starting
+    inside ``spans``."""
+    encoding = encode_chat_text(tokenizer, text, return_offsets_mapping=True)
     ids = encoding["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
     for index, (start, end) in enumerate(encoding["offset_mapping"]):
