@@ -70,7 +70,7 @@ class DataOptions(Section):
     limit: PositiveInt | None = Field(None, description="read at most this many rows of each data source (quick tries)")
     max_row_bytes: PositiveInt = Field(
         MAX_ROW_BYTES,
-        description="a JSON-lines row longer than this is refused before it is parsed (a row's size bounds its memory)",
+        description="a longer row is refused (JSON lines before they are parsed; other formats as JSON, before tokenising)",
     )
     eval_sets: dict[EvalSetName, str] = Field(
         default_factory=dict,

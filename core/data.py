@@ -137,6 +137,27 @@ def _too_deep_message(where):
     )
 
 
+def _too_long_message(where, size, max_row_bytes):
+    return (
+        f"{where}: the row is {size} bytes, over the limit of {max_row_bytes} bytes (data.max_row_bytes); "
+        f"shorten or split the row, or raise the limit (-o data.max_row_bytes={size})"
+    )
+
+
+def _refuse_rows_over(rows, max_row_bytes, label):
+    """``rows``, checked that none is longer than ``max_row_bytes`` written as JSON: rows that
+    are not lines of JSON (CSV, Parquet, a JSON array, a hub dataset) are measured once read,
+    before rendering and tokenising cost many times their size."""
+    bad = BadRows(label)
+    for row, where in rows:
+        with bad.check():
+            size = len(json.dumps(row, ensure_ascii=False, default=str).encode())
+            if size > max_row_bytes:
+                raise DataError(_too_long_message(where, size, max_row_bytes))
+    bad.raise_if_any()
+    return rows
+
+
 def _json_lines(handle, path, max_row_bytes, bad):
     """``(number, text)`` of each non-blank line of a JSON-lines file, read at most
     ``max_row_bytes`` at a time. A longer line, invalid UTF-8 or nesting deeper than
@@ -151,10 +172,7 @@ def _json_lines(handle, path, max_row_bytes, bad):
                 while rest and not rest.endswith(b"\n"):  # skip the rest of the line, a block at a time
                     rest = handle.readline(1 << 20)
                     size += len(rest)
-                raise DataError(
-                    f"{where}: the row is {size} bytes, over the limit of {max_row_bytes} bytes (data.max_row_bytes); "
-                    f"shorten or split the row, or raise the limit (-o data.max_row_bytes={size})"
-                )
+                raise DataError(_too_long_message(where, size, max_row_bytes))
             if number == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
@@ -345,14 +363,16 @@ def _read_local_file(path, expected, max_row_bytes):
         if builder == "csv" and _csv_is_header_only(path):
             return []
         if builder == "json":  # the standard library names the line (and rows of mixed types still load)
-            return _json_array(path, expected) if is_array else read_jsonl(path, expected, max_row_bytes)
+            if is_array:
+                return _refuse_rows_over(_json_array(path, expected), max_row_bytes, path)
+            return read_jsonl(path, expected, max_row_bytes)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: cannot read the file as {builder.upper()} ({reason}); {_format_hint(path, expected)}") from None
     if builder == "json" and not is_array:
         if len(lines) != len(rows):  # a row spanning lines: let the line reader name it
             return read_jsonl(path, expected, max_row_bytes)
         return [(row, f"{path}:{line}") for row, line in zip(rows, lines)]
-    return [(row, f"{path}[{index}]") for index, row in enumerate(rows)]
+    return _refuse_rows_over([(row, f"{path}[{index}]") for index, row in enumerate(rows)], max_row_bytes, path)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
@@ -396,7 +416,7 @@ def _read_hub(spec, options, expected):
                 f"Check the id, data.split and data.subset"
             ) from None
         rows = table.to_list()
-    return [(row, f"{name}:{split}[{index}]") for index, row in enumerate(rows)]
+    return _refuse_rows_over([(row, f"{name}:{split}[{index}]") for index, row in enumerate(rows)], options.max_row_bytes, spec)
 
 
 def looks_like_hub_id(spec):

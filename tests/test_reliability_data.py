@@ -74,6 +74,21 @@ def test_6_a_row_over_max_row_bytes_is_refused_before_it_is_parsed(tmp_path):
     assert [row for row, _ in rows] == [CLEAN, big, CLEAN]
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet"])
+def test_6_a_row_over_max_row_bytes_in_other_formats_is_refused_before_it_is_tokenised(tmp_path, suffix):
+    import pandas
+
+    path = tmp_path / f"big{suffix}"
+    table = pandas.DataFrame([CLEAN, {"prompt": "x" * (2 << 20), "response": "y"}])
+    {".csv": table.to_csv, ".json": table.to_json, ".parquet": table.to_parquet}[suffix](
+        path, **({"orient": "records"} if suffix == ".json" else {"index": False})
+    )
+    with pytest.raises(DataError) as raised:
+        read_rows(path)
+    message = str(raised.value)
+    assert f"{path}[1]" in message and "1048576 bytes" in message and "data.max_row_bytes" in message
+
+
 def test_6_nesting_inside_strings_is_not_counted(tmp_path):
     path = write_jsonl(tmp_path / "brackets.jsonl", [{"prompt": nested(500) + '"{', "response": "]}"}])
     assert read_rows(path)[0][0]["prompt"] == nested(500) + '"{'
