@@ -85,6 +85,10 @@ class DataFields(Section):
 EvalSetName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=40)]
 
 
+#: The default ``data.max_row_bytes``: a longer line of JSON is refused before it is parsed.
+MAX_ROW_BYTES = 1 << 20
+
+
 class DataOptions(Section):
     train: UserPath | None = Field(
         None,
@@ -98,6 +102,10 @@ class DataOptions(Section):
         None, gt=0, lt=1, description="without data.eval: this fraction of the train data, seeded by train.seed, is held out"
     )
     limit: PositiveInt | None = Field(None, description="read at most this many rows of each data source (quick tries)")
+    max_row_bytes: PositiveInt = Field(
+        MAX_ROW_BYTES,
+        description="a longer row is refused (JSON lines before they are parsed; other formats as JSON, before tokenising)",
+    )
     eval_sets: dict[EvalSetName, UserPath] = Field(
         default_factory=dict,
         description="more evaluation sets, {name: source}, each read as data.eval and logged as eval_<name>_<metric>",

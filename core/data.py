@@ -10,7 +10,8 @@ Masking renders the conversation prefix by prefix with the tokenizer's chat temp
 labels exactly the characters each assistant turn adds (its content and end-of-turn marker),
 then maps characters to tokens through the tokenizer's offsets. A template that does not
 render prefixes consistently (some templates rewrite earlier turns) is an error naming the row,
-never a silently wrong mask.
+never a silently wrong mask. The text of a special token typed in a message (``<|im_end|>`` in a
+row) is tokenised as text, never as the control token, so data cannot inject turns (``ChatText``).
 
 Packing (``pack_examples``) concatenates examples into rows of at most ``max_length`` tokens
 with ``position_ids`` restarting at 0 for each example; without an ``attention_mask``,
@@ -18,7 +19,9 @@ transformers derives a block-diagonal causal mask from those positions
 (``masking_utils.find_packed_sequence_indices``), so no token attends across an example.
 """
 
+import codecs
 import contextlib
+import csv
 import difflib
 import hashlib
 import json
@@ -32,6 +35,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .config import MAX_ROW_BYTES
 from .errors import DataError
 from .state import Datasets
 
@@ -53,6 +57,9 @@ SHAREGPT_ROLES = {
 #: File suffixes and the ``datasets`` builder that reads them.
 FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 FORMAT_NAMES = "JSONL, JSON (array or lines), CSV, TSV, Parquet, a directory of those, or a Hugging Face dataset id"
+#: JSON nested deeper than this is refused before it is parsed: the JSON readers recurse, and
+#: thousands of levels crash Arrow's (a segfault) or Python's (RecursionError). A chat row needs 4.
+MAX_DEPTH = 64
 #: At most this many bad rows are listed in one message (all are counted).
 MAX_SHOWN = 10
 #: Bump when the tokenised cache's contents change meaning.
@@ -103,22 +110,91 @@ def _format_hint(path, expected):
     return f"expected {FORMAT_NAMES}; each row {expected}"
 
 
-def _jsonl_errors(path, expected):
-    """Yield ``(row, where)`` of a JSON-lines file, collecting malformed lines (the fallback
-    that names ``file:line`` when ``datasets`` cannot read the file)."""
+_JSON_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _too_deep_at(text):
+    """The offset in JSON ``text`` where arrays and objects nest deeper than ``MAX_DEPTH``, or
+    ``None``; found without parsing (brackets inside strings do not count)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return None
+    depth = 0
+    for match in _JSON_STRING_OR_BRACKET.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return match.start()
+        elif token in ("]", "}"):
+            depth -= 1
+    return None
+
+
+def _too_deep_message(where):
+    return (
+        f"{where}: JSON nested more than {MAX_DEPTH} levels deep, which the JSON readers cannot parse safely "
+        f"(a chat row needs 4); store deep structures as a JSON string in one field"
+    )
+
+
+def _too_long_message(where, size, max_row_bytes):
+    return (
+        f"{where}: the row is {size} bytes, over the limit of {max_row_bytes} bytes (data.max_row_bytes); "
+        f"shorten or split the row, or raise the limit (-o data.max_row_bytes={size})"
+    )
+
+
+def _refuse_rows_over(rows, max_row_bytes, label):
+    """``rows``, checked that none is longer than ``max_row_bytes`` written as JSON: rows that
+    are not lines of JSON (CSV, Parquet, a JSON array, a hub dataset) are measured once read,
+    before rendering and tokenising cost many times their size."""
+    bad = BadRows(label)
+    for row, where in rows:
+        with bad.check():
+            size = len(json.dumps(row, ensure_ascii=False, default=str).encode())
+            if size > max_row_bytes:
+                raise DataError(_too_long_message(where, size, max_row_bytes))
+    bad.raise_if_any()
+    return rows
+
+
+def _json_lines(handle, path, max_row_bytes, bad):
+    """``(number, text)`` of each non-blank line of a JSON-lines file, read at most
+    ``max_row_bytes`` at a time. A longer line, invalid UTF-8 or nesting deeper than
+    ``MAX_DEPTH`` is collected in ``bad`` and never parsed; a byte-order mark is dropped."""
+    number = 0
+    while raw := handle.readline(max_row_bytes + 1):
+        number, text = number + 1, None
+        where = f"{path}:{number}"
+        with bad.check():
+            if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
+                size, rest = len(raw), raw
+                while rest and not rest.endswith(b"\n"):  # skip the rest of the line, a block at a time
+                    rest = handle.readline(1 << 20)
+                    size += len(rest)
+                raise DataError(_too_long_message(where, size, max_row_bytes))
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
+                ) from None
+            if _too_deep_at(text) is not None:
+                raise DataError(_too_deep_message(where))
+        if text and text.strip():
+            yield number, text
+
+
+def _jsonl_errors(path, expected, max_row_bytes):
+    """``[(row, where)]`` of a JSON-lines file, collecting malformed lines (the reader that
+    names ``file:line`` when ``datasets`` cannot read the file)."""
     bad, rows = BadRows(path), []
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
+        for number, line in _json_lines(handle, path, max_row_bytes, bad):
             where = f"{path}:{number}"
             with bad.check():
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(
-                        f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
-                    ) from None
-                if not line.strip():
-                    continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
@@ -134,27 +210,38 @@ def _jsonl_errors(path, expected):
     return rows
 
 
-def read_jsonl(path, expected=SFT_FORMAT):
+def read_jsonl(path, expected=SFT_FORMAT, max_row_bytes=MAX_ROW_BYTES):
     """``[(row, "file:line")]`` of a JSONL file, read line by line with the standard library.
 
-    :raises DataError: for a missing or empty file, invalid UTF-8, malformed JSON or non-object
-        lines (up to ``MAX_SHOWN`` listed).
+    :raises DataError: for a missing or empty file, invalid UTF-8, malformed JSON, non-object
+        lines, lines over ``max_row_bytes`` or nested over ``MAX_DEPTH`` (up to ``MAX_SHOWN`` listed).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found (check data.train / data.eval)")
-    rows = _jsonl_errors(path, expected)
+    rows = _jsonl_errors(path, expected, max_row_bytes)
     if not rows:
         raise DataError(f"{path}: the file holds no rows ({_format_hint(path, expected)})")
     return rows
 
 
+def _json_array_text(path):
+    """The text of a file holding one JSON array, checked before parsing: UTF-8 (a byte-order
+    mark dropped) and nested at most ``MAX_DEPTH`` deep."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte at offset {exc.start}); save the file as UTF-8") from None
+    offset = _too_deep_at(text)
+    if offset is not None:
+        raise DataError(_too_deep_message(f"{path}:{text.count(chr(10), 0, offset) + 1}"))
+    return text
+
+
 def _json_array(path, expected):
     """``[(row, "file[i]")]`` of a file holding one JSON array of objects (standard library)."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 (byte at offset {exc.start}); save the file as UTF-8") from None
+        data = json.loads(_json_array_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno}); {_format_hint(path, expected)}"
@@ -227,25 +314,45 @@ def _csv_is_header_only(path):
         return sum(1 for raw in handle if raw.strip()) <= 1
 
 
-def _jsonl_line_numbers(path):
+def _jsonl_line_numbers(path, max_row_bytes):
     """The numbers of the non-blank lines of a JSON-lines file, or ``None`` if one of them does
-    not start an object (the line reader then names it)."""
+    not start an object (the line reader then names it).
+
+    :raises DataError: for lines no JSON reader should be given (too long, too deep, not UTF-8).
+    """
+    bad = BadRows(path)
     with open(path, "rb") as handle:
-        lines = [(number, raw.lstrip()[:1]) for number, raw in enumerate(handle, 1) if raw.strip()]
-    return None if any(first != b"{" for _, first in lines) else [number for number, _ in lines]
+        lines = [(number, text.lstrip()[:1]) for number, text in _json_lines(handle, path, max_row_bytes, bad)]
+    bad.raise_if_any()
+    return None if any(first != "{" for _, first in lines) else [number for number, _ in lines]
 
 
-def _read_local_file(path, expected):
-    """``[(row, where)]`` of one local file through ``datasets``."""
+def _csv_as_text(path, delimiter):
+    """``datasets`` options that read every CSV cell as the text it holds: pandas would make
+    ``2`` a float ``2.0`` (in a column with a gap) and ``NA`` or an empty cell a missing value."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        header = next(csv.reader(handle, delimiter=delimiter), [])
+    return {"converters": dict.fromkeys(range(len(header)), str), "keep_default_na": False, "na_filter": False}
+
+
+def _read_local_file(path, expected, max_row_bytes):
+    """``[(row, where)]`` of one local file through ``datasets``; JSON is checked first for what
+    would crash or swamp its reader (lines over ``max_row_bytes``, nesting over ``MAX_DEPTH``)."""
     builder = _sniff(path)
     if path.stat().st_size == 0:
         return []
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    kwargs = {}
+    if builder == "csv":
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        kwargs = {"delimiter": delimiter, **_csv_as_text(path, delimiter)}
     with open(path, "rb") as handle:
-        is_array = builder == "json" and path.suffix.lower() == ".json" and handle.read(256).lstrip()[:1] == b"["
-    lines = _jsonl_line_numbers(path) if builder == "json" and not is_array else []
+        head = handle.read(256).removeprefix(codecs.BOM_UTF8)
+    is_array = builder == "json" and path.suffix.lower() == ".json" and head.lstrip()[:1] == b"["
+    if is_array:
+        _json_array_text(path)  # refuses nesting that would crash the reader
+    lines = _jsonl_line_numbers(path, max_row_bytes) if builder == "json" and not is_array else []
     if lines is None:
-        return read_jsonl(path, expected)
+        return read_jsonl(path, expected, max_row_bytes)
     try:
         with _quiet_datasets() as datasets:
             table = datasets.load_dataset(
@@ -256,14 +363,16 @@ def _read_local_file(path, expected):
         if builder == "csv" and _csv_is_header_only(path):
             return []
         if builder == "json":  # the standard library names the line (and rows of mixed types still load)
-            return _json_array(path, expected) if is_array else read_jsonl(path, expected)
+            if is_array:
+                return _refuse_rows_over(_json_array(path, expected), max_row_bytes, path)
+            return read_jsonl(path, expected, max_row_bytes)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: cannot read the file as {builder.upper()} ({reason}); {_format_hint(path, expected)}") from None
     if builder == "json" and not is_array:
         if len(lines) != len(rows):  # a row spanning lines: let the line reader name it
-            return read_jsonl(path, expected)
+            return read_jsonl(path, expected, max_row_bytes)
         return [(row, f"{path}:{line}") for row, line in zip(rows, lines)]
-    return [(row, f"{path}[{index}]") for index, row in enumerate(rows)]
+    return _refuse_rows_over([(row, f"{path}[{index}]") for index, row in enumerate(rows)], max_row_bytes, path)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
@@ -307,7 +416,7 @@ def _read_hub(spec, options, expected):
                 f"Check the id, data.split and data.subset"
             ) from None
         rows = table.to_list()
-    return [(row, f"{name}:{split}[{index}]") for index, row in enumerate(rows)]
+    return _refuse_rows_over([(row, f"{name}:{split}[{index}]") for index, row in enumerate(rows)], options.max_row_bytes, spec)
 
 
 def looks_like_hub_id(spec):
@@ -332,7 +441,7 @@ def read_rows(spec, options=None, expected=SFT_FORMAT):
             raise DataError(f"{spec}: split '{spec.partition(':')[2] or options.split}' holds no rows")
     else:
         path = Path(spec)
-        rows = [item for file in local_files(path) for item in _read_local_file(file, expected)]
+        rows = [item for file in local_files(path) for item in _read_local_file(file, expected, options.max_row_bytes)]
         if not rows:
             raise DataError(f"{path}: the file holds no rows ({_format_hint(path, expected)})")
     return rows[: options.limit] if options.limit else rows
@@ -504,12 +613,86 @@ def row_to_messages(row, where, names=None):
 # --------------------------------------------------------------------------------------------
 
 
+class ChatText(str):
+    """Text rendered from chat messages that remembers where the messages' content typed the
+    text of a special token (``literals``: char spans). ``encode_chat_text`` tokenises those
+    as text, as the serving engines do, so that a data row or a user cannot inject turns."""
+
+    literals = ()
+
+
+#: Stand-ins for special-token text in message content while a template renders: private-use
+#: characters (U+F0000 on), as many as the text has, so that rendered offsets stay the same.
+_PLACEHOLDER = 0xF0000
+
+
+def _hide_special_text(tokenizer, messages):
+    """``(messages, restore)``: ``messages`` with each special token's text in their content
+    replaced by placeholders, and ``restore(rendered)``, the ``ChatText`` with it put back."""
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+    typed = [s for s in specials if any(s in content for content in contents)]
+    if not typed:
+        return messages, ChatText
+    placeholder = {s: chr(_PLACEHOLDER + i) * len(s) for i, s in enumerate(typed)}
+    special_of = {chr(_PLACEHOLDER + i): s for i, s in enumerate(typed)}
+    special_text = re.compile("|".join(map(re.escape, typed)))  # longest first
+    placeholders = re.compile("|".join(map(re.escape, placeholder.values())))
+    hidden = [
+        {**m, "content": special_text.sub(lambda match: placeholder[match.group()], m["content"])}
+        if isinstance(m.get("content"), str)
+        else m
+        for m in messages
+    ]
+
+    def restore(rendered):
+        text = ChatText(placeholders.sub(lambda match: special_of[match.group()[0]], rendered))
+        text.literals = tuple(match.span() for match in placeholders.finditer(rendered))
+        return text
+
+    return hidden, restore
+
+
+def render_prompt(tokenizer, messages):
+    """The generation prompt of ``messages`` in the chat template, as a ``ChatText`` (tokenise
+    it with ``encode_chat_text``)."""
+    hidden, restore = _hide_special_text(tokenizer, messages)
+    return restore(tokenizer.apply_chat_template(hidden, tokenize=False, add_generation_prompt=True))
+
+
+def encode_chat_text(tokenizer, text, add_special_tokens=False, return_offsets_mapping=False):
+    """``{"input_ids"[, "offset_mapping"]}`` of ``text``. In a ``ChatText`` the template's own
+    special tokens are control tokens and the special-token text its messages typed
+    (``literals``) is split into ordinary tokens; other text tokenises as the tokenizer alone would.
+
+    :param add_special_tokens: for text that no template rendered (a template writes its own).
+    """
+    keys = ["input_ids", "offset_mapping"] if return_offsets_mapping else ["input_ids"]
+    literals = getattr(text, "literals", ())
+    if not literals:
+        encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=return_offsets_mapping)
+        return {key: encoding[key] for key in keys}
+    bounds = [0, *(bound for span in literals for bound in span), len(text)]
+    encoded = {key: [] for key in keys}
+    for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if start == end:
+            continue
+        split = {"split_special_tokens": True} if index % 2 else {}  # odd pieces are the literals
+        encoding = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=return_offsets_mapping, **split)
+        encoded["input_ids"] += encoding["input_ids"]
+        if return_offsets_mapping:
+            encoded["offset_mapping"] += [(a + start, b + start) for a, b in encoding["offset_mapping"]]
+    return encoded
+
+
 def render_chat(tokenizer, messages, where):
-    """Render ``messages`` and return ``(text, spans)``: char spans of each assistant turn.
+    """Render ``messages`` and return ``(text, spans)``: the ``ChatText`` and the char spans of
+    each assistant turn.
 
     Without a chat template, turns are concatenated as plain text and each assistant turn ends
     with the EOS token.
     """
+    messages, restore = _hide_special_text(tokenizer, messages)
     if not tokenizer.chat_template:
         text, spans = "", []
         for message in messages:
@@ -518,7 +701,7 @@ def render_chat(tokenizer, messages, where):
             if message["role"] == "assistant":
                 text += tokenizer.eos_token or ""
                 spans.append((start, len(text)))
-        return text, spans
+        return restore(text), spans
 
     spans = []
     for i, message in enumerate(messages):
@@ -536,12 +719,13 @@ def render_chat(tokenizer, messages, where):
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     if spans and not text.startswith(text[: spans[-1][1]]):
         raise DataError(f"{where}: the chat template renders the whole chat differently from its prefixes")
-    return text, spans
+    return restore(text), spans
 
 
 def tokenize_with_mask(tokenizer, text, spans):
-    """Token ids of ``text`` and labels that keep only tokens starting inside ``spans``."""
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    """Token ids of ``text`` (``encode_chat_text``) and labels that keep only tokens starting
+    inside ``spans``."""
+    encoding = encode_chat_text(tokenizer, text, return_offsets_mapping=True)
     ids = encoding["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
     for index, (start, end) in enumerate(encoding["offset_mapping"]):

@@ -23,6 +23,7 @@ import torch
 from .adapters import check_base, plugins_for_adapter
 from .build import build, configure
 from .checkpoint import atomic_directory
+from .data import render_prompt
 from .errors import AdapterError, FtengineError
 from .modeling import generate_greedy
 from .pluginmanager import plugin_attribute
@@ -81,10 +82,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=64):
     """Greedy completions of ``prompts`` (user messages, rendered with the chat template when
     the tokenizer has one), generated as one left-padded batch."""
     if tokenizer.chat_template:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
+        texts = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     else:
         texts = list(prompts)
     return generate_greedy(model, tokenizer, texts, max_new_tokens, add_special_tokens=not tokenizer.chat_template)

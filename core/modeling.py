@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, encode_chat_text
 
 
 def autocast_dtype_for(precision, device):
@@ -139,15 +139,15 @@ def generate_greedy(model, tokenizer, texts, max_new_tokens, add_special_tokens=
 
     Left padding makes every row continue right after its own text; the tokenizer's own
     ``padding_side`` (right, for training) is left as it is. ``add_special_tokens``: ``False``
-    for text rendered by a chat template, which holds them already. Generation stops at the
+    for text rendered by a chat template, which holds them already (a ``ChatText`` from
+    ``render_prompt`` keeps special-token text typed in a message as text). Generation stops at the
     end-of-sequence token, or at the first of ``stop_strings`` (kept in the output). Other
     ``generate_options`` go to ``model.generate`` (``eos_token_id`` ...). Dropout is off meanwhile.
     """
     if stop_strings:
         generate_options.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    batch = tokenizer(
-        list(texts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
-    ).to(next(model.parameters()).device)
+    encoded = [encode_chat_text(tokenizer, text, add_special_tokens)["input_ids"] for text in texts]
+    batch = tokenizer.pad({"input_ids": encoded}, padding_side="left", return_tensors="pt").to(next(model.parameters()).device)
     with eval_mode(model):
         output = model.generate(
             input_ids=batch["input_ids"],

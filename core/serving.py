@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .adapters import check_adapter_name, plugins_for_adapter
+from .data import encode_chat_text, render_prompt
 from .errors import AdapterError, FtengineError
 from .inference import build_for_inference, load_adapter, set_adapter
 from .pluginmanager import active_names
@@ -254,8 +255,7 @@ class AdapterServer:
                     "messages: this model's tokenizer has no chat template; use the completions endpoint", "messages"
                 )
             with self._tokenizer_lock:
-                text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                return encode_chat_text(self.tokenizer, render_prompt(self.tokenizer, prompt))["input_ids"]
         if isinstance(prompt, str):
             with self._tokenizer_lock:
                 return self.tokenizer(prompt)["input_ids"]
