@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from ftengine import hookimpl
 from ftengine.config import Section
-from ftengine.data import IGNORE_INDEX, pad_batch, render_chat, require_messages, tokenize_with_mask
+from ftengine.data import IGNORE_INDEX, pad_batch, render_chat, render_prompt, require_messages, tokenize_with_mask
 from ftengine.errors import DataError
 from ftengine.loop import to_device
 from ftengine.modeling import autocast, eval_mode, generate_greedy, stop_token_ids, target_logits
@@ -148,7 +148,7 @@ def prompt_text(tokenizer, messages):
     prompt, or the turns' text concatenated when the tokenizer has no template (as ``render_chat``)."""
     if not tokenizer.chat_template:
         return "".join(m["content"] for m in messages)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return render_prompt(tokenizer, messages)
 
 
 def greedy_answers(model, tokenizer, prompts, options):

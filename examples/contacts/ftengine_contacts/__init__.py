@@ -20,6 +20,7 @@ selected.
 import json
 
 from ftengine import hookimpl
+from ftengine.data import encode_chat_text, render_prompt
 from ftengine.modeling import autocast, generate_greedy, stop_token_ids
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,7 +62,7 @@ def prompts_of(tokenizer, rows, shots=None):
             messages = messages[:-1]
         system = [m for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]
-        prompts.append(tokenizer.apply_chat_template(system + prefix + turns, add_generation_prompt=True, tokenize=False))
+        prompts.append(render_prompt(tokenizer, system + prefix + turns))
     return prompts
 
 
@@ -120,7 +121,5 @@ def ftengine_eval_metrics(model, tokenizer, datasets, state, shots):
     references = [_reference_record(i, row) for i, row in enumerate(rows)]
     with autocast(state):
         predictions = predict(model, tokenizer, rows, options.eval_batch_size, options.max_new_tokens, shots)
-    prompt_tokens = [
-        len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts_of(tokenizer, rows, shots)
-    ]
+    prompt_tokens = [len(encode_chat_text(tokenizer, prompt)["input_ids"]) for prompt in prompts_of(tokenizer, rows, shots)]
     return task.score(predictions, references) | {"prompt_tokens": sum(prompt_tokens) / len(prompt_tokens)}
