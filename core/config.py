@@ -343,7 +343,7 @@ def requested_plugins(data, origins, extra=()):
         where = origins.get(("plugins",))
         raise ConfigError(
             [
-                f"{where + ': ' if where else ''}plugins: expected a list of plugin names, e.g. plugins: [lora] (got {shown(value)})"
+                f"{where + ': ' if where else ''}plugins: expected a list of plugin names, e.g. plugins: [NAME, ...] (got {shown(value)})"
             ]
         )
     return list(dict.fromkeys([*names, *extra]))
