@@ -457,7 +457,6 @@ RESUME_SAFE_KEYS = {
     "train.gradient_checkpointing": "memory only; the same gradients",
     "train.device": "where the run computes",
     "train.dist_timeout_s": "how long ranks wait for each other",
-    "hf_loader.allow_pickle": "how the weights are read",
 }
 
 
@@ -472,14 +471,16 @@ def _flatten(data, prefix=""):
     return flat
 
 
-def compare_configs(saved, current, resume_safe_plugins=()):
+def compare_configs(saved, current, resume_safe_plugins=(), resume_safe_keys=()):
     """Compare a checkpoint's config with the resuming run's (both plain data).
 
     :return: ``(errors, accepted)``: lists of ``(key, saved value, current value)``. ``errors``
         are changes to what is trained (model, method sections, data, batch, schedule, seed);
-        ``accepted`` are the changes in ``RESUME_SAFE_KEYS``.
+        ``accepted`` are the changes in ``RESUME_SAFE_KEYS`` and ``resume_safe_keys``.
     :param resume_safe_plugins: plugins that may be added or dropped on resume (those that
         spread the run over processes: a checkpoint is the same whatever the world size).
+    :param resume_safe_keys: the plugin sections' keys that may change too
+        (``config.resume_safe_keys``).
     """
     old, new = _flatten(saved), _flatten(current)
     for flat in (old, new):  # the order plugins were named in does not matter
@@ -490,5 +491,5 @@ def compare_configs(saved, current, resume_safe_plugins=()):
         before, after = old.get(key, "(not set)"), new.get(key, "(not set)")
         if before == after:
             continue
-        (accepted if key in RESUME_SAFE_KEYS else errors).append((key, before, after))
+        (accepted if key in RESUME_SAFE_KEYS or key in resume_safe_keys else errors).append((key, before, after))
     return errors, accepted

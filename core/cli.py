@@ -134,6 +134,7 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     """
     from .build import configure
     from .loop import train
+    from .pluginmanager import allow_pickle_sections
 
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
@@ -141,8 +142,15 @@ def run(config_file, plugins, overrides, resume, overwrite, allow_pickle, eval_b
     base = installed_default_job() if default_job else None
     # The demo is meant to be rerun: its earlier result is moved aside (never deleted).
     overwrite = overwrite or (default_job and not resume)
-    if allow_pickle:
-        overrides = (*overrides, "hf_loader.allow_pickle=true")  # so the resume command keeps it
+    if allow_pickle:  # as overrides, so the resume command keeps it
+        overrides = (
+            *overrides,
+            *(
+                f"{name}.{key}={json.dumps(value)}"
+                for name, keys in allow_pickle_sections().items()
+                for key, value in keys.items()
+            ),
+        )
     launching = (nproc or 1) * nnodes > 1
     world_size = (nproc or 1) * nnodes if launching else None
     config, pm = configure(config_file, plugins, overrides, base=base, world_size=world_size)

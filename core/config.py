@@ -10,7 +10,7 @@ import difflib
 import os
 import reprlib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -63,9 +63,19 @@ def at_most(limit, why):
 
 class Section(BaseModel):
     """Base class for a config section: unknown keys are errors, values are checked on assignment,
-    and no float may be infinite or NaN (a step, a rate or a decay of .inf is never meant)."""
+    and no float may be infinite or NaN (a step, a rate or a decay of .inf is never meant).
+
+    A section declares, as class attributes, what the core must know of its keys:
+
+    * ``aliases``: ``{name other tools use: our key}`` (``{"lora_alpha": "alpha"}``), suggested
+      for an unknown key that no spelling match finds;
+    * ``resume_safe``: ``{key: why}`` for the keys a resumed run may change, because they do not
+      change what the steps so far computed (``{"allow_pickle": "how the weights are read"}``).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    aliases: ClassVar[dict[str, str]] = {}
+    resume_safe: ClassVar[dict[str, str]] = {}
 
 
 class DataFields(Section):
@@ -349,17 +359,6 @@ def requested_plugins(data, origins, extra=()):
     return list(dict.fromkeys([*names, *extra]))
 
 
-def _allowed_keys(model, loc):
-    """Field names allowed at ``loc`` (a tuple of keys) of a pydantic model."""
-    for part in loc:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
 #: Names other tools use for a key, too far from ours for a spelling match to find.
 KEY_ALIASES = {
     "learning_rate": "lr",
@@ -381,19 +380,39 @@ KEY_ALIASES = {
     "logging_steps": "log_every",
     "eval_steps": "eval_every",
     "save_steps": "save_every",
-    "rank": "r",
-    "lora_r": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
 }
 
 
-def _suggest(key, allowed):
-    """The allowed key ``key`` was probably meant to be: a known alias, else a close spelling."""
-    alias = KEY_ALIASES.get(key.lower())
+def _section_at(model, loc):
+    """The pydantic model at ``loc`` (a tuple of keys) of ``model``, or ``None``."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _suggest(key, section):
+    """The key of ``section`` that ``key`` was probably meant to be: an alias the section (or
+    the core) declares, else a close spelling."""
+    allowed = list(section.model_fields) if section else []
+    alias = {**KEY_ALIASES, **getattr(section, "aliases", {})}.get(key.lower())
     if alias in allowed:
         return [alias]
     return difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+
+
+def resume_safe_keys(config):
+    """``{"section.key": why}``: the keys of ``config``'s sections that a resumed run may change,
+    as each section declares them (``Section.resume_safe``)."""
+    return {
+        f"{name}.{key}": why
+        for name in type(config).model_fields
+        if isinstance(section := getattr(config, name), Section)
+        for key, why in type(section).resume_safe.items()
+    }
 
 
 def _describe(error, model, origins, plugin_for_section):
@@ -402,8 +421,9 @@ def _describe(error, model, origins, plugin_for_section):
     where = origins.get(loc) or origins.get(loc[:1])
     prefix = f"{where}: {key}" if where else key
     if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model, loc[:-1])
-        close = _suggest(loc[-1], allowed)
+        section = _section_at(model, loc[:-1])
+        allowed = list(section.model_fields) if section else []
+        close = _suggest(loc[-1], section)
         hint = f" Did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
         if len(loc) == 1 and loc[0] in plugin_for_section:
             hint = f" It belongs to plugin '{plugin_for_section[loc[0]]}': add --plugin {plugin_for_section[loc[0]]}, or remove the section."

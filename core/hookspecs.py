@@ -89,6 +89,17 @@ def ftengine_default_job() -> dict[str, Any] | None:
     """
 
 
+@hookspec(firstresult=True)
+def ftengine_allow_pickle() -> dict[str, dict[str, Any]] | None:
+    """The config sections with which this plugin's model loader reads pickle weights
+    (``pytorch_model.bin``, which can run code), for ``--allow-pickle``. Firstresult.
+
+    Asked of every installed plugin. The default loader (plugin ``hf_loader``) returns
+    ``{"hf_loader": {"allow_pickle": True}}``; ``ftengine run`` turns the answer into ``-o``
+    overrides (so the resume command keeps it), ``ftengine merge`` into its sections.
+    """
+
+
 @hookspec
 def ftengine_config_section(register: Callable[[str, type[Section]], None]) -> None:
     """Declare this plugin's configuration section.

@@ -26,7 +26,7 @@ from .checkpoint import atomic_directory
 from .data import render_prompt
 from .errors import AdapterError, FtengineError
 from .modeling import generate_greedy
-from .pluginmanager import plugin_attribute
+from .pluginmanager import allow_pickle_sections, plugin_attribute
 
 
 def load_for_inference(model_name, adapters, plugins=(), sections=None, strict=False):
@@ -142,7 +142,7 @@ def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False,
     check_merge_target(out_dir, adapter_dir, model_name, overwrite)
     run_plugins, sections = base_plugins_of_run(adapter_dir)
     if allow_pickle:
-        sections = {**sections, "hf_loader": {"allow_pickle": True}}
+        sections = {**sections, **allow_pickle_sections()}
     model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, [*plugins, *run_plugins], sections, strict)
     if not any(pm.hook.ftengine_merge_adapters(model=model)):
         raise AdapterError(

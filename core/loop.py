@@ -30,7 +30,7 @@ import torch
 from . import checkpoint
 from .adapters import write_base
 from .build import build
-from .config import dump_config
+from .config import dump_config, resume_safe_keys
 from .data import local_files
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, DataError, FtengineError, PluginError, StorageError
@@ -52,8 +52,8 @@ def lr_lambda(warmup, total, min_ratio):
     def factor(step):
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        done = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
     return factor
 
@@ -396,7 +396,10 @@ def find_resume_checkpoint(output_dir, config):
     if saved is None and (output_dir / "config.json").is_file():  # checkpoints from before config.json
         saved = json.loads((output_dir / "config.json").read_text())
     if saved is not None:
-        errors, accepted = checkpoint.compare_configs(saved, dump_config(config), resume_safe_plugins=parallel_plugin_names())
+        safe_keys = {**checkpoint.RESUME_SAFE_KEYS, **resume_safe_keys(config)}
+        errors, accepted = checkpoint.compare_configs(
+            saved, dump_config(config), resume_safe_plugins=parallel_plugin_names(), resume_safe_keys=safe_keys
+        )
         if errors:
             raise ConfigError(
                 [f"{key}: {before!r} in {latest.name}, {after!r} now" for key, before, after in errors]
@@ -406,7 +409,7 @@ def find_resume_checkpoint(output_dir, config):
                 ]
             )
         for key, before, after in accepted:
-            _note(f"resume: accepted {key}: {before!r} -> {after!r} ({checkpoint.RESUME_SAFE_KEYS[key]})")
+            _note(f"resume: accepted {key}: {before!r} -> {after!r} ({safe_keys[key]})")
     refuse_changed_training_data(checkpoint.read_state(latest).get("data_sha256"), config, latest)
     return latest
 

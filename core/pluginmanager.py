@@ -219,6 +219,18 @@ def all_plugins_manager(warn=None):
     return pm
 
 
+def allow_pickle_sections():
+    """The config sections with which the installed model loader reads pickle weights
+    (hook ``ftengine_allow_pickle``).
+
+    :raises PluginError: no installed plugin loads pickle weights.
+    """
+    sections = all_plugins_manager().hook.ftengine_allow_pickle()
+    if not sections:
+        raise PluginError(["--allow-pickle: no installed model loader reads pickle weights; convert the model to safetensors"])
+    return sections
+
+
 def plugin_attribute(name, attribute, default=None):
     """A module attribute of the available plugin ``name`` (``changes_base``, ...), or ``default``."""
     info = available_plugins().get(name)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from ftengine import hookimpl
@@ -38,9 +39,16 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class HfLoaderOptions(Section):
+    resume_safe: ClassVar[dict[str, str]] = {"allow_pickle": "how the weights are read"}
+
     allow_pickle: bool = Field(
         False, description="load pickle weights (pytorch_model.bin), which can run code; convert them to safetensors instead"
     )
+
+
+@hookimpl
+def ftengine_allow_pickle():
+    return {"hf_loader": {"allow_pickle": True}}
 
 
 @hookimpl

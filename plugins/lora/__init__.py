@@ -14,7 +14,7 @@ training or in mixed-adapter batches (``fused_lora``).
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from ftengine import hookimpl
@@ -30,6 +30,8 @@ conflicts = ("full",)
 
 
 class LoraOptions(Section):
+    aliases: ClassVar[dict[str, str]] = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
     r: Annotated[
         PositiveInt,
         at_most(2048, "LoRA ranks are typically 8 to 256; an update of a higher rank costs about what full fine-tuning does"),
