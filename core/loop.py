@@ -18,6 +18,7 @@ rank 0 alone writes; see ``docs/distributed.md``.
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -31,7 +32,7 @@ from . import checkpoint
 from .build import build
 from .config import dump_config
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
-from .errors import ConfigError, FtengineError, PluginError
+from .errors import ConfigError, DataError, FtengineError, PluginError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
 from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
 from .pluginmanager import nondefault_implementers
@@ -122,15 +123,73 @@ def log(state, record, metrics_file):
         return
     record = {key: _finite_or_none(value) for key, value in record.items()}
     state.pm.hook.ftengine_on_log(state=state, record=record)
-    metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-    metrics_file.flush()
+    metrics_file.append(record)
+
+
+class MetricsFile:
+    """``metrics.jsonl`` open for appending, one record per line: a record is appended whole or
+    not at all, so a full disk never leaves a torn line for ``--resume`` to trip over."""
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)
+
+    def append(self, record):
+        """Append ``record`` as one line of JSON (unbuffered: a reader sees every step at once).
+
+        :raises StorageError: the write failed (disk full, ...); the file is cut back to the
+            records before ``record``.
+        """
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        whole = os.fstat(self._fd).st_size
+        try:
+            written = 0
+            while written < len(line):  # a write may take part of it: write the rest
+                written += os.write(self._fd, line[written:])
+        except OSError as exc:
+            os.ftruncate(self._fd, whole)
+            raise checkpoint.storage_error(
+                exc, self.path, f"the metrics of step {record['step']}", "The records before it are intact"
+            ) from exc
+
+
+def metrics_records(path):
+    """``[(line, record)]`` of ``metrics.jsonl``, and the number of a torn last line (``None``
+    when there is none): what a write cut short (a full disk, a killed machine) leaves.
+
+    :raises DataError: a line before the last is not a JSON record, naming the file and line.
+    """
+    lines = path.read_text().splitlines() if path.exists() else []
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records, torn = [], None
+    for number, line in numbered:
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            if number != numbered[-1][0]:
+                raise DataError(
+                    f"{path}:{number}: not a whole JSON record ({exc.msg}); --resume rewrites the metrics after its "
+                    f"checkpoint and needs the ones before: repair or delete that line, then resume again"
+                ) from exc
+            torn = number
+    return records, torn
 
 
 def _restart_metrics(path, step):
-    """Keep the metrics of steps up to ``step`` (a resumed run rewrites what follows)."""
-    if not path.exists():
+    """Keep the metrics of steps up to ``step`` (a resumed run rewrites what follows). A torn
+    last line is dropped, and said so."""
+    records, torn = metrics_records(path)
+    if torn:
+        _note(f"{path}:{torn}: dropped a torn last line (a write cut short, e.g. by a full disk)")
+    if not records and not torn:
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line, record in records if record.get("step", 0) <= step]
     checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -191,6 +250,8 @@ def own_output_dir(world, output_dir, resume, overwrite, plugin_files):
 
 def _train(config, pm, output_dir, resume, eval_before, stop, world):
     started = time.perf_counter()
+    if resume:  # a damaged metrics.jsonl stops the run before the weights load
+        world.on_main(lambda: metrics_records(output_dir / "metrics.jsonl"))
     run = prepare(config, pm, output_dir, resume, world)
     model, state, train_options = run.model, run.state, config.train
     summary, skipped = (
@@ -198,7 +259,7 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
         0,
     )
     with ExitStack() as files:
-        metrics_file = files.enter_context(open(output_dir / "metrics.jsonl", "a")) if world.is_main else None
+        metrics_file = files.enter_context(MetricsFile(output_dir / "metrics.jsonl")) if world.is_main else None
         pm.hook.ftengine_on_train_start(model=model, tokenizer=run.tokenizer, datasets=run.datasets, state=state)
         if not resume:
             summary["baselines"] = evaluate_baselines(model, run.tokenizer, run.datasets, state)
