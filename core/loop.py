@@ -8,8 +8,9 @@ and resume.
 A run never loses work: it owns its ``output_dir`` (``ftengine.rundir``); it reads and checks
 all data before the model's weights load; ``--resume`` checks the checkpoint's config against
 the run's; a step whose loss or gradient norm is NaN/inf never reaches the optimiser
-(``train.on_nonfinite``); SIGINT/SIGTERM finish the step and write a checkpoint
-(``ftengine.signals``).
+(``train.on_nonfinite``); SIGINT/SIGTERM finish the step, or stop an evaluation at its next
+batch, and write a checkpoint (``ftengine.signals``); ``final/`` is saved before the final
+evaluation; ``metrics.jsonl`` gets whole lines only.
 
 On several processes (``ftengine.distributed``) the same loop runs on every rank: a global
 micro-batch is split between the ranks, the loss sums and counts are summed over them, and
@@ -24,6 +25,7 @@ import signal
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ from .evaluation import evaluate, evaluate_baselines, few_shot_examples
 from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir
-from .signals import RunInterrupted, StopSignals
+from .signals import RunInterrupted, StopRequested, StopSignals
 from .state import RunState
 
 
@@ -182,14 +184,19 @@ def metrics_records(path):
 
 
 def _restart_metrics(path, step):
-    """Keep the metrics of steps up to ``step`` (a resumed run rewrites what follows). A torn
-    last line is dropped, and said so."""
+    """Keep the metrics of steps up to ``step`` (a resumed run rewrites what follows), except
+    the evaluation of ``step`` itself: a checkpoint is written before its step's evaluation,
+    which the resumed run does again. A torn last line is dropped, and said so."""
     records, torn = metrics_records(path)
     if torn:
         _note(f"{path}:{torn}: dropped a torn last line (a write cut short, e.g. by a full disk)")
     if not records and not torn:
         return
-    kept = [line for line, record in records if record.get("step", 0) <= step]
+    kept = [
+        line
+        for line, record in records
+        if record.get("step", 0) < step or (record.get("step", 0) == step and "eval_time_s" not in record)
+    ]
     checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -258,6 +265,7 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
         {"before": None, "baselines": {}, "after": None, "setup_s": time.perf_counter() - started, "train_s": 0.0},
         0,
     )
+    state.check_stop = partial(stop.check, world)
     with ExitStack() as files:
         metrics_file = files.enter_context(MetricsFile(output_dir / "metrics.jsonl")) if world.is_main else None
         pm.hook.ftengine_on_train_start(model=model, tokenizer=run.tokenizer, datasets=run.datasets, state=state)
@@ -270,6 +278,10 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
             log(state, summary["before"], metrics_file)
         model.train()
         stop.arm("finishing the current step, then saving a checkpoint")
+        # A step's checkpoint is written before its evaluation: a run resumed from one evaluates first.
+        saved = world.on_main(lambda: checkpoint.latest_checkpoint(output_dir)) if resume else None
+        if resume and evaluation_due(state):
+            evaluate_and_log(run, stop, metrics_file, saved)
         while state.step < state.max_steps:
             record = optimizer_step(run)
             summary["train_s"] += record["step_time_s"]
@@ -280,9 +292,9 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
                     raise nonfinite_error(state, record, skipped)
             if state.step % train_options.log_every == 0 or state.step == state.max_steps or record.get("skipped"):
                 log(state, record, metrics_file)
-            if train_options.eval_every and state.step % train_options.eval_every == 0 and state.step < state.max_steps:
-                log(state, {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}, metrics_file)
             saved = save_checkpoint(run) if train_options.save_every and state.step % train_options.save_every == 0 else None
+            if evaluation_due(state):
+                evaluate_and_log(run, stop, metrics_file, saved)
             pm.hook.ftengine_on_step_end(model=model, state=state)
             # Every rank stops after the same step, whichever rank the signal reached. What they
             # agree on is not written back to ``stop.signum``: a signal that lands while this
@@ -290,15 +302,41 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
             agreed = world.max(stop.signum or 0)
             if agreed:
                 raise interrupted(agreed, state, saved or save_checkpoint(run))
-        stop.arm("finishing the final evaluation and saving the result")
-        summary["after"] = {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}
-        log(state, summary["after"], metrics_file)
+        # The result is saved before the final evaluation: a signal during it (even a second,
+        # which stops at once) loses nothing.
+        stop.arm("finishing saving the result, then saving a checkpoint")
+        with run.parallel.full_model() as whole:
+            refuse_nonfinite_result(run, whole)
+            summary["saved"] = world.on_main(lambda: save(whole, run.tokenizer, config, pm, output_dir / "final"))
+        summary["after"] = evaluate_and_log(run, stop, metrics_file, saved, result=summary["saved"])
         pm.hook.ftengine_on_train_end(model=model, state=state)
-
-    with run.parallel.full_model() as whole:
-        refuse_nonfinite_result(run, whole)
-        summary["saved"] = world.on_main(lambda: save(whole, run.tokenizer, config, pm, output_dir / "final"))
     return summary | {"output_dir": str(output_dir), "build": state.build_info, "data": run.datasets.stats}
+
+
+def evaluation_due(state):
+    """Whether step ``state.step`` is followed by a ``train.eval_every`` evaluation (the final
+    evaluation is apart)."""
+    every = state.config.train.eval_every
+    return bool(every) and state.step % every == 0 and state.step < state.max_steps
+
+
+def evaluate_and_log(run, stop, metrics_file, step_checkpoint, result=None):
+    """Evaluate at the current step and log the record; return it. A stop signal cuts the
+    evaluation short: the run stops with a checkpoint of this step (``step_checkpoint`` when
+    one is written already, else a new one), which ``--resume`` evaluates again.
+
+    :param result: where ``final/`` was saved, for the final evaluation (the message says so).
+    """
+    state, doing = run.state, stop.doing
+    stop.arm("stopping the evaluation, then saving a checkpoint")
+    try:
+        record = {"step": state.step, **evaluate(run.model, run.tokenizer, run.datasets, state)}
+    except StopRequested as stopped:
+        saved = step_checkpoint or save_checkpoint(run)
+        raise interrupted(stopped.signum, state, saved, evaluating=True, result=result) from None
+    stop.arm(doing)
+    log(state, record, metrics_file)
+    return record
 
 
 @dataclass
@@ -484,9 +522,12 @@ def nonfinite_error(state, record, skipped):
     )
 
 
-def interrupted(signum, state, saved):
+def interrupted(signum, state, saved, evaluating=False, result=None):
+    during = ", during its evaluation (--resume evaluates again)" if evaluating else ""
+    kept = f"; the result is saved in {result}" if result else ""
     return RunInterrupted(
-        f"{signal.Signals(signum).name}: stopped after step {state.step} of {state.max_steps}; checkpoint written to {saved}",
+        f"{signal.Signals(signum).name}: stopped after step {state.step} of {state.max_steps}{during}; "
+        f"checkpoint written to {saved}{kept}",
         signum,
         step=state.step,
         checkpoint=saved,
