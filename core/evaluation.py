@@ -34,6 +34,9 @@ def evaluate(model, tokenizer, datasets, state, shots=None):
     """Eval loss over every evaluation set plus every plugin's metrics, as ``eval_*`` keys, and
     the seconds it took (``eval_time_s``).
 
+    A stop signal during a training run cuts it short between two batches: ``state.check_stop``
+    raises ``StopRequested``.
+
     On several processes each eval batch is split between the ranks and the sums are added
     up; ``ftengine_eval_metrics`` runs on every rank over the whole eval set (generation then
     runs in step on every rank, whatever lengths it reaches) and rank 0's values are kept.
@@ -42,7 +45,10 @@ def evaluate(model, tokenizer, datasets, state, shots=None):
         computed (the loss of the eval rows with examples before them means nothing here).
     """
     started = time.perf_counter()
-    with eval_mode(model):
+    # Evaluating draws none of the training's random numbers: a run resumed at an evaluation
+    # step trains exactly as one that never stopped, whatever the evaluation consumed.
+    devices = [state.device] if state.device.type == "cuda" else []
+    with eval_mode(model), torch.random.fork_rng(devices=devices):
         record = _evaluate_set(model, tokenizer, datasets, state, shots)
         for name, examples in datasets.eval_sets.items():
             scores = _evaluate_set(model, tokenizer, replace(datasets, eval=examples, eval_name=name), state, shots)
@@ -52,6 +58,7 @@ def evaluate(model, tokenizer, datasets, state, shots=None):
 
 def _evaluate_set(model, tokenizer, datasets, state, shots):
     record = {} if shots is not None else _eval_loss(model, datasets, state)
+    state.check_stop()  # before the metric plugins, which may generate for long
     for metrics in _metric_hooks(state.pm, few_shot=shots is not None)(
         model=model, tokenizer=tokenizer, datasets=datasets, state=state, shots=shots
     ):
@@ -68,6 +75,7 @@ def _eval_loss(model, datasets, state):
     pm, world, size = state.pm, state.world, state.config.train.eval_batch_size
     loss_sum, count, metric_sums = 0.0, 0, {}
     for start in range(0, len(datasets.eval), size):
+        state.check_stop()
         batch, weight = local_batch(datasets, world, datasets.eval[start : start + size])
         with autocast(state):
             out = pm.hook.ftengine_compute_loss(model=model, batch=to_device(batch, state.device), state=state)

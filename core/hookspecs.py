@@ -393,6 +393,11 @@ def ftengine_eval_metrics(
     others are not called for it. A metric that does not depend on the eval rows should be
     computed when ``datasets.eval_name`` is ``None`` only.
 
+    A metric that takes long (generation over many rows) calls ``state.check_stop()`` between
+    its batches: on SIGINT/SIGTERM it raises, and the run saves a checkpoint and stops instead
+    of waiting for the whole evaluation. On several processes every rank calls it at the same
+    points.
+
     :param model: the model being trained.
     :param tokenizer: its tokenizer.
     :param datasets: the ``Datasets``; each example keeps its source row under ``"row"``.
@@ -418,7 +423,8 @@ def ftengine_headline_metrics() -> list[str] | None:
 
 @hookspec
 def ftengine_on_train_end(model: nn.Module, state: RunState) -> None:
-    """Called once after the last step, before the result is saved.
+    """Called once at the end of a run that completed: after the result is saved to ``final/``
+    and the final evaluation is logged.
 
     :param model: the trained model.
     :param state: the ``RunState``.

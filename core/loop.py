@@ -8,8 +8,9 @@ and resume.
 A run never loses work: it owns its ``output_dir`` (``ftengine.rundir``); it reads and checks
 all data before the model's weights load; ``--resume`` checks the checkpoint's config against
 the run's; a step whose loss or gradient norm is NaN/inf never reaches the optimiser
-(``train.on_nonfinite``); SIGINT/SIGTERM finish the step and write a checkpoint
-(``ftengine.signals``).
+(``train.on_nonfinite``); SIGINT/SIGTERM finish the step, or stop an evaluation at its next
+batch, and write a checkpoint (``ftengine.signals``); ``final/`` is saved before the final
+evaluation; ``metrics.jsonl`` gets whole lines only.
 
 On several processes (``ftengine.distributed``) the same loop runs on every rank: a global
 micro-batch is split between the ranks, the loss sums and counts are summed over them, and
@@ -18,11 +19,13 @@ rank 0 alone writes; see ``docs/distributed.md``.
 
 import json
 import math
+import os
 import random
 import signal
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +41,7 @@ from .evaluation import evaluate, evaluate_baselines, few_shot_examples
 from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir, open_run_file, run_inputs
-from .signals import RunInterrupted, StopSignals
+from .signals import RunInterrupted, StopRequested, StopSignals
 from .state import RunState
 
 
@@ -124,15 +127,79 @@ def log(state, record, metrics_file):
         return
     record = {key: _finite_or_none(value) for key, value in record.items()}
     state.pm.hook.ftengine_on_log(state=state, record=record)
-    metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-    metrics_file.flush()
+    metrics_file.append(record)
+
+
+class MetricsFile:
+    """``metrics.jsonl`` open for appending, one record per line: a record is appended whole or
+    not at all, so a full disk never leaves a torn line for ``--resume`` to trip over."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = open_run_file(path)  # never through a planted link
+        self._fd = self._file.fileno()  # written with os.write, not through the file's buffer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+    def append(self, record):
+        """Append ``record`` as one line of JSON (unbuffered: a reader sees every step at once).
+
+        :raises StorageError: the write failed (disk full, ...); the file is cut back to the
+            records before ``record``.
+        """
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        whole = os.fstat(self._fd).st_size
+        try:
+            written = 0
+            while written < len(line):  # a write may take part of it: write the rest
+                written += os.write(self._fd, line[written:])
+        except OSError as exc:
+            os.ftruncate(self._fd, whole)
+            raise checkpoint.storage_error(
+                exc, self.path, f"the metrics of step {record['step']}", "The records before it are intact"
+            ) from exc
+
+
+def metrics_records(path):
+    """``[(line, record)]`` of ``metrics.jsonl``, and the number of a torn last line (``None``
+    when there is none): what a write cut short (a full disk, a killed machine) leaves.
+
+    :raises DataError: a line before the last is not a JSON record, naming the file and line.
+    """
+    lines = path.read_text().splitlines() if path.exists() else []
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records, torn = [], None
+    for number, line in numbered:
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            if number != numbered[-1][0]:
+                raise DataError(
+                    f"{path}:{number}: not a whole JSON record ({exc.msg}); --resume rewrites the metrics after its "
+                    f"checkpoint and needs the ones before: repair or delete that line, then resume again"
+                ) from exc
+            torn = number
+    return records, torn
 
 
 def _restart_metrics(path, step):
-    """Keep the metrics of steps up to ``step`` (a resumed run rewrites what follows)."""
-    if not path.exists():
+    """Keep the metrics of steps up to ``step`` (a resumed run rewrites what follows), except
+    the evaluation of ``step`` itself: a checkpoint is written before its step's evaluation,
+    which the resumed run does again. A torn last line is dropped, and said so."""
+    records, torn = metrics_records(path)
+    if torn:
+        _note(f"{path}:{torn}: dropped a torn last line (a write cut short, e.g. by a full disk)")
+    if not records and not torn:
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line, record in records
+        if record.get("step", 0) < step or (record.get("step", 0) == step and "eval_time_s" not in record)
+    ]
     checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -193,14 +260,17 @@ def own_output_dir(world, output_dir, resume, overwrite, plugin_files, inputs):
 
 def _train(config, pm, output_dir, resume, eval_before, stop, world):
     started = time.perf_counter()
+    if resume:  # a damaged metrics.jsonl stops the run before the weights load
+        world.on_main(lambda: metrics_records(output_dir / "metrics.jsonl"))
     run = prepare(config, pm, output_dir, resume, world)
     model, state, train_options = run.model, run.state, config.train
     summary, skipped = (
         {"before": None, "baselines": {}, "after": None, "setup_s": time.perf_counter() - started, "train_s": 0.0},
         0,
     )
+    state.check_stop = partial(stop.check, world)
     with ExitStack() as files:
-        metrics_file = files.enter_context(open_run_file(output_dir / "metrics.jsonl")) if world.is_main else None
+        metrics_file = files.enter_context(MetricsFile(output_dir / "metrics.jsonl")) if world.is_main else None
         pm.hook.ftengine_on_train_start(model=model, tokenizer=run.tokenizer, datasets=run.datasets, state=state)
         if not resume:
             summary["baselines"] = evaluate_baselines(model, run.tokenizer, run.datasets, state)
@@ -211,6 +281,10 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
             log(state, summary["before"], metrics_file)
         model.train()
         stop.arm("finishing the current step, then saving a checkpoint")
+        # A step's checkpoint is written before its evaluation: a run resumed from one evaluates first.
+        saved = world.on_main(lambda: checkpoint.latest_checkpoint(output_dir)) if resume else None
+        if resume and evaluation_due(state):
+            evaluate_and_log(run, stop, metrics_file, saved)
         while state.step < state.max_steps:
             record = optimizer_step(run)
             summary["train_s"] += record["step_time_s"]
@@ -221,9 +295,9 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
                     raise nonfinite_error(state, record, skipped)
             if state.step % train_options.log_every == 0 or state.step == state.max_steps or record.get("skipped"):
                 log(state, record, metrics_file)
-            if train_options.eval_every and state.step % train_options.eval_every == 0 and state.step < state.max_steps:
-                log(state, {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}, metrics_file)
             saved = save_checkpoint(run) if train_options.save_every and state.step % train_options.save_every == 0 else None
+            if evaluation_due(state):
+                evaluate_and_log(run, stop, metrics_file, saved)
             pm.hook.ftengine_on_step_end(model=model, state=state)
             # Every rank stops after the same step, whichever rank the signal reached. What they
             # agree on is not written back to ``stop.signum``: a signal that lands while this
@@ -231,15 +305,41 @@ def _train(config, pm, output_dir, resume, eval_before, stop, world):
             agreed = world.max(stop.signum or 0)
             if agreed:
                 raise interrupted(agreed, state, saved or save_checkpoint(run))
-        stop.arm("finishing the final evaluation and saving the result")
-        summary["after"] = {"step": state.step, **evaluate(model, run.tokenizer, run.datasets, state)}
-        log(state, summary["after"], metrics_file)
+        # The result is saved before the final evaluation: a signal during it (even a second,
+        # which stops at once) loses nothing.
+        stop.arm("finishing saving the result, then saving a checkpoint")
+        with run.parallel.full_model() as whole:
+            refuse_nonfinite_result(run, whole)
+            summary["saved"] = world.on_main(lambda: save(whole, run.tokenizer, config, pm, output_dir / "final"))
+        summary["after"] = evaluate_and_log(run, stop, metrics_file, saved, result=summary["saved"])
         pm.hook.ftengine_on_train_end(model=model, state=state)
-
-    with run.parallel.full_model() as whole:
-        refuse_nonfinite_result(run, whole)
-        summary["saved"] = world.on_main(lambda: save(whole, run.tokenizer, config, pm, output_dir / "final"))
     return summary | {"output_dir": str(output_dir), "build": state.build_info, "data": run.datasets.stats}
+
+
+def evaluation_due(state):
+    """Whether step ``state.step`` is followed by a ``train.eval_every`` evaluation (the final
+    evaluation is apart)."""
+    every = state.config.train.eval_every
+    return bool(every) and state.step % every == 0 and state.step < state.max_steps
+
+
+def evaluate_and_log(run, stop, metrics_file, step_checkpoint, result=None):
+    """Evaluate at the current step and log the record; return it. A stop signal cuts the
+    evaluation short: the run stops with a checkpoint of this step (``step_checkpoint`` when
+    one is written already, else a new one), which ``--resume`` evaluates again.
+
+    :param result: where ``final/`` was saved, for the final evaluation (the message says so).
+    """
+    state, doing = run.state, stop.doing
+    stop.arm("stopping the evaluation, then saving a checkpoint")
+    try:
+        record = {"step": state.step, **evaluate(run.model, run.tokenizer, run.datasets, state)}
+    except StopRequested as stopped:
+        saved = step_checkpoint or save_checkpoint(run)
+        raise interrupted(stopped.signum, state, saved, evaluating=True, result=result) from None
+    stop.arm(doing)
+    log(state, record, metrics_file)
+    return record
 
 
 @dataclass
@@ -473,9 +573,12 @@ def nonfinite_error(state, record, skipped):
     )
 
 
-def interrupted(signum, state, saved):
+def interrupted(signum, state, saved, evaluating=False, result=None):
+    during = ", during its evaluation (--resume evaluates again)" if evaluating else ""
+    kept = f"; the result is saved in {result}" if result else ""
     return RunInterrupted(
-        f"{signal.Signals(signum).name}: stopped after step {state.step} of {state.max_steps}; checkpoint written to {saved}",
+        f"{signal.Signals(signum).name}: stopped after step {state.step} of {state.max_steps}{during}; "
+        f"checkpoint written to {saved}{kept}",
         signum,
         step=state.step,
         checkpoint=saved,

@@ -12,6 +12,10 @@ checkpoint and stops with exit status 128 + signal (130 for SIGINT, 143 for SIGT
 signal raises ``SignalInterrupt`` (a ``KeyboardInterrupt``) at once (temporary files are cleaned up; the last complete
 checkpoint stays).
 
+An evaluation checks ``stop.check(world)`` between its batches (plugins call
+``state.check_stop()`` between theirs): a signal raises ``StopRequested`` there, and the loop
+writes the checkpoint of the step at once instead of waiting for the whole evaluation.
+
 On several processes the loop agrees on stopping with the other ranks after each step (the
 largest ``signum``, an all-reduce) without writing the result back: ``signum`` stays this
 rank's own, so a signal that lands during that all-reduce counts at the next step.
@@ -35,6 +39,15 @@ class RunInterrupted(FtengineError):
         self.exit_code = 128 + signum
 
 
+class StopRequested(Exception):
+    """A stop signal cut an evaluation short (``StopSignals.check``); ``signum`` is the signal.
+    The loop catches it, writes a checkpoint and stops."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class SignalInterrupt(KeyboardInterrupt):
     """A signal that stops the run at once (before training started, or the second one)."""
 
@@ -56,6 +69,14 @@ class StopSignals:
     def arm(self, doing):
         """From now on a first signal only sets ``signum``; ``doing`` says what happens next."""
         self.armed, self.doing = True, doing
+
+    def check(self, world):
+        """Raise ``StopRequested`` if a signal reached any rank: called between the batches of
+        an evaluation, so a signal need not wait for all of it. A collective on several
+        processes: every rank calls it at the same points."""
+        agreed = world.max(self.signum or 0)
+        if agreed:
+            raise StopRequested(agreed)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -61,6 +61,14 @@ class RunState:
     #: This process's place among the run's processes (``ftengine.distributed.World``): ``rank``,
     #: ``size``, ``is_main`` (rank 0, the one that writes files).
     world: Any = field(default_factory=lambda: World())
+    #: Call between the rows or batches of a long evaluation: it raises (and the run saves a
+    #: checkpoint and stops) when SIGINT/SIGTERM asked the run to stop. On several processes
+    #: every rank must call it at the same points (it agrees with the others).
+    check_stop: Callable[[], None] = field(default_factory=lambda: _never_stop)
     #: A namespace per plugin for run-scoped objects (a progress display, DPO's reference):
     #: a plugin keeps them under its own name, ``state.plugin_data["progress"]``, never in module globals.
     plugin_data: dict[str, Any] = field(default_factory=dict)
+
+
+def _never_stop():
+    """``RunState.check_stop`` outside a training run (an evaluation on its own)."""

@@ -66,7 +66,7 @@ def prompts_of(tokenizer, rows, shots=None):
     return prompts
 
 
-def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96, shots=None):
+def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96, shots=None, check_stop=None):
     """Greedy answers of ``model`` to the user turns of chat ``rows``, in row order.
 
     Every message but a final assistant one is the prompt, after the ``shots`` conversations
@@ -75,12 +75,16 @@ def predict(model, tokenizer, rows, batch_size=16, max_new_tokens=96, shots=None
     Generation stops at the first newline: the answer must be one line, so nothing after a
     newline could make it valid (the newline is kept, so such an answer scores invalid). An
     untrained model that pretty-prints JSON then costs a few tokens instead of all of them.
+    ``check_stop`` (``state.check_stop`` in a run) is called before each batch: a stop signal
+    then ends the generation without waiting for the other batches.
     """
     prompts = prompts_of(tokenizer, rows, shots)
     stop_ids = stop_token_ids(tokenizer)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
     for start in range(0, len(by_length), batch_size):
+        if check_stop:
+            check_stop()
         batch = by_length[start : start + batch_size]
         texts = generate_greedy(
             model,
@@ -120,6 +124,8 @@ def ftengine_eval_metrics(model, tokenizer, datasets, state, shots):
         return {}
     references = [_reference_record(i, row) for i, row in enumerate(rows)]
     with autocast(state):
-        predictions = predict(model, tokenizer, rows, options.eval_batch_size, options.max_new_tokens, shots)
+        predictions = predict(
+            model, tokenizer, rows, options.eval_batch_size, options.max_new_tokens, shots, check_stop=state.check_stop
+        )
     prompt_tokens = [len(encode_chat_text(tokenizer, prompt)["input_ids"]) for prompt in prompts_of(tokenizer, rows, shots)]
     return task.score(predictions, references) | {"prompt_tokens": sum(prompt_tokens) / len(prompt_tokens)}

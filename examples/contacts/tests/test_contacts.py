@@ -565,7 +565,9 @@ def test_eval_metrics_hook_scores_the_eval_rows(tiny):
     model.train()
     rows = [{"messages": e["messages"]} for e in task.generate_examples(5, seed=6)]
     options = contacts.ContactsOptions(eval_batch_size=2, max_new_tokens=4, eval_limit=3)
-    state = SimpleNamespace(config=SimpleNamespace(contacts=options), device=torch.device("cpu"), autocast_dtype=None)
+    state = SimpleNamespace(
+        config=SimpleNamespace(contacts=options), device=torch.device("cpu"), autocast_dtype=None, check_stop=lambda: None
+    )
     datasets = Datasets(train=[], eval=[{"row": row} for row in rows], collate=list)
     metrics = contacts.ftengine_eval_metrics(model=model, tokenizer=tokenizer, datasets=datasets, state=state, shots=None)
     assert model.training  # put back as it was
