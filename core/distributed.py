@@ -151,7 +151,8 @@ class Parallel:
     process, where every method is a no-op. A parallelism plugin's ``ftengine_parallelize``
     returns a subclass.
 
-    ``model`` is what the loss is computed with (a ``DistributedDataParallel`` wrapper, say);
+    ``model`` is what the loss is computed with (a ``DistributedDataParallel`` wrapper, say); a
+    wrapper exposes the model it wraps as ``.module``, as torch's do (``modeling.inner_model``).
     ``unwrap()`` is the model itself, for everything else (evaluation, saving, hooks).
     """
 
@@ -161,6 +162,15 @@ class Parallel:
     def unwrap(self):
         """The model without the parallel wrapper (its parameters may still be shards)."""
         return self.model
+
+    def store_frozen_weights_in(self, dtype):
+        """Keep the frozen linear weights in the autocast ``dtype`` (``None``: as loaded), so that
+        autocast does not cast them anew at every forward (``modeling.store_frozen_weights_in``).
+        A subclass whose processes share weights by units of one dtype (sharding) keeps them as
+        loaded instead."""
+        from .modeling import store_frozen_weights_in  # modeling imports data, which imports this module
+
+        store_frozen_weights_in(self.unwrap(), dtype)
 
     def no_sync(self):
         """A context for the backward passes of all but the last micro-batch of a step: the

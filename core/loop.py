@@ -38,7 +38,7 @@ from .data import local_files
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, DataError, FtengineError, PluginError, StorageError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
-from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
+from .modeling import autocast, autocast_dtype_for, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir, open_run_file, run_inputs
 from .signals import RunInterrupted, StopRequested, StopSignals
@@ -378,9 +378,8 @@ def prepare(config, pm, output_dir, resume, world=None):
         model.enable_input_require_grads()
     device = world.device or next(model.parameters()).device
     autocast_dtype = autocast_dtype_for(config.train.precision, device)
-    if world.size == 1:  # sharding keeps one dtype per unit: across processes weights stay as loaded
-        store_frozen_weights_in(model, autocast_dtype)
     parallel = parallelize(pm, model, list(params.items()), config, world)
+    parallel.store_frozen_weights_in(autocast_dtype)
     model = parallel.unwrap()
     # A parallelism plugin may replace the parameters (by shards): take them again, by name.
     params = {n: p for n, p in model.named_parameters() if n in params}

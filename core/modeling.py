@@ -74,11 +74,17 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def inner_model(model):
+    """The model a parallel wrapper (``Parallel.model``) wraps, which it exposes as ``.module``
+    as torch's wrappers do; ``model`` itself when it is no such wrapper."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def accepts_logits_to_keep(model):
     """Whether ``model.forward`` takes ``logits_to_keep`` (transformers causal LMs do); through
-    a ``DistributedDataParallel`` wrapper, whether the wrapped model's does."""
-    forward = model.module.forward if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.forward
-    return "logits_to_keep" in inspect.signature(forward).parameters
+    a parallel wrapper, whether the wrapped model's does."""
+    return "logits_to_keep" in inspect.signature(inner_model(model).forward).parameters
 
 
 def target_logits(model, batch, only_targets=False):
@@ -111,7 +117,7 @@ def target_logits(model, batch, only_targets=False):
         return logits, targets
     positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     targets = labels[:, positions + 1]
-    head = output_head(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
+    head = output_head(inner_model(model))
     if not only_targets or head is None:
         return model(**inputs, logits_to_keep=positions).logits, targets
     keep = targets != IGNORE_INDEX

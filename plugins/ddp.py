@@ -37,6 +37,9 @@ class DdpParallel(Parallel):
     def unwrap(self):
         return self.model.module
 
+    def store_frozen_weights_in(self, dtype):
+        pass  # every rank's weights stay as loaded, as FSDP's must
+
     def no_sync(self):
         return self.model.no_sync()
 

@@ -49,6 +49,7 @@ from ftengine.data import (
 )
 from ftengine.errors import DataError, FtengineError
 from ftengine.modeling import autocast, eval_mode, target_logits, to_device
+from ftengine.pluginmanager import plugin_attribute
 from ftengine.state import LossOutput
 from pydantic import Field, PositiveFloat
 from safetensors import safe_open
@@ -365,8 +366,14 @@ def ftengine_config_section(register):
 
 
 @hookimpl
-def ftengine_validate(config):
+def ftengine_validate(config, active):
     options, problems = config.dpo, []
+    sharding = sorted(name for name in active if plugin_attribute(name, "shards_parameters", False))
+    if "full" in active and sharding:
+        problems.append(
+            f"plugins 'dpo', 'full' and '{sharding[0]}': DPO's reference for full fine-tuning is a frozen copy of the "
+            f"model, which cannot be copied once sharded; use --plugin ddp, or an adapter method (lora) with {sharding[0]}"
+        )
     if any(config.data.fields.model_dump().values()):
         problems.append(
             "data.fields: the dpo plugin reads preference rows (prompt/messages, chosen, rejected) by these names; "

@@ -23,11 +23,15 @@ from contextlib import contextmanager
 import torch
 from ftengine import hookimpl
 from ftengine.distributed import Parallel
+from ftengine.pluginmanager import plugin_attribute
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 conflicts = ("ddp",)
+#: Each process holds a shard of every parameter: a plugin that copies the whole model (a
+#: frozen reference) cannot, once it is sharded.
+shards_parameters = True
 
 
 def decoder_layers(model):
@@ -69,6 +73,9 @@ class FsdpParallel(Parallel):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         self.units.append(model)
+
+    def store_frozen_weights_in(self, dtype):
+        pass  # sharding keeps one dtype per unit: the weights stay as loaded
 
     @contextmanager
     def no_sync(self):
@@ -113,19 +120,15 @@ class FsdpParallel(Parallel):
 
 
 @hookimpl
-def ftengine_validate(config, active):
-    problems = []
-    if "qlora" in active:
-        problems.append(
-            "plugins 'qlora' and 'fsdp': FSDP2 cannot shard a 4-bit base as bitsandbytes stores it (packed uint8 "
-            "bytes with the quantisation state beside them, not in the tensor); use --plugin ddp with qlora"
-        )
-    if "dpo" in active and "full" in active:
-        problems.append(
-            "plugins 'dpo', 'full' and 'fsdp': DPO's reference for full fine-tuning is a frozen copy of the model, "
-            "which cannot be copied once sharded; use --plugin ddp, or an adapter method (lora) with fsdp"
-        )
-    return problems
+def ftengine_validate(active):
+    # FSDP2 shards the base weights as loaded; a plugin that changes the base (a quantiser's
+    # 4-bit weights: packed bytes with their state beside them) leaves nothing it can shard.
+    return [
+        f"plugins '{name}' and 'fsdp': '{name}' changes the base weights (changes_base), which FSDP2 cannot "
+        f"shard as they are stored; use --plugin ddp with '{name}'"
+        for name in sorted(active)
+        if plugin_attribute(name, "changes_base", False)
+    ]
 
 
 @hookimpl

@@ -369,8 +369,18 @@ def test_qlora_with_fsdp_is_refused_with_the_reason(work, tmp_path):
     out = tmp_path / "out"
     result = launch(["lora", "qlora", "fsdp"], overrides(work, out, model="model64"), check=False)
     assert result.returncode == 2
-    assert "FSDP2 cannot shard a 4-bit base" in result.stderr and "--plugin ddp" in result.stderr
+    assert "plugins 'qlora' and 'fsdp'" in result.stderr and "which FSDP2 cannot shard" in result.stderr
+    assert "--plugin ddp" in result.stderr
     _started_no_worker(result, out)
+
+
+def test_dpo_of_a_full_fine_tune_under_a_sharding_plugin_is_refused_before_the_model_loads(work, tmp_path):
+    from ftengine.build import configure
+    from ftengine.errors import FtengineError
+
+    with pytest.raises(FtengineError) as refused:
+        configure(None, ["full", "dpo", "fsdp"], overrides(work, tmp_path / "out"), world_size=2)
+    assert "plugins 'dpo', 'full' and 'fsdp'" in str(refused.value) and "--plugin ddp" in str(refused.value)
 
 
 def test_two_processes_without_a_parallel_plugin_are_refused(work, tmp_path):
