@@ -1,5 +1,9 @@
-"""The GPU benchmark cannot rot unseen: its ``--smoke`` mode runs every code path at toy sizes on
-the CPU, through Triton's interpreter (the timings it prints mean nothing here)."""
+"""The benchmarks cannot rot unseen: each script's ``--smoke`` mode runs every code path at toy
+sizes on the CPU (the GPU kernels through Triton's interpreter), on the tiny test model, and the
+JSON it writes shows every side it compares ran (the timings it prints mean nothing here).
+
+``bench_distributed.py`` and ``bench_serving.py`` are run by ``tests/test_distributed.py`` and
+``tests/test_server.py``, beside the code they measure."""
 
 import importlib.util
 import json
@@ -10,21 +14,26 @@ from pathlib import Path
 
 import pytest
 
-if importlib.util.find_spec("triton") is None:  # find, not import: the benchmarks run it in children
-    pytest.skip("the fused_lora kernels are written in Triton, which is not installed", allow_module_level=True)
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,  # find, not import: the benchmarks run it in children
+    reason="the fused_lora kernels are written in Triton, which is not installed",
+)
 
-BENCH_FUSED_LORA = Path(__file__).parent.parent / "examples" / "benchmarks" / "bench_fused_lora.py"
+BENCHMARKS = Path(__file__).parent.parent / "examples" / "benchmarks"
+BENCH_FUSED_LORA = BENCHMARKS / "bench_fused_lora.py"
 BF16_TOLERANCE = 3e-2  # a few bf16 roundings, relative to the largest output
+SAME_START = 1e-3  # one model, the same batches and B = 0 at init: the first losses agree
 
 
-def run_bench(tmp_path, *args):
+def run_bench(tmp_path, *args, script=BENCH_FUSED_LORA, out_flag="--out"):
     out = tmp_path / "result.json"
-    command = [sys.executable, str(BENCH_FUSED_LORA), "--smoke", "--out", str(out), *args]
+    command = [sys.executable, str(script), "--smoke", out_flag, str(out), *args]
     child = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     return json.loads(out.read_text()), child
 
 
+@needs_triton
 def test_fused_lora_layer_benchmark_runs_and_agrees_with_eager(tmp_path):
     result, child = run_bench(tmp_path)
     assert result["smoke"] and result["environment"]["torch"]
@@ -40,6 +49,7 @@ def test_fused_lora_layer_benchmark_runs_and_agrees_with_eager(tmp_path):
     assert "goal: PEFT / fused" in child.stdout and "(smoke run: not meaningful)" in child.stdout
 
 
+@needs_triton
 @pytest.mark.parametrize("variant", ["lora", "dora", "qlora"])
 def test_fused_lora_end_to_end_benchmark_runs_all_three_setups(tmp_path, variant):
     result, child = run_bench(tmp_path, "--e2e", "--variant", variant)
@@ -55,6 +65,7 @@ def test_fused_lora_end_to_end_benchmark_runs_all_three_setups(tmp_path, variant
     assert (result["goals"][0]["met"] is None) == (variant != "lora")  # the issue sets a goal for LoRA only
 
 
+@needs_triton
 def test_every_fused_lora_kernel_compiles_for_the_h100(tmp_path):
     """The interpreter does not catch what only the GPU compiler rejects; Triton compiles for a
     named target without a GPU, down to a cubin through its own ptxas. Every kernel, in each
@@ -74,3 +85,17 @@ def test_every_fused_lora_kernel_compiles_for_the_h100(tmp_path):
         assert {("_lora_fwd", "dora", dtype), ("_lora_fwd", "nf4", dtype), ("_lora_grad_x", "nf4", dtype)} <= compiled
         assert ("_lora_rows", "dora", dtype) in compiled
     assert all(row["registers"] > 0 for row in rows)
+
+
+def test_1_lora_benchmark_runs_ftengine_and_peft_on_the_same_batches(tmp_path):
+    """Its PEFT side stopped at 'no active plugin trains anything': it read its config as a
+    training job without a method plugin, since PEFT trains there."""
+    result, child = run_bench(tmp_path, script=BENCHMARKS / "bench_lora.py")
+    assert result["smoke"] and set(result["results"]) == {"ftengine", "peft"}
+    for side in result["results"].values():
+        assert len(side["step_times"]) == len(side["losses"]) == 3
+        assert all(t > 0 for t in side["step_times"]) and side["peak_memory_mb"] > 0
+    first = [side["losses"][0] for side in result["results"].values()]
+    assert max(first) - min(first) < SAME_START, first
+    assert result["step_time_ratio"] > 0 and result["peak_memory_ratio"] > 0
+    assert "(smoke run: not meaningful)" in child.stdout
