@@ -99,3 +99,15 @@ def test_1_lora_benchmark_runs_ftengine_and_peft_on_the_same_batches(tmp_path):
     assert max(first) - min(first) < SAME_START, first
     assert result["step_time_ratio"] > 0 and result["peak_memory_ratio"] > 0
     assert "(smoke run: not meaningful)" in child.stdout
+
+
+def test_2_qlora_benchmark_runs_ftengine_lora_qlora_and_peft_qlora(tmp_path):
+    result, child = run_bench(tmp_path, script=BENCHMARKS / "bench_qlora.py", out_flag="--json")
+    rows = {row["config"]: row for row in result["results"]}
+    assert result["smoke"] and set(rows) == {"lora", "qlora", "peft-qlora"}
+    assert len({row["trainable"] for row in rows.values()}) == 1  # the same adapters everywhere
+    for row in rows.values():
+        assert row["step_s"] >= 0 and row["peak_mib"] > 0 and row["loss_last"] < row["loss_first"], row
+    # the same NF4 quantisation of the same model on both sides: the same first loss
+    assert abs(rows["qlora"]["loss_first"] - rows["peft-qlora"]["loss_first"]) < SAME_START
+    assert "(smoke run: not meaningful)" in child.stdout
