@@ -8,6 +8,7 @@ JSON it writes shows every side it compares ran (the timings it prints mean noth
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,24 @@ def test_2_qlora_benchmark_runs_ftengine_lora_qlora_and_peft_qlora(tmp_path):
     # the same NF4 quantisation of the same model on both sides: the same first loss
     assert abs(rows["qlora"]["loss_first"] - rows["peft-qlora"]["loss_first"]) < SAME_START
     assert "(smoke run: not meaningful)" in child.stdout
+
+
+def test_3_sft_benchmark_runs_ftengine_and_trl_packed_and_padded(tmp_path):
+    """A setup that failed was printed and skipped, and the run still exited 0."""
+    result, child = run_bench(tmp_path, script=BENCHMARKS / "bench_sft.py")
+    runs = result["results"]
+    assert result["smoke"] and result["failed"] == []
+    assert set(runs) == {"ftengine packed", "ftengine padded", "trl packed", "trl padded"}
+    assert all(run["steps"] > 0 and run["target_tokens_per_s"] > 0 and run["peak_rss_mb"] > 0 for run in runs.values())
+    assert len({run["target_tokens"] for run in runs.values()}) == 1, runs  # every setup learns the same answers
+    assert result["ratio_best"] > 0 and "(smoke run: not meaningful)" in child.stdout
+
+
+@pytest.mark.parametrize("mode", [["--versus-trl", "1", "--bf16"], ["--packed-vs-padded", "1"]])
+def test_3_sft_benchmark_alternating_modes_run(mode):
+    command = [sys.executable, str(BENCHMARKS / "bench_sft.py"), "--smoke", *mode]
+    child = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    sides = re.findall(r"^(ftengine|trl) (packed|padded).*: (\d+) batches, (\d+) (?:target )?tokens", child.stdout, re.M)
+    assert len(sides) == 2 and sides[0][3] == sides[1][3], child.stdout  # both sides see the same tokens
+    assert "median pass time ratio" in child.stdout and "(smoke run: not meaningful)" in child.stdout
