@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-SIZES = {"r": 16, "alpha": 32, "batch": 8, "length": 128}
-SMOKE_SIZES = {"r": 4, "alpha": 8, "batch": 2, "length": 512}  # the tiny tokenizer spells bytes: long rows
+SIZES = {"r": 16, "alpha": 32, "batch": 8, "max_length": 128}
+SMOKE_SIZES = {"r": 4, "alpha": 8, "batch": 2, "max_length": 512}  # the tiny tokenizer spells bytes: long rows
 DROPOUT, LR = 0.05, 1e-4
 
 
@@ -65,7 +65,7 @@ def run_ftengine(steps, model_name, sizes):
             f"data.train={contacts_train_file()}",
             f"train.max_steps={steps}",
             f"train.batch_size={sizes['batch']}",
-            f"train.max_length={sizes['length']}",
+            f"train.max_length={sizes['max_length']}",
             f"train.lr={LR}",
             f"lora.r={sizes['r']}",
             f"lora.alpha={sizes['alpha']}",
@@ -97,7 +97,7 @@ def run_peft(steps, model_name, sizes):
         r=sizes["r"], lora_alpha=sizes["alpha"], lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, lora).to(device).train()
-    examples, _ = load_sft_file(config.data.train, tokenizer, sizes["length"])
+    examples, _ = load_sft_file(config.data.train, tokenizer, sizes["max_length"])
     datasets = Datasets(train=examples, eval=[], collate=lambda e: collate_sft(e, tokenizer.pad_token_id))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
