@@ -18,7 +18,8 @@ each side's first and last loss: one model, the same batches and B = 0 at init, 
 start from the same loss.
 
 ``--smoke`` runs the same code on the tiny test model (``ftengine.testing.save_tiny_model``,
-written to a temporary directory) with r=4, batches of 2 x 512 tokens (its tokenizer spells bytes) and 3 steps.
+written to a temporary directory) with r=4, batches of 2 x 512 tokens (its tokenizer spells
+bytes) and 3 steps.
 """
 
 import argparse
@@ -74,8 +75,8 @@ def run_ftengine(steps, model_name, sizes):
         config, pm = configure(None, ["lora", "no:progress"], overrides)
         train(config, pm)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "step_time_s" in r]
-    return [r["step_time_s"] for r in steps], [r["loss"] for r in steps]
+    step_records = [r for r in records if "step_time_s" in r]
+    return [r["step_time_s"] for r in step_records], [r["loss"] for r in step_records]
 
 
 def run_peft(steps, model_name, sizes):
