@@ -1,6 +1,7 @@
 """QLoRA benchmark: ftengine LoRA (fp32 base) vs ftengine QLoRA vs PEFT + bitsandbytes QLoRA.
 
     python examples/benchmarks/bench_qlora.py [--steps 4] [--warmup 1] [--json results.json]
+    python examples/benchmarks/bench_qlora.py --smoke   # the tiny test model, toy sizes: timings mean nothing
 
 SmolLM2-135M-Instruct (the default model), one fixed batch of 8 x 128 random tokens, LoRA
 r=16, alpha=32, dropout 0.05 on every linear layer but ``lm_head``, AdamW at lr 1e-4. QLoRA
@@ -11,6 +12,10 @@ process's max RSS on CPU (``ru_maxrss``: loading included), ``torch.cuda.max_mem
 on CUDA. Step time (forward, backward, optimiser step) is the median over ``--steps`` steps
 after ``--warmup`` steps; each result records the machine's 1-minute load average, since other
 work on a shared machine slows the steps.
+
+``--smoke`` runs the same three configurations on the tiny test model
+(``ftengine.testing.save_tiny_model``, 64 wide, written to a temporary directory): 2 x 32 tokens, r=4,
+2 steps after 1.
 """
 
 import argparse
@@ -21,33 +26,38 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
 
 import torch
 
 CONFIGS = ("lora", "qlora", "peft-qlora")
-BATCH, SEQ, RANK, ALPHA, DROPOUT, LR = 8, 128, 16, 32, 0.05, 1e-4
+SIZES = {"batch": 8, "seq": 128, "r": 16, "alpha": 32}
+SMOKE_SIZES = {"batch": 2, "seq": 32, "r": 4, "alpha": 8}
+DROPOUT, LR = 0.05, 1e-4
 
 
-def build_ftengine(name, device):
+def build_ftengine(name, device, model_name, sizes):
     from ftengine.build import build, configure
 
     overrides = [
-        "model=default",
+        f"model={model_name}",
         "data.train=unused.jsonl",  # build() reads no data; configure() insists on the key
         f"train.device={device.type}",
-        f"lora.r={RANK}",
-        f"lora.alpha={ALPHA}",
+        f"lora.r={sizes['r']}",
+        f"lora.alpha={sizes['alpha']}",
         f"lora.dropout={DROPOUT}",
         "lora.target_modules=all-linear",
     ]
     config, pm = configure(None, ["lora", "qlora"] if name == "qlora" else ["lora"], overrides)
-    model, _, _ = build(config, pm, device)
+    model, _, _ = build(config, pm, device=device)
     return model
 
 
-def build_peft(device):
+def build_peft(device, model_name, sizes):
     from ftengine.plugins.hf_loader import resolve_model_path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -59,22 +69,26 @@ def build_peft(device):
         bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path("default"), quantization_config=quantization, dtype=torch.float32, device_map=device.type
+        resolve_model_path(model_name), quantization_config=quantization, dtype=torch.float32, device_map=device.type
     )
-    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=sizes["r"], lora_alpha=sizes["alpha"], lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, lora)
 
 
-def measure(name, steps, warmup):
+def measure(name, steps, warmup, model_name, sizes):
     """Build configuration ``name``, train on one batch; return its figures."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    model = build_peft(device) if name == "peft-qlora" else build_ftengine(name, device)
+    build_model = build_peft if name == "peft-qlora" else partial(build_ftengine, name)
+    model = build_model(device, model_name, sizes)
     build_s = time.perf_counter() - started
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
-    tokens = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(device)
+    shape = (sizes["batch"], sizes["seq"])
+    tokens = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     times, losses = [], []
     for _ in range(warmup + steps):
@@ -133,31 +147,41 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--smoke", action="store_true", help="the tiny test model, toy sizes: timings mean nothing")
     parser.add_argument("--only", choices=CONFIGS, help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--model", default="default", help=argparse.SUPPRESS)  # the child's model
     args = parser.parse_args()
+    sizes = SMOKE_SIZES if args.smoke else SIZES
+    if args.smoke:
+        args.steps, args.warmup = 2, 1
     if args.only:
-        print(json.dumps(measure(args.only, args.steps, args.warmup)))
+        print(json.dumps(measure(args.only, args.steps, args.warmup, args.model, sizes)))
         return
 
     from ftengine.plugins.hf_loader import resolve_model_path
 
-    resolve_model_path("default")  # fetch and convert once, outside the measured processes
     results = []
-    for name in CONFIGS:
-        command = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        child = subprocess.run(command, capture_output=True, text=True)
-        if child.returncode != 0:
-            sys.exit(f"{name} failed:\n{child.stderr[-3000:]}")
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            from ftengine.testing import save_tiny_model
+
+            # 64 wide: NF4 blocks of 64 must divide every input width (bitsandbytes on CPU)
+            args.model = str(save_tiny_model(Path(tmp) / "tiny", hidden_size=64))
+        resolve_model_path(args.model)  # fetch and convert once, outside the measured processes
+        for name in CONFIGS:
+            command = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            command += ["--model", args.model, *(["--smoke"] if args.smoke else [])]
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"{name} failed:\n{child.stderr[-3000:]}")
+            results.append(json.loads(child.stdout.strip().splitlines()[-1]))
 
     report = {
+        "smoke": args.smoke,
         "environment": environment(),
         "setup": {
-            "model": "SmolLM2-135M-Instruct",
-            "batch": BATCH,
-            "seq": SEQ,
-            "r": RANK,
-            "alpha": ALPHA,
+            "model": "tiny test model" if args.smoke else "SmolLM2-135M-Instruct",
+            **sizes,
             "dropout": DROPOUT,
             "targets": "all linear but lm_head",
             "steps": args.steps,
@@ -171,6 +195,8 @@ def main():
             f"{r['config']:<12}{r['step_s']:>8.2f}{r['peak_mib']:>10}{r['build_s']:>9.1f}{r['trainable']:>11}"
             f"{r['loss_first']:>8.3f} -> {r['loss_last']:.3f}{r['load_avg_1m']:>6.1f}"
         )
+    if args.smoke:
+        print("(smoke run: not meaningful)")
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as handle:

@@ -1,6 +1,7 @@
 """SFT with LoRA: ftengine against TRL's SFTTrainer + PEFT on the default job's data, one command.
 
     python examples/benchmarks/bench_sft.py [--examples 96] [--out results.json]
+    python examples/benchmarks/bench_sft.py --smoke [--versus-trl 1 | --packed-vs-padded 1]  # toy sizes
 
 What a user would pick instead of ftengine is TRL's ``SFTTrainer`` with a PEFT ``LoraConfig``.
 Both train SmolLM2-135M-Instruct (the default job's model) with LoRA r=16, alpha 32, dropout
@@ -34,6 +35,11 @@ one process, for a ratio that holds on a machine shared with other work.
 likewise alternates ftengine's packed forward+backward (its SFT loss hook) with TRL's
 (``SFTTrainer.compute_loss`` on its own packed batches of the same examples), both under the same
 autocast, and prints the ratio of the median pass times.
+
+``--smoke`` runs any of these modes on the tiny test model (``ftengine.testing.save_tiny_model``,
+written to a temporary directory) and 8 examples, every row 512 tokens at most (its tokenizer
+spells bytes) and padded batches of 4; the main mode runs the fp32 setups only. The timings mean
+nothing then.
 """
 
 import argparse
@@ -58,6 +64,12 @@ SETUPS = {
 # The same under bf16 autocast (weights and optimiser in fp32 on both sides): ftengine's
 # train.precision=bf16, TRL's bf16=True (still without gradient checkpointing).
 SETUPS.update({f"{name} bf16": {**setup, "bf16": True} for name, setup in list(SETUPS.items())})
+SMOKE_EXAMPLES, SMOKE_LENGTH, SMOKE_BATCH = 8, 512, 4  # 512: the tiny model's positions
+
+
+def sized(setup, smoke):
+    """``setup``, at toy sizes under ``--smoke``."""
+    return {**setup, "length": SMOKE_LENGTH, "batch": min(setup["batch"], SMOKE_BATCH)} if smoke else setup
 
 
 def train_rows(n):
@@ -75,7 +87,7 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_ftengine(setup, n):
+def run_ftengine(setup, n, model_name):
     from ftengine.build import configure
     from ftengine.data import IGNORE_INDEX
     from ftengine.loop import train
@@ -83,7 +95,7 @@ def run_ftengine(setup, n):
     path, _ = train_rows(n)
     with tempfile.TemporaryDirectory() as out:
         overrides = [
-            "model=default",
+            f"model={model_name}",
             f"output_dir={out}",
             f"data.train={path}",
             "train.epochs=1",
@@ -115,7 +127,7 @@ def run_ftengine(setup, n):
     return steps, captured["targets"]
 
 
-def trl_trainer(setup, n, out, callbacks=()):
+def trl_trainer(setup, n, out, model_name, callbacks=()):
     """TRL's ``SFTTrainer`` with a PEFT ``LoraConfig`` for ``setup`` on the first ``n`` rows."""
     from datasets import Dataset
     from ftengine.plugins.hf_loader import load_pretrained
@@ -125,7 +137,7 @@ def trl_trainer(setup, n, out, callbacks=()):
     _, rows = train_rows(n)
     # Prompt/completion rows: TRL then trains on the completion (the assistant answer) only.
     data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
-    model, tokenizer = load_pretrained("default")
+    model, tokenizer = load_pretrained(model_name)
     args = SFTConfig(
         output_dir=out,
         max_length=setup["length"],
@@ -153,7 +165,7 @@ def trl_trainer(setup, n, out, callbacks=()):
     )
 
 
-def run_trl(setup, n):
+def run_trl(setup, n, model_name):
     from transformers import TrainerCallback
 
     steps = []
@@ -166,14 +178,14 @@ def run_trl(setup, n):
             steps.append(time.perf_counter() - self.started)
 
     with tempfile.TemporaryDirectory() as out:
-        trainer = trl_trainer(setup, n, out, [StepTimes()])
+        trainer = trl_trainer(setup, n, out, model_name, [StepTimes()])
         # TRL folds the completion mask into "labels" (-100 elsewhere); a row's first label is never predicted.
         targets = sum(sum(label != -100 for label in row["labels"][1:]) for row in trainer.train_dataset)
         trainer.train()
     return steps, targets
 
 
-def packed_vs_padded(n, rounds):
+def packed_vs_padded(n, rounds, model_name, smoke):
     """Forward+backward time of the same ``n`` examples, packed and padded, alternating in one
     process: on a shared machine both see the same load, so their ratio holds when absolute
     times do not."""
@@ -184,15 +196,16 @@ def packed_vs_padded(n, rounds):
     path, _ = train_rows(n)
     setups = {}
     for name in ("ftengine packed", "ftengine padded"):
-        setup = SETUPS[name]
+        setup = sized(SETUPS[name], smoke)
         overrides = [
+            f"model={model_name}",
             f"data.train={path}",
             f"train.max_length={setup['length']}",
             f"train.packing={str(setup['packing']).lower()}",
             "train.group_by_length=false",  # the default job groups by length, which packing replaces
         ]
         setups[name] = (configure(None, [], [*overrides, "output_dir=/tmp/unused"], base=default_job_config())[0], setup)
-    config, pm = configure(None, [], ["output_dir=/tmp/unused"], base=default_job_config())
+    config, pm = configure(None, [], [f"model={model_name}", "output_dir=/tmp/unused"], base=default_job_config())
     model, tokenizer, _ = build(config, pm)
     model.train()
     batches = {}
@@ -218,7 +231,7 @@ def packed_vs_padded(n, rounds):
     print(f"packed speed-up over padded (median pass time ratio): {ratio:.2f}x")
 
 
-def versus_trl(n, rounds, bf16):
+def versus_trl(n, rounds, bf16, model_name, smoke):
     """Forward+backward of the same ``n`` examples, packed, by ftengine (its loss hook) and by TRL
     (``SFTTrainer.compute_loss`` on its own packed batches: its loss and the metrics it logs),
     alternating in one process under the same autocast: on a shared machine both see the same
@@ -230,9 +243,10 @@ def versus_trl(n, rounds, bf16):
     from ftengine.plugins import sft
     from ftengine_contacts.default_job import default_job_config
 
-    setup = {**SETUPS["ftengine packed"], "bf16": bf16}
+    setup = {**sized(SETUPS["ftengine packed"], smoke), "bf16": bf16}
     path, _ = train_rows(n)
     overrides = [
+        f"model={model_name}",
         "output_dir=/tmp/unused",
         f"data.train={path}",
         f"train.max_length={setup['length']}",
@@ -246,7 +260,7 @@ def versus_trl(n, rounds, bf16):
     rows = datasets.train
     batches = {"ftengine packed": [datasets.collate(rows[i : i + setup["batch"]]) for i in range(0, len(rows), setup["batch"])]}
     out = tempfile.mkdtemp()
-    trainer = trl_trainer(setup, n, out)
+    trainer = trl_trainer(setup, n, out, model_name)
     trainer.model.train()
     batches["trl packed"] = list(trainer.get_train_dataloader())
 
@@ -280,10 +294,10 @@ def versus_trl(n, rounds, bf16):
     print(f"ftengine speed-up over TRL, packed, {precision} (median pass time ratio): {ratio:.2f}x")
 
 
-def child(name, n):
+def child(name, n, model_name, smoke):
     torch.manual_seed(0)
-    setup = SETUPS[name]
-    steps, targets = (run_ftengine if name.startswith("ftengine") else run_trl)(setup, n)
+    setup = sized(SETUPS[name], smoke)
+    steps, targets = (run_ftengine if name.startswith("ftengine") else run_trl)(setup, n, model_name)
     print(json.dumps({"name": name, "step_times": steps, "target_tokens": targets, "peak_rss_mb": peak_rss_mb()}))
 
 
@@ -302,23 +316,42 @@ def main():
         help="only time ftengine's and TRL's packed forward+backward, alternating in one process",
     )
     parser.add_argument("--bf16", action="store_true", help="with --versus-trl: under bf16 autocast")
+    parser.add_argument("--smoke", action="store_true", help="the tiny test model, 8 examples: timings mean nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="default", help=argparse.SUPPRESS)  # the children's model
     args = parser.parse_args()
-    if args.packed_vs_padded:
-        return packed_vs_padded(args.examples, args.packed_vs_padded)
-    if args.versus_trl:
-        return versus_trl(args.examples, args.versus_trl, args.bf16)
+    if args.smoke:
+        args.examples = SMOKE_EXAMPLES
     if args.child:
-        return child(args.child, args.examples)
+        return child(args.child, args.examples, args.model, args.smoke)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            from ftengine.testing import save_tiny_model
 
+            args.model = str(save_tiny_model(Path(tmp) / "tiny"))
+        if args.packed_vs_padded:
+            packed_vs_padded(args.examples, args.packed_vs_padded, args.model, args.smoke)
+        elif args.versus_trl:
+            versus_trl(args.examples, args.versus_trl, args.bf16, args.model, args.smoke)
+        else:
+            compare_setups(args)
+    if args.smoke:
+        print("(smoke run: not meaningful)")
+
+
+def compare_setups(args):
+    """Each setup in a child process; a setup that fails is reported and fails the run at the end."""
     train_rows(args.examples)  # the data and the model are prepared outside the timed children
-    results = {}
-    for name in args.only or SETUPS:
-        done = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--examples", str(args.examples)], capture_output=True, text=True
-        )
+    names = args.only or [name for name in SETUPS if not (args.smoke and SETUPS[name].get("bf16"))]
+    if args.smoke and not args.only:
+        print("smoke run: the bf16 setups are left out (the same code with one flag set; bf16 is slow on most CPUs)")
+    results, failed = {}, []
+    for name in names:
+        command = [sys.executable, __file__, "--child", name, "--examples", str(args.examples), "--model", args.model]
+        done = subprocess.run([*command, *(["--smoke"] if args.smoke else [])], capture_output=True, text=True)
         if done.returncode:
             print(f"{name}: failed\n{done.stderr[-3000:]}", flush=True)
+            failed.append(name)
             continue
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["steps"] = len(result["step_times"])
@@ -335,12 +368,14 @@ def main():
         side: max((r for n, r in results.items() if n.startswith(side)), key=lambda r: r["target_tokens_per_s"], default=None)
         for side in ("ftengine", "trl")
     }
+    report = {"smoke": args.smoke, "examples": args.examples, "results": results, "failed": failed, "ratio_best": None}
     if best["ftengine"] and best["trl"]:
-        ratio = best["ftengine"]["target_tokens_per_s"] / best["trl"]["target_tokens_per_s"]
-        print(f"ftengine best / TRL best target tokens/s: {ratio:.2f}x")
-        results["ratio_best"] = ratio
+        report["ratio_best"] = best["ftengine"]["target_tokens_per_s"] / best["trl"]["target_tokens_per_s"]
+        print(f"ftengine best / TRL best target tokens/s: {report['ratio_best']:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        args.out.write_text(json.dumps(report, indent=1))
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
