@@ -23,11 +23,11 @@ import json
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import atomic_save_safetensors, atomic_write_text
 from .errors import AdapterError
+from .log import note, warn
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -146,7 +146,7 @@ def check_base(path, model, strict=False):
         theirs = None
     if not isinstance(theirs, dict) or "fingerprint" not in theirs or ours is None:
         if strict:
-            _warn(f"note: {path}: cannot check which base model this adapter was trained on (no readable {BASE_FILE})")
+            note(f"note: {path}: cannot check which base model this adapter was trained on (no readable {BASE_FILE})")
         return
     if theirs["fingerprint"] == ours["fingerprint"]:
         return
@@ -157,11 +157,7 @@ def check_base(path, model, strict=False):
     )
     if strict:
         raise AdapterError(f"{message}: load it over the base model it was trained on (--model)")
-    _warn(f"warning: {message}. Use the base it was trained on; --strict refuses such adapters")
-
-
-def _warn(message):
-    Console(stderr=True, soft_wrap=True).print(message, highlight=False, markup=False)
+    warn(f"{message}. Use the base it was trained on; --strict refuses such adapters")
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from . import __version__
 from .distributed import launched_world_size
 from .errors import FtengineError
 from .inference import generate_command, merge
+from .log import warn
 from .server import serve_command
 from .signals import RunInterrupted
 
@@ -277,7 +278,7 @@ def draw_run_report(output_dir):
     try:
         path = draw_report(output_dir)
     except Exception as exc:  # the run itself succeeded: its result is saved
-        err_console.print(f"[yellow]warning:[/yellow] {REPORT_FILE} was not drawn: {escape(str(exc))}", highlight=False)
+        warn(f"{REPORT_FILE} was not drawn: {exc}")
         return
     console.print(f"report: [bold]{escape(str(path))}[/bold]", soft_wrap=True, highlight=False)
 
@@ -335,7 +336,7 @@ def _register_plugin_commands():
     """Let every available plugin add commands (they show in --help even when not selected)."""
     from .pluginmanager import all_plugins_manager
 
-    pm = all_plugins_manager(warn=lambda message: err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False))
+    pm = all_plugins_manager(warn=warn)
     pm.hook.ftengine_register_commands(cli=cli)
 
 

@@ -38,6 +38,7 @@ from .data import local_files
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, DataError, FtengineError, PluginError, StorageError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
+from .log import note
 from .modeling import autocast, autocast_dtype_for, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir, open_run_file, run_inputs
@@ -192,7 +193,7 @@ def _restart_metrics(path, step):
     which the resumed run does again. A torn last line is dropped, and said so."""
     records, torn = metrics_records(path)
     if torn:
-        _note(f"{path}:{torn}: dropped a torn last line (a write cut short, e.g. by a full disk)")
+        note(f"{path}:{torn}: dropped a torn last line (a write cut short, e.g. by a full disk)")
     if not records and not torn:
         return
     kept = [
@@ -220,7 +221,7 @@ def train(config, pm, resume=False, eval_before=False, overwrite=False):
         StopSignals() as stop,
     ):
         if run_dir.moved_to and world.is_main:
-            _note(f"--overwrite: the earlier run in {output_dir} was moved to {run_dir.moved_to}")
+            note(f"--overwrite: the earlier run in {output_dir} was moved to {run_dir.moved_to}")
         return _train(config, pm, output_dir, resume, eval_before, stop, world)
 
 
@@ -477,7 +478,7 @@ def find_resume_checkpoint(output_dir, config):
         )
     latest, failed = checkpoint.newest_verified(output_dir)
     for path, problem in failed:
-        _note(f"resume: {path} failed verification: {problem}")
+        note(f"resume: {path} failed verification: {problem}")
     if latest is None:
         raise StorageError(
             f"{output_dir / checkpoint.CHECKPOINTS}: no checkpoint verifies ("
@@ -485,9 +486,9 @@ def find_resume_checkpoint(output_dir, config):
             + "); the run cannot be continued: start it again with --overwrite (moves these aside), or in another output_dir"
         )
     if failed:
-        _note(f"resume: resuming from {latest}, the newest checkpoint that verifies")
+        note(f"resume: resuming from {latest}, the newest checkpoint that verifies")
     if not (latest / checkpoint.MANIFEST).is_file():
-        _note(
+        note(
             f"resume: {latest.name} has no manifest (written by an earlier version): only its files, "
             f"step and finite weights were checked"
         )
@@ -508,7 +509,7 @@ def find_resume_checkpoint(output_dir, config):
                 ]
             )
         for key, before, after in accepted:
-            _note(f"resume: accepted {key}: {before!r} -> {after!r} ({safe_keys[key]})")
+            note(f"resume: accepted {key}: {before!r} -> {after!r} ({safe_keys[key]})")
     refuse_changed_training_data(checkpoint.read_state(latest).get("data_sha256"), config, latest)
     return latest
 
@@ -536,12 +537,6 @@ def refuse_changed_training_data(recorded, config, latest):
             "; ".join(changes) + f" (sha256 recorded in {latest.name}). --resume continues training on the data the run "
             f"started with: restore it, or start a new run (another output_dir, or --overwrite)"
         )
-
-
-def _note(message):
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(message, highlight=False)
 
 
 def nonfinite_names(params):

@@ -15,6 +15,7 @@ exclusive hook, misspelled hook implementations) are collected and raised togeth
 """
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -52,8 +53,10 @@ class PluginInfo:
     target: str  # dotted module path or entry-point value
 
 
+@functools.cache
 def builtin_plugins():
-    """Built-in plugins by name: every module and package directly inside ``ftengine.plugins``."""
+    """Built-in plugins by name: every module and package directly inside ``ftengine.plugins``
+    (looked up once per process, as ``entry_point_plugins``)."""
     import ftengine.plugins as package
 
     return {
@@ -63,8 +66,10 @@ def builtin_plugins():
     }
 
 
+@functools.cache
 def entry_point_plugins():
-    """Installed third-party plugins by entry-point name."""
+    """Installed third-party plugins by entry-point name, looked up once per process (a package
+    installed while the process runs shows from the next ``ftengine`` command on)."""
     found = {}
     for ep in importlib.metadata.entry_points(group=PROJECT):
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"

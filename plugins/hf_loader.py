@@ -28,6 +28,7 @@ from ftengine import hookimpl
 from ftengine.checkpoint import atomic_directory, atomic_write
 from ftengine.config import Section
 from ftengine.errors import FtengineError
+from ftengine.log import note
 from pydantic import Field
 from safetensors import SafetensorError, safe_open
 
@@ -61,9 +62,7 @@ def cache_dir():
 
 
 def _status(message):
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[dim]{message}[/dim]")
+    note(message, style="dim")
 
 
 def fetch_default_gguf():

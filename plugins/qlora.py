@@ -20,6 +20,7 @@ import torch
 from ftengine import hookimpl
 from ftengine.config import Section
 from ftengine.errors import ConfigError
+from ftengine.log import note
 from ftengine.modeling import output_head, replace_module
 from pydantic import Field, field_validator
 
@@ -197,17 +198,13 @@ def _bytes(tensor):
 
 @hookimpl
 def ftengine_on_train_start(model, state):
-    from rich.console import Console
-
     build = state.build_info
     if "weight_bytes_quantized" not in build:
         return
     weights, packed = quantized_bytes(model)
-    Console(stderr=True).print(
+    note(
         f"qlora: model weights {build['weight_bytes'] / 2**20:.1f} MiB -> {build['weight_bytes_quantized'] / 2**20:.1f} MiB "
-        f"({state.config.qlora.quant_type}, {8 * packed / max(weights, 1):.3f} bits per quantised weight with its scales)",
-        highlight=False,
-        soft_wrap=True,
+        f"({state.config.qlora.quant_type}, {8 * packed / max(weights, 1):.3f} bits per quantised weight with its scales)"
     )
 
 

@@ -27,6 +27,7 @@ from collections import Counter
 
 import torch
 from ftengine import hookimpl
+from ftengine.log import note
 from torch import nn
 
 requires = ("lora",)
@@ -63,9 +64,7 @@ def ftengine_lora_rows_kernel(layer):
 def ftengine_on_train_start(model, state):
     """Report, after ``lora`` asked for a kernel per layer, which layers run fused and why the
     others fall back to the eager path (on CPU: that the plugin is inactive)."""
-    from rich.console import Console
-
-    Console(stderr=True).print(summary(model), highlight=False)
+    note(summary(model))
 
 
 def summary(model):
