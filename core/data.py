@@ -37,7 +37,7 @@ import torch
 
 from .config import MAX_ROW_BYTES
 from .errors import DataError
-from .state import Datasets
+from .state import Datasets, token_count
 
 IGNORE_INDEX = -100
 #: What an SFT row looks like, for messages about files in another format.
@@ -966,12 +966,13 @@ def split_off_eval(examples, fraction, seed, label):
     return [e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen]
 
 
-def load_splits(config, read_file, collate):
+def load_splits(config, read_file, collate, length=token_count):
     """``Datasets`` from ``data.train``, ``data.eval`` (or ``data.eval_split`` of the train data)
     and ``data.eval_sets``.
 
     :param read_file: ``read_file(path, split) -> (examples, stats)`` for one data source.
     :param collate: pads a list of examples into a batch.
+    :param length: an example's tokens (``Datasets.length``).
     """
     data = config.data
     train, stats = read_file(data.train, "train")
@@ -986,4 +987,4 @@ def load_splits(config, read_file, collate):
     for name, source in data.eval_sets.items():
         eval_sets[name], set_stats[f"eval_{name}"] = read_file(source, name)
     stats = {"train": stats, "eval": eval_stats, **set_stats}
-    return Datasets(train=train, eval=eval_examples, collate=collate, stats=stats, eval_sets=eval_sets)
+    return Datasets(train=train, eval=eval_examples, collate=collate, stats=stats, eval_sets=eval_sets, length=length)

@@ -43,7 +43,7 @@ from .modeling import autocast, autocast_dtype_for, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir, open_run_file, run_inputs
 from .signals import RunInterrupted, StopRequested, StopSignals
-from .state import RunState
+from .state import RunState, token_count
 
 
 class NonFiniteError(FtengineError):
@@ -68,18 +68,18 @@ def micro_batch_rows(datasets, config, index):
     per_epoch = math.ceil(len(datasets.train) / config.train.batch_size)
     epoch, position = divmod(index, per_epoch)
     start = position * config.train.batch_size
-    chosen = epoch_order(datasets.train, config.train, epoch)[start : start + config.train.batch_size]
+    chosen = epoch_order(datasets.train, config.train, epoch, datasets.length)[start : start + config.train.batch_size]
     return epoch, [datasets.train[i] for i in chosen]
 
 
 GROUPED_BATCHES = 64  # train.group_by_length sorts this many batches' worth of examples at a time
 
 
-def epoch_order(examples, options, epoch):
+def epoch_order(examples, options, epoch, length=token_count):
     """The order of the examples in ``epoch``: a shuffle seeded by ``train.seed`` and the epoch.
 
     With ``train.group_by_length`` each chunk of ``GROUPED_BATCHES`` batches is sorted by
-    length, cut into batches, and the full batches are shuffled (seeded; a short last batch
+    ``length`` (``Datasets.length``), cut into batches, and the full batches are shuffled (seeded; a short last batch
     stays last), so a batch pads little and lengths do not trend through the epoch.
     """
     generator = torch.Generator().manual_seed(options.seed + epoch)
@@ -89,15 +89,10 @@ def epoch_order(examples, options, epoch):
     size, chunk = options.batch_size, options.batch_size * GROUPED_BATCHES
     grouped = []
     for start in range(0, len(order), chunk):
-        grouped += sorted(order[start : start + chunk], key=lambda i: example_length(examples[i]), reverse=True)
+        grouped += sorted(order[start : start + chunk], key=lambda i: length(examples[i]), reverse=True)
     complete = len(grouped) // size
     batches = [grouped[b * size : (b + 1) * size] for b in torch.randperm(complete, generator=generator).tolist()]
     return [i for batch in batches for i in batch] + grouped[complete * size :]
-
-
-def example_length(example):
-    """Tokens of an example: its longest token sequence (a preference pair has two)."""
-    return max(len(value) for key, value in example.items() if key == "input_ids" or key.endswith("_ids"))
 
 
 def micro_batch(datasets, config, index):

@@ -10,6 +10,11 @@ import torch
 from .distributed import World
 
 
+def token_count(example):
+    """The tokens of an example that holds one sequence (``input_ids``)."""
+    return len(example["input_ids"])
+
+
 @dataclass
 class Datasets:
     """What ``ftengine_load_dataset`` returns.
@@ -18,7 +23,8 @@ class Datasets:
     into a batch of tensors. Each example keeps its source row under ``"row"`` for metrics that
     need the raw text (generation-based evaluation). ``eval_sets`` holds the further evaluation
     sets of ``data.eval_sets``; ``ftengine_eval_metrics`` sees each as ``eval``, named by
-    ``eval_name``.
+    ``eval_name``. ``length`` gives an example's tokens, for ``train.group_by_length``; a
+    dataset whose examples hold several sequences (a preference pair) gives its own.
     """
 
     train: list
@@ -27,6 +33,7 @@ class Datasets:
     stats: dict = field(default_factory=dict)
     eval_sets: dict = field(default_factory=dict)  # {name: examples}, from data.eval_sets
     eval_name: str | None = None  # while one of eval_sets is evaluated, its name
+    length: Callable[[dict], int] = token_count
 
 
 @dataclass

@@ -176,6 +176,7 @@ def load_preferences(config, tokenizer):
         config,
         lambda path, split: load_preference_file(path, tokenizer, config.train.max_length, split, config.data),
         lambda examples: collate_pairs(examples, tokenizer.pad_token_id),
+        length=lambda pair: max(len(pair["chosen_ids"]), len(pair["rejected_ids"])),
     )
 
 

@@ -10,7 +10,8 @@ from ftengine.build import configure
 from ftengine.cli import cli
 from ftengine.errors import ConfigError, DataError
 from ftengine.evaluation import evaluate, evaluate_baselines
-from ftengine.loop import epoch_order, example_length, prepare, train
+from ftengine.loop import epoch_order, prepare, train
+from ftengine.state import token_count
 from ftengine.testing import KillAfter, write_jsonl
 from ftengine_contacts import task
 
@@ -168,7 +169,7 @@ def test_few_shot_k_beyond_the_training_set_fails_before_the_model_loads(contact
 
 def padded_tokens(examples, order, batch_size):
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return sum(len(batch) * max(example_length(examples[i]) for i in batch) for batch in batches)
+    return sum(len(batch) * max(token_count(examples[i]) for i in batch) for batch in batches)
 
 
 def test_group_by_length_keeps_every_example_once_per_epoch_and_pads_less():
@@ -180,7 +181,7 @@ def test_group_by_length_keeps_every_example_once_per_epoch_and_pads_less():
         order = epoch_order(examples, options, epoch)
         assert sorted(order) == list(range(len(examples)))
         assert order == epoch_order(examples, options, epoch)  # seeded: a resumed run sees the same batches
-        assert order[-3:] == sorted(order[-3:], key=lambda i: -example_length(examples[i]))  # the short batch stays last
+        assert order[-3:] == sorted(order[-3:], key=lambda i: -token_count(examples[i]))  # the short batch stays last
         random_padding = padded_tokens(examples, epoch_order(examples, shuffled, epoch), 8)
         assert padded_tokens(examples, order, 8) < 0.7 * random_padding
     assert epoch_order(examples, options, 0) != epoch_order(examples, options, 1)
