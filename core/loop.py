@@ -33,6 +33,7 @@ from .config import dump_config
 from .distributed import Parallel, World, local_batch, parallel_plugin_names, parallelize, process_group
 from .errors import ConfigError, FtengineError, PluginError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
+from .methods import adapter_methods
 from .modeling import autocast, autocast_dtype_for, store_frozen_weights_in, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir
@@ -523,7 +524,7 @@ def optimizer_step(run):
 def save(model, tokenizer, config, pm, path):
     """Save the result through the plugins, atomically: ``path`` appears complete or not at all."""
     with checkpoint.atomic_directory(path) as tmp:
-        written = [
+        written = adapter_methods(pm).save(model, tokenizer, config, tmp) + [
             f
             for files in pm.hook.ftengine_save_model(model=model, tokenizer=tokenizer, config=config, path=tmp)
             for f in files or ()

@@ -34,7 +34,6 @@ EXCLUSIVE_HOOKS = (
     "ftengine_load_tokenizer",
     "ftengine_load_model",
     "ftengine_quantize_model",
-    "ftengine_wrap_model",
     "ftengine_make_optimizer",
     "ftengine_load_dataset",
     "ftengine_compute_loss",
@@ -181,7 +180,7 @@ def select_plugins(requested):
 
 def all_plugins_manager(warn=None):
     """A plugin manager holding every available plugin, selected or not, for the hooks asked of
-    all of them (``ftengine_register_commands``, ``ftengine_adapter_plugins``). A plugin that
+    all of them (``ftengine_register_commands``, ``ftengine_adapter_methods``). A plugin that
     fails to import is left out, and reported through ``warn(message)`` when given."""
     pm = new_plugin_manager()
     for info in available_plugins().values():
