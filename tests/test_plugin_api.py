@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from ftengine.cli import cli
 from ftengine.errors import PluginError
 from ftengine.methods import check_method
-from ftengine.pluginmanager import select_plugins
+from ftengine.pluginmanager import active_names, select_plugins
 
 
 def run_plugin(plugin, tmp_path):
@@ -163,21 +163,59 @@ def test_1_ia3_serves_mixed_batches_beside_lora(tiny_model_dir, ia3_and_lora_ada
 
 ROOT = Path(__file__).parent.parent
 TUTORIAL = ROOT / "docs" / "writing-plugins.md"
-FILE_BLOCK = re.compile(r"<!-- file: (?P<path>\S+) -->\n```\w*\n(?P<code>.*?)```\n", re.S)
+CODE_BLOCK = re.compile(r"<!-- (?P<kind>file|excerpt): (?P<path>\S+) -->\n```\w*\n(?P<code>.*?)```\n", re.S)
 
 
-def tutorial_files():
-    """``{path: code}`` of the tutorial's blocks that are files of this repository."""
-    return {m["path"]: m["code"] for m in FILE_BLOCK.finditer(TUTORIAL.read_text())}
+def tutorial_blocks(kind):
+    """``{path: code}`` of the tutorial's blocks that are a whole file (``file``) or a part of
+    one (``excerpt``) of this repository."""
+    return {m["path"]: m["code"] for m in CODE_BLOCK.finditer(TUTORIAL.read_text()) if m["kind"] == kind}
+
+
+def test_3_every_code_block_that_names_a_file_is_that_file():
+    files, excerpts = tutorial_blocks("file"), tutorial_blocks("excerpt")
+    assert len(files) >= 6 and excerpts
+    for path, code in files.items():
+        assert (ROOT / path).read_text() == code, f"docs/writing-plugins.md: the block of {path} differs from the file"
+    for path, code in excerpts.items():
+        assert code in (ROOT / path).read_text(), f"docs/writing-plugins.md: the excerpt of {path} is not in the file"
+
+
+@pytest.fixture
+def tutorial_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "tutorial"))
+
+
+def test_3_the_local_plugin_and_its_test_run(tutorial_on_path, tiny_model_dir, tiny_data, tmp_path):
+    from test_my_plugin import test_my_plugin
+
+    test_my_plugin(tiny_model_dir, tiny_data, tmp_path)
+
+
+def test_3_the_config_section_trains_with_momentum_and_validates(tutorial_on_path, run_overrides):
+    import torch
+    from ftengine.build import build, configure
+    from ftengine.errors import ConfigError
+
+    config, pm = configure(None, ["lora", "my_plugins.sgd_momentum"], [*run_overrides, "sgd.momentum=0.9"])
+    model, _, info = build(config, pm)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = pm.hook.ftengine_make_optimizer(model=model, params=params, config=config)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    with pytest.raises(ConfigError, match="sgd.momentum: not supported with qlora; set it to 0"):
+        configure(None, ["lora", "qlora", "my_plugins.sgd_momentum"], [*run_overrides, "sgd.momentum=0.9"])
+
+
+def test_3_the_published_package_is_selected_by_its_entry_point_name():
+    pytest.importorskip("ftengine_neftune", reason="pip install -e examples/neftune_plugin (make install does)")
+    assert "neftune" in active_names(select_plugins(["neftune"]))
 
 
 def test_3_the_adapter_method_tutorial_is_the_ia3_package():
     package = ROOT / "tests" / "ia3_plugin"
     files = {str(p.relative_to(ROOT)) for p in package.rglob("*") if p.suffix in (".py", ".toml")}
-    blocks = tutorial_files()
+    blocks = tutorial_blocks("file")
     assert files <= set(blocks), f"files of the package the tutorial does not show: {sorted(files - set(blocks))}"
-    for path, code in blocks.items():
-        assert (ROOT / path).read_text() == code, f"docs/writing-plugins.md: the block of {path} differs from the file"
 
 
 def test_3_the_tutorial_method_fits_the_protocol_and_one_without_a_member_does_not():
