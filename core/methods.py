@@ -271,7 +271,8 @@ class AdapterMethods:
         holding = self.holding(model)
         if holding:
             self.pm.hook.ftengine_dequantize_model(model=model)
-        return any([bool(bound.call("merge", model=model)) for bound in holding])
+        merged = [bool(bound.call("merge", model=model)) for bound in holding]  # every method, then any()
+        return any(merged)
 
     def unmerge(self, model):
         for bound in self.holding(model):
