@@ -7,7 +7,8 @@
         overrides = {"lora": {"r": 4, "dropout": 0.1}}   # config sections, as in the YAML file
 
 Each test builds the tiny model of ``ftengine.testing`` through ``ftengine.build.configure`` and
-``ftengine.build.build``, as a training run does, and drives the adapter only through hooks:
+``ftengine.build.build``, as a training run does, and drives the adapter only through the core's
+dispatch to its method object (``ftengine.methods.adapter_methods``):
 
 * at initialisation the output equals the base model's;
 * only the adapter's parameters train, and a training step leaves the base weights as they were;
@@ -27,6 +28,7 @@ import torch
 
 from .build import build, configure
 from .loop import save
+from .methods import adapter_methods
 from .testing import sft_rows, write_jsonl
 
 
@@ -128,7 +130,7 @@ class AdapterContract:
         parameters = dict(run.model.named_parameters())
         for name, before in frozen.items():
             assert torch.equal(parameters[name], before), name
-        run.pm.hook.ftengine_set_active_adapter(model=run.model, name=None)
+        adapter_methods(run.pm).activate(run.model, None)
         torch.testing.assert_close(self.logits(run.model), base_logits, atol=self.atol, rtol=0)
 
     def test_save_then_load_into_a_fresh_build_round_trips(self, run, base_logits, tiny_model_dir, tmp_path):
@@ -138,26 +140,25 @@ class AdapterContract:
         saved = save(run.model, run.tokenizer, run.config, run.pm, tmp_path / "saved")
 
         fresh = self.build(tiny_model_dir, tmp_path / "fresh")
-        model = fresh.pm.hook.ftengine_load_adapter(
-            model=fresh.model, path=saved, name="loaded", config=fresh.config, pluginmanager=fresh.pm
-        )
-        assert model is not None, "no plugin loaded the saved adapter"
-        fresh.pm.hook.ftengine_set_active_adapter(model=model, name="loaded")
+        methods = adapter_methods(fresh.pm)
+        model = methods.load(fresh.model, saved, "loaded", fresh.config)
+        assert "loaded" in methods.loaded(model), "the method that loaded the adapter does not list it"
+        methods.activate(model, "loaded")
         assert torch.equal(self.logits(model.eval()), expected)
 
     def test_merged_equals_unmerged(self, run):
         self.skip_unless_merge()
         self.perturb(run.model, run.info["trainable"])
         unmerged = self.logits(run.model)
-        run.pm.hook.ftengine_merge_adapters(model=run.model)
+        adapter_methods(run.pm).merge(run.model)
         torch.testing.assert_close(self.logits(run.model), unmerged, atol=self.atol, rtol=0)
 
     def test_merging_twice_changes_nothing(self, run):
         self.skip_unless_merge()
         self.perturb(run.model, run.info["trainable"])
-        run.pm.hook.ftengine_merge_adapters(model=run.model)
+        adapter_methods(run.pm).merge(run.model)
         state, logits = {k: v.clone() for k, v in run.model.state_dict().items()}, self.logits(run.model)
-        run.pm.hook.ftengine_merge_adapters(model=run.model)
+        adapter_methods(run.pm).merge(run.model)
         assert all(torch.equal(v, state[k]) for k, v in run.model.state_dict().items())
         assert torch.equal(self.logits(run.model), logits)
 
@@ -166,8 +167,8 @@ class AdapterContract:
         frozen = self.frozen_state(run.model)
         self.perturb(run.model, run.info["trainable"])
         unmerged = self.logits(run.model)
-        run.pm.hook.ftengine_merge_adapters(model=run.model)
-        run.pm.hook.ftengine_unmerge_adapters(model=run.model)
+        adapter_methods(run.pm).merge(run.model)
+        adapter_methods(run.pm).unmerge(run.model)
         parameters = dict(run.model.named_parameters())
         for name, before in frozen.items():
             torch.testing.assert_close(parameters[name], before, atol=self.unmerge_atol, rtol=0, msg=name)
@@ -176,7 +177,7 @@ class AdapterContract:
     def test_no_active_adapter_gives_the_base_output(self, run, base_logits):
         self.perturb(run.model, run.info["trainable"])
         adapted = self.logits(run.model)
-        run.pm.hook.ftengine_set_active_adapter(model=run.model, name=None)
+        adapter_methods(run.pm).activate(run.model, None)
         torch.testing.assert_close(self.logits(run.model), base_logits, atol=self.atol, rtol=0)
-        run.pm.hook.ftengine_set_active_adapter(model=run.model, name=self.adapter_name)
+        adapter_methods(run.pm).activate(run.model, self.adapter_name)
         assert torch.equal(self.logits(run.model), adapted)

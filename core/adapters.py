@@ -8,8 +8,8 @@ An adapter directory holds what PEFT writes and reads::
 An adapter plugin builds the config dict and the tensors; this module writes them atomically
 (each file appears whole or not at all, mode 0644 under the usual umask), reads them back with
 one ``AdapterError`` for a missing or malformed file, checks adapter names with one rule for
-every plugin, and asks the installed plugins (``ftengine_adapter_plugins``) which of them load a
-given directory, so the core never needs to know a ``peft_type``.
+every plugin. Which plugins load a given directory is asked of the installed plugins' adapter
+methods (``ftengine.methods.plugins_for_adapter``), so the core never needs to know a ``peft_type``.
 
 Beside PEFT's files, ``ftengine_base.json`` records the base model an adapter was trained on:
 its name and a fingerprint of its weights as loaded (before quantisation or adapters). Loading
@@ -194,26 +194,3 @@ def short_target_names(selected, all_paths):
     if {p for p in all_paths if p.rsplit(".", 1)[-1] in names} == set(selected):
         return names
     return sorted(selected)
-
-
-# --------------------------------------------------------------------------------------------
-# which plugins load an adapter
-# --------------------------------------------------------------------------------------------
-
-
-def plugins_for_adapter(path):
-    """The plugins that load the adapter directory ``path``: every available plugin is asked
-    through ``ftengine_adapter_plugins`` with its ``adapter_config.json``."""
-    from .pluginmanager import all_plugins_manager
-
-    adapter_config = read_adapter_config(path)
-    broken = []
-    pm = all_plugins_manager(warn=broken.append)
-    claims = [names for names in pm.hook.ftengine_adapter_plugins(adapter_config=adapter_config) if names]
-    if not claims:
-        also = f" (and {'; '.join(broken)})" if broken else ""
-        raise AdapterError(
-            f"{Path(path) / CONFIG_FILE}: no installed plugin loads peft_type {adapter_config.get('peft_type')!r}{also}; "
-            f"install the plugin that made it (run 'ftengine plugins' to list those installed)"
-        )
-    return list(dict.fromkeys(name for names in claims for name in names))

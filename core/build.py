@@ -15,6 +15,7 @@ from .config import apply_overrides, build_config, plugin_sections, read_yaml, r
 from .distributed import launched_world_size, no_parallel_plugin_message
 from .errors import ConfigError, FtengineError
 from .evaluation import baseline_problems
+from .methods import adapter_methods
 from .pluginmanager import active_names, available_plugins, select_plugins
 
 
@@ -44,7 +45,7 @@ def configure(config_path=None, plugins=(), overrides=(), base=None, require_dat
     problems = [m for messages in pm.hook.ftengine_validate(config=config, active=active_names(pm)) for m in messages or ()]
     if require_data and not config.data.train:
         problems.append("data.train: no training data given: set data.train to a JSONL file")
-    if require_data and not pm.hook.ftengine_trainable_params.get_hookimpls():
+    if require_data and not (pm.hook.ftengine_trainable_params.get_hookimpls() or adapter_methods(pm).methods):
         problems.append(
             "no active plugin trains anything: add a method plugin with --plugin (run 'ftengine plugins' to list them)"
         )
@@ -81,8 +82,8 @@ def weight_bytes(model):
 def build(config, pm, training=True, device=None):
     """Load the model, quantise it, inject adapters, wrap it and freeze all but the adapters.
 
-    :param training: ``False`` to build for inference or merging: the build hooks are told, and
-        method plugins add no fresh adapter (adapters are then loaded from files).
+    :param training: ``False`` to build for inference or merging: adapter methods add no fresh
+        adapter (adapters are then loaded from files, ``AdapterMethod.load``).
     :return: ``(model, tokenizer, info)``; ``info`` holds weight bytes before/after
         quantisation, the trainable parameter names and the name of the trained adapter.
     """
@@ -94,13 +95,13 @@ def build(config, pm, training=True, device=None):
     info = {"weight_bytes": weight_bytes(model)}
     if pm.hook.ftengine_quantize_model(model=model, config=config):
         info["weight_bytes_quantized"] = weight_bytes(model)
-    # Adapters are created from this seed, so a resumed run rebuilds them identically.
-    torch.manual_seed(config.train.seed)
-    pm.hook.ftengine_inject_adapters(model=model, config=config, pluginmanager=pm, training=training)
-    model = pm.hook.ftengine_wrap_model(model=model, tokenizer=tokenizer, config=config, training=training) or model
-    model.to(device)
+    methods = adapter_methods(pm)
     trainable = set()
     if training:
+        # Adapters are created from this seed, so a resumed run rebuilds them identically.
+        torch.manual_seed(config.train.seed)
+        model = methods.inject(model, tokenizer, config).to(device)
+        trainable = methods.trainable_names(model)
         for names in pm.hook.ftengine_trainable_params(model=model, config=config):
             trainable |= set(names)
     for name, param in model.named_parameters():
@@ -109,5 +110,5 @@ def build(config, pm, training=True, device=None):
     if unknown:
         raise FtengineError(f"plugins named trainable parameters the model does not have: {sorted(unknown)[:3]}")
     info["trainable"] = sorted(trainable)
-    info["adapter_name"] = pm.hook.ftengine_adapter_name(config=config) if training else None
+    info["adapter_name"] = methods.adapter_name(config) if training else None
     return model, tokenizer, info

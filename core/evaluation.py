@@ -8,7 +8,7 @@ them. ``ftengine_eval_metrics`` is called once per set; ``datasets.eval_name`` s
 is computed once.
 
 Baselines (``eval.baselines``), evaluated before the first step of a fresh run, with the
-run's adapters turned off (``ftengine_set_active_adapter(name=None)``), so they score the base
+run's adapters turned off (``activate(None)`` on the adapter methods), so they score the base
 model:
 
 * ``zero_shot``: the whole evaluation (loss and metrics) of the base model as is;
@@ -26,6 +26,7 @@ import torch
 from .data import field_names, row_to_messages
 from .distributed import local_batch
 from .errors import DataError, FtengineError
+from .methods import adapter_methods
 from .modeling import autocast, eval_mode, to_device
 
 
@@ -131,11 +132,12 @@ def few_shot_examples(datasets, config):
 @contextmanager
 def adapters_off(model, state):
     """The base model for the block: every adapter turned off, the trained one back after."""
-    state.pm.hook.ftengine_set_active_adapter(model=model, name=None)
+    methods = adapter_methods(state.pm)
+    methods.activate(model, None)
     try:
         yield
     finally:
-        state.pm.hook.ftengine_set_active_adapter(model=model, name=state.adapter_name)
+        methods.activate(model, state.adapter_name)
 
 
 def evaluate_baselines(model, tokenizer, datasets, state):

@@ -5,6 +5,26 @@ A plugin is a module (or object) with functions named like the specs below and d
 Hooks marked *firstresult* stop at the first implementation that returns something other than
 ``None``; the others call every implementation and collect the results in a list.
 
+Hooks are for the phases of a run that many plugins join (configure, load, quantise, data,
+loss, parallelise, evaluate, observe). An *adapter method* (LoRA, prompt tuning, ...) is one
+object that owns its adapters' whole lifecycle: a plugin returns it from
+``ftengine_adapter_methods``, and it implements ``ftengine.AdapterMethod`` (``ftengine.methods``:
+inject, name, trainable names, save, claim a saved adapter, load, list, activate, per-row
+selection, merge, unmerge, unwrap, delete). The core dispatches each call to the method that
+holds the adapter.
+
+**Versions.** ``ftengine.PLUGIN_API`` is ``(major, minor)``, now ``(1, 0)``. A plugin states the
+major version it was written for as a module attribute, ``ftengine_plugin_api = 1``; a plugin
+written for another major version, an implementation that matches no hook (with a
+did-you-mean), and a method object that lacks a member or takes an argument the core does not
+pass are reported together when plugins are selected, before anything loads. A plugin that
+implements the hook-per-step adapter hooks of API 0 (``ftengine_inject_adapters``,
+``ftengine_load_adapter``, ...) is told what replaces them (``CHANGELOG.md``, "Migrating
+adapter plugins to API 1"). Within a major version nothing is removed: a hook renamed or retired
+in a minor version keeps working for one more minor version, its spec marked
+``@hookspec(warn_on_impl=retired_hook(...))``, so an implementation gets a
+``DeprecationWarning`` naming the replacement when it is registered.
+
 A plugin may also declare, as module attributes:
 
 * ``requires = ("lora",)``: plugins that must be active alongside it; an entry that is a tuple
@@ -14,8 +34,8 @@ A plugin may also declare, as module attributes:
   quantises it), so ``ftengine merge`` repeats it, with its config section, when the run that
   saved the adapter used it.
 
-Which plugins load a saved adapter is not declared: every installed plugin is asked
-(``ftengine_adapter_plugins``).
+Which plugins load a saved adapter is not declared: the method objects of every installed
+plugin are asked (``AdapterMethod.claims``).
 
 Some hooks are *exclusive*: at most one active non-default plugin may implement them (two
 losses, two model loaders, ...). Selecting two such plugins is an error naming both, reported
@@ -43,9 +63,39 @@ if TYPE_CHECKING:  # annotations only: the reference names the types without imp
 
     from .config import Config, Section
     from .distributed import Parallel, World
+    from .methods import AdapterMethod
     from .state import Datasets, LossOutput, RunState
 
 hookspec = pluggy.HookspecMarker("ftengine")
+
+#: The hook-per-step adapter hooks of plugin API 0, and what replaced each in API 1: the member
+#: of the method object (``ftengine.AdapterMethod``) or the hook. A plugin implementing any of
+#: them was written for API 0.
+API_0_ADAPTER_HOOKS = {
+    "ftengine_inject_adapters": "AdapterMethod.inject",
+    "ftengine_adapter_name": "AdapterMethod.adapter_name",
+    "ftengine_adapter_plugins": "AdapterMethod.claims",
+    "ftengine_load_adapter": "AdapterMethod.load",
+    "ftengine_loaded_adapters": "AdapterMethod.loaded",
+    "ftengine_set_active_adapter": "AdapterMethod.activate",
+    "ftengine_set_adapter_rows": "AdapterMethod.set_rows",
+    "ftengine_delete_adapter": "AdapterMethod.delete",
+    "ftengine_merge_adapters": "AdapterMethod.merge (a quantised base: ftengine_dequantize_model)",
+    "ftengine_unmerge_adapters": "AdapterMethod.unmerge",
+    "ftengine_unwrap_merged": "AdapterMethod.unwrap",
+    "ftengine_wrap_model": "AdapterMethod.inject (return the wrapper) and AdapterMethod.load",
+}
+
+
+def retired_hook(name, replacement, since):
+    """The ``warn_on_impl`` warning of a hook retired in minor version ``since`` (``(1, 1)``):
+    ``@hookspec(warn_on_impl=retired_hook("ftengine_old", "ftengine_new", (1, 1)))`` keeps the
+    spec, and its callers, for that minor version and warns every plugin that implements it."""
+    return DeprecationWarning(
+        f"{name} is deprecated since plugin API {since[0]}.{since[1]} and is removed in "
+        f"{since[0]}.{since[1] + 1}: implement {replacement} instead (CHANGELOG.md)"
+    )
+
 
 # --------------------------------------------------------------------------------------------
 # configure: plugin setup, CLI, config
@@ -188,64 +238,42 @@ def ftengine_quantize_model(model: nn.Module, config: Config) -> bool | None:
 
 
 @hookspec
-def ftengine_inject_adapters(model: nn.Module, config: Config, pluginmanager: pluggy.PluginManager, training: bool) -> None:
-    """Wrap the modules this plugin adapts, in place.
+def ftengine_dequantize_model(model: nn.Module) -> None:
+    """Give the quantised base layers back a plain floating-point weight, in place.
 
-    Each adapter plugin wraps only its own modules and freezes nothing else itself (the core
-    freezes every parameter not named by ``ftengine_trainable_params``). Injection must be
-    deterministic given ``torch.manual_seed(config.train.seed)``, so that a resumed run can
-    rebuild the same adapters and load their trained values.
+    Called before adapters are merged (``ftengine merge``, ``AdapterMethod.merge``): an adapter
+    folds into a real float weight; merging into a 4-bit one would quantise it a second time.
+    ``qlora`` replaces its ``Linear4bit`` layers (adapter base layers included) by ``nn.Linear``.
 
-    :param model: the (possibly quantised) base model.
-    :param config: the run ``Config``.
-    :param pluginmanager: the run's plugin manager, to call hooks a plugin added itself
-        (``lora`` calls ``ftengine_lora_variant`` here).
-    :param training: ``True`` when the run trains; ``False`` when the model is built for
-        inference or merging, where adapters come from files (``ftengine_load_adapter``): add
-        no fresh adapter then.
+    :param model: a model holding adapters over a (possibly) quantised base.
     """
 
 
-@hookspec(firstresult=True)
-def ftengine_wrap_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Config, training: bool) -> nn.Module | None:
-    """Return a module that wraps the whole model, or ``None``. Exclusive, firstresult.
+@hookspec
+def ftengine_adapter_methods() -> list[AdapterMethod]:
+    """The adapter methods this plugin provides, as objects implementing
+    ``ftengine.AdapterMethod`` (see ``ftengine.methods`` and docs/writing-plugins.md, section 6).
 
-    For adapters that change the model's inputs rather than its layers (prompt tuning prepends
-    virtual tokens). The wrapper must keep the causal-LM interface: ``forward(input_ids=,
-    attention_mask=, labels=)`` returning an object with ``.logits`` aligned to ``input_ids``,
-    ``generate(...)``, ``config``, and ``get_base_model()`` returning the wrapped model.
+    Asked of the active plugins for a run, and of every installed plugin (selected or not) to
+    find which plugins load a saved adapter (``AdapterMethod.claims``). Each object is checked
+    against the protocol when the plugin is selected: a missing member or a parameter the core
+    does not pass is reported, naming the plugin and the member, before anything loads.
 
-    :param model: the model with adapters injected.
-    :param tokenizer: the model's tokenizer (prompt tuning initialises from text with it).
-    :param config: the run ``Config``.
-    :param training: ``False`` when building for inference or merging (see
-        ``ftengine_inject_adapters``): a wrapper then holds no fresh adapter, or is not needed.
+    :return: a list of method objects (usually one).
     """
 
 
 @hookspec
 def ftengine_trainable_params(model: nn.Module, config: Config) -> Iterable[str]:
-    """Name the parameters this plugin trains.
+    """Name the parameters this plugin trains, for a method that trains the model's own weights
+    (``full``); adapter methods name theirs with ``AdapterMethod.trainable_names``.
 
-    The core trains the union over all plugins, freezes every other parameter, and checkpoints
-    exactly these (so a LoRA checkpoint holds only the adapter).
+    The core trains the union over all plugins and adapter methods, freezes every other
+    parameter, and checkpoints exactly these (so a LoRA checkpoint holds only the adapter).
 
     :param model: the model after injection and wrapping.
     :param config: the run ``Config``.
     :return: an iterable of names as in ``model.named_parameters()``.
-    """
-
-
-@hookspec(firstresult=True)
-def ftengine_adapter_name(config: Config) -> str | None:
-    """The name of the adapter this plugin trains. Firstresult.
-
-    Stored as ``RunState.adapter_name``: plugins that switch adapters during training (DPO's
-    reference is the model with adapters off, then this one back on) read it there. Methods
-    that train the model's own weights (``full``) do not implement it, and the name is ``None``.
-
-    :param config: the run ``Config``.
-    :return: the adapter name, or ``None``.
     """
 
 
@@ -440,138 +468,13 @@ def ftengine_on_train_end(model: nn.Module, state: RunState) -> None:
 def ftengine_save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Config, path: Path) -> list[str] | None:
     """Save what this plugin trained into the directory ``path``.
 
-    Adapter plugins write PEFT-format files with ``ftengine.adapters.write_adapter``; a method
-    that trains the model's own weights writes a transformers model directory. Write
-    atomically (``ftengine.checkpoint.atomic_write``).
+    For a method that trains the model's own weights (``full``: a transformers model
+    directory); adapter methods save with ``AdapterMethod.save``. Write atomically
+    (``ftengine.checkpoint.atomic_write``).
 
     :param model: the trained model.
     :param tokenizer: its tokenizer.
     :param config: the run ``Config``.
     :param path: a ``pathlib.Path`` to an existing directory.
     :return: a list of the files written, or ``None`` if this plugin saves nothing.
-    """
-
-
-@hookspec
-def ftengine_adapter_plugins(adapter_config: dict[str, Any]) -> list[str] | None:
-    """Name the plugins that load an adapter with this ``adapter_config.json``.
-
-    Asked of every *installed* plugin, selected or not, before a model is built for
-    ``ftengine generate``, ``ftengine merge`` or ``ftengine.inference.load_for_inference``: the
-    answers (merged in order) are the plugins activated to load the adapter. Claim your own
-    ``peft_type`` (and the flags of variants you implement); leave others' alone.
-
-    :param adapter_config: the directory's ``adapter_config.json`` as a dict.
-    :return: plugin names as ``--plugin`` takes them (your own and any it requires, e.g.
-        ``["lora", "dora"]`` for a LoRA adapter with ``use_dora``), or ``None`` when the adapter
-        is not yours.
-    """
-
-
-@hookspec(firstresult=True)
-def ftengine_load_adapter(
-    model: nn.Module, path: Path, name: str, config: Config, pluginmanager: pluggy.PluginManager
-) -> nn.Module | None:
-    """Load a saved adapter directory into ``model`` under ``name``. Firstresult.
-
-    An implementation reads ``adapter_config.json`` (``ftengine.adapters.read_adapter_config``),
-    returns ``None`` for a ``peft_type`` it does not handle, and otherwise loads the adapter or
-    raises an error naming the first module or tensor that does not fit, leaving the model
-    unchanged. A name already loaded is refused (``ftengine.adapters.check_adapter_name``).
-
-    :param model: a model built for inference (possibly already holding other adapters).
-    :param path: the adapter directory (``pathlib.Path``).
-    :param name: the name to load it under (``"default"`` unless several are loaded).
-    :param config: the run ``Config``.
-    :param pluginmanager: the plugin manager (to check e.g. that ``dora`` is active for a DoRA
-        adapter).
-    :return: the model to use from now on (the same object or a wrapper), or ``None``.
-    """
-
-
-@hookspec
-def ftengine_loaded_adapters(model: nn.Module) -> list[str] | None:
-    """Name the adapters this plugin holds in ``model``.
-
-    ``ftengine.inference.set_adapter`` refuses a name no plugin holds, listing the loaded ones,
-    so adapters of several methods can be loaded side by side and switched between.
-
-    :param model: a model holding adapters.
-    :return: the names, or ``None``.
-    """
-
-
-@hookspec
-def ftengine_set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Make adapter ``name`` the active one; ``None`` disables all adapters (the base model).
-
-    Used to swap adapters at inference and as DPO's reference model (adapters disabled). A
-    name this plugin does not hold (another method's adapter) turns this plugin's adapters off.
-
-    :param model: a model holding adapters.
-    :param name: an adapter name, or ``None``.
-    """
-
-
-@hookspec
-def ftengine_set_adapter_rows(model: nn.Module, names: list[str | None] | None) -> list[str] | None:
-    """Make row ``i`` of the model's next forwards use adapter ``names[i]``; ``None`` restores
-    the single active adapter (``ftengine_set_active_adapter``) for every row.
-
-    Used by ``ftengine.serving`` to run requests for different adapters in one batch. Each
-    plugin handles the names it holds and treats the others as "no adapter of mine" (a row
-    named ``None`` is the base model). An implementation must give each row exactly the output
-    that row gets with its adapter active alone, or raise ``AdapterError`` naming the adapter it
-    cannot mix. The setting lasts until the next call; the batch size of the forwards must be
-    ``len(names)``.
-
-    :param model: a model built for inference, holding adapters.
-    :param names: one adapter name (or ``None``) per row, or ``None``.
-    :return: the names among ``names`` this plugin applies per row. A loaded adapter that no
-        plugin claims (its plugin does not implement this hook) is refused by the server,
-        rather than silently served as the base model.
-    """
-
-
-@hookspec
-def ftengine_delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from ``model`` and free its parameters.
-
-    Used to unload an adapter while serving. A plugin removes ``name`` if it holds it and does
-    nothing otherwise; the name may then be loaded again.
-
-    :param model: a model holding adapters.
-    :param name: an adapter name.
-    """
-
-
-@hookspec
-def ftengine_merge_adapters(model: nn.Module) -> bool | None:
-    """Fold the active adapters into the base weights; merging twice changes nothing.
-
-    ``qlora`` implements it with ``tryfirst=True`` to replace 4-bit base layers by dequantised
-    ones before the adapters are folded in (merging into a 4-bit weight would re-quantise it).
-    A method whose adapters cannot be merged raises an ``AdapterError`` saying why.
-
-    :param model: a model holding adapters.
-    :return: ``True`` when this plugin's adapter is now merged; ``ftengine merge`` refuses to
-        write a model into which no plugin merged anything.
-    """
-
-
-@hookspec
-def ftengine_unmerge_adapters(model: nn.Module) -> None:
-    """Undo ``ftengine_merge_adapters``, restoring the base weights.
-
-    :param model: a model holding merged adapters.
-    """
-
-
-@hookspec
-def ftengine_unwrap_merged(model: nn.Module) -> nn.Module | None:
-    """After a merge, replace adapter layers by plain modules so the model saves as a plain
-    transformers model.
-
-    :param model: a model whose adapters are merged.
-    :return: the model to save (the same object or a replacement), or ``None``.
     """

@@ -7,11 +7,10 @@
     ftengine generate --model models/base --adapter support=runs/a/final --prompt "Hi!"
     ftengine merge --model models/base --adapter runs/a/final --out models/merged
 
-The plugins an adapter needs are the ones that claim its ``adapter_config.json``
-(``ftengine_adapter_plugins``, asked of every installed plugin); ``--plugin`` adds others
-(``qlora`` to run over a 4-bit base). Everything else goes through hooks:
-``ftengine_load_adapter``, ``ftengine_set_active_adapter``, ``ftengine_merge_adapters`` and
-``ftengine_unwrap_merged``.
+The plugins an adapter needs are the ones whose adapter methods claim its
+``adapter_config.json`` (``AdapterMethod.claims``, asked of every installed plugin);
+``--plugin`` adds others (``qlora`` to run over a 4-bit base). Loading, switching and merging
+go to the method that holds the adapter (``ftengine.methods.AdapterMethods``).
 """
 
 import json
@@ -20,11 +19,12 @@ from pathlib import Path
 import click
 import torch
 
-from .adapters import check_base, plugins_for_adapter
+from .adapters import check_base
 from .build import build, configure
 from .checkpoint import atomic_directory
 from .data import render_prompt
 from .errors import AdapterError, FtengineError
+from .methods import adapter_methods, plugins_for_adapter
 from .modeling import generate_greedy
 from .pluginmanager import allow_pickle_sections, plugin_attribute
 
@@ -62,19 +62,12 @@ def load_adapter(model, config, pm, name, path, strict=False):
     use from now on (a plugin may wrap it). An adapter trained on another base model is
     refused with ``strict``, and loaded with a warning otherwise."""
     check_base(path, model, strict)
-    loaded = pm.hook.ftengine_load_adapter(model=model, path=Path(path), name=name, config=config, pluginmanager=pm)
-    if loaded is None:
-        raise AdapterError(f"{path}: no active plugin loads this adapter; add the plugin that made it with --plugin")
-    return loaded
+    return adapter_methods(pm).load(model, path, name, config)
 
 
 def set_adapter(model, pm, name):
     """Make adapter ``name`` the active one, or use the base model alone with ``None``."""
-    if name is not None:
-        loaded = sorted({n for names in pm.hook.ftengine_loaded_adapters(model=model) for n in names or ()})
-        if name not in loaded:
-            raise AdapterError(f"no adapter named '{name}' is loaded (loaded: {', '.join(loaded) or 'none'})")
-    pm.hook.ftengine_set_active_adapter(model=model, name=name)
+    adapter_methods(pm).activate(model, name)
 
 
 @torch.no_grad()
@@ -144,12 +137,13 @@ def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False,
     if allow_pickle:
         sections = {**sections, **allow_pickle_sections()}
     model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, [*plugins, *run_plugins], sections, strict)
-    if not any(pm.hook.ftengine_merge_adapters(model=model)):
+    methods = adapter_methods(pm)
+    if not methods.merge(model):
         raise AdapterError(
             f"{adapter_dir}: no active plugin merged this adapter into the weights; use it with its base model instead "
             f"(ftengine generate, ftengine.inference.load_for_inference)"
         )
-    model = next((m for m in pm.hook.ftengine_unwrap_merged(model=model) if m is not None), model)
+    model = methods.unwrap(model)
     bad = nonfinite_parameters(model)
     if bad:
         raise FtengineError(

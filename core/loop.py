@@ -39,6 +39,7 @@ from .distributed import Parallel, World, local_batch, parallel_plugin_names, pa
 from .errors import ConfigError, DataError, FtengineError, PluginError, StorageError
 from .evaluation import evaluate, evaluate_baselines, few_shot_examples
 from .log import note
+from .methods import adapter_methods
 from .modeling import autocast, autocast_dtype_for, to_device
 from .pluginmanager import nondefault_implementers
 from .rundir import RunDir, claim_output_dir, open_run_file, run_inputs
@@ -669,7 +670,7 @@ def optimizer_step(run):
 def save(model, tokenizer, config, pm, path):
     """Save the result through the plugins, atomically: ``path`` appears complete or not at all."""
     with checkpoint.atomic_directory(path) as tmp:
-        written = [
+        written = adapter_methods(pm).save(model, tokenizer, config, tmp) + [
             f
             for files in pm.hook.ftengine_save_model(model=model, tokenizer=tokenizer, config=config, path=tmp)
             for f in files or ()

@@ -10,8 +10,10 @@ Plugins come from three places:
 * a local module: ``--plugin my_package.my_module`` (any importable dotted path).
 
 Selection problems (unknown names, missing requirements, conflicts, two plugins claiming one
-exclusive hook, misspelled hook implementations) are collected and raised together as one
-``PluginError`` before any model is loaded.
+exclusive hook) and contract problems (a plugin written for another major version of the plugin
+API, an implementation that matches no hook, an adapter method object that does not fit
+``ftengine.AdapterMethod``) are collected and raised together as one ``PluginError`` before the
+tokenizer or any weights load.
 """
 
 import difflib
@@ -25,9 +27,10 @@ from dataclasses import dataclass
 
 import pluggy
 
-from . import hookspecs
+from . import PLUGIN_API, hookspecs
 from .config import shown
 from .errors import PluginError
+from .hookspecs import API_0_ADAPTER_HOOKS
 
 PROJECT = "ftengine"
 
@@ -36,7 +39,6 @@ EXCLUSIVE_HOOKS = (
     "ftengine_load_tokenizer",
     "ftengine_load_model",
     "ftengine_quantize_model",
-    "ftengine_wrap_model",
     "ftengine_make_optimizer",
     "ftengine_load_dataset",
     "ftengine_compute_loss",
@@ -179,11 +181,7 @@ def select_plugins(requested):
                 f"plugins {' and '.join(repr(o) for o in sorted(owners))} both implement "
                 f"{hook_name}, which only one plugin may provide: select one of them."
             )
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        if not _pending_explained_by(missing, plugins, known):
-            problems.append(f"{exc} (a misspelled hook implementation?)")
+    problems += contract_problems(pm, plugins, explained=lambda: _pending_explained_by(missing, plugins, known))
     if problems:
         raise PluginError(problems)
     return pm
@@ -207,12 +205,82 @@ def _blocking_problems(blocked, blocked_defaults, pm, builtins):
             f"no:{name} blocks the default plugin '{name}', the provider of {', '.join(orphaned)}, and no other active "
             f"plugin provides {'it' if len(orphaned) == 1 else 'them'}: remove no:{name}, or add a plugin that does{instead}."
         )
+
+
+MIGRATION = "see CHANGELOG.md, 'Migrating adapter plugins to plugin API 1'"
+
+
+def _implemented(plugin, hook_name):
+    return getattr(getattr(plugin, hook_name, None), f"{PROJECT}_impl", None) is not None
+
+
+def api_version_problem(name, plugin):
+    """Why ``plugin`` was written for another major version of the plugin API, or ``None``."""
+    declared = getattr(plugin, "ftengine_plugin_api", None)
+    old_hooks = [hook for hook in API_0_ADAPTER_HOOKS if _implemented(plugin, hook)]
+    current = f"{PLUGIN_API[0]}.{PLUGIN_API[1]}"
+    if old_hooks and declared in (None, 0):
+        replaced = "; ".join(f"{hook} -> {API_0_ADAPTER_HOOKS[hook]}" for hook in old_hooks[:4])
+        more = f"; and {len(old_hooks) - 4} more" if len(old_hooks) > 4 else ""
+        return (
+            f"plugin '{name}' was written for plugin API 0 (one hook per adapter step), which this ftengine (plugin API "
+            f"{current}) no longer calls: move its adapter hooks into a method object that the plugin returns from "
+            f"ftengine_adapter_methods ({replaced}{more}) and set ftengine_plugin_api = {PLUGIN_API[0]}; {MIGRATION}"
+        )
+    if declared is not None and declared != PLUGIN_API[0]:
+        return (
+            f"plugin '{name}' declares ftengine_plugin_api = {declared!r}, but this ftengine implements plugin API {current}: "
+            f"install a release of the plugin written for plugin API {PLUGIN_API[0]}"
+            + (f" ({MIGRATION})" if isinstance(declared, int) and declared < PLUGIN_API[0] else "")
+        )
+    return None
+
+
+def contract_problems(pm, plugins, explained=lambda: False):
+    """Every way the registered ``plugins`` (``{name: module}``) break the plugin contract, each
+    naming the plugin, the member and the fix: the API version, hook implementations that match
+    no spec (with a did-you-mean), adapter method objects that do not fit the protocol.
+
+    :param explained: called when some implementations match no spec; ``True`` when a missing
+        required plugin would add their specs (the "requires" message then says it all).
+    """
+    from .methods import check_method
+
+    problems, old_api = [], set()
+    for name, plugin in plugins.items():
+        problem = api_version_problem(name, plugin)
+        if problem:
+            problems.append(problem)
+            old_api.add(name)
+    specs = [hook for hook, caller in vars(pm.hook).items() if caller.has_spec()]
+    unknown = [
+        (pm.get_name(impl.plugin), hook)
+        for hook, caller in vars(pm.hook).items()
+        if not caller.has_spec()
+        for impl in caller.get_hookimpls()
+    ]
+    if unknown and not explained():
+        for name, hook in unknown:
+            if name not in old_api:
+                problems.append(
+                    f"plugin '{name}': {hook} is not a hook.{_did_you_mean(hook, specs)} Rename it to a hook of "
+                    f"docs/hooks.md, or remove its @hookimpl"
+                )
+    for impl in pm.hook.ftengine_adapter_methods.get_hookimpls():
+        name = pm.get_name(impl.plugin)
+        try:
+            methods = list(impl.function() or ())
+        except Exception as exc:  # a broken plugin must be reported, not crash the selection
+            problems.append(f"plugin '{name}': ftengine_adapter_methods failed: {exc!r}")
+            continue
+        for method in methods:
+            problems += check_method(method, name)
     return problems
 
 
 def all_plugins_manager(warn=None):
     """A plugin manager holding every available plugin, selected or not, for the hooks asked of
-    all of them (``ftengine_register_commands``, ``ftengine_adapter_plugins``). A plugin that
+    all of them (``ftengine_register_commands``, ``ftengine_adapter_methods``). A plugin that
     fails to import is left out, and reported through ``warn(message)`` when given."""
     pm = new_plugin_manager()
     for info in available_plugins().values():

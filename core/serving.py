@@ -8,7 +8,7 @@
 
 The base is built once (``ftengine.inference.load_for_inference``, ``plugins=["qlora"]`` for a
 4-bit base) and no adapter is ever globally active: every forward first sets one adapter per
-row (``ftengine_set_adapter_rows``), so calls from several threads share the model safely,
+row (``AdapterMethod.set_rows``), so calls from several threads share the model safely,
 one forward at a time. Generation is a sampling loop over the model's forward and its KV cache
 (left padding, attention mask, position ids), since rows differ in sampling parameters and
 stop strings; finished rows leave the batch at once. ``ftengine serve`` (``ftengine.server``)
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .adapters import check_adapter_name, plugins_for_adapter
+from .adapters import check_adapter_name
 from .data import encode_chat_text, render_prompt
 from .errors import AdapterError, FtengineError
 from .inference import build_for_inference, load_adapter, set_adapter
+from .methods import adapter_methods, plugins_for_adapter
 from .pluginmanager import active_names
 
 
@@ -212,7 +213,7 @@ class AdapterServer:
             self._remove(name)
 
     def _remove(self, name):
-        self.pm.hook.ftengine_delete_adapter(model=self.model, name=name)
+        adapter_methods(self.pm).delete(self.model, name)
         self._adapters.pop(name, None)
         self._rows_set = None
 
@@ -222,15 +223,9 @@ class AdapterServer:
             return
         self._rows_set = None
         try:
-            claims = self.pm.hook.ftengine_set_adapter_rows(model=self.model, names=None if names is None else list(names))
-            unclaimed = set(names or ()) - {None} - {name for claim in claims for name in claim or ()}
-            if unclaimed:
-                raise AdapterError(
-                    f"adapter '{sorted(unclaimed)[0]}' cannot be served one row at a time: the plugin that loaded it does not "
-                    f"implement ftengine_set_adapter_rows"
-                )
+            adapter_methods(self.pm).set_rows(self.model, None if names is None else list(names))
         except Exception:
-            self.pm.hook.ftengine_set_adapter_rows(model=self.model, names=None)
+            adapter_methods(self.pm).set_rows(self.model, None)
             raise
         self._rows_set = names
 

@@ -58,7 +58,7 @@ class RunState:
     max_steps: int = 0
     epoch: int = 0
     tokens_seen: int = 0
-    #: The name of the adapter this run trains (``ftengine_adapter_name``); ``None`` when the
+    #: The name of the adapter this run trains (``AdapterMethod.adapter_name``); ``None`` when the
     #: method trains the model's own weights (full fine-tuning).
     adapter_name: str | None = None
     #: What ``ftengine.build.build`` reports: weight bytes before/after quantisation, trainable names.

@@ -6,7 +6,7 @@ tests/test_docs.py fails when docs/hooks.md is out of date, so the reference can
 import inspect
 from pathlib import Path
 
-from ftengine import hookspecs
+from ftengine import hookspecs, methods
 from ftengine.plugins.lora import hookspecs as lora_hookspecs
 
 HEADER = """# Hook reference
@@ -40,8 +40,18 @@ def render_specs(module):
     return parts
 
 
+def render_protocol():
+    """The members of ``ftengine.AdapterMethod``, in source order."""
+    parts = ["\n# Adapter methods: `ftengine.AdapterMethod`\n\n", inspect.getdoc(methods), "\n"]
+    for member in methods.MEMBERS:
+        function = getattr(methods.AdapterMethod, member)
+        parts.append(f"\n## `AdapterMethod.{member}{signature(function).replace('(self, ', '(').replace('(self)', '()')}`\n")
+        parts.append("\n" + inspect.getdoc(function) + "\n")
+    return parts
+
+
 def render():
-    parts = [HEADER, inspect.getdoc(hookspecs), "\n", *render_specs(hookspecs)]
+    parts = [HEADER, inspect.getdoc(hookspecs), "\n", *render_specs(hookspecs), *render_protocol()]
     parts += ["\n# Hooks added by the `lora` plugin\n\n", inspect.getdoc(lora_hookspecs), "\n", *render_specs(lora_hookspecs)]
     return "".join(parts)
 

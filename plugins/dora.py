@@ -87,10 +87,3 @@ DORA = DoraVariant()
 @hookimpl
 def ftengine_lora_variant():
     return DORA
-
-
-@hookimpl
-def ftengine_adapter_plugins(adapter_config):
-    if adapter_config.get("peft_type") == "LORA" and adapter_config.get(DORA.peft_flag):
-        return ["lora", "dora"]
-    return None

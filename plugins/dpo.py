@@ -11,7 +11,7 @@ Every micro-batch is one forward pass over ``[chosen rows; rejected rows]`` (``2
 padded together). The reference model is never a second copy when an adapter plugin trains:
 
 * adapters (lora, dora, qlora, prompt_tuning): the same model with its adapters switched off
-  (``ftengine_set_active_adapter(name=None)``), or, with ``dpo.init_adapter``, with the starting
+  (``activate(None)`` on the adapter methods), or, with ``dpo.init_adapter``, with the starting
   adapter loaded a second time, frozen, under the name ``dpo_reference`` (as TRL does);
 * ``full``: a frozen copy made when training starts (reloaded from ``model`` on resume, as the
   trained weights are no reference);
@@ -47,7 +47,8 @@ from ftengine.data import (
     require_str,
     tokenize_with_mask,
 )
-from ftengine.errors import DataError, FtengineError
+from ftengine.errors import AdapterError, DataError, FtengineError
+from ftengine.methods import adapter_methods
 from ftengine.modeling import autocast, eval_mode, target_logits, to_device
 from ftengine.pluginmanager import plugin_attribute
 from ftengine.state import LossOutput
@@ -248,12 +249,12 @@ class Reference:
     def compute(self, model, batch):
         if self.frozen is not None:
             return sequence_logps(self.frozen, batch)
-        self.pm.hook.ftengine_set_active_adapter(model=model, name=self.adapter)
+        adapter_methods(self.pm).activate(model, self.adapter)
         try:
             with eval_mode(model):
                 return sequence_logps(model, batch)
         finally:
-            self.pm.hook.ftengine_set_active_adapter(model=model, name=self.trained_adapter)
+            adapter_methods(self.pm).activate(model, self.trained_adapter)
 
     def logps(self, model, batch):
         if self.cache is None:
@@ -279,18 +280,18 @@ def load_reference_adapter(model, state):
     config, pm = state.config, state.pm
     path = Path(config.dpo.init_adapter)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    loaded = pm.hook.ftengine_load_adapter(model=model, path=path, name=REFERENCE_ADAPTER, config=config, pluginmanager=pm)
-    if loaded is None:
-        raise FtengineError(
-            f"dpo.init_adapter: no active plugin loads the adapter in {path}; activate the plugin that trained it"
-        )
+    methods = adapter_methods(pm)
+    try:
+        loaded = methods.load(model, path, REFERENCE_ADAPTER, config)
+    except AdapterError as exc:
+        raise FtengineError(f"dpo.init_adapter: {exc}") from None
     if loaded is not model:
         raise FtengineError(
             f"dpo.init_adapter: loading {path} replaced the model; the method plugin must load adapters into the model in place"
         )
     trained = state.adapter_name
     # Loading may make the new adapter the active one; training goes on with the trained one.
-    pm.hook.ftengine_set_active_adapter(model=model, name=trained)
+    methods.activate(model, trained)
     reference = {}
     for name, param in model.named_parameters():
         if name not in trainable:

@@ -11,7 +11,7 @@ to ``input_ids`` and the SFT and DPO losses need no change (virtual tokens never
 
 Adapters are saved and loaded in PEFT's ``PROMPT_TUNING`` format: ``adapter_config.json`` and
 ``adapter_model.safetensors`` holding one tensor ``prompt_embeddings`` ``[V, D]``. Several
-prompts can be loaded under different names and switched with ``ftengine_set_active_adapter``;
+prompts can be loaded under different names and switched (``AdapterMethod.activate``);
 ``None`` switches the virtual tokens off (the base model, DPO's reference).
 """
 
@@ -23,7 +23,6 @@ from ftengine import hookimpl
 from ftengine.adapters import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    check_adapter_name,
     read_adapter_config,
     read_adapter_tensors,
     write_adapter,
@@ -235,67 +234,75 @@ def ftengine_validate(config):
 
 
 @hookimpl
-def ftengine_wrap_model(model, tokenizer, config, training):
-    if not training:
-        return None  # the wrapper comes with the first loaded prompt (ftengine_load_adapter)
-    wrapper = PromptTuningModel(model)
-    options = config.prompt_tuning
-    wrapper.add_prompt(ADAPTER_NAME, initial_prompt(model, tokenizer, options), peft_config(model, options))
-    return wrapper
+def ftengine_adapter_methods():
+    return [PROMPT_TUNING]
 
 
-@hookimpl
-def ftengine_adapter_name():
-    return ADAPTER_NAME
+class PromptTuningMethod:
+    """Prompts as an ``ftengine.AdapterMethod``: the first one wraps the model in a
+    ``PromptTuningModel``, which holds them all by name."""
 
+    def inject(self, model, tokenizer, config):
+        wrapper = PromptTuningModel(model)
+        options = config.prompt_tuning
+        wrapper.add_prompt(ADAPTER_NAME, initial_prompt(model, tokenizer, options), peft_config(model, options))
+        return wrapper
 
-@hookimpl
-def ftengine_trainable_params(model):
-    if not isinstance(model, PromptTuningModel):
-        return []
-    return [f"prompt_embeddings.{name}" for name in model.prompt_embeddings]
+    def adapter_name(self):
+        return ADAPTER_NAME
 
+    def trainable_names(self, model):
+        return [f"prompt_embeddings.{name}" for name in model.prompt_embeddings]
 
-@hookimpl
-def ftengine_loaded_adapters(model):
-    return list(model.prompt_embeddings) if isinstance(model, PromptTuningModel) else None
+    def save(self, model, path):
+        written = write_adapter(path, model.adapter_configs[ADAPTER_NAME], {TENSOR_KEY: model.prompt_embeddings[ADAPTER_NAME]})
+        return [str(p) for p in written]
 
+    def claims(self, adapter_config):
+        return ["prompt_tuning"] if adapter_config.get("peft_type") == "PROMPT_TUNING" else None
 
-@hookimpl
-def ftengine_set_active_adapter(model, name):
-    if isinstance(model, PromptTuningModel):
-        model.set_active_adapter(name if name in model.prompt_embeddings else None)  # another method's: off
+    def load(self, model, path, name):
+        adapter_config, prompt = read_adapter(path)
+        width = model.get_input_embeddings().weight.shape[1]
+        if prompt.shape[1] != width:
+            raise AdapterError(f"{path}: '{TENSOR_KEY}' has token_dim {prompt.shape[1]} but the model's embeddings have {width}")
+        wrapper = model if isinstance(model, PromptTuningModel) else PromptTuningModel(model)
+        wrapper.add_prompt(name, prompt.to(wrapper.device), adapter_config)
+        return wrapper
 
+    def loaded(self, model):
+        return list(model.prompt_embeddings) if isinstance(model, PromptTuningModel) else []
 
-@hookimpl
-def ftengine_set_adapter_rows(model, names):
-    """Prompts are not mixed in a batch: each adds its own number of positions before the
-    input, which shifts every row's cache and positions differently."""
-    if not isinstance(model, PromptTuningModel) or names is None:
-        return
-    for name in names:
-        if name in model.prompt_embeddings:
-            raise AdapterError(
-                f"'{name}' is a prompt-tuning adapter, which cannot share a batch row by row with other adapters; "
-                f"generate with it alone (ftengine generate --adapter {name}=DIR)"
-            )
+    def activate(self, model, name):
+        model.set_active_adapter(name)
 
+    def set_rows(self, model, names):
+        """Prompts are not mixed in a batch: each adds its own number of positions before the
+        input, which shifts every row's cache and positions differently."""
+        for name in names or ():
+            if name is not None:
+                raise AdapterError(
+                    f"'{name}' is a prompt-tuning adapter, which cannot share a batch row by row with other adapters; "
+                    f"generate with it alone (ftengine generate --adapter {name}=DIR)"
+                )
 
-@hookimpl
-def ftengine_delete_adapter(model, name):
-    if isinstance(model, PromptTuningModel) and name in model.prompt_embeddings:
+    def merge(self):
+        raise AdapterError("a prompt-tuning adapter cannot be merged into the weights: load it with the base model instead")
+
+    def unmerge(self):
+        pass  # nothing is ever merged
+
+    def unwrap(self):
+        pass  # nothing is ever merged
+
+    def delete(self, model, name):
         del model.prompt_embeddings[name]
         model.adapter_configs.pop(name, None)
         if model.active_adapter == name:
             model.active_adapter = None
 
 
-@hookimpl
-def ftengine_save_model(model, path):
-    if not isinstance(model, PromptTuningModel) or ADAPTER_NAME not in model.prompt_embeddings:
-        return None
-    written = write_adapter(path, model.adapter_configs[ADAPTER_NAME], {TENSOR_KEY: model.prompt_embeddings[ADAPTER_NAME]})
-    return [str(p) for p in written]
+PROMPT_TUNING = PromptTuningMethod()
 
 
 def read_adapter(path):
@@ -320,29 +327,3 @@ def read_adapter(path):
     if tuple(prompt.shape) != expected:
         raise AdapterError(f"{path / WEIGHTS_FILE}: '{TENSOR_KEY}' has shape {tuple(prompt.shape)}, its config says {expected}")
     return adapter_config, prompt
-
-
-@hookimpl
-def ftengine_adapter_plugins(adapter_config):
-    return ["prompt_tuning"] if adapter_config.get("peft_type") == "PROMPT_TUNING" else None
-
-
-@hookimpl
-def ftengine_load_adapter(model, path, name):
-    adapter = read_adapter(path)
-    if adapter is None:
-        return None
-    adapter_config, prompt = adapter
-    check_adapter_name(name, model.prompt_embeddings if isinstance(model, PromptTuningModel) else (), path)
-    width = model.get_input_embeddings().weight.shape[1]
-    if prompt.shape[1] != width:
-        raise AdapterError(f"{path}: '{TENSOR_KEY}' has token_dim {prompt.shape[1]} but the model's embeddings have {width}")
-    wrapper = model if isinstance(model, PromptTuningModel) else PromptTuningModel(model)
-    wrapper.add_prompt(name, prompt.to(wrapper.device), adapter_config)
-    return wrapper
-
-
-@hookimpl
-def ftengine_merge_adapters(model):
-    if isinstance(model, PromptTuningModel):
-        raise AdapterError("a prompt-tuning adapter cannot be merged into the weights: load it with the base model instead")

@@ -9,7 +9,7 @@ adapters train. Embeddings, norms and ``lm_head`` keep their dtype.
 
 The quantised weights never leave the process: the adapter is saved by ``lora`` in PEFT
 format and loads on a full-precision or a 4-bit base. ``ftengine merge --plugin qlora``
-dequantises the base first (``ftengine_merge_adapters``), so the merged model is a plain
+dequantises the base first (``ftengine_dequantize_model``), so the merged model is a plain
 transformers model holding the dequantised base plus the adapter; see ``docs/qlora.md`` for
 why merging back into 4 bits is not offered.
 """
@@ -239,8 +239,8 @@ def dequantize_model(model):
         replace_module(model, name, dequantize_linear(module))
 
 
-@hookimpl(tryfirst=True)
-def ftengine_merge_adapters(model):
+@hookimpl
+def ftengine_dequantize_model(model):
     # LoRA merges into base_layer.weight, which must be a real float tensor; re-quantising the
     # merged weight would add a second rounding error on top of NF4's (PEFT#2105).
     dequantize_model(model)

@@ -12,7 +12,6 @@ import torch
 from ftengine.adapters import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    plugins_for_adapter,
     read_adapter_config,
     read_adapter_tensors,
     short_target_names,
@@ -22,6 +21,7 @@ from ftengine.build import build, configure
 from ftengine.errors import AdapterError
 from ftengine.inference import load_for_inference
 from ftengine.loop import save
+from ftengine.methods import adapter_methods, plugins_for_adapter
 from ftengine.pluginmanager import builtin_plugins
 
 CORE = Path(__file__).resolve().parent.parent / "core"
@@ -109,7 +109,7 @@ def test_a_second_adapter_under_a_loaded_name_is_refused(tiny_model_dir, tmp_pat
     model, _, pm = load_for_inference(str(tiny_model_dir), {"a": saved})
     config, _ = configure(plugins=plugins, base={"model": str(tiny_model_dir)}, require_data=False)
     with pytest.raises(AdapterError, match="an adapter named 'a' is already loaded"):
-        pm.hook.ftengine_load_adapter(model=model, path=saved, name="a", config=config, pluginmanager=pm)
+        adapter_methods(pm).load(model, saved, "a", config)
 
 
 # --------------------------------------------------------------------------------------------

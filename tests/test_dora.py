@@ -7,6 +7,7 @@ from ftengine.adapter_contract import AdapterContract
 from ftengine.build import build, configure
 from ftengine.errors import AdapterError, PluginError
 from ftengine.loop import save
+from ftengine.methods import adapter_methods
 from ftengine.plugins.dora import DORA
 from ftengine.plugins.lora.layer import LoraLinear, dense_weight, lora_layers
 from torch import nn
@@ -141,7 +142,7 @@ def test_a_dora_adapter_needs_the_dora_plugin_to_load(tiny_model_dir, tmp_path):
     config, pm = configure(plugins=["lora"], base={"model": str(tiny_model_dir)}, require_data=False)
     model, _, _ = build(config, pm, training=False)
     with pytest.raises(AdapterError, match="a DoRA adapter \\(use_dora: true\\); activate the dora plugin \\(--plugin dora\\)"):
-        pm.hook.ftengine_load_adapter(model=model, path=path, name="d", config=config, pluginmanager=pm)
+        adapter_methods(pm).load(model, path, "d", config)
     assert not lora_layers(model)
 
 

@@ -15,6 +15,7 @@ from ftengine.build import build, configure
 from ftengine.data import IGNORE_INDEX
 from ftengine.errors import ConfigError, DataError, FtengineError
 from ftengine.loop import save, train
+from ftengine.methods import adapter_methods
 from ftengine.plugins import dpo
 from ftengine.state import RunState
 from ftengine.testing import KillAfter, LogitsOnly, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
@@ -64,7 +65,7 @@ def records(output_dir):
 
 def start(config, pm, model, tokenizer, tmp_path):
     """The state a run has when its first loss is computed (``ftengine_on_train_start`` done)."""
-    adapter_name = pm.hook.ftengine_adapter_name(config=config)
+    adapter_name = adapter_methods(pm).adapter_name(config)
     state = RunState(config=config, pm=pm, output_dir=tmp_path / "out", device=torch.device("cpu"), adapter_name=adapter_name)
     state.output_dir.mkdir(parents=True, exist_ok=True)
     datasets = pm.hook.ftengine_load_dataset(config=config, tokenizer=tokenizer)

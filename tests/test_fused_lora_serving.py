@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ftengine.methods import adapter_methods
 from ftengine.serving import AdapterServer
 from test_serving import save_adapter
 from torch import nn
@@ -191,11 +192,11 @@ def test_a_mixed_batch_gives_the_same_logits_with_the_kernel(servers):
     input_ids = torch.randint(0, 256, (len(ROWS), 6), generator=torch.Generator().manual_seed(0))
     logits = []
     for server in servers:
-        server.pm.hook.ftengine_set_adapter_rows(model=server.model, names=ROWS)
+        adapter_methods(server.pm).set_rows(server.model, ROWS)
         try:
             logits.append(server.model(input_ids=input_ids).logits)
         finally:
-            server.pm.hook.ftengine_set_adapter_rows(model=server.model, names=None)
+            adapter_methods(server.pm).set_rows(server.model, None)
     assert_close(logits[1], logits[0], torch.float32, "logits")
 
 

@@ -14,6 +14,7 @@ from ftengine.build import build, configure
 from ftengine.errors import AdapterError, ConfigError
 from ftengine.inference import set_adapter
 from ftengine.loop import save, train
+from ftengine.methods import adapter_methods
 from ftengine.plugins.lora.layer import LoraLinear, lora_layers, lora_scaling
 from ftengine.state import RunState
 from ftengine.testing import KillAfter, save_tiny_model, sft_rows, write_jsonl
@@ -135,7 +136,7 @@ def test_the_base_is_frozen_and_never_copied(tiny_model_dir, tmp_path):
         for ab, shape in zip("AB", lora_shapes(model.get_submodule(path), 4))
     }
     linears = {path: model.get_submodule(path) for path in ALL_LINEAR}
-    run.pm.hook.ftengine_inject_adapters(model=model, config=run.config, pluginmanager=run.pm, training=True)
+    adapter_methods(run.pm).inject(model, run.tokenizer, run.config)
     assert all(model.get_submodule(path).base_layer is linear for path, linear in linears.items())
 
 
@@ -278,8 +279,8 @@ def inference_build(model_dir, plugins=("lora",)):
 
 def load(model_dir, path, name="x", plugins=("lora",)):
     model, config, pm = inference_build(model_dir, plugins)
-    model = pm.hook.ftengine_load_adapter(model=model, path=path, name=name, config=config, pluginmanager=pm)
-    pm.hook.ftengine_set_active_adapter(model=model, name=name)
+    model = adapter_methods(pm).load(model, path, name, config)
+    adapter_methods(pm).activate(model, name)
     return model
 
 
@@ -319,7 +320,7 @@ def test_shape_mismatch_names_the_first_module_and_both_shapes_and_changes_nothi
     model, config, pm = inference_build(other_dir)
     before = snapshot(model)
     with pytest.raises(AdapterError) as error:
-        pm.hook.ftengine_load_adapter(model=model, path=path, name="x", config=config, pluginmanager=pm)
+        adapter_methods(pm).load(model, path, "x", config)
     assert (
         "module 'model.layers.0.self_attn.q_proj': lora_A.weight has shape [4, 32] in the adapter but the base model needs [4, 48]"
         in str(error.value)
@@ -337,12 +338,12 @@ def test_missing_module_is_named_and_changes_nothing_even_next_to_a_loaded_adapt
     save_file(
         {k: v for k, v in tensors.items() if ".layers.0." in k}, layer0 / "adapter_model.safetensors", metadata={"format": "pt"}
     )
-    pm.hook.ftengine_load_adapter(model=model, path=layer0, name="first", config=config, pluginmanager=pm)
+    adapter_methods(pm).load(model, layer0, "first", config)
     before = snapshot(model)
     with pytest.raises(
         AdapterError, match="weights for module 'model.layers.1.self_attn.q_proj', which the base model does not have"
     ):
-        pm.hook.ftengine_load_adapter(model=model, path=path, name="x", config=config, pluginmanager=pm)
+        adapter_methods(pm).load(model, path, "x", config)
     assert_unchanged(model, before)
 
 
@@ -385,11 +386,11 @@ def test_peft_options_ftengine_cannot_honour_are_errors(saved_adapter, tiny_mode
 def test_loading_twice_under_one_name_or_under_a_bad_name_is_an_error(saved_adapter, tiny_model_dir):
     path, _ = saved_adapter
     model, config, pm = inference_build(tiny_model_dir)
-    pm.hook.ftengine_load_adapter(model=model, path=path, name="x", config=config, pluginmanager=pm)
+    adapter_methods(pm).load(model, path, "x", config)
     with pytest.raises(AdapterError, match="an adapter named 'x' is already loaded"):
-        pm.hook.ftengine_load_adapter(model=model, path=path, name="x", config=config, pluginmanager=pm)
+        adapter_methods(pm).load(model, path, "x", config)
     with pytest.raises(AdapterError, match="adapter name 'x.y' must be non-empty and without dots"):
-        pm.hook.ftengine_load_adapter(model=model, path=path, name="x.y", config=config, pluginmanager=pm)
+        adapter_methods(pm).load(model, path, "x.y", config)
 
 
 # --------------------------------------------------------------------------------------------

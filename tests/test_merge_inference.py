@@ -8,6 +8,7 @@ from ftengine.cli import cli
 from ftengine.errors import AdapterError
 from ftengine.inference import generate, load_for_inference, set_adapter
 from ftengine.loop import save
+from ftengine.methods import adapter_methods
 from ftengine.plugins.lora.layer import lora_layers, unwrap_merged
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -99,10 +100,10 @@ def test_hot_swap_gives_each_adapters_own_outputs_without_reloading(two_adapters
 
 def test_swapping_a_merged_adapter_unmerges_it_first(two_adapters, tiny_model_dir, base_logits):
     model, _, pm = load_for_inference(str(tiny_model_dir), {name: path for name, (path, _) in two_adapters.items()})
-    pm.hook.ftengine_merge_adapters(model=model)
+    adapter_methods(pm).merge(model)
     set_adapter(model, pm, "dora")
     torch.testing.assert_close(logits(model), two_adapters["dora"][1], atol=1e-5, rtol=0)
-    pm.hook.ftengine_merge_adapters(model=model)
+    adapter_methods(pm).merge(model)
     set_adapter(model, pm, None)
     torch.testing.assert_close(logits(model), base_logits, atol=1e-5, rtol=0)
 

@@ -11,6 +11,7 @@ from ftengine.build import build, configure
 from ftengine.errors import AdapterError, ConfigError, PluginError
 from ftengine.inference import load_for_inference, set_adapter
 from ftengine.loop import save, train
+from ftengine.methods import adapter_methods
 from ftengine.plugins.prompt_tuning import PromptTuningModel
 from ftengine.testing import greedy_without_cache, sft_rows, tiny_model, write_jsonl
 from safetensors import safe_open
@@ -30,7 +31,7 @@ class TestPromptTuningContract(AdapterContract):
         )
 
     def test_disabled_at_initialisation_equals_base(self, run, base_logits):
-        run.pm.hook.ftengine_set_active_adapter(model=run.model, name=None)
+        adapter_methods(run.pm).activate(run.model, None)
         torch.testing.assert_close(self.logits(run.model), base_logits, atol=self.atol, rtol=0)
 
 
@@ -244,7 +245,7 @@ def test_we_load_peft_with_identical_logits(tiny_model_dir, peft_adapter):
     assert isinstance(model, PromptTuningModel) and model.active_adapter == "peft"
     inputs = AdapterContract.inputs()
     torch.testing.assert_close(real_token_logits(model, inputs), real_token_logits(theirs.eval(), inputs), rtol=0, atol=1e-6)
-    pm.hook.ftengine_set_active_adapter(model=model, name=None)
+    adapter_methods(pm).activate(model, None)
     torch.testing.assert_close(real_token_logits(model, inputs), real_token_logits(tiny_model(), inputs), rtol=0, atol=1e-6)
 
 
@@ -256,14 +257,14 @@ def test_a_prompt_of_another_width_is_refused_and_the_model_is_unchanged(tiny_mo
     save_file({"prompt_embeddings": torch.zeros(VIRTUAL, 16)}, bad / "adapter_model.safetensors")
     run = build_run(tiny_model_dir, tmp_path)
     with pytest.raises(AdapterError, match="token_dim 16"):
-        run.pm.hook.ftengine_load_adapter(model=run.model, path=bad, name="bad", config=run.config, pluginmanager=run.pm)
+        adapter_methods(run.pm).load(run.model, bad, "bad", run.config)
     assert list(run.model.prompt_embeddings) == ["default"]
 
 
 def test_merging_a_prompt_is_refused(tiny_model_dir, tmp_path):
     run = build_run(tiny_model_dir, tmp_path)
     with pytest.raises(AdapterError, match="cannot be merged"):
-        run.pm.hook.ftengine_merge_adapters(model=run.model)
+        adapter_methods(run.pm).merge(run.model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from ftengine.build import build, configure
 from ftengine.errors import ConfigError, PluginError
 from ftengine.inference import load_for_inference, merge_adapter
 from ftengine.loop import train
+from ftengine.methods import adapter_methods
 from ftengine.plugins import qlora
 from ftengine.plugins.lora.layer import dense_weight, lora_layers
 from ftengine.state import RunState
@@ -252,7 +253,7 @@ def test_merge_dequantizes_and_saves_a_plain_model(workdir, trained, tmp_path):
 def test_merge_replaces_every_4bit_layer_even_unadapted_ones(workdir, tmp_path):
     config, pm = configure(None, ["lora", "qlora"], overrides(workdir, "out", "lora.target_modules=[q_proj]"))
     model, _, _ = build(config, pm)
-    pm.hook.ftengine_merge_adapters(model=model)
+    adapter_methods(pm).merge(model)
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
 
@@ -262,7 +263,7 @@ def test_dora_on_4bit_base_trains_and_merges(workdir):
     summary = train(config, pm)
     model, pm = for_inference(workdir, summary["saved"])
     unmerged = logits(model)
-    pm.hook.ftengine_merge_adapters(model=model)
+    adapter_methods(pm).merge(model)
     torch.testing.assert_close(logits(model), unmerged, rtol=0, atol=MERGE_ATOL)
 
 
@@ -283,8 +284,8 @@ class TestQloraContract(AdapterContract):
         dense = {path: dense_weight(layer.base_layer).clone() for path, layer in lora_layers(run.model)}
         self.perturb(run.model, run.info["trainable"])
         unmerged = self.logits(run.model)
-        run.pm.hook.ftengine_merge_adapters(model=run.model)
-        run.pm.hook.ftengine_unmerge_adapters(model=run.model)
+        adapter_methods(run.pm).merge(run.model)
+        adapter_methods(run.pm).unmerge(run.model)
         for path, layer in lora_layers(run.model):
             torch.testing.assert_close(layer.base_layer.weight, dense[path], atol=self.unmerge_atol, rtol=0, msg=path)
         torch.testing.assert_close(self.logits(run.model), unmerged, atol=self.atol, rtol=0)

@@ -6,6 +6,7 @@ from ftengine.adapter_contract import AdapterContract
 from ftengine.errors import AdapterError
 from ftengine.inference import set_adapter
 from ftengine.loop import save
+from ftengine.methods import adapter_methods
 from ftengine.serving import AdapterServer, ContextLengthError, RequestError, UnknownModelError
 from ftengine.testing import greedy_without_cache, save_tiny_model
 
@@ -54,11 +55,11 @@ def one_at_a_time(server, name, **inputs):
 @torch.no_grad()
 def test_a_mixed_batch_gives_each_row_the_logits_of_its_adapter_alone(server):
     input_ids = torch.randint(0, 256, (len(ROWS), 12), generator=torch.Generator().manual_seed(0))
-    server.pm.hook.ftengine_set_adapter_rows(model=server.model, names=ROWS)
+    adapter_methods(server.pm).set_rows(server.model, ROWS)
     try:
         mixed = server.model(input_ids=input_ids).logits
     finally:
-        server.pm.hook.ftengine_set_adapter_rows(model=server.model, names=None)
+        adapter_methods(server.pm).set_rows(server.model, None)
     alone = torch.cat([one_at_a_time(server, name, input_ids=input_ids[i : i + 1]) for i, name in enumerate(ROWS)])
     torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=0)
     # Every adapter changes the output, so a row given the wrong adapter would fail above.

@@ -19,6 +19,7 @@ from ftengine.cli import cli
 from ftengine.errors import AdapterError, ConfigError
 from ftengine.inference import load_for_inference, set_adapter
 from ftengine.loop import save, train
+from ftengine.methods import adapter_methods
 from ftengine.pluginmanager import active_names
 from ftengine.testing import greedy_without_cache, sft_rows, tiny_model, tiny_tokenizer, write_jsonl
 from safetensors import safe_open
@@ -262,8 +263,8 @@ def test_merge_command_writes_a_plain_model_with_the_adapter_logits(trained_run,
 
 
 def test_dpo_trains_the_adapter_against_the_model_with_adapters_off(tiny_model_dir, tmp_path):
-    """DPO names no method: it finds the adapter through ``ftengine_adapter_name`` and takes its
-    reference with ``ftengine_set_active_adapter(None)``."""
+    """DPO names no method: it finds the adapter through ``AdapterMethod.adapter_name`` and takes its
+    reference with the adapters off (``activate(None)``)."""
     rows = [
         {"prompt": f"Reverse: {w}", "chosen": w[::-1], "rejected": w}
         for w in ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
@@ -271,7 +272,7 @@ def test_dpo_trains_the_adapter_against_the_model_with_adapters_off(tiny_model_d
     prefs = write_jsonl(tmp_path / "prefs.jsonl", rows)
     overrides = [f"model={tiny_model_dir}", f"data.train={prefs}", f"data.eval={prefs}", f"output_dir={tmp_path / 'out'}"]
     config, pm = configure(None, ["ia3", "dpo"], [*overrides, "train.batch_size=8", "train.max_steps=20", "train.lr=1e-1"])
-    assert pm.hook.ftengine_adapter_name(config=config) == "default"
+    assert adapter_methods(pm).adapter_name(config) == "default"
     summary = train(config, pm, eval_before=True)
     before, after = summary["before"], summary["after"]
     assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at init
@@ -289,7 +290,7 @@ def test_a_second_adapter_under_a_loaded_name_is_refused(tiny_model_dir, tmp_pat
     model, _, pm = load_for_inference(str(tiny_model_dir), {"a": path})
     for name, message in (("a", "an adapter named 'a' is already loaded"), ("a.b", "must be non-empty and without dots")):
         with pytest.raises(AdapterError, match=re.escape(f"{path}: ") + r".*" + re.escape(message)):
-            pm.hook.ftengine_load_adapter(model=model, path=path, name=name, config=None, pluginmanager=pm)
+            adapter_methods(pm).load(model, path, name, None)
     torch.testing.assert_close(logits(model), expected, atol=ATOL, rtol=0)
 
 
@@ -305,7 +306,7 @@ def test_an_adapter_that_does_not_fit_leaves_the_model_unchanged(tiny_model_dir,
     save_file(tensors, bad / "adapter_model.safetensors", metadata={"format": "pt"})
     model, _, pm = load_for_inference(str(tiny_model_dir), {"a": path})
     with pytest.raises(AdapterError, match=r"down_proj\.ia3_l' has shape \[64, 1\] but the base model needs \[1, 64\]"):
-        pm.hook.ftengine_load_adapter(model=model, path=bad, name="b", config=None, pluginmanager=pm)
+        adapter_methods(pm).load(model, bad, "b", None)
     assert all(set(layer.ia3_l) == {"a"} for _, layer in ia3_layers(model))
     torch.testing.assert_close(logits(model), expected, atol=ATOL, rtol=0)
 

@@ -13,7 +13,7 @@ tokens; decode tokens/s counts the tokens after the first (the prefill is timed 
 
 * ``base``: 8 rows, the base layers alone; ``one adapter``: 8 rows of one adapter through the layer's
   single-adapter path (the adapter globally active, as training runs it);
-* ``mixed k``: 8 rows over k = 1, 2, 4, 8 adapters in one batch (``ftengine_set_adapter_rows``);
+* ``mixed k``: 8 rows over k = 1, 2, 4, 8 adapters in one batch (``AdapterMethod.set_rows``);
 * ``grouped``: the 8 rows over 4 adapters as 4 sequential batches of 2, one adapter active each;
 * ``naive``: batch size 1, swapping the active adapter before each of the 8 requests.
 * ``mixed k fused`` (``--fused``, CUDA only): as ``mixed k`` with ``fused_lora`` active, every

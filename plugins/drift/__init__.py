@@ -19,7 +19,7 @@ threshold (on the main process only).
 The base model is never a second copy:
 
 * with adapters (lora, dora, qlora, prompt_tuning) it is the same model with its adapters off
-  (``ftengine_set_active_adapter(name=None)``), at every evaluation;
+  (``activate(None)`` on the adapter methods), at every evaluation;
 * when the run trains the model's own weights (``full``: ``RunState.adapter_name`` is ``None``)
   the base answers, their log-probabilities over the whole vocabulary and the base perplexity
   are computed once, before the first step (``ftengine_on_train_start``, or the first
@@ -50,6 +50,7 @@ from ftengine.config import Section
 from ftengine.data import IGNORE_INDEX, pad_batch, render_chat, render_prompt, require_messages, tokenize_with_mask
 from ftengine.errors import DataError
 from ftengine.loop import to_device
+from ftengine.methods import adapter_methods
 from ftengine.modeling import autocast, eval_mode, generate_greedy, stop_token_ids, target_logits
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
@@ -228,11 +229,12 @@ def base_model(model, state):
     if state.adapter_name is None:
         yield model
         return
-    state.pm.hook.ftengine_set_active_adapter(model=model, name=None)
+    methods = adapter_methods(state.pm)
+    methods.activate(model, None)
     try:
         yield model
     finally:
-        state.pm.hook.ftengine_set_active_adapter(model=model, name=state.adapter_name)
+        methods.activate(model, state.adapter_name)
 
 
 @dataclass

@@ -9,7 +9,7 @@ dequantised inside the GEMMs), or ``None`` where the fused path does not apply, 
 then runs eagerly. Each layer keeps the answers it got (``layer.fused_lora_decisions``), and
 ``summary(model)`` says in one line what was fused in a model and why the rest was not.
 
-Mixed-adapter batches (serving, ``ftengine_set_adapter_rows``): ``lora`` calls
+Mixed-adapter batches (serving, ``AdapterMethod.set_rows``): ``lora`` calls
 ``ftengine_lora_rows_kernel(layer)`` when it loads an adapter into a layer; this plugin answers
 with a forward built on ``kernel.mixed_lora_`` (every row's own LoRA/DoRA update added to the
 base output in one launch, reading the layer's adapter stack by slot), kept in

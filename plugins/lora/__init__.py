@@ -18,7 +18,7 @@ from typing import Annotated, ClassVar, Literal
 
 import torch
 from ftengine import hookimpl
-from ftengine.adapters import CONFIG_FILE, adapter_name_problem, check_adapter_name
+from ftengine.adapters import CONFIG_FILE, adapter_name_problem
 from ftengine.config import Section, at_most, shown
 from ftengine.errors import AdapterError, ConfigError
 from pydantic import Field, PositiveInt, ValidationError
@@ -112,19 +112,6 @@ def _no_target_message(model, key, targets):
     )
 
 
-@hookimpl
-def ftengine_inject_adapters(model, config, pluginmanager, training):
-    """Add the adapter to train; a model built for inference or merging gets its adapters from files."""
-    if not training:
-        return
-    options = config.lora
-    paths = select_targets(model, options.target_modules)
-    if not paths:
-        raise ConfigError([_no_target_message(model, "lora.target_modules", options.target_modules)])
-    for layer in _inject(model, paths, options, pluginmanager.hook.ftengine_lora_variant(config=config)):
-        layer.set_active_adapter(options.adapter_name)
-
-
 def _inject(model, paths, options, variant):
     """Wrap the layers at ``paths`` with adapter ``options.adapter_name`` made from ``options``."""
     return inject_adapter(
@@ -141,21 +128,6 @@ def _inject(model, paths, options, variant):
 
 
 @hookimpl
-def ftengine_adapter_name(config):
-    return config.lora.adapter_name
-
-
-@hookimpl
-def ftengine_trainable_params(model):
-    return [
-        f"{path}.{name}"
-        for path, layer in lora_layers(model)
-        for name, _ in layer.named_parameters()
-        if not name.startswith("base_layer.")
-    ]
-
-
-@hookimpl
 def ftengine_on_train_start(model, state):
     for _, layer in lora_layers(model):
         name = layer.active_adapter
@@ -164,115 +136,118 @@ def ftengine_on_train_start(model, state):
 
 
 @hookimpl
-def ftengine_save_model(model, tokenizer, config, path):
-    options = config.lora
-    files = peft_format.save_lora_adapter(
-        Path(path), lora_layers(model), options.adapter_name, options, config.model, linear_modules(model)
-    )
-    tokenizer.save_pretrained(path)
-    return [str(f) for f in files]
+def ftengine_adapter_methods():
+    return [LORA]
 
 
-@hookimpl
-def ftengine_load_adapter(model, path, name, config, pluginmanager):
-    """Load a PEFT LoRA/DoRA directory under ``name``; validate everything first, so a bad
-    adapter leaves the model as it was."""
-    path = Path(path)
-    adapter = peft_format.read_lora_config(path)
-    if adapter is None:
-        return None
-    peft_format.check_alpha(path, adapter["lora_alpha"])
-    try:
-        options = LoraOptions(
-            r=adapter["r"],
-            alpha=adapter["lora_alpha"],
-            dropout=adapter["lora_dropout"],
-            target_modules=adapter["target_modules"],
-            rslora=adapter["use_rslora"],
-            init="gaussian" if adapter["init_lora_weights"] == "gaussian" else "kaiming",
-            adapter_name=name,
+class LoraMethod:
+    """LoRA adapters as an ``ftengine.AdapterMethod``: each ``LoraLinear`` holds them by name."""
+
+    def inject(self, model, config, pluginmanager):
+        options = config.lora
+        paths = select_targets(model, options.target_modules)
+        if not paths:
+            raise ConfigError([_no_target_message(model, "lora.target_modules", options.target_modules)])
+        for layer in _inject(model, paths, options, pluginmanager.hook.ftengine_lora_variant(config=config)):
+            layer.set_active_adapter(options.adapter_name)
+
+    def adapter_name(self, config):
+        return config.lora.adapter_name
+
+    def trainable_names(self, model):
+        return [
+            f"{path}.{name}"
+            for path, layer in lora_layers(model)
+            for name, _ in layer.named_parameters()
+            if not name.startswith("base_layer.")
+        ]
+
+    def save(self, model, tokenizer, config, path):
+        options = config.lora
+        files = peft_format.save_lora_adapter(
+            Path(path), lora_layers(model), options.adapter_name, options, config.model, linear_modules(model)
         )
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise AdapterError(f"{path / CONFIG_FILE}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
-    variant = _variant_for_adapter(pluginmanager, config, adapter, path)
-    check_adapter_name(name, {n for _, layer in lora_layers(model) for n in layer.lora_A}, path)
+        tokenizer.save_pretrained(path)
+        return files
 
-    modules = linear_modules(model)
-    targets = select_targets(model, options.target_modules)
-    if not targets:
-        raise AdapterError(_no_target_message(model, f"{path / CONFIG_FILE}: target_modules", options.target_modules))
-    tensors = peft_format.read_lora_tensors(path)
+    def claims(self, adapter_config):
+        """LoRA's format has one variant flag, ``use_dora``, which the ``dora`` plugin loads."""
+        if adapter_config.get("peft_type") != "LORA":
+            return None
+        return ["lora", "dora"] if adapter_config.get("use_dora") else ["lora"]
 
-    def expected_shapes(module):
-        shapes = {"lora_A.weight": (options.r, module.in_features), "lora_B.weight": (module.out_features, options.r)}
-        return shapes | (variant.parameter_shapes(module) if variant is not None else {})
+    def load(self, model, path, name, config, pluginmanager):
+        """Load a PEFT LoRA/DoRA directory under ``name``; validate everything first, so a bad
+        adapter leaves the model as it was."""
+        path = Path(path)
+        adapter = peft_format.read_lora_config(path)
+        peft_format.check_alpha(path, adapter["lora_alpha"])
+        try:
+            options = LoraOptions(
+                r=adapter["r"],
+                alpha=adapter["lora_alpha"],
+                dropout=adapter["lora_dropout"],
+                target_modules=adapter["target_modules"],
+                rslora=adapter["use_rslora"],
+                init="gaussian" if adapter["init_lora_weights"] == "gaussian" else "kaiming",
+                adapter_name=name,
+            )
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise AdapterError(f"{path / CONFIG_FILE}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+        variant = _variant_for_adapter(pluginmanager, config, adapter, path)
 
-    peft_format.check_fits(path, modules, targets, tensors, expected_shapes)
-    scale = lora_scaling(options.alpha, options.r, options.rslora)
-    peft_format.check_scale(path, tensors, options.alpha, options.r, scale)
-    layers = _inject(model, targets, options, variant)
-    with torch.no_grad():
-        for target, layer in zip(targets, layers):
-            parameters = dict(layer.named_parameters())
-            for suffix, tensor in tensors[target].items():
-                parameters[peft_format.parameter_name(suffix, name)].copy_(tensor)
-    for layer in layers:  # a kernel for mixed-adapter batches (serving), if a plugin offers one
-        layer.rows_kernel = pluginmanager.hook.ftengine_lora_rows_kernel(layer=layer)
-    return model
+        modules = linear_modules(model)
+        targets = select_targets(model, options.target_modules)
+        if not targets:
+            raise AdapterError(_no_target_message(model, f"{path / CONFIG_FILE}: target_modules", options.target_modules))
+        tensors = peft_format.read_lora_tensors(path)
+
+        def expected_shapes(module):
+            shapes = {"lora_A.weight": (options.r, module.in_features), "lora_B.weight": (module.out_features, options.r)}
+            return shapes | (variant.parameter_shapes(module) if variant is not None else {})
+
+        peft_format.check_fits(path, modules, targets, tensors, expected_shapes)
+        scale = lora_scaling(options.alpha, options.r, options.rslora)
+        peft_format.check_scale(path, tensors, options.alpha, options.r, scale)
+        layers = _inject(model, targets, options, variant)
+        with torch.no_grad():
+            for target, layer in zip(targets, layers):
+                parameters = dict(layer.named_parameters())
+                for suffix, tensor in tensors[target].items():
+                    parameters[peft_format.parameter_name(suffix, name)].copy_(tensor)
+        for layer in layers:  # a kernel for mixed-adapter batches (serving), if a plugin offers one
+            layer.rows_kernel = pluginmanager.hook.ftengine_lora_rows_kernel(layer=layer)
+
+    def loaded(self, model):
+        return sorted({n for _, layer in lora_layers(model) for n in layer.lora_A})
+
+    def activate(self, model, name):
+        for _, layer in lora_layers(model):
+            layer.set_active_adapter(name)
+
+    def set_rows(self, model, names):
+        """Per-row adapters in every LoRA layer; a layer lacking a row's adapter runs its base for
+        that row (an adapter targeting fewer layers)."""
+        for _, layer in lora_layers(model):
+            layer.set_adapter_rows(names)
+
+    def merge(self, model):
+        layers = [layer for _, layer in lora_layers(model)]
+        for layer in layers:
+            layer.merge()
+        return any(layer.merged for layer in layers)
+
+    def unmerge(self, model):
+        for _, layer in lora_layers(model):
+            layer.unmerge()
+
+    def unwrap(self, model):
+        unwrap_merged(model)
+
+    def delete(self, model, name):
+        for _, layer in lora_layers(model):
+            layer.delete_adapter(name)
 
 
-@hookimpl
-def ftengine_adapter_plugins(adapter_config):
-    return ["lora"] if adapter_config.get("peft_type") == "LORA" else None
-
-
-@hookimpl
-def ftengine_loaded_adapters(model):
-    return sorted({n for _, layer in lora_layers(model) for n in layer.lora_A})
-
-
-@hookimpl
-def ftengine_set_active_adapter(model, name):
-    layers = lora_layers(model)
-    held = any(name in layer.lora_A for _, layer in layers)
-    for _, layer in layers:
-        layer.set_active_adapter(name if held else None)  # another method's adapter: LoRA off
-
-
-@hookimpl
-def ftengine_set_adapter_rows(model, names):
-    """Per-row adapters in every LoRA layer; a layer lacking a row's adapter runs its base for
-    that row (an adapter targeting fewer layers), and names no layer holds are other plugins'."""
-    layers = lora_layers(model)
-    for _, layer in layers:
-        layer.set_adapter_rows(names)
-    if names is None:
-        return None
-    held = {name for _, layer in layers for name in layer.lora_A}
-    return [name for name in dict.fromkeys(names) if name in held]
-
-
-@hookimpl
-def ftengine_delete_adapter(model, name):
-    for _, layer in lora_layers(model):
-        layer.delete_adapter(name)
-
-
-@hookimpl
-def ftengine_merge_adapters(model):
-    layers = [layer for _, layer in lora_layers(model)]
-    for layer in layers:
-        layer.merge()
-    return any(layer.merged for layer in layers) or None
-
-
-@hookimpl
-def ftengine_unmerge_adapters(model):
-    for _, layer in lora_layers(model):
-        layer.unmerge()
-
-
-@hookimpl
-def ftengine_unwrap_merged(model):
-    unwrap_merged(model)
+LORA = LoraMethod()

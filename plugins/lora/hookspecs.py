@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # annotations only
 def ftengine_lora_variant(config: Config) -> LoraVariant | None:
     """Return the variant that changes how LoRA adapters compute, or ``None`` for plain LoRA.
 
-    Called once per ``ftengine_inject_adapters`` (and per loaded adapter whose
+    Called once per ``LoraMethod.inject`` (and per loaded adapter whose
     ``adapter_config.json`` sets the variant's flag). The ``dora`` plugin returns its DoRA
     variant. A variant is an object with:
 
@@ -37,7 +37,7 @@ def ftengine_lora_variant(config: Config) -> LoraVariant | None:
     * ``forward(layer, name, x, base_output) -> output``: the layer's whole output, given
       ``x`` (cast to the adapter's dtype, dropout not yet applied) and the base layer's output;
     * ``column_scale(layer, name) -> tensor [out]`` (optional): for mixed batches
-      (``ftengine_set_adapter_rows``), the factor ``g`` in
+      (``AdapterMethod.set_rows``), the factor ``g`` in
       ``y = base + (g − 1)·(base − bias) + g·s·B A x`` that gives the variant's eval-mode output;
       a variant without it cannot share a batch with other adapters;
     * ``merge(layer, name, weight) -> (merged_weight, undo)`` and
@@ -68,9 +68,9 @@ def ftengine_lora_kernel(layer: LoraLinear, name: str) -> Callable[[torch.Tensor
 @hookspec(firstresult=True)
 def ftengine_lora_rows_kernel(layer: LoraLinear) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """Return a function computing a ``LoraLinear``'s whole output in a mixed-adapter batch
-    (``ftengine_set_adapter_rows``), or ``None`` to keep the eager gathered matmuls.
+    (``AdapterMethod.set_rows``), or ``None`` to keep the eager gathered matmuls.
 
-    Called by ``lora`` for every layer an adapter is loaded into (``ftengine_load_adapter``),
+    Called by ``lora`` for every layer an adapter is loaded into (``LoraMethod.load``),
     once per load; the result is stored in ``layer.rows_kernel``. The function is called as
     ``fn(x, slots)`` with ``x`` ``[rows, ..., in]`` and ``slots`` an integer tensor ``[rows]``
     of each row's slot in ``layer.adapter_stack()`` (0: no adapter in this layer, the base

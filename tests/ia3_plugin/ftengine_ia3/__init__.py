@@ -8,8 +8,8 @@
 Learned vectors scale the outputs of the attention targets and the inputs of the feed-forward
 targets (``layer.py``). Results are PEFT ``IA3`` adapter directories, which
 ``peft.PeftModel.from_pretrained`` loads; ftengine finds this plugin for such a directory
-through ``ftengine_adapter_plugins``. Only documented hooks and ``ftengine.adapters`` are used:
-this package is the walk-through of docs/writing-plugins.md, "Writing an adapter method".
+through ``IA3Method.claims``. This package is the code of docs/writing-plugins.md, section 6,
+"Writing an adapter method" (tests/test_plugin_api.py checks that the two are the same).
 """
 
 import re
@@ -25,6 +25,7 @@ from pydantic import Field
 from .layer import ia3_layers, inject_adapter, is_feedforward, linear_modules, select_targets, unwrap_merged, vector_shape
 
 __version__ = "0.1.0"
+ftengine_plugin_api = 1  # the major version of ftengine.PLUGIN_API this plugin is written for
 
 PLUGIN = "ia3"  # the entry-point name in pyproject.toml: what users pass to --plugin
 PEFT_TYPE = "IA3"
@@ -92,8 +93,13 @@ def ftengine_validate(config):
 
 
 # --------------------------------------------------------------------------------------------
-# build
+# the adapter method
 # --------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def ftengine_adapter_methods():
+    return [IA3Method()]
 
 
 def _no_target_message(model, key, targets):
@@ -102,34 +108,6 @@ def _no_target_message(model, key, targets):
         f"{key}: {targets!r} matches no linear layer of this model; "
         f"its linear layers are named like {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
     )
-
-
-@hookimpl
-def ftengine_inject_adapters(model, config, training):
-    """Add the adapter to train; at inference and merge (``training=False``) adapters come from files."""
-    if not training:
-        return
-    options = config.ia3
-    paths = select_targets(model, options.target_modules)
-    if not paths:
-        raise ConfigError([_no_target_message(model, "ia3.target_modules", options.target_modules)])
-    for layer in inject_adapter(model, paths, options.adapter_name, options.feedforward_modules):
-        layer.set_active_adapter(options.adapter_name)
-
-
-@hookimpl
-def ftengine_trainable_params(model):
-    return [f"{path}.ia3_l.{name}" for path, layer in ia3_layers(model) for name in layer.ia3_l]
-
-
-@hookimpl
-def ftengine_adapter_name(config):
-    return config.ia3.adapter_name
-
-
-# --------------------------------------------------------------------------------------------
-# save
-# --------------------------------------------------------------------------------------------
 
 
 def adapter_config(options, base_model, target_paths, all_paths):
@@ -151,36 +129,11 @@ def adapter_config(options, base_model, target_paths, all_paths):
     }
 
 
-@hookimpl
-def ftengine_save_model(model, tokenizer, config, path):
-    name = config.ia3.adapter_name
-    layers = [(p, layer) for p, layer in ia3_layers(model) if name in layer.ia3_l]
-    if not layers:
-        raise AdapterError(f"the model holds no (IA)³ adapter named '{name}' to save")
-    tensors = {f"{KEY_PREFIX}{p}.ia3_l": layer.ia3_l[name] for p, layer in layers}
-    files = write_adapter(
-        Path(path), adapter_config(config.ia3, config.model, [p for p, _ in layers], list(linear_modules(model))), tensors
-    )
-    tokenizer.save_pretrained(path)
-    return [str(f) for f in files]
-
-
-# --------------------------------------------------------------------------------------------
-# load, switch, merge
-# --------------------------------------------------------------------------------------------
-
-
-@hookimpl
-def ftengine_adapter_plugins(adapter_config):
-    return [PLUGIN] if adapter_config.get("peft_type") == PEFT_TYPE else None
-
-
 def _read_settings(path):
-    """``(target_modules, feedforward_modules)`` of an IA3 directory, or ``None`` for another type."""
+    """``(target_modules, feedforward_modules)`` of an IA3 directory; options this plugin does
+    not implement are refused by name."""
     where = Path(path) / "adapter_config.json"
     adapter = read_adapter_config(path)
-    if adapter.get("peft_type") != PEFT_TYPE:
-        return None
     for key in UNSUPPORTED_OPTIONS:
         if adapter.get(key) not in (None, False, [], {}):
             raise AdapterError(f"{where}: '{key}': {adapter[key]!r} is a PEFT option the ia3 plugin does not support")
@@ -193,71 +146,89 @@ def _read_settings(path):
     return targets, feedforward
 
 
-@hookimpl
-def ftengine_load_adapter(model, path, name):
-    """Load a PEFT IA3 directory under ``name``; every check comes first, so a bad adapter
-    leaves the model as it was."""
-    path = Path(path)
-    settings = _read_settings(path)
-    if settings is None:
-        return None
-    targets, feedforward = settings
-    check_adapter_name(name, loaded={n for _, layer in ia3_layers(model) for n in layer.ia3_l}, path=path)
-    paths = select_targets(model, targets)
-    if not paths:
-        raise AdapterError(_no_target_message(model, f"{path / 'adapter_config.json'}: target_modules", targets))
-    tensors = read_adapter_tensors(path)
-    where = path / "adapter_model.safetensors"
-    modules = linear_modules(model)
-    expected = {}
-    for target in paths:
-        expected[f"{KEY_PREFIX}{target}.ia3_l"] = vector_shape(modules[target], is_feedforward(target, feedforward))
-    for key in tensors:
-        if key not in expected:
-            raise AdapterError(
-                f"{where}: tensor '{key}' fits no layer that target_modules {targets!r} selects in this base model (is it the right base model?)"
-            )
-    for key, shape in expected.items():
-        if key not in tensors:
-            raise AdapterError(f"{where}: no tensor '{key}', which target_modules {targets!r} select in this base model")
-        if tuple(tensors[key].shape) != shape:
-            raise AdapterError(
-                f"{where}: '{key}' has shape {list(tensors[key].shape)} but the base model needs {list(shape)} (is it the right base model?)"
-            )
-    layers = inject_adapter(model, paths, name, feedforward)
-    with torch.no_grad():
-        for target, layer in zip(paths, layers):
-            layer.ia3_l[name].copy_(tensors[f"{KEY_PREFIX}{target}.ia3_l"])
-    return model
+class IA3Method:
+    """(IA)³ as an ``ftengine.AdapterMethod``. The core sends each call to the method that holds
+    the adapter, with names it has checked: nothing here asks whether an adapter is ours."""
 
+    def inject(self, model, config):
+        """Add the adapter to train, active."""
+        options = config.ia3
+        paths = select_targets(model, options.target_modules)
+        if not paths:
+            raise ConfigError([_no_target_message(model, "ia3.target_modules", options.target_modules)])
+        for layer in inject_adapter(model, paths, options.adapter_name, options.feedforward_modules):
+            layer.set_active_adapter(options.adapter_name)
 
-@hookimpl
-def ftengine_loaded_adapters(model):
-    return sorted({n for _, layer in ia3_layers(model) for n in layer.ia3_l})
+    def adapter_name(self, config):
+        return config.ia3.adapter_name
 
+    def trainable_names(self, model):
+        return [f"{path}.ia3_l.{name}" for path, layer in ia3_layers(model) for name in layer.ia3_l]
 
-@hookimpl
-def ftengine_set_active_adapter(model, name):
-    """Use adapter ``name`` in every (IA)³ layer; ``None``, or a name this plugin does not hold
-    (another method's adapter), turns the (IA)³ layers off."""
-    for _, layer in ia3_layers(model):
-        layer.set_active_adapter(name)
+    def save(self, model, tokenizer, config, path):
+        name = config.ia3.adapter_name
+        layers = [(p, layer) for p, layer in ia3_layers(model) if name in layer.ia3_l]
+        tensors = {f"{KEY_PREFIX}{p}.ia3_l": layer.ia3_l[name] for p, layer in layers}
+        all_paths = list(linear_modules(model))
+        files = write_adapter(path, adapter_config(config.ia3, config.model, [p for p, _ in layers], all_paths), tensors)
+        tokenizer.save_pretrained(path)
+        return files
 
+    def claims(self, adapter_config):
+        return [PLUGIN] if adapter_config.get("peft_type") == PEFT_TYPE else None
 
-@hookimpl
-def ftengine_merge_adapters(model):
-    layers = [layer for _, layer in ia3_layers(model)]
-    for layer in layers:
-        layer.merge()
-    return any(layer.merged for layer in layers) or None
+    def load(self, model, path, name):
+        """Load a PEFT IA3 directory under ``name``; every check comes first, so a bad adapter
+        leaves the model as it was."""
+        targets, feedforward = _read_settings(path)
+        paths = select_targets(model, targets)
+        if not paths:
+            raise AdapterError(_no_target_message(model, f"{path / 'adapter_config.json'}: target_modules", targets))
+        tensors = read_adapter_tensors(path)
+        where = path / "adapter_model.safetensors"
+        modules = linear_modules(model)
+        expected = {f"{KEY_PREFIX}{p}.ia3_l": vector_shape(modules[p], is_feedforward(p, feedforward)) for p in paths}
+        for key in tensors:
+            if key not in expected:
+                raise AdapterError(
+                    f"{where}: tensor '{key}' fits no layer that target_modules {targets!r} selects in this base model (is it the right base model?)"
+                )
+        for key, shape in expected.items():
+            if key not in tensors:
+                raise AdapterError(f"{where}: no tensor '{key}', which target_modules {targets!r} select in this base model")
+            if tuple(tensors[key].shape) != shape:
+                raise AdapterError(
+                    f"{where}: '{key}' has shape {list(tensors[key].shape)} but the base model needs {list(shape)} (is it the right base model?)"
+                )
+        layers = inject_adapter(model, paths, name, feedforward)
+        with torch.no_grad():
+            for target, layer in zip(paths, layers):
+                layer.ia3_l[name].copy_(tensors[f"{KEY_PREFIX}{target}.ia3_l"])
 
+    def loaded(self, model):
+        return sorted({n for _, layer in ia3_layers(model) for n in layer.ia3_l})
 
-@hookimpl
-def ftengine_unmerge_adapters(model):
-    for _, layer in ia3_layers(model):
-        layer.unmerge()
+    def activate(self, model, name):
+        for _, layer in ia3_layers(model):
+            layer.set_active_adapter(name)
 
+    def set_rows(self, model, names):
+        for _, layer in ia3_layers(model):
+            layer.set_adapter_rows(names)
 
-@hookimpl
-def ftengine_unwrap_merged(model):
-    unwrap_merged(model)
+    def merge(self, model):
+        layers = [layer for _, layer in ia3_layers(model)]
+        for layer in layers:
+            layer.merge()
+        return any(layer.merged for layer in layers)
+
+    def unmerge(self, model):
+        for _, layer in ia3_layers(model):
+            layer.unmerge()
+
+    def unwrap(self, model):
+        unwrap_merged(model)
+
+    def delete(self, model, name):
+        for _, layer in ia3_layers(model):
+            layer.delete_adapter(name)

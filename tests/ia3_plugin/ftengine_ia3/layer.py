@@ -17,7 +17,8 @@ The vectors start at ones, so the output starts equal to the base model's (Liu e
 This is PEFT's ``peft.tuners.ia3.layer.Linear``, operation for operation, so fp32 outputs
 match it exactly.
 
-A layer holds any number of adapters by name; one (``active_adapter``) or none is used.
+A layer holds any number of adapters by name; one (``active_adapter``) or none is used, or,
+for serving, one per row of a batch (``set_adapter_rows``).
 ``merge`` scales the base weight (rows for an attention target, columns for a feed-forward
 one; and the bias of an attention target), ``merged`` makes it idempotent; ``unmerge``
 divides again (PEFT does the same), or restores a copy taken at merge time when a vector has
@@ -52,6 +53,7 @@ class IA3Linear(nn.Module):
         self.ia3_l = nn.ParameterDict()
         self.feedforward = {}  # adapter name -> scales the input (True) or the output (False)
         self.active_adapter = None
+        self.rows = None  # (vectors [rows, dim], whether they scale the input), from set_adapter_rows
         self.merged = False
         self._saved_base = None  # (weight, bias) copies when division cannot unmerge
         self.train(base_layer.training)
@@ -71,12 +73,40 @@ class IA3Linear(nn.Module):
             self.unmerge()
         self.active_adapter = name
 
+    def delete_adapter(self, name):
+        """Remove adapter ``name`` (a no-op for a name the layer lacks)."""
+        if name not in self.ia3_l:
+            return
+        if self.active_adapter == name:
+            self.unmerge()
+            self.active_adapter = None
+        del self.ia3_l[name]
+        del self.feedforward[name]
+
+    def set_adapter_rows(self, names):
+        """Scale row ``i`` of the next forwards by adapter ``names[i]`` (``None``, or a name this
+        layer lacks: the base layer alone); ``names=None``: back to the active adapter."""
+        if names is None:
+            self.rows = None
+            return
+        if self.merged:
+            raise AdapterError("a merged (IA)³ layer cannot use one adapter per row: unmerge the adapters first")
+        kinds = {self.feedforward[n] for n in names if n in self.ia3_l}
+        if len(kinds) > 1:
+            raise AdapterError("(IA)³ adapters that scale this layer's input and its output cannot share a batch")
+        feedforward = kinds.pop() if kinds else False
+        ones = torch.ones(vector_shape(self, feedforward), device=self.base_layer.weight.device)
+        self.rows = torch.stack([self.ia3_l.get(n, ones).detach().flatten() for n in names]), feedforward
+
     def forward(self, x):
-        name = self.active_adapter
-        if name is None or self.merged:
+        if self.rows is not None:
+            vectors, feedforward = self.rows
+            scaling = vectors.view(len(vectors), *([1] * (x.dim() - 2)), -1)
+        elif self.active_adapter is None or self.merged:
             return self.base_layer(x)
-        scaling = self.ia3_l[name].flatten()
-        if self.feedforward[name]:
+        else:
+            scaling, feedforward = self.ia3_l[self.active_adapter].flatten(), self.feedforward[self.active_adapter]
+        if feedforward:
             return self.base_layer((x.to(scaling.dtype) * scaling).to(x.dtype))
         result = self.base_layer(x)
         return (result * scaling).to(result.dtype)
