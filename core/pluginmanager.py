@@ -205,6 +205,7 @@ def _blocking_problems(blocked, blocked_defaults, pm, builtins):
             f"no:{name} blocks the default plugin '{name}', the provider of {', '.join(orphaned)}, and no other active "
             f"plugin provides {'it' if len(orphaned) == 1 else 'them'}: remove no:{name}, or add a plugin that does{instead}."
         )
+    return problems
 
 
 MIGRATION = "see CHANGELOG.md, 'Migrating adapter plugins to plugin API 1'"

@@ -192,7 +192,9 @@ def test_dropout_draws_nn_dropouts_mask_and_scales_the_update_instead_of_the_inp
     grads = torch.autograd.grad(output.square().sum(), [x, A, B])
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, A, B])
     for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-4)
+        # fp32 sums in another order: gradients near 20 differ by ~1e-3 on some CPUs (Xeon), a wrong
+        # mask or scale by far more.
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
     layer.eval()
     torch.testing.assert_close(layer(x), layer.base_layer(x) + 2 * x @ A.T @ B.T)
 
