@@ -189,7 +189,7 @@ def _restart_metrics(path, step):
     which the resumed run does again. A torn last line is dropped, and said so."""
     records, torn = metrics_records(path)
     if torn:
-        note(f"{path}:{torn}: dropped a torn last line (a write cut short, e.g. by a full disk)")
+        note(f"{path}:{torn}: dropped a torn last line (a write cut short, e.g. when the disk filled up)")
     if not records and not torn:
         return
     kept = [

@@ -137,7 +137,10 @@ def _is_run_metrics(path):
 
 
 def _is_run_checkpoints(path):
-    return path.is_dir() and all(CHECKPOINT_ENTRY.match(entry.name) for entry in path.iterdir())
+    """A run's ``checkpoints/`` holds a checkpoint or its temporary (or nothing yet); what else
+    it holds is never written over (pruning removes ``step-*`` directories only)."""
+    entries = list(path.iterdir()) if path.is_dir() else None
+    return entries is not None and (not entries or any(CHECKPOINT_ENTRY.match(e.name) for e in entries))
 
 
 def foreign_files(path, names):

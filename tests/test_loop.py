@@ -8,6 +8,7 @@ import pytest
 import torch
 from ftengine import checkpoint
 from ftengine.build import configure
+from ftengine.distributed import Parallel
 from ftengine.loop import train
 from ftengine.testing import KillAfter
 from transformers import AutoModelForCausalLM
@@ -194,7 +195,7 @@ def test_bf16_precision_keeps_frozen_linear_weights_in_bf16_with_the_same_result
     assert dtypes["model.embed_tokens.weight"] == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
 
     run(overrides + [f"output_dir={tmp_path / 'stored'}"], plugins=("lora",))
-    monkeypatch.setattr(loop, "store_frozen_weights_in", lambda model, dtype: None)
+    monkeypatch.setattr(Parallel, "store_frozen_weights_in", lambda self, dtype: None)
     run(overrides + [f"output_dir={tmp_path / 'cast'}"], plugins=("lora",))
     assert losses(tmp_path / "stored") == losses(tmp_path / "cast")
     stored, cast = (load_file(tmp_path / d / "final" / "adapter_model.safetensors") for d in ("stored", "cast"))
