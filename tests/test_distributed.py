@@ -223,7 +223,9 @@ def test_qlora_under_ddp_equals_one_process(work, tmp_path, reference):
     opts = ["lora.dropout=0", "lora.r=4", "qlora.blocksize=64"]
     with launched(["lora", "qlora", "ddp"], overrides(work, tmp_path / "two", *opts, model="model64")):
         one = reference(["lora", "qlora"], *opts, model="model64")
-    assert_same_run(one, tmp_path / "two")
+    # Losses and gradient norms agree to 1e-7 here, but Adam divides by the root of tiny second
+    # moments: an adapter element whose gradient is near zero moved 2.7e-5 apart on a Xeon.
+    assert_same_run(one, tmp_path / "two", weight_atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
