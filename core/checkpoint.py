@@ -471,16 +471,16 @@ def _flatten(data, prefix=""):
     return flat
 
 
-def compare_configs(saved, current, resume_safe_plugins=(), resume_safe_keys=()):
+def compare_configs(saved, current, resume_safe_plugins=(), resume_safe_keys=RESUME_SAFE_KEYS):
     """Compare a checkpoint's config with the resuming run's (both plain data).
 
     :return: ``(errors, accepted)``: lists of ``(key, saved value, current value)``. ``errors``
         are changes to what is trained (model, method sections, data, batch, schedule, seed);
-        ``accepted`` are the changes in ``RESUME_SAFE_KEYS`` and ``resume_safe_keys``.
+        ``accepted`` are the changes in ``resume_safe_keys``.
     :param resume_safe_plugins: plugins that may be added or dropped on resume (those that
         spread the run over processes: a checkpoint is the same whatever the world size).
-    :param resume_safe_keys: the plugin sections' keys that may change too
-        (``config.resume_safe_keys``).
+    :param resume_safe_keys: the keys that may change: the core's ``RESUME_SAFE_KEYS``, plus
+        what the plugin sections declare (``config.resume_safe_keys``).
     """
     old, new = _flatten(saved), _flatten(current)
     for flat in (old, new):  # the order plugins were named in does not matter
@@ -491,5 +491,5 @@ def compare_configs(saved, current, resume_safe_plugins=(), resume_safe_keys=())
         before, after = old.get(key, "(not set)"), new.get(key, "(not set)")
         if before == after:
             continue
-        (accepted if key in RESUME_SAFE_KEYS or key in resume_safe_keys else errors).append((key, before, after))
+        (accepted if key in resume_safe_keys else errors).append((key, before, after))
     return errors, accepted

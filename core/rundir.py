@@ -21,7 +21,7 @@
   run files are not a run's: a ``config.json`` is a run's only in the shape the core writes
   (an object with the core keys ``model``, ``output_dir``, ``train``...; a model's or an app's
   has other keys), a ``metrics.jsonl`` only if its first record has a ``step``, a
-  ``checkpoints/`` only if it holds nothing but ``step-*`` directories, and ``final/``,
+  ``checkpoints/`` only if it holds a ``step-*`` checkpoint (or its temporary), and ``final/``,
   ``report.png`` and the plugins' files only beside a run's ``config.json`` (every run writes it
   before any of them). ``--overwrite`` does not change this: it moves a run aside, never a
   user's files.
