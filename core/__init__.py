@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 #: The plugin API, ``(major, minor)``: a major version removes or changes hooks and members; a
 #: minor one only adds, and keeps a retired hook working, with a warning, one minor version more.
-PLUGIN_API = (1, 0)
+PLUGIN_API = (1, 1)
 
 hookimpl = pluggy.HookimplMarker("ftengine")
 

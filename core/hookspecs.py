@@ -13,7 +13,7 @@ inject, name, trainable names, save, claim a saved adapter, load, list, activate
 selection, merge, unmerge, unwrap, delete). The core dispatches each call to the method that
 holds the adapter.
 
-**Versions.** ``ftengine.PLUGIN_API`` is ``(major, minor)``, now ``(1, 0)``. A plugin states the
+**Versions.** ``ftengine.PLUGIN_API`` is ``(major, minor)``, now ``(1, 1)``. A plugin states the
 major version it was written for as a module attribute, ``ftengine_plugin_api = 1``; a plugin
 written for another major version, an implementation that matches no hook (with a
 did-you-mean), and a method object that lacks a member or takes an argument the core does not
@@ -65,6 +65,9 @@ if TYPE_CHECKING:  # annotations only: the reference names the types without imp
     from .distributed import Parallel, World
     from .methods import AdapterMethod
     from .state import Datasets, LossOutput, RunState
+
+    #: ``function(prompts, completions, rows) -> one float per completion`` (``ftengine_rewards``).
+    RewardFunction = Callable[[list[str], list[str], list[dict[str, Any]]], list[float]]
 
 hookspec = pluggy.HookspecMarker("ftengine")
 
@@ -353,6 +356,30 @@ def ftengine_compute_loss(model: nn.Module, batch: dict[str, Any], state: RunSta
     :param state: the ``ftengine.state.RunState``.
     :return: an ``ftengine.state.LossOutput(loss_sum, count, metrics)``; ``metrics`` values are
         sums too, divided by the total count when logged (as ``eval_<name>`` in evaluation).
+    """
+
+
+@hookspec
+def ftengine_rewards(config: Config) -> dict[str, RewardFunction] | None:
+    """Named reward functions for the losses that learn from rewards (``grpo``). Added in 1.1.
+
+    Every active plugin may contribute; the loss calls each function once per generation batch
+    and weighs them by its own config (``grpo.reward_weights``, by name). Two plugins giving the
+    same name is an error naming both. A reward function that raises, returns another number of
+    values than completions, or a value that is not a finite number stops the step with a message
+    naming the function and the row.
+
+    A reward function is called as ``function(prompts, completions, rows)``:
+
+    * ``prompts``: the prompt of each completion as the model saw it (the chat template applied);
+    * ``completions``: the generated text (special tokens and anything after a stop string cut);
+    * ``rows``: the data row each prompt came from (its reference fields: an expected answer);
+
+    all three of the same length (each prompt and row repeated once per generation), and returns
+    one float per completion.
+
+    :param config: the run ``Config`` (a plugin reads its own section for its settings).
+    :return: ``{name: function}``, or ``None`` if this plugin gives no reward.
     """
 
 
