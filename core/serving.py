@@ -4,6 +4,7 @@
     server.generate(["Hi!", "Hello"], adapters=["support", "sales"], max_tokens=32, temperature=0)
     for delta in server.stream(["Hi!"], adapters=["sales"], stop=["\\n"]):   # token streaming
         print(delta.text, end="")
+    server.generate(["Hi!"], response_format={"type": "json_object"})     # output constrained to JSON
     server.load("tone", "runs/c/final"); server.unload("sales"); server.adapters
 
 The base is built once (``ftengine.inference.load_for_inference``, ``plugins=["qlora"]`` for a
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +30,9 @@ from .errors import AdapterError, FtengineError
 from .inference import build_for_inference, load_adapter, set_adapter
 from .methods import adapter_methods, plugins_for_adapter
 from .pluginmanager import active_names
+
+if TYPE_CHECKING:
+    from .structured import Constraint
 
 
 class RequestError(FtengineError):
@@ -123,6 +128,7 @@ class Row:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    constraint: "Constraint | None" = field(default=None, repr=False, compare=False)  # structured output
 
     def cancel(self):
         self.cancelled = True
@@ -160,6 +166,7 @@ class AdapterServer:
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._cache_argument = _cache_argument(self.model)
+        self._vocabulary = None  # ftengine.structured.Vocabulary, built at the first response_format
         if adapters:  # an adapter that cannot share a batch (prompt tuning) is refused now
             try:
                 self._set_rows(list(adapters))
@@ -258,8 +265,22 @@ class AdapterServer:
             raise RequestError("prompt: token ids must be integers within the vocabulary", "prompt")
         return list(prompt)
 
-    def row(self, prompt_ids, adapter, params, index=0):
-        """A ``Row`` for ``run``, checked: the adapter is loaded and the prompt fits."""
+    def constraint(self, response_format):
+        """The compiled ``ftengine.structured.Constraint`` for ``response_format`` (OpenAI's
+        shapes), ``None`` for plain text; ``ResponseFormatError`` (a ``RequestError``) for a bad
+        format or a schema feature the library cannot enforce. Give it to ``row``."""
+        from .structured import Constraint, Vocabulary, schema_of
+
+        if schema_of(response_format) is None:
+            return None
+        with self._tokenizer_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.tokenizer, self.eos_ids)
+        return Constraint.for_response_format(response_format, self._vocabulary)
+
+    def row(self, prompt_ids, adapter, params, index=0, constraint=None):
+        """A ``Row`` for ``run``, checked: the adapter is loaded and the prompt fits; with a
+        ``constraint`` (from ``constraint()``), the row gets its own copy of it."""
         self.check_adapter(adapter)
         if not prompt_ids:
             raise RequestError("prompt: empty; give at least one token", "prompt")
@@ -274,37 +295,45 @@ class AdapterServer:
             generator.seed()
         else:
             generator.manual_seed(params.seed)
-        return Row(list(prompt_ids), adapter, params, index=index, generator=generator)
+        constraint = constraint.fork() if constraint is not None else None
+        return Row(list(prompt_ids), adapter, params, index=index, generator=generator, constraint=constraint)
 
     # ----------------------------------------------------------------------------------------
     # generation
     # ----------------------------------------------------------------------------------------
 
-    def generate(self, prompts, adapters=None, **params) -> list[Completion]:
+    def generate(self, prompts, adapters=None, response_format=None, **params) -> list[Completion]:
         """Completions of ``prompts`` (a string or a list; token id lists too), row ``i`` with
         adapter ``adapters[i]`` (a single name or ``None`` for all rows).
 
+        :param response_format: OpenAI's: ``{"type": "json_object"}`` or ``{"type":
+            "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` constrains every row
+            to JSON (matching the schema); ``None`` or ``{"type": "text"}``: free text.
         :param params: ``SamplingParams`` fields: ``max_tokens``, ``temperature`` (0: greedy),
             ``top_p``, ``top_k``, ``seed``, ``stop``.
         """
-        rows = self._rows(prompts, adapters, params)
+        rows = self._rows(prompts, adapters, params, response_format)
         for _ in self._run_all(rows):
             pass
         return [row.completion() for row in rows]
 
-    def stream(self, prompts, adapters=None, **params) -> Iterator[Delta]:
+    def stream(self, prompts, adapters=None, response_format=None, **params) -> Iterator[Delta]:
         """Like ``generate``, but yields each row's new text as it is generated (``Delta``s;
         a row's last one carries its finish reason)."""
-        return self._run_all(self._rows(prompts, adapters, params))
+        return self._run_all(self._rows(prompts, adapters, params, response_format))
 
-    def _rows(self, prompts, adapters, params):
+    def _rows(self, prompts, adapters, params, response_format):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if adapters is None or isinstance(adapters, str):
             adapters = [adapters] * len(prompts)
         if len(adapters) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(adapters)} adapters: give one adapter per prompt", "adapters")
         sampling = SamplingParams(**params)
-        return [self.row(self.encode(p), a, sampling, index=i) for i, (p, a) in enumerate(zip(prompts, adapters))]
+        constraint = self.constraint(response_format)
+        return [
+            self.row(self.encode(p), a, sampling, index=i, constraint=constraint)
+            for i, (p, a) in enumerate(zip(prompts, adapters))
+        ]
 
     def _run_all(self, rows):
         for start in range(0, len(rows), self.max_batch_size):
@@ -355,7 +384,8 @@ class AdapterServer:
                 if row.cancelled:
                     row.finish_reason = "cancelled"
                     continue
-                token = _sample(logits[i], row.params, row.generator)
+                allowed = row.constraint.allowed(logits.shape[-1]) if row.constraint is not None else None
+                token = _sample(logits[i], row.params, row.generator, allowed)
                 delta = self._advance(row, token)
                 if delta.text or delta.finish_reason:
                     deltas.append(delta)
@@ -375,22 +405,29 @@ class AdapterServer:
             positions = positions[:, -1:] + 1
 
     def _advance(self, row, token):
-        """Append ``token`` to ``row``: stop at EOS, a stop string or ``max_tokens``; return the
-        text that is now safe to show (held back while it may be the start of a stop string)."""
+        """Append ``token`` to ``row``: stop at EOS, a stop string, the end of its constrained
+        output or ``max_tokens``; return the text that is now safe to show (held back while it
+        may be the start of a stop string). A constrained row ignores stop strings, which could
+        cut its JSON short: it ends when the JSON is complete."""
         params = row.params
         row.token_ids.append(token)
+        if row.constraint is not None:
+            row.constraint.accept(token)
+        stops = params.stop if row.constraint is None else ()
         if token in self.eos_ids:
             row.finish_reason = "stop"
         else:
             with self._tokenizer_lock:
                 text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-            found = _find_stop(text, params.stop, max(0, len(row.text) - max((len(s) for s in params.stop), default=0)))
+            found = _find_stop(text, stops, max(0, len(row.text) - max((len(s) for s in stops), default=0)))
             if found is not None:
                 text, row.finish_reason = text[:found], "stop"
             row.text = text
+        if row.finish_reason is None and row.constraint is not None and row.constraint.finished:
+            row.finish_reason = "stop"
         if row.finish_reason is None and len(row.token_ids) >= params.max_tokens:
             row.finish_reason = "length"
-        held = _held_back(row.text, params.stop) if row.finish_reason is None else 0
+        held = _held_back(row.text, stops) if row.finish_reason is None else 0
         safe = len(row.text) - held
         start, row.emitted = row.emitted, max(row.emitted, safe)
         return Delta(row.index, row.text[start : row.emitted], [token], row.finish_reason, row)
@@ -424,9 +461,12 @@ def _eos_ids(model, tokenizer):
     return ids
 
 
-def _sample(logits, params, generator):
-    """The next token from one row's logits ``[vocab]``: greedy at temperature 0, otherwise
-    top-k, then top-p (nucleus), then a draw from the row's own generator."""
+def _sample(logits, params, generator, allowed=None):
+    """The next token from one row's logits ``[vocab]``: only ``allowed`` tokens (a bool mask,
+    a structured output's) if given, then greedy at temperature 0, otherwise top-k, then top-p
+    (nucleus), then a draw from the row's own generator."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.temperature == 0:
         return int(logits.argmax())
     logits = logits / params.temperature

@@ -53,6 +53,8 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1)
+    # {"type": "text" | "json_object" | "json_schema", ...}: checked by ftengine.structured.
+    response_format: dict | None = None
 
 
 class CompletionRequest(GenerationRequest):

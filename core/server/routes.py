@@ -111,18 +111,20 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
     async def completions(request: Request):
         body = await read_body(request, CompletionRequest)
         adapter = adapter_of(body.model)
+        constraint = await run_in_threadpool(engine.constraint, body.response_format)
         encoded = [engine.encode(p) for p in prompts_of(body, engine.max_batch_size)]
         params = sampling(body, [len(e) for e in encoded], default_max_tokens=16)
-        rows = [engine.row(ids, adapter, params, index=i) for i, ids in enumerate(encoded)]
+        rows = [engine.row(ids, adapter, params, index=i, constraint=constraint) for i, ids in enumerate(encoded)]
         return await respond(body, rows, chat=False)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request, ChatRequest)
         adapter = adapter_of(body.model)
+        constraint = await run_in_threadpool(engine.constraint, body.response_format)
         encoded = engine.encode(chat_messages(body.messages), chat=True)
         params = sampling(body, [len(encoded)], default_max_tokens=None)
-        return await respond(body, [engine.row(encoded, adapter, params)], chat=True)
+        return await respond(body, [engine.row(encoded, adapter, params, constraint=constraint)], chat=True)
 
     def check_loading_allowed():
         if not allow_adapter_loading:
