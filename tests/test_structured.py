@@ -3,9 +3,11 @@ llguidance, always give JSON that parses and validates (checked by ``jsonschema`
 implementation); unsupported schemas are a 400 naming the keyword; unconstrained rows of the
 same batch are unchanged. A real uvicorn on loopback, driven by the official ``openai`` client."""
 
+import importlib.util
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from ftengine.serving import AdapterServer, SamplingParams
@@ -206,3 +208,17 @@ def test_without_llguidance_the_error_says_what_to_install(engine, monkeypatch):
     with pytest.raises(ResponseFormatError, match=r"pip install 'ftengine\[serve\]'"):
         engine.generate(["Hi"], response_format={"type": "json_object"})
     assert engine.generate(["Hi"], response_format={"type": "text"}, max_tokens=2)[0].completion_tokens == 2
+
+
+def test_mask_benchmark_smoke_runs_every_format(tmp_path, capsys):
+    """examples/benchmarks/bench_structured.py on the tiny tokenizer, in this process (the
+    timings mean nothing): every format compiles and replays its valid documents."""
+    script = Path(__file__).parent.parent / "examples" / "benchmarks" / "bench_structured.py"
+    spec = importlib.util.spec_from_file_location("bench_structured", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path / "structured.json")])
+    result = json.loads((tmp_path / "structured.json").read_text())
+    assert result["smoke"] and list(result["formats"]) == ["json_object", "contact record", "nested order"]
+    assert all(f["mask"]["tokens"] > 50 and f["apply"]["mean_us"] > 0 for f in result["formats"].values())
+    assert "(smoke run: not meaningful)" in capsys.readouterr().out

@@ -3,6 +3,7 @@ model's tokenizer (SmolLM2-135M-Instruct, 49,152 tokens).
 
     python examples/benchmarks/bench_structured.py [--records 20] [--out structured.json]
     python examples/benchmarks/bench_structured.py --model path/to/model   # another tokenizer
+    python examples/benchmarks/bench_structured.py --smoke      # the tiny test tokenizer: every path, meaningless timings
 
 For each schema, valid JSON documents (contact records, compact and pretty-printed; nested
 orders) are tokenized and replayed token by token through a ``Constraint``, timing at every
@@ -21,6 +22,7 @@ import time
 import torch
 from ftengine.plugins.hf_loader import load_tokenizer
 from ftengine.structured import Constraint, Vocabulary
+from ftengine.testing import tiny_tokenizer
 
 CONTACT = {
     "type": "object",
@@ -120,33 +122,38 @@ def replay(prototype, tokenizer, documents, vocab_size):
     return {"mask": summary(mask_s), "apply": summary(apply_s), "accept": summary(accept_s)}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="whose tokenizer (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--records", type=int, default=20, help="documents replayed per schema")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser.add_argument(
+        "--smoke", action="store_true", help="the tiny test tokenizer, 2 documents: every path runs, the timings mean nothing"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = tiny_tokenizer() if args.smoke else load_tokenizer(args.model)
+    records = 2 if args.smoke else args.records
     vocab_size = len(tokenizer)
     start = time.perf_counter()
     vocabulary = Vocabulary(tokenizer, {tokenizer.eos_token_id})
     bridge_s = time.perf_counter() - start
     print(
-        f"tokenizer: {args.model}, {vocab_size} tokens; the bridge (Vocabulary) took {bridge_s * 1000:.0f} ms (once per server)"
+        f"tokenizer: {'tiny' if args.smoke else args.model}, {vocab_size} tokens; the bridge (Vocabulary) took {bridge_s * 1000:.0f} ms (once per server)"
     )
 
     formats = {
-        "json_object": ({"type": "json_object"}, contact_documents(args.records)),
+        "json_object": ({"type": "json_object"}, contact_documents(records)),
         "contact record": (
             {"type": "json_schema", "json_schema": {"name": "contact", "schema": CONTACT}},
-            contact_documents(args.records),
+            contact_documents(records),
         ),
         "nested order": (
             {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER}},
-            order_documents(args.records),
+            order_documents(records),
         ),
     }
     results = {}
@@ -162,12 +169,15 @@ def main():
             for r in (result[k] for k in ("mask", "apply", "accept"))
         ]
         print(f"{name:<16} {compile_ms:>10.1f}  {cells[0]:<20} {cells[1]:<20} {cells[2]:<20} {result['mask']['tokens']}")
+    if args.smoke:
+        print("(smoke run: not meaningful)")
     if args.out:
-        machine = {"cpu": platform.processor() or platform.machine(), "torch_threads": args.threads}
+        machine = {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
         with open(args.out, "w") as f:
             json.dump(
                 {
-                    "model": args.model,
+                    "smoke": args.smoke,
+                    "model": "tiny" if args.smoke else args.model,
                     "vocab_size": vocab_size,
                     "bridge_ms": round(bridge_s * 1000),
                     **machine,
