@@ -6,6 +6,7 @@
         print(delta.text, end="")
     server.generate(["Hi!"], response_format={"type": "json_object"})     # output constrained to JSON
     server.load("tone", "runs/c/final"); server.unload("sales"); server.adapters
+    AdapterServer("models/base", adapter_dir="adapters/", max_loaded_adapters=4)   # by folder name, on demand
 
 The base is built once (``ftengine.inference.load_for_inference``, ``plugins=["qlora"]`` for a
 4-bit base) and no adapter is ever globally active: every forward first sets one adapter per
@@ -14,9 +15,18 @@ one forward at a time. Generation is a sampling loop over the model's forward an
 (left padding, attention mask, position ids), since rows differ in sampling parameters and
 stop strings; finished rows leave the batch at once. ``ftengine serve`` (``ftengine.server``)
 puts an OpenAI-compatible HTTP server and a batching scheduler on top.
+
+With ``adapter_dir``, every folder of it is an adapter served by its folder name, loaded on its
+first request; beyond ``max_loaded_adapters`` of them, the least recently used one that no
+request holds is evicted. A request holds its adapters (``acquire`` ... ``release``) from
+before it queues until its rows leave the engine, so neither eviction nor ``unload`` can take
+an adapter from under it.
 """
 
+import collections
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapters import check_adapter_name
+from .adapters import CONFIG_FILE, adapter_name_problem, check_adapter_name
 from .data import encode_chat_text, render_prompt
 from .errors import AdapterError, FtengineError
 from .inference import build_for_inference, load_adapter, set_adapter
@@ -59,6 +69,33 @@ class ContextLengthError(RequestError):
     code = "context_length_exceeded"
 
 
+class AdapterInUseError(RequestError):
+    """An adapter cannot be unloaded while requests hold it."""
+
+    status = 409
+    code = "adapter_in_use"
+
+
+class AdaptersBusyError(RequestError):
+    """Every loaded on-demand adapter is held by in-flight requests for longer than the wait."""
+
+    status = 503
+    code = "adapters_busy"
+
+
+def check_text(text, param):
+    """Raise ``RequestError`` for text no tokenizer takes: a lone surrogate (JSON's ``"\\ud800"``
+    decodes to one), which has no UTF-8 encoding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            f"{param}: the text holds a lone surrogate ({text[exc.start]!r} at character {exc.start}), which is not "
+            f"Unicode text; send valid UTF-8",
+            param,
+        ) from None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one row is generated; the defaults are OpenAI's (``temperature=0``: greedy)."""
@@ -78,6 +115,12 @@ class SamplingParams:
             ("temperature", self.temperature, 0 <= self.temperature <= 2, "between 0 and 2"),
             ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0: off)"),
+            (
+                "seed",
+                self.seed,
+                self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
+                "an integer from -2**63 to 2**64 - 1 (what a generator takes)",
+            ),
             (
                 "stop",
                 self.stop,
@@ -141,19 +184,45 @@ class AdapterServer:
     """One base model and any number of named adapters, each request row naming its own.
 
     :param model_name: the base model (local directory, hub id, ``.gguf`` file or ``"default"``).
-    :param adapters: ``{name: adapter directory}`` to load at once.
+    :param adapters: ``{name: adapter directory}`` to load at once (never evicted).
     :param plugins: more plugins to activate (``["qlora"]`` for a 4-bit base); the plugins an
         adapter needs are found from its ``adapter_config.json``.
     :param sections: config sections for the plugins (``{"qlora": {"blocksize": 64}}``).
     :param max_batch_size: rows per forward; longer calls run in several batches.
     :param strict: refuse adapters trained on another base model (default: warn), at start and
         in ``load``.
+    :param adapter_dir: a directory whose every folder is an adapter, served by its folder name
+        and loaded on its first request.
+    :param max_loaded_adapters: adapters of ``adapter_dir`` loaded at once; beyond, the least
+        recently used one that no request holds is evicted.
+    :param adapter_wait_s: how long a request waits for one of them to be free when every one is
+        held, before ``AdaptersBusyError``.
     """
 
-    def __init__(self, model_name, adapters=None, plugins=(), sections=None, max_batch_size=16, strict=False):
+    def __init__(
+        self,
+        model_name,
+        adapters=None,
+        plugins=(),
+        sections=None,
+        max_batch_size=16,
+        strict=False,
+        adapter_dir=None,
+        max_loaded_adapters=8,
+        adapter_wait_s=60.0,
+    ):
         adapters = dict(adapters or {})
         self.strict = strict
-        self.model, self.tokenizer, self.pm, self._config = build_for_inference(model_name, adapters, plugins, sections, strict)
+        self.adapter_dir = _check_adapter_dir(adapter_dir)  # before the weights load
+        if not (isinstance(max_loaded_adapters, int) and max_loaded_adapters >= 1):
+            raise FtengineError(f"max_loaded_adapters: {max_loaded_adapters!r} is not valid; give an integer >= 1")
+        self.max_loaded_adapters, self.adapter_wait_s = max_loaded_adapters, adapter_wait_s
+        # The plugins every adapter under adapter_dir needs are active from the start (an
+        # unreadable one is refused at its first request, naming its problem).
+        on_demand_plugins = [p for path in self._adapter_folders().values() for p in _plugins_or_none(path)]
+        self.model, self.tokenizer, self.pm, self._config = build_for_inference(
+            model_name, adapters, [*plugins, *on_demand_plugins], sections, strict
+        )
         set_adapter(self.model, self.pm, None)  # rows name their adapters; none is active
         self.model_name = model_name
         self.max_batch_size = max_batch_size
@@ -161,7 +230,14 @@ class AdapterServer:
         self._lock = threading.RLock()  # one forward (or load/unload) at a time
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe across threads
         self._rows_set = None
-        self._in_use = {}  # adapter name -> rows generating with it
+        self._in_use = {}  # adapter name -> rows in a running batch
+        # Requests holding each adapter, from before they queue until their rows leave the
+        # engine; notified when one is released. Taken after _lock when both are needed.
+        self._holds = collections.Counter()
+        self._released = threading.Condition()
+        self._on_demand = collections.OrderedDict()  # adapters loaded from adapter_dir, least recently used first
+        self._loading = {}  # name -> its lock: concurrent first requests load it once
+        self.evictions = 0
         self.device = next(self.model.parameters()).device
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
@@ -182,10 +258,121 @@ class AdapterServer:
         """``{name: directory}`` of the loaded adapters, in load order."""
         return dict(self._adapters)
 
+    @property
+    def servable(self):
+        """``{name: directory}`` of every adapter a request may name: the loaded ones, then the
+        folders of ``adapter_dir`` not loaded (by name)."""
+        folders = self._adapter_folders()
+        return self.adapters | {name: folders[name] for name in sorted(folders) if name not in self._adapters}
+
     def load(self, name, path):
-        """Load the adapter directory ``path`` under ``name``; a bad adapter leaves the server as
-        it was (``AdapterError`` naming the problem)."""
-        path = Path(path)
+        """Load the adapter directory ``path`` under ``name`` (never evicted); a bad adapter
+        leaves the server as it was (``AdapterError`` naming the problem)."""
+        with self._lock, self._released:
+            self._load(name, Path(path))
+
+    def unload(self, name):
+        """Remove adapter ``name``; refused (``AdapterInUseError``) while a request holds it:
+        queued or generating."""
+        with self._lock, self._released:
+            if name not in self._adapters:
+                raise UnknownModelError(f"no adapter named '{name}' is loaded (loaded: {', '.join(self._adapters) or 'none'})")
+            if self._holds[name] or self._in_use.get(name):
+                users = f"{self._holds[name]} in-flight request(s)" if self._holds[name] else f"{self._in_use[name]} row(s)"
+                raise AdapterInUseError(
+                    f"adapter '{name}' is in use by {users} (queued or generating); unload it when they finish", "lora_name"
+                )
+            self._remove(name)
+
+    def acquire(self, names):
+        """Hold the adapters ``names`` (``None``: the base) for one request until ``release``:
+        one of ``adapter_dir`` is loaded on its first request, after evicting the least recently
+        used adapter that nothing holds when ``max_loaded_adapters`` are loaded. A held adapter
+        is never evicted or unloaded. Blocks while loading: call it off an event loop."""
+        held = []
+        try:
+            for name in dict.fromkeys(n for n in names if n is not None):
+                self._acquire(name)
+                held.append(name)
+        except BaseException:
+            self.release(held)
+            raise
+
+    def release(self, names):
+        """Let go of the adapters ``acquire(names)`` held."""
+        with self._released:
+            for name in dict.fromkeys(n for n in names if n is not None):
+                self._holds[name] -= 1
+                if not self._holds[name]:
+                    del self._holds[name]
+                    self._released.notify_all()
+
+    @contextlib.contextmanager
+    def holding(self, names):
+        """``acquire(names)`` for the ``with`` block."""
+        self.acquire(names)
+        try:
+            yield
+        finally:
+            self.release(names)
+
+    def _acquire(self, name):
+        with self._released:
+            if self._hold_if_loaded(name):
+                return
+        folder = self._folder_of(name)
+        with self._loading.setdefault(name, threading.Lock()):
+            deadline = time.monotonic() + self.adapter_wait_s
+            while True:
+                with self._lock, self._released:
+                    if self._hold_if_loaded(name):
+                        return
+                    if self._make_room():
+                        self._load_on_demand(name, folder)
+                        self._hold_if_loaded(name)
+                        return
+                    # Every loaded adapter of adapter_dir is held: wait for a release.
+                    left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AdaptersBusyError(
+                        f"model '{name}': all {self.max_loaded_adapters} adapters that may be loaded from --adapter-dir are "
+                        f"in use by in-flight requests; retry shortly, or start the server with a larger --max-loaded-adapters",
+                        "model",
+                    )
+                # Woken by a release; polled too, since a batch's rows leave it (_in_use) just
+                # after their requests release the adapter.
+                with self._released:
+                    self._released.wait(min(left, 0.05))
+
+    def _hold_if_loaded(self, name):
+        if name not in self._adapters:
+            return False
+        self._holds[name] += 1
+        if name in self._on_demand:
+            self._on_demand.move_to_end(name)
+        return True
+
+    def _make_room(self):
+        """Room for one more adapter of ``adapter_dir``, evicting the least recently used one
+        that neither a request nor a running row holds; ``False`` when every one is held."""
+        if len(self._on_demand) < self.max_loaded_adapters:
+            return True
+        for name in self._on_demand:
+            if not self._holds[name] and not self._in_use.get(name):
+                self._remove(name)
+                self.evictions += 1
+                return True
+        return False
+
+    def _load_on_demand(self, name, folder):
+        try:
+            self._load(name, folder)
+        except AdapterError as exc:
+            raise RequestError(f"model '{name}': the adapter cannot be loaded: {exc}", "model") from None
+        self._on_demand[name] = None
+
+    def _load(self, name, path):
+        """Load, check and only then register ``name``; on any failure the model is as it was."""
         check_adapter_name(name, self._adapters, path)
         missing = [p for p in plugins_for_adapter(path) if p not in active_names(self.pm)]
         if missing:
@@ -193,36 +380,76 @@ class AdapterServer:
                 f"{path}: this adapter needs the plugin(s) {', '.join(missing)}, which the server was not started with; "
                 f"restart it with {' '.join(f'--plugin {p}' for p in missing)}"
             )
-        with self._lock:
+        try:
             self.model = load_adapter(self.model, self._config, self.pm, name, path, self.strict)
             self.model.requires_grad_(False)
             self.model.eval()
             set_adapter(self.model, self.pm, None)
-            self._adapters[name] = path
             self._rows_set = None
-            try:  # an adapter that cannot share a batch is refused now, not at its first request
-                self._set_rows([name])
-            except AdapterError:
-                self._remove(name)
-                raise
-            finally:
-                self._set_rows(None)
+            self._check_output(name, path)
+        except BaseException:
+            self._set_rows(None)
+            self._remove(name)  # whatever part of it was put in the model
+            raise
+        self._set_rows(None)
+        self._adapters[name] = path
 
-    def unload(self, name):
-        """Remove adapter ``name``; refused while a request is generating with it."""
-        with self._lock:
-            if name not in self._adapters:
-                raise UnknownModelError(f"no adapter named '{name}' is loaded (loaded: {', '.join(self._adapters) or 'none'})")
-            if self._in_use.get(name):
-                raise AdapterError(
-                    f"adapter '{name}' is generating for {self._in_use[name]} request row(s); unload it when they finish"
-                )
-            self._remove(name)
+    @torch.no_grad()
+    def _check_output(self, name, path):
+        """One forward of one token with the adapter: it shares a batch (``set_rows`` refuses
+        prompt tuning) and its logits are finite, whatever its weights and scale combine to."""
+        self._set_rows([name])
+        token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0
+        logits = self.model(input_ids=torch.tensor([[token]], device=self.device)).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise AdapterError(
+                f"{path}: the adapter makes the model output NaN or infinity (its weights or lora_alpha are out of range); "
+                f"use an earlier checkpoint or train it again"
+            )
 
     def _remove(self, name):
         adapter_methods(self.pm).delete(self.model, name)
         self._adapters.pop(name, None)
+        self._on_demand.pop(name, None)
         self._rows_set = None
+
+    def _adapter_folders(self):
+        """``{name: folder}`` of the adapters under ``adapter_dir``: folders holding an adapter
+        config, with a valid adapter name, inside it once symlinks are resolved."""
+        if self.adapter_dir is None:
+            return {}
+        root = self.adapter_dir.resolve()
+        return {
+            path.name: path
+            for path in self.adapter_dir.iterdir()
+            if not adapter_name_problem(path.name) and path.resolve().is_relative_to(root) and (path / CONFIG_FILE).is_file()
+        }
+
+    def _folder_of(self, name):
+        """The folder of ``adapter_dir`` that serves ``name``; ``RequestError`` for a name that
+        is no folder of it (``..``, a path, a symlink leading outside), ``UnknownModelError``
+        for one that does not exist."""
+        if self.adapter_dir is None:
+            self.check_adapter(name)
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
+            raise RequestError(
+                f"'{name}' is not an adapter folder name: a model served from --adapter-dir is one folder of "
+                f"{self.adapter_dir}, named without '/' or '..'",
+                "model",
+            )
+        folder = self.adapter_dir / name
+        if not folder.is_dir():
+            self.check_adapter(name)
+        resolved = folder.resolve()
+        if not resolved.is_relative_to(self.adapter_dir.resolve()):
+            raise RequestError(
+                f"model '{name}': {folder} leads to {resolved}, outside the adapter directory {self.adapter_dir}; "
+                f"it is not served (copy the adapter into it instead of linking)",
+                "model",
+            )
+        if adapter_name_problem(name):
+            raise RequestError(f"model '{name}': adapter name {adapter_name_problem(name)}; rename its folder", "model")
+        return resolved
 
     def _set_rows(self, names):
         names = None if names is None else tuple(names)
@@ -239,8 +466,10 @@ class AdapterServer:
     def check_adapter(self, name):
         """Raise ``UnknownModelError`` unless ``name`` is ``None`` or a loaded adapter."""
         if name is not None and name not in self._adapters:
+            where = f", nor any under {self.adapter_dir}" if self.adapter_dir is not None else ""
             raise UnknownModelError(
-                f"the model '{name}' does not exist: load it first (loaded adapters: {', '.join(self._adapters) or 'none'})",
+                f"the model '{name}' does not exist: load it first (loaded adapters: {', '.join(self._adapters) or 'none'}"
+                f"{where})",
                 param="model",
             )
 
@@ -252,6 +481,9 @@ class AdapterServer:
         """Token ids of ``prompt``: text, token ids, or (``chat=True``) a list of messages
         rendered with the tokenizer's chat template."""
         if chat:
+            for message in prompt:
+                if isinstance(message.get("content"), str):
+                    check_text(message["content"], "messages")
             if not self.tokenizer.chat_template:
                 raise RequestError(
                     "messages: this model's tokenizer has no chat template; use the completions endpoint", "messages"
@@ -259,6 +491,7 @@ class AdapterServer:
             with self._tokenizer_lock:
                 return encode_chat_text(self.tokenizer, render_prompt(self.tokenizer, prompt))["input_ids"]
         if isinstance(prompt, str):
+            check_text(prompt, "prompt")
             with self._tokenizer_lock:
                 return self.tokenizer(prompt)["input_ids"]
         if not all(isinstance(t, int) and 0 <= t < len(self.tokenizer) for t in prompt):
@@ -312,24 +545,30 @@ class AdapterServer:
         :param params: ``SamplingParams`` fields: ``max_tokens``, ``temperature`` (0: greedy),
             ``top_p``, ``top_k``, ``seed``, ``stop``.
         """
-        rows = self._rows(prompts, adapters, params, response_format)
-        for _ in self._run_all(rows):
-            pass
+        prompts, adapters = _one_adapter_per_prompt(prompts, adapters)
+        sampling = SamplingParams(**params)
+        constraint = self.constraint(response_format)
+        with self.holding(adapters):
+            rows = self._rows(prompts, adapters, sampling, constraint)
+            for _ in self._run_all(rows):
+                pass
         return [row.completion() for row in rows]
 
     def stream(self, prompts, adapters=None, response_format=None, **params) -> Iterator[Delta]:
         """Like ``generate``, but yields each row's new text as it is generated (``Delta``s;
-        a row's last one carries its finish reason)."""
-        return self._run_all(self._rows(prompts, adapters, params, response_format))
-
-    def _rows(self, prompts, adapters, params, response_format):
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if adapters is None or isinstance(adapters, str):
-            adapters = [adapters] * len(prompts)
-        if len(adapters) != len(prompts):
-            raise RequestError(f"{len(prompts)} prompts but {len(adapters)} adapters: give one adapter per prompt", "adapters")
+        a row's last one carries its finish reason). Its adapters are held (loaded) from the
+        first ``next`` until the iterator ends or is closed."""
+        prompts, adapters = _one_adapter_per_prompt(prompts, adapters)
         sampling = SamplingParams(**params)
         constraint = self.constraint(response_format)
+
+        def held():
+            with self.holding(adapters):
+                yield from self._run_all(self._rows(prompts, adapters, sampling, constraint))
+
+        return held()
+
+    def _rows(self, prompts, adapters, sampling, constraint):
         return [
             self.row(self.encode(p), a, sampling, index=i, constraint=constraint)
             for i, (p, a) in enumerate(zip(prompts, adapters))
@@ -343,6 +582,7 @@ class AdapterServer:
     @torch.no_grad()
     def run(self, rows) -> Iterator[list[Delta]]:
         """Generate ``rows`` as one batch, one step at a time: yield the deltas of each step.
+        Their adapters must be held (``acquire``) until it ends.
 
         Every step sets the rows' adapters and runs one forward under the server's lock, so
         several ``run`` s (the HTTP scheduler's batches, other threads) interleave safely.
@@ -442,6 +682,36 @@ def _new_cache():
     from transformers import DynamicCache
 
     return DynamicCache()
+
+
+def _one_adapter_per_prompt(prompts, adapters):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if adapters is None or isinstance(adapters, str):
+        adapters = [adapters] * len(prompts)
+    if len(adapters) != len(prompts):
+        raise RequestError(f"{len(prompts)} prompts but {len(adapters)} adapters: give one adapter per prompt", "adapters")
+    return prompts, list(adapters)
+
+
+def _check_adapter_dir(adapter_dir):
+    if adapter_dir is None:
+        return None
+    path = Path(adapter_dir).expanduser()
+    if not path.is_dir():
+        raise FtengineError(
+            f"--adapter-dir {adapter_dir}: {'not a directory' if path.exists() else 'does not exist'}; give the directory "
+            f"whose folders are the adapters to serve"
+        )
+    return path
+
+
+def _plugins_or_none(path):
+    """The plugins the adapter directory ``path`` needs; none for one that cannot be read (its
+    first request says why)."""
+    try:
+        return plugins_for_adapter(path)
+    except AdapterError:
+        return []
 
 
 def _cache_argument(model):

@@ -115,6 +115,9 @@ class Scheduler:
                 room -= len(ticket.rows)
                 if not all(row.cancelled for row in ticket.rows):
                     taken.append(ticket)
+                else:  # abandoned while it waited: its end is still delivered
+                    ticket.done = True
+                    ticket.deliver(None)
         return taken
 
     def _loop(self):
