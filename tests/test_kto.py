@@ -19,6 +19,7 @@ from ftengine.methods import adapter_methods
 from ftengine.plugins import kto
 from ftengine.state import RunState
 from ftengine.testing import tiny_tokenizer, write_jsonl
+from safetensors.torch import load_file
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 LORA = ["lora.r=4", "lora.dropout=0", "lora.target_modules=[q_proj,v_proj]"]
@@ -303,3 +304,18 @@ def test_lora_kto_lowers_the_loss_and_peft_loads_the_adapter(tiny_model_dir, tmp
     with torch.no_grad():
         assert not torch.allclose(peft_model(ids).logits, base(ids).logits, atol=1e-4), "the trained adapter must load"
     assert math.isfinite(after["eval_kl"])
+
+
+def test_init_adapter_starts_training_and_is_the_reference(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", unpaired_rows(6))
+    sft_config, sft_pm = configure(None, ["lora"], [f"model={tiny_model_dir}", f"data.train={data}", *LORA])
+    sft_model, tokenizer, sft_info = build(sft_config, sft_pm)
+    AdapterContract.perturb(sft_model, sft_info["trainable"])
+    sft_dir = save(sft_model, tokenizer, sft_config, sft_pm, tmp_path / "sft")
+    overrides = kto_overrides(tiny_model_dir, data, tmp_path, *LORA, "train.max_steps=1", f"kto.init_adapter={sft_dir}")
+    summary = train(*configure(None, ["lora", "kto"], overrides))
+    first_step = next(r for r in records(tmp_path / "out") if "loss" in r)
+    assert first_step["loss"] == pytest.approx(0.5, abs=1e-6) and first_step["kl"] == 0  # reference == policy
+    trained, sft = (load_file(path / "adapter_model.safetensors") for path in (summary["saved"], sft_dir))
+    for name in sft:  # one small step from the SFT adapter (a fresh one has lora_B = 0)
+        torch.testing.assert_close(trained[name], sft[name], rtol=0, atol=1e-2)
