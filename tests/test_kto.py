@@ -235,7 +235,8 @@ def test_loss_gradients_and_metrics_equal_trl(parity_models, loss_type, beta, de
         scale = float(theirs[name].abs().max())
         torch.testing.assert_close(gradient, theirs[name], rtol=1e-5, atol=1e-5 * scale, msg=lambda m, name=name: f"{name}: {m}")
     metrics = out.metrics
-    assert trl["kl"] > 0.01 if loss_type == "kto" else trl["kl"] == 0, "the KL term must take part"
+    if rows == "all":  # (the desirable rows' mismatched log-ratios average below 0: clamped)
+        assert trl["kl"] > 0.01 if loss_type == "kto" else trl["kl"] == 0, "the KL term must take part"
     assert metrics["kl"] / out.count == pytest.approx(trl["kl"], rel=1e-5, abs=1e-9)
     assert metrics["rewards_chosen_sum"] / metrics["count_chosen"] == pytest.approx(trl["rewards/chosen"], rel=1e-5)
     assert metrics["logps_chosen_sum"] / metrics["count_chosen"] == pytest.approx(trl["logps/chosen"], rel=1e-5)
