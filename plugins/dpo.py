@@ -186,12 +186,17 @@ def load_preferences(config, tokenizer):
 # --------------------------------------------------------------------------------------------
 
 
-def sequence_logps(model, batch):
-    """``(chosen, rejected)``: per row of a pair batch, in one forward pass, the summed
-    log-probability of the labelled (response) tokens given what precedes them."""
+def row_logps(model, batch):
+    """Per row of ``batch``, in one forward pass, the summed log-probability of the labelled
+    (response) tokens given what precedes them."""
     logits, targets = target_logits(model, batch)
     token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return (-token_nll.sum(dim=1)).chunk(2)
+    return -token_nll.sum(dim=1)
+
+
+def sequence_logps(model, batch):
+    """``(chosen, rejected)``: ``row_logps`` of a pair batch, split into its two halves."""
+    return row_logps(model, batch).chunk(2)
 
 
 def pair_losses(options, chosen_logratios, rejected_logratios, chosen_tokens, rejected_tokens):
@@ -246,13 +251,15 @@ class Reference:
     cache: dict | None = None
 
     @torch.no_grad()
-    def compute(self, model, batch):
+    def compute(self, model, batch, score=sequence_logps):
+        """``score(reference, batch)``: by default the pair log-probs; ``row_logps`` gives one
+        log-prob per row, for batches that are not pairs (KTO's)."""
         if self.frozen is not None:
-            return sequence_logps(self.frozen, batch)
+            return score(self.frozen, batch)
         adapter_methods(self.pm).activate(model, self.adapter)
         try:
             with eval_mode(model):
-                return sequence_logps(model, batch)
+                return score(model, batch)
         finally:
             adapter_methods(self.pm).activate(model, self.trained_adapter)
 
@@ -274,20 +281,22 @@ def frozen_copy(model, state):
     return reference.eval()
 
 
-def load_reference_adapter(model, state):
-    """Load ``dpo.init_adapter`` a second time, frozen, as the reference adapter; on a fresh run
-    also copy it into the trained adapter, which therefore starts from it."""
+def load_reference_adapter(model, state, option="dpo.init_adapter"):
+    """Load the adapter that ``option`` (``section.key``) names a second time, frozen, as the
+    reference adapter; on a fresh run also copy it into the trained adapter, which therefore
+    starts from it."""
     config, pm = state.config, state.pm
-    path = Path(config.dpo.init_adapter)
+    section, key = option.split(".")
+    path = Path(getattr(getattr(config, section), key))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     methods = adapter_methods(pm)
     try:
         loaded = methods.load(model, path, REFERENCE_ADAPTER, config)
     except AdapterError as exc:
-        raise FtengineError(f"dpo.init_adapter: {exc}") from None
+        raise FtengineError(f"{option}: {exc}") from None
     if loaded is not model:
         raise FtengineError(
-            f"dpo.init_adapter: loading {path} replaced the model; the method plugin must load adapters into the model in place"
+            f"{option}: loading {path} replaced the model; the method plugin must load adapters into the model in place"
         )
     trained = state.adapter_name
     # Loading may make the new adapter the active one; training goes on with the trained one.
@@ -302,7 +311,7 @@ def load_reference_adapter(model, state):
     mismatched = sorted(n for n, p in trainable.items() if n not in reference or reference[n].shape != p.shape)
     if mismatched or len(reference) != len(trainable):
         raise FtengineError(
-            f"dpo.init_adapter: the adapter in {path} does not have the shape of the one this run trains "
+            f"{option}: the adapter in {path} does not have the shape of the one this run trains "
             f"(first difference: {(mismatched or sorted(set(reference) - set(trainable)))[0]}); "
             f"set the method's options (lora.r, target_modules, ...) to those of the adapter"
         )
