@@ -2,8 +2,9 @@
 
     ftengine run job.yaml --plugin lora --plugin grpo --plugin my_rewards -o grpo.num_generations=8
 
-Data: JSONL prompt rows, ``{"prompt": "..."}`` or ``{"messages": [...]}`` ending in a user turn;
-every other field of a row reaches the reward functions (``rows``: an expected answer).
+Data: JSONL prompt rows, ``{"prompt": "..."}`` or ``{"messages": [...]}`` ending in a user turn
+(or in an assistant turn after it: a reference answer, left out of the prompt); the whole row
+reaches the reward functions (``rows``: an expected answer in any field).
 
 Each micro-batch of ``train.batch_size`` prompts generates ``grpo.num_generations`` completions
 per prompt from the current policy (dropout off, adapters on; the KV-cached, left-padded
@@ -103,8 +104,13 @@ def prompt_messages(row, where):
     """The chat messages of a prompt row, ending in a user turn."""
     if row.get("messages") is not None:
         messages = require_messages(row["messages"], "messages", where)
+        if messages and messages[-1]["role"] == "assistant":  # a reference answer: for the rewards, not the prompt
+            messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":
-            raise DataError(f"{where}: 'messages' must end with a user turn, the prompt to answer; drop the trailing turns")
+            raise DataError(
+                f"{where}: 'messages' must end with a user turn (the prompt to answer), or with one assistant turn "
+                f"after it (a reference answer, which the rewards see in the row); drop the other trailing turns"
+            )
         return messages
     if row.get("prompt") is None:
         keys = sorted(k for k, v in row.items() if v is not None)

@@ -125,7 +125,9 @@ def test_loss_and_gradients_equal_trl_for_each_loss_type(loss_type, beta, tmp_pa
     theirs.backward()
     torch.testing.assert_close(loss_sum / count, theirs, rtol=1e-5, atol=1e-7)
     for (name, ours_param), theirs_param in zip(ours_model.named_parameters(), theirs_model.parameters()):
-        torch.testing.assert_close(ours_param.grad, theirs_param.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            ours_param.grad, theirs_param.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_advantages_are_normalised_as_trl_does():
@@ -233,7 +235,9 @@ def test_two_processes_give_the_loss_of_one(tiny_model_dir, prompts, tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     (one,), (both,) = step_records(tmp_path / "one"), step_records(tmp_path / "two")
-    for key in ("loss", "grad_norm", "reward", "completion_length"):
+    # On-policy the loss is about 0 (advantages centre on 0): its gradients carry the check.
+    assert both["loss"] == pytest.approx(one["loss"], abs=1e-6)
+    for key in ("grad_norm", "reward", "completion_length"):
         assert both[key] == pytest.approx(one[key], rel=1e-5), key
 
 
@@ -249,13 +253,17 @@ def test_no_reward_function_is_a_config_error(tiny_model_dir, prompts, tmp_path)
 
 def test_two_plugins_giving_one_reward_name_is_a_config_error_naming_both(tiny_model_dir, prompts, tmp_path):
     plugins = ["lora", "grpo", REWARDS, "tests.sample_plugins.grpo_rewards_twin"]
-    with pytest.raises(ConfigError, match="plugins 'grpo_rewards' and 'grpo_rewards_twin' both give a reward function named 'short'"):
+    with pytest.raises(
+        ConfigError, match="plugins 'grpo_rewards' and 'grpo_rewards_twin' both give a reward function named 'short'"
+    ):
         configure(None, plugins, grpo_overrides(tiny_model_dir, prompts, tmp_path))
 
 
 def test_a_reward_weight_naming_no_function_is_a_config_error(tiny_model_dir, prompts, tmp_path):
     overrides = grpo_overrides(tiny_model_dir, prompts, tmp_path, "grpo.reward_weights.shrot=2")
-    with pytest.raises(ConfigError, match=r"grpo.reward_weights.shrot: no reward function has this name \(the active ones: picky, short\)"):
+    with pytest.raises(
+        ConfigError, match=r"grpo.reward_weights.shrot: no reward function has this name \(the active ones: picky, short\)"
+    ):
         configure(None, ["lora", "grpo", REWARDS], overrides)
 
 
@@ -268,12 +276,14 @@ def test_one_completion_per_prompt_is_a_config_error(tiny_model_dir, prompts, tm
     "rows, message",
     [
         ([{"prompt": "x" * 400}], r"no prompt left .* raise train.max_length"),
-        ([{"prompt": "ok"}, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}], r":2: 'messages' must end with a user turn"),
+        ([{"prompt": "ok"}, {"messages": [{"role": "assistant", "content": "b"}]}], r":2: 'messages' must end with a user turn"),
     ],
 )
 def test_bad_prompt_data_stops_before_the_model_loads(rows, message, tiny_model_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    config, pm = configure(None, ["lora", "grpo", REWARDS], grpo_overrides(tiny_model_dir, data, tmp_path / "out", "train.max_length=64"))
+    config, pm = configure(
+        None, ["lora", "grpo", REWARDS], grpo_overrides(tiny_model_dir, data, tmp_path / "out", "train.max_length=64")
+    )
     monkeypatch.setattr("ftengine.loop.build", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(DataError, match=message):
         train(config, pm)
@@ -282,14 +292,22 @@ def test_bad_prompt_data_stops_before_the_model_loads(rows, message, tiny_model_
 @pytest.mark.parametrize(
     "fail, message",
     [
-        ("raise", r"reward function 'picky' raised ValueError: this row asks me to fail \(scoring the completions of .*bad.jsonl:2\)"),
+        (
+            "raise",
+            r"reward function 'picky' raised ValueError: this row asks me to fail \(scoring the completions of .*bad.jsonl:2\)",
+        ),
         ("nan", r"reward function 'picky' returned nan for completion 4 \(prompt .*bad.jsonl:2\)"),
-        ("count", r"reward function 'picky' returned 7 values for 8 completions \(of the prompts .*bad.jsonl:1 to .*bad.jsonl:2\)"),
+        (
+            "count",
+            r"reward function 'picky' returned 7 values for 8 completions \(of the prompts .*bad.jsonl:1 to .*bad.jsonl:2\)",
+        ),
     ],
 )
 def test_a_failing_reward_function_stops_the_step_naming_it_and_the_row(fail, message, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [prompt_rows(1)[0], prompt_rows(1, fail=fail)[0]])
-    config, pm = configure(None, ["lora", "grpo", REWARDS], grpo_overrides(tiny_model_dir, data, tmp_path / "out", "train.max_steps=1"))
+    config, pm = configure(
+        None, ["lora", "grpo", REWARDS], grpo_overrides(tiny_model_dir, data, tmp_path / "out", "train.max_steps=1")
+    )
     with pytest.raises(FtengineError, match=message):
         train(config, pm)
     assert not (tmp_path / "out" / "final").exists()
