@@ -227,7 +227,7 @@ def test_composes_with_full_and_dora(method, tiny_model_dir, prompts, tmp_path):
 
 
 def test_two_processes_give_the_loss_of_one(tiny_model_dir, prompts, tmp_path):
-    opts = grpo_overrides(tiny_model_dir, prompts, tmp_path / "one", "train.max_steps=1")
+    opts = grpo_overrides(tiny_model_dir, prompts, tmp_path / "one", "train.max_steps=1", "lora.dropout=0")
     train(*configure(None, ["lora", "grpo", REWARDS], opts))
     two = [o.replace(str(tmp_path / "one"), str(tmp_path / "two")) for o in opts]
     args = [sys.executable, "-m", "ftengine.cli", "run", "--plugin", "lora", "--plugin", "ddp", "--plugin", "grpo"]
