@@ -15,7 +15,7 @@ from ftengine.build import configure
 from ftengine.errors import ConfigError, DataError, FtengineError
 from ftengine.loop import train
 from ftengine.plugins.grpo import GrpoOptions, advantages, per_token_logps, policy_loss
-from ftengine.testing import KillAfter, tiny_model, write_jsonl
+from ftengine.testing import KillAfter, save_tiny_model, tiny_model, write_jsonl
 
 REWARDS = "tests.sample_plugins.grpo_rewards"
 LETTERS = "abcdefgh"
@@ -216,10 +216,12 @@ def test_resume_reproduces_the_uninterrupted_run(resumed_runs):
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in straight]
 
 
-@pytest.mark.parametrize("method", ["full", "dora"])
-def test_composes_with_full_and_dora(method, tiny_model_dir, prompts, tmp_path):
-    plugins = ["lora", "dora"] if method == "dora" else ["full"]
-    overrides = grpo_overrides(tiny_model_dir, prompts, tmp_path / "out", "train.max_steps=1", "grpo.beta=0.04")
+@pytest.mark.parametrize("method", ["full", "dora", "qlora"])
+def test_composes_with_full_dora_and_qlora(method, tiny_model_dir, prompts, tmp_path):
+    plugins = {"full": ["full"], "dora": ["lora", "dora"], "qlora": ["lora", "qlora"]}[method]
+    # qlora's 4-bit blocks need widths they divide; its reference forward runs the NF4 base.
+    model_dir = save_tiny_model(tmp_path / "model64", hidden_size=64) if method == "qlora" else tiny_model_dir
+    overrides = grpo_overrides(model_dir, prompts, tmp_path / "out", "train.max_steps=1", "grpo.beta=0.04")
     summary = train(*configure(None, [*plugins, "grpo", REWARDS], overrides))
     (record,) = step_records(tmp_path / "out")
     assert torch.isfinite(torch.tensor(record["loss"])) and record["grad_norm"] > 0
