@@ -24,8 +24,11 @@ install: $(BIN)/.installed
 run: $(BIN)/.installed
 	$(BIN)/ftengine run
 
+# Files are spread over TEST_WORKERS processes, one torch thread each (threads of two workers
+# sharing two cores only wait for each other); `pytest -q` alone runs them in one process.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The formatter and linter CI runs (configured in pyproject.toml); `make format` applies them.
 lint: $(BIN)/.installed
