@@ -18,6 +18,7 @@ puts an OpenAI-compatible HTTP server and a batching scheduler on top.
 
 import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,8 +165,8 @@ class AdapterServer:
         self._in_use = {}  # adapter name -> rows generating with it
         self.device = next(self.model.parameters()).device
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 2048
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        self._cache_argument = _cache_argument(self.model)
+        self.eos_ids = model_eos_ids(self.model, self.tokenizer)
+        self._cache_argument = kv_cache_argument(self.model)
         self._vocabulary = None  # ftengine.structured.Vocabulary, built at the first response_format
         if adapters:  # an adapter that cannot share a batch (prompt tuning) is refused now
             try:
@@ -359,78 +360,119 @@ class AdapterServer:
                 self._set_rows(None)  # the model answers plain forwards again
 
     def _run(self, rows):
-        live = list(rows)
-        width = max(len(r.prompt_ids) for r in live)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _new_cache()
-        while live:
-            with self._lock:
-                self._set_rows([r.adapter for r in live])
-                output = self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self._cache_argument: cache},
-                )
-            logits = output.logits[:, -1].float()
-            cache = output[self._cache_argument]
-            deltas, keep, tokens = [], [], []
-            for i, row in enumerate(live):
-                if row.cancelled:
-                    row.finish_reason = "cancelled"
-                    continue
-                allowed = row.constraint.allowed(logits.shape[-1]) if row.constraint is not None else None
-                token = _sample(logits[i], row.params, row.generator, allowed)
-                delta = self._advance(row, token)
-                if delta.text or delta.finish_reason:
-                    deltas.append(delta)
-                if row.finish_reason is None:
-                    keep.append(i)
-                    tokens.append(token)
-            yield deltas
-            if len(keep) < len(live):
-                if not keep:
-                    break
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                live = [live[i] for i in keep]
-                mask, positions = mask[index], positions[index]
-            input_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            positions = positions[:, -1:] + 1
+        return sample_rows(
+            self._forward, rows, self.tokenizer, self.eos_ids, self._cache_argument, self.device, self._tokenizer_lock
+        )
 
-    def _advance(self, row, token):
-        """Append ``token`` to ``row``: stop at EOS, a stop string, the end of its constrained
-        output or ``max_tokens``; return the text that is now safe to show (held back while it
-        may be the start of a stop string). A constrained row ignores stop strings, which could
-        cut its JSON short: it ends when the JSON is complete."""
-        params = row.params
-        row.token_ids.append(token)
-        if row.constraint is not None:
-            row.constraint.accept(token)
-        stops = params.stop if row.constraint is None else ()
-        if token in self.eos_ids:
-            row.finish_reason = "stop"
-        else:
-            with self._tokenizer_lock:
-                text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-            found = _find_stop(text, stops, max(0, len(row.text) - max((len(s) for s in stops), default=0)))
-            if found is not None:
-                text, row.finish_reason = text[:found], "stop"
-            row.text = text
-        if row.finish_reason is None and row.constraint is not None and row.constraint.finished:
-            row.finish_reason = "stop"
-        if row.finish_reason is None and len(row.token_ids) >= params.max_tokens:
-            row.finish_reason = "length"
-        held = _held_back(row.text, stops) if row.finish_reason is None else 0
-        safe = len(row.text) - held
-        start, row.emitted = row.emitted, max(row.emitted, safe)
-        return Delta(row.index, row.text[start : row.emitted], [token], row.finish_reason, row)
+    def _forward(self, live, inputs):
+        with self._lock:
+            self._set_rows([r.adapter for r in live])
+            return self.model(**inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# the sampling loop
+# --------------------------------------------------------------------------------------------
+
+
+def generate_rows(model, tokenizer, rows):
+    """Generate ``rows`` (``Row`` s, each with its own ``SamplingParams`` and seeded
+    ``generator``) as one batch with ``model`` as it is (its active adapter, its mode); return
+    them, finished: ``token_ids`` (the EOS that ended a row included) and ``text`` (cut at a
+    stop string). Call it under ``torch.no_grad``. Training-time sampling (``grpo``) uses it."""
+    device = next(model.parameters()).device
+    for _ in sample_rows(
+        lambda live, inputs: model(**inputs), rows, tokenizer, model_eos_ids(model, tokenizer), kv_cache_argument(model), device
+    ):
+        pass
+    return rows
+
+
+def sample_rows(forward, rows, tokenizer, eos_ids, cache_argument, device, tokenizer_lock=None):
+    """Generate ``rows`` as one batch, one token per step: yield the deltas of each step.
+
+    Prompts are left-padded, with an attention mask and position ids; the KV cache keeps the
+    past, and a finished row leaves the batch (and the cache) at once.
+
+    :param forward: ``forward(live_rows, inputs) -> output``: the model's forward over
+        ``inputs`` for the rows still generating (the server sets their adapters first).
+    :param eos_ids: the token ids that end a row.
+    :param cache_argument: the forward's KV-cache argument (``kv_cache_argument``).
+    :param tokenizer_lock: held while decoding (a fast tokenizer is not safe across threads).
+    """
+    tokenizer_lock = tokenizer_lock or nullcontext()
+    live = list(rows)
+    width = max(len(r.prompt_ids) for r in live)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live], device=device)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = _new_cache()
+    while live:
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+            "logits_to_keep": 1,
+            cache_argument: cache,
+        }
+        output = forward(live, inputs)
+        logits = output.logits[:, -1].float()
+        cache = output[cache_argument]
+        deltas, keep, tokens = [], [], []
+        for i, row in enumerate(live):
+            if row.cancelled:
+                row.finish_reason = "cancelled"
+                continue
+            allowed = row.constraint.allowed(logits.shape[-1]) if row.constraint is not None else None
+            token = _sample(logits[i], row.params, row.generator, allowed)
+            delta = _advance(row, token, tokenizer, eos_ids, tokenizer_lock)
+            if delta.text or delta.finish_reason:
+                deltas.append(delta)
+            if row.finish_reason is None:
+                keep.append(i)
+                tokens.append(token)
+        yield deltas
+        if len(keep) < len(live):
+            if not keep:
+                break
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            live = [live[i] for i in keep]
+            mask, positions = mask[index], positions[index]
+        input_ids = torch.tensor(tokens, device=device).unsqueeze(1)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+
+
+def _advance(row, token, tokenizer, eos_ids, tokenizer_lock):
+    """Append ``token`` to ``row``: stop at EOS, a stop string, the end of its constrained
+    output or ``max_tokens``; return the text that is now safe to show (held back while it
+    may be the start of a stop string). A constrained row ignores stop strings, which could
+    cut its JSON short: it ends when the JSON is complete."""
+    params = row.params
+    row.token_ids.append(token)
+    if row.constraint is not None:
+        row.constraint.accept(token)
+    stops = params.stop if row.constraint is None else ()
+    if token in eos_ids:
+        row.finish_reason = "stop"
+    else:
+        with tokenizer_lock:
+            text = tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        found = _find_stop(text, stops, max(0, len(row.text) - max((len(s) for s in stops), default=0)))
+        if found is not None:
+            text, row.finish_reason = text[:found], "stop"
+        row.text = text
+    if row.finish_reason is None and row.constraint is not None and row.constraint.finished:
+        row.finish_reason = "stop"
+    if row.finish_reason is None and len(row.token_ids) >= params.max_tokens:
+        row.finish_reason = "length"
+    held = _held_back(row.text, stops) if row.finish_reason is None else 0
+    safe = len(row.text) - held
+    start, row.emitted = row.emitted, max(row.emitted, safe)
+    return Delta(row.index, row.text[start : row.emitted], [token], row.finish_reason, row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +486,7 @@ def _new_cache():
     return DynamicCache()
 
 
-def _cache_argument(model):
+def kv_cache_argument(model):
     """The forward's KV-cache argument: ``cache`` in newer transformers, ``past_key_values``
     before (the output field has the same name)."""
     import inspect
@@ -453,7 +495,7 @@ def _cache_argument(model):
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _eos_ids(model, tokenizer):
+def model_eos_ids(model, tokenizer):
     ids = set()
     for source in (getattr(model, "generation_config", None), model.config, tokenizer):
         value = getattr(source, "eos_token_id", None)
