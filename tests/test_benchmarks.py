@@ -147,8 +147,9 @@ def test_4_grpo_benchmark_runs_ftengine_and_trl_on_the_same_prompts(tmp_path, ca
     assert result["smoke"] and result["failed"] == [] and set(result["results"]) == {"ftengine", "trl"}
     most_tokens = sizes["prompts"] * sizes["generations"] * sizes["completion-length"]
     for side in result["results"].values():
-        assert side["steps"] == len(side["rewards"]) == len(side["completion_tokens"]) == sizes["steps"], side
+        assert side["steps"] == len(side["rewards"]) == len(side["completion_tokens"]) == len(side["step_cpu_times"])
+        assert side["steps"] == sizes["steps"], side
         assert all(0 < tokens <= most_tokens for tokens in side["completion_tokens"]), side
-        assert side["median_step_s"] > 0 and side["peak_rss_mb"] >= side["loaded_rss_mb"] > 0
+        assert side["median_step_s"] > 0 and side["median_step_cpu_s"] > 0 and side["peak_rss_mb"] >= side["loaded_rss_mb"] > 0
     assert all(ratio > 0 for ratio in result["ratios_trl_over_ftengine"].values())
     assert "(smoke run: not meaningful)" in capsys.readouterr().out

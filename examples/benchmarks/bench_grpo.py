@@ -6,7 +6,8 @@
 What a user would pick instead of ftengine is TRL's ``GRPOTrainer`` with a PEFT ``LoraConfig``
 (generation on a CPU through transformers' ``generate``: TRL's vLLM and continuous-batching
 paths are off). Both train SmolLM2-135M-Instruct (the default job's model) with LoRA r=16,
-alpha 32, no dropout, on all linear layers, fp32, no activation checkpointing, AdamW lr 1e-5,
+alpha 32, no dropout, on all linear layers, fp32 (``--bf16``: bf16 autocast on both sides,
+ftengine's ``train.precision: bf16``, TRL's ``bf16=True``), no activation checkpointing, AdamW lr 1e-5,
 on the same prompts: the first ``steps x prompts`` rows of the default job's training data
 (the contacts task; each side takes every prompt once, in its own order), scored by the
 contacts reward (``ftengine_contacts.rewards``). Each step generates ``--generations``
@@ -18,8 +19,9 @@ both sides), one iteration per generation batch: TRL's defaults, which ftengine'
 
 Each side runs in its own child process, so its peak memory is its own: the process's max RSS
 (``resource.getrusage``; the model's loading included, and the RSS once the model is loaded,
-so the difference is what training added). Reported: the median step time, the total over
-all steps, the completion tokens generated per second of step time (completion lengths
+so the difference is what training added). Reported: the median step time (and the process's
+CPU seconds per step, user + sys of all its threads, which a machine shared with other work
+inflates less than wall time), the total over all steps, the completion tokens generated per second of step time (completion lengths
 differ with sampling; a longer one costs more), the mean reward, and the ratios TRL /
 ftengine.
 
@@ -84,7 +86,7 @@ def run_ftengine(args, rows, out):
         f"train.max_length={MAX_LENGTH}",
         f"train.lr={LR}",
         "train.warmup_steps=0",
-        "train.precision=fp32",
+        f"train.precision={'bf16' if args.bf16 else 'fp32'}",
         f"train.seed={SEED}",
         f"lora.r={R}",
         f"lora.alpha={ALPHA}",
@@ -95,19 +97,25 @@ def run_ftengine(args, rows, out):
         f"grpo.beta={args.beta}",
     ]
     config, pm = configure(None, ["lora", "grpo", "contacts", "no:progress"], overrides)
-    loaded = {}
+    loaded, cpu_times = {}, []
 
-    class LoadedRss:  # the RSS once the model is built, before the first step
+    class Probe:  # the RSS once the model is built, and the CPU time between step ends
         @hookimpl
         def ftengine_on_train_start(self):
-            loaded["rss_mb"] = current_rss_mb()
+            loaded["rss_mb"], self.cpu = current_rss_mb(), time.process_time()
 
-    pm.register(LoadedRss())
+        @hookimpl
+        def ftengine_on_step_end(self):
+            cpu_times.append(time.process_time() - self.cpu)
+            self.cpu = time.process_time()
+
+    pm.register(Probe())
     train(config, pm)
     records = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step_time_s" in r]
     return {
         "step_times": [r["step_time_s"] for r in steps],
+        "step_cpu_times": cpu_times,
         "completion_tokens": [r["completion_length"] * args.prompts * args.generations for r in steps],
         "rewards": [r["reward"] for r in steps],
         "loaded_rss_mb": loaded["rss_mb"],
@@ -148,9 +156,10 @@ def run_trl(args, rows, out):
         learning_rate=LR,
         warmup_steps=0,
         max_grad_norm=1.0,
-        # GRPOConfig defaults to bf16 autocast and activation checkpointing; ftengine computes in
-        # fp32 on a CPU and keeps activations (the faster setting), and so does TRL here.
-        bf16=False,
+        # GRPOConfig defaults to bf16 autocast and activation checkpointing; here TRL computes in
+        # the precision ftengine does (fp32, or bf16 autocast with --bf16) and keeps activations
+        # (the faster setting), as ftengine does.
+        bf16=args.bf16,
         gradient_checkpointing=False,
         use_cpu=not torch.cuda.is_available(),
         shuffle_dataset=True,
@@ -161,14 +170,15 @@ def run_trl(args, rows, out):
         dataloader_num_workers=0,
     )
     lora = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    step_times = []
+    step_times, cpu_times = [], []
 
     class StepTimes(TrainerCallback):  # generation, scoring and the update all happen inside a step
         def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+            self.started, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             step_times.append(time.perf_counter() - self.started)
+            cpu_times.append(time.process_time() - self.cpu)
 
     trainer = GRPOTrainer(
         model=model,
@@ -183,6 +193,7 @@ def run_trl(args, rows, out):
     logs = [entry for entry in trainer.state.log_history if "completions/mean_length" in entry]
     return {
         "step_times": step_times,
+        "step_cpu_times": cpu_times,
         "completion_tokens": [entry["completions/mean_length"] * args.prompts * args.generations for entry in logs],
         "rewards": [entry["reward"] for entry in logs],
         "loaded_rss_mb": loaded_rss,
@@ -205,6 +216,7 @@ def summarise(result):
         **result,
         "steps": len(times),
         "median_step_s": statistics.median(times),
+        "median_step_cpu_s": statistics.median(result["step_cpu_times"]),
         "total_s": sum(times),
         "completion_tokens_per_s": sum(result["completion_tokens"]) / sum(times),
         "mean_reward": statistics.fmean(result["rewards"]),
@@ -218,9 +230,10 @@ def compare(args):
     prompt_rows(args.steps * args.prompts, args.smoke)  # the data is generated outside the timed children
     sizes = ["--steps", args.steps, "--prompts", args.prompts, "--generations", args.generations]
     sizes += ["--completion-length", args.completion_length, "--beta", args.beta, "--model", args.model]
+    flags = [*(["--bf16"] if args.bf16 else []), *(["--smoke"] if args.smoke else [])]
     results, failed, children, outputs = {}, [], {}, {}
     for name in ("ftengine", "trl"):
-        command = [sys.executable, __file__, "--child", name, *map(str, sizes), *(["--smoke"] if args.smoke else [])]
+        command = [sys.executable, __file__, "--child", name, *map(str, sizes), *flags]
         children[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if not args.smoke:
             outputs[name] = children[name].communicate()
@@ -232,7 +245,7 @@ def compare(args):
             continue
         result = results[name] = summarise(json.loads(stdout.strip().splitlines()[-1]))
         print(
-            f"{name:9s} {result['steps']} steps  median step {result['median_step_s']:.2f} s  total {result['total_s']:.1f} s  "
+            f"{name:9s} {result['steps']} steps  median step {result['median_step_s']:.2f} s ({result['median_step_cpu_s']:.1f} CPU s)  total {result['total_s']:.1f} s  "
             f"{result['completion_tokens_per_s']:.1f} completion tok/s  mean reward {result['mean_reward']:.3f}  "
             f"RSS loaded {result['loaded_rss_mb']:,.0f} MiB, peak {result['peak_rss_mb']:,.0f} MiB",
             flush=True,
@@ -240,6 +253,7 @@ def compare(args):
     report = {
         "smoke": args.smoke,
         "sizes": {key.lstrip("-"): value for key, value in zip(sizes[::2], sizes[1::2])},
+        "bf16": args.bf16,
         "results": results,
         "failed": failed,
     }
@@ -247,13 +261,14 @@ def compare(args):
         ours, theirs = results["ftengine"], results["trl"]
         report["ratios_trl_over_ftengine"] = {
             "median_step_s": theirs["median_step_s"] / ours["median_step_s"],
+            "median_step_cpu_s": theirs["median_step_cpu_s"] / ours["median_step_cpu_s"],
             "total_s": theirs["total_s"] / ours["total_s"],
             "completion_tokens_per_s": ours["completion_tokens_per_s"] / theirs["completion_tokens_per_s"],
             "peak_rss_mb": theirs["peak_rss_mb"] / ours["peak_rss_mb"],
         }
         ratios = report["ratios_trl_over_ftengine"]
         print(
-            f"TRL / ftengine: median step {ratios['median_step_s']:.2f}x, total {ratios['total_s']:.2f}x, "
+            f"TRL / ftengine: median step {ratios['median_step_s']:.2f}x ({ratios['median_step_cpu_s']:.2f}x in CPU time), total {ratios['total_s']:.2f}x, "
             f"completion tok/s (ftengine / TRL) {ratios['completion_tokens_per_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x"
         )
     if args.out:
@@ -268,6 +283,7 @@ def main(argv=None):
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt (num_generations)")
     parser.add_argument("--completion-length", type=int, default=64, help="most tokens per completion")
     parser.add_argument("--beta", type=float, default=0.0, help="KL weight; above 0 both sides run the reference forward")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (weights and optimiser stay fp32)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     parser.add_argument("--smoke", action="store_true", help="the tiny test model, toy sizes: timings mean nothing")
     parser.add_argument("--child", choices=["ftengine", "trl"], help=argparse.SUPPRESS)
