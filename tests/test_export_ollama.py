@@ -211,8 +211,8 @@ def ollama_prompt(modelfile_text, messages):
 
 
 def test_the_renderer_is_go_text_template():
-    """The renderer against outputs of Go's text/template (and Ollama's Execute) for the
-    constructs the translated templates use, so that it cannot agree with anything."""
+    """The renderer against what Go's text/template gives by its documentation (trim markers,
+    range with index, variables, nested calls), for the constructs the translated templates use."""
     data = {"Messages": [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}]}
     run = lambda text: execute(parse(go_tokens(text)), data, {"$": data})  # noqa: E731
     assert run('x {{- " " -}} y') == "x y"
