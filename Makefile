@@ -38,7 +38,7 @@ LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=
 test-export: $(BIN)/.installed
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
 		$(BIN)/python -m pip wheel --no-deps -w $(WHEELS) llama_cpp_python==$(LLAMA_CPP_VERSION)
-	$(BIN)/python -m pip install -q $(PIP_CONSTRAINTS) --find-links $(WHEELS) llama_cpp_python==$(LLAMA_CPP_VERSION)
+	$(BIN)/python -m pip install -q $(PIP_CONSTRAINTS) --find-links $(WHEELS) -e ".[llamacpp]"
 	$(BIN)/python -m pytest -q tests/test_export_llamacpp.py tests/test_export_ollama.py
 
 # The formatter and linter CI runs (configured in pyproject.toml); `make format` applies them.

@@ -15,6 +15,7 @@ from ftengine.errors import AdapterError
 from ftengine.inference import load_for_inference
 from ftengine.loop import save
 from ftengine.methods import adapter_methods
+from ftengine.modeling import stop_token_ids
 from ftengine.plugins.export.gguf_model import write_gguf
 from ftengine.plugins.export.lora_gguf import write_lora_gguf
 from ftengine.testing import greedy_without_cache, tiny_base
@@ -128,7 +129,7 @@ def llama_greedy(llm, ids):
     answers = []
     for row in ids:
         tokens = []
-        for token in llm.generate(row, top_k=1, temp=0.0, reset=True):
+        for token in llm.generate(row, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
             tokens.append(token)
             if len(tokens) == NEW_TOKENS:
                 break
@@ -159,20 +160,29 @@ def test_llama_cpp_gives_the_merged_models_greedy_tokens(llama_cpp, exported):
 
 
 def test_llama_cpp_formats_a_chat_as_ftengine_and_answers_the_same(llama_cpp, exported):
-    """llama-cpp-python's chat-completion path, with the template embedded in the GGUF."""
+    """llama-cpp-python's chat-completion path, with the template embedded in the GGUF: the same
+    prompt text as ftengine's chat template, and the merged model's greedy answer up to its
+    first stop token. The answer is compared as tokens (those the path fed back to the model:
+    all but the last it sampled): the random tiny model writes partial UTF-8, which the path
+    completes with tokens past ``max_tokens``; its text starts with those tokens' text."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     tokenizer, llm = exported["tokenizer"], open_llama(llama_cpp, exported["merged-f16"])
-    template = llm.metadata["tokenizer.chat_template"]
-    formatter = Jinja2ChatFormatter(template, eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token)
-    merged = rounded_to_f16(exported["merged"])
+    formatter = Jinja2ChatFormatter(
+        llm.metadata["tokenizer.chat_template"], eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token
+    )
+    merged, stops = rounded_to_f16(exported["merged"]), set(stop_token_ids(tokenizer))
     for prompt in PROMPTS:
         messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": prompt}]
         assert formatter(messages=messages).prompt == render_prompt(tokenizer, messages)
         ids = encode_chat_text(tokenizer, render_prompt(tokenizer, messages))["input_ids"]
-        expected = tokenizer.decode(ftengine_greedy(merged, [ids])[0], skip_special_tokens=True)
-        answer = llm.create_chat_completion(messages, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1)
-        assert answer["choices"][0]["message"]["content"] == expected
+        expected = ftengine_greedy(merged, [ids])[0]
+        answered = next((i for i, token in enumerate(expected) if token in stops), NEW_TOKENS)
+        answer = llm.create_chat_completion(messages, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1, repeat_penalty=1.0)
+        assert llm.input_ids[: len(ids)].tolist() == ids
+        assert llm.input_ids[len(ids) :].tolist()[: answered - 1] == expected[: answered - 1]
+        text = llm.detokenize(expected[:answered]).decode("utf-8", errors="ignore")
+        assert answer["choices"][0]["message"]["content"].startswith(text)
 
 
 def test_the_lora_applied_over_the_base_gives_the_merged_models_greedy_tokens(llama_cpp, exported):
