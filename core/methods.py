@@ -331,7 +331,7 @@ def _refuse_without_lora_factors(bound, what):
     if not bound.has("lora_factors"):
         raise AdapterError(
             f"{what}: method {type(bound.method).__name__} of plugin '{bound.plugin}' cannot write its adapter as a LoRA "
-            f"(it has no lora_factors); write the merged model instead: leave out --lora-only"
+            f"(it has no lora_factors); write the merged model instead"
         )
 
 
