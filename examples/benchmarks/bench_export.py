@@ -105,7 +105,8 @@ def main():
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
-    answers = result.pop("answers")
+    answers = result.pop("answers")[: len(rows)]
+    result["ftengine_on_these_rows"] = scores(answers, rows)  # --rows may be fewer than were prepared
 
     def run_llama(entry, model_path, **kwargs):
         llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=1024, n_threads=args.threads, verbose=False, **kwargs)
