@@ -188,7 +188,12 @@ def export_model(
 @click.command(name="export")
 @click.argument("source", metavar="ADAPTER_DIR_OR_RUN", type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "--format", "format_", type=click.Choice(FORMATS), default="gguf", show_default=True, help="What to write (see below)."
+    "--format",
+    "format_",
+    type=click.Choice(FORMATS),
+    default="gguf",
+    show_default=True,
+    help="What to write: one GGUF file, or a merged transformers directory.",
 )
 @click.option(
     "--type",
@@ -196,7 +201,7 @@ def export_model(
     type=click.Choice(list(TYPES)),
     default="f16",
     show_default=True,
-    help="GGUF tensor type of the weight matrices (norms and 1-D tensors stay f32).",
+    help="GGUF tensor type of the weight matrices (norms and 1-D tensors stay f32); with --lora-only, of the LoRA factors.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write (new or empty).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it is a non-empty directory (never the adapter's own).")
