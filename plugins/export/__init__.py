@@ -232,7 +232,7 @@ def export_command(source, format_, type_name, out, overwrite, model, allow_pick
     click.echo("\n".join(f"wrote {path}" for path in written))
     if lora_only:
         base = base_model_of(*resolve_source(source), model)
-        click.echo(lora_usage(base, Path(out) / lora_file_name(type_name)))
+        click.echo(lora_usage(base, Path(out) / lora_file_name(type_name)).rstrip("\n"))
 
 
 @hookimpl
