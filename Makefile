@@ -31,7 +31,7 @@ test: $(BIN)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # GGUF exports judged by llama.cpp itself (tests/test_export_llamacpp.py; CI skips them: building
-# llama-cpp-python from its sdist takes minutes, see docs/export-runtimes.md). The CPU wheel is
+# llama-cpp-python from its sdist takes minutes, see docs/export.md). The CPU wheel is
 # built once, without -march=native so the cached wheel runs on any x86-64 with AVX2, into
 # $(WHEELS), and installed from there.
 WHEELS ?= $(HOME)/.cache/ftengine/wheels
@@ -42,7 +42,7 @@ test-export: $(BIN)/.installed
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
 		$(BIN)/python -m pip wheel --no-deps -w $(WHEELS) llama_cpp_python==$(LLAMA_CPP_VERSION)
 	$(BIN)/python -m pip install -q $(PIP_CONSTRAINTS) --find-links $(WHEELS) -e ".[llamacpp]"
-	$(BIN)/python -m pytest -q tests/test_export_llamacpp.py tests/test_export_ollama.py
+	$(BIN)/python -m pytest -q tests/test_export.py tests/test_export_llamacpp.py tests/test_export_ollama.py
 
 # The formatter and linter CI runs (configured in pyproject.toml); `make format` applies them.
 lint: $(BIN)/.installed

@@ -18,6 +18,7 @@ returns from ``ftengine_adapter_methods``; it owns the whole lifecycle of its ad
         def unwrap(self, model): ...
         def delete(self, model, name): ...
         def lora_factors(self, model, name): ...      # optional (plugin API 1.1)
+        def lora_export_refusal(self, adapter_config): ...  # optional (plugin API 1.1)
 
 The core (``AdapterMethods``) knows which method holds which adapter name, from each method's
 ``loaded(model)``, and sends each call to the method concerned: ``activate(name)`` goes to the
@@ -122,8 +123,13 @@ class AdapterMethod(Protocol):
         adapters are not such updates (prompt tuning adds tokens); raise ``AdapterError`` for one
         adapter that is not (a DoRA adapter rescales each row of W)."""
 
+    def lora_export_refusal(self, adapter_config: dict[str, Any]) -> str | None:
+        """Optional (plugin API 1.1). Why ``lora_factors`` would refuse the adapter with this
+        ``adapter_config.json`` (one this method claims), said before any weights load, or
+        ``None``. LoRA's names a DoRA adapter, whose ``lora_factors`` would raise once loaded."""
 
-OPTIONAL_MEMBERS = ("lora_factors",)
+
+OPTIONAL_MEMBERS = ("lora_factors", "lora_export_refusal")
 PROTOCOL_MEMBERS = tuple(
     name for name in AdapterMethod.__dict__ if not name.startswith("_") and callable(AdapterMethod.__dict__[name])
 )
@@ -320,11 +326,15 @@ class AdapterMethods:
 
     def check_lora_export(self, path):
         """Refuse, before any weights load, the adapter directory ``path`` when the method that
-        loads it cannot export a LoRA."""
+        loads it cannot export a LoRA, or says it cannot for this adapter."""
         adapter_config = read_adapter_config(path)
         for bound in self.methods:
             if bound.call("claims", adapter_config=adapter_config):
                 _refuse_without_lora_factors(bound, str(path))
+                if bound.has("lora_export_refusal") and (
+                    reason := bound.call("lora_export_refusal", adapter_config=adapter_config)
+                ):
+                    raise AdapterError(f"{path}: {reason}; write the merged model instead")
 
 
 def _refuse_without_lora_factors(bound, what):

@@ -6,6 +6,7 @@ Tiny models of three architectures (hidden 32, a multiple of the q types' 32-val
 
 import errno
 import json
+import shutil
 
 import gguf
 import pytest
@@ -195,17 +196,35 @@ def test_gguf_follows_llama_cpp_conventions(merged, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_export_command_writes_the_gguf_and_a_model_card_from_the_run(lora_run, tmp_path):
+def test_export_command_writes_the_gguf_a_modelfile_and_a_model_card_from_the_run(lora_run, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["export", str(lora_run), "--type", "q8_0", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model-q8_0.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "model-q8_0.gguf"]
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf\n" in modelfile  # beside it, by file name: the directory can move
+    assert "The chat template is ChatML" in modelfile and 'TEMPLATE """{{ range' in modelfile
     card = (out / "README.md").read_text()
     metrics = [json.loads(line) for line in (lora_run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in metrics if "eval_loss" in r][-1]
     assert "- steps trained: 3" in card
     assert f"| loss | {final['eval_loss']:.4g} |" in card
     assert "training data sha256: `" in card and "peft_type LORA" in card
+
+
+def test_a_chat_template_ollama_cannot_take_gets_a_comment_in_the_modelfile(lora_run, llama_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(llama_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"  # Zephyr's
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["export", str(lora_run), "--model", str(base), "--type", "f32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model-f32.gguf\n" in modelfile
+    assert "could not be translated" in modelfile
+    assert "TEMPLATE" not in modelfile.replace("write a TEMPLATE", "")
 
 
 def test_safetensors_export_is_the_merged_model(lora_run, llama_dir, tmp_path):

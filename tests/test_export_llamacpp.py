@@ -6,10 +6,14 @@ and runs them. The LoRA file's layout is checked without llama.cpp, against the 
 and merged models' tensors.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from ftengine.adapter_contract import AdapterContract
+from ftengine.cli import cli
 from ftengine.data import encode_chat_text, render_prompt
 from ftengine.errors import AdapterError
 from ftengine.inference import load_for_inference
@@ -41,15 +45,30 @@ def base_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def export_command_registered():
+    """The ``ftengine`` group with every plugin's commands, as ``ftengine.cli.main`` builds it."""
+    from ftengine.cli import _register_plugin_commands
+
+    _register_plugin_commands()
+
+
+def export_cli(*args):
+    return CliRunner().invoke(cli, ["export", *map(str, args)])
+
+
 @pytest.fixture(scope="module")
 def exported(base_dir, tmp_path_factory):
     """A LoRA adapter (rsLoRA, so its scale is not alpha / r) on every linear layer, written as
-    a GGUF LoRA, with the base and the merged model as f32 and f16 GGUFs: ``{name: path}``,
-    plus ``merged`` (the merged transformers model) and ``tokenizer``."""
+    a GGUF LoRA by ``ftengine export --lora-only``, with the base and the merged model as f32
+    and f16 GGUFs: ``{name: path}``, plus ``merged`` (the merged transformers model),
+    ``tokenizer`` and ``lora_output`` (what the command printed)."""
     out = tmp_path_factory.mktemp("export")
     adapter = saved_adapter(base_dir, out, ["lora"], lora={"r": 4, "alpha": 8, "rslora": True})
+    result = export_cli(adapter, "--lora-only", "--type", "f32", "--model", base_dir, "--out", out / "lora")
+    assert result.exit_code == 0, result.output
+    files = {"lora": out / "lora" / "adapter-f32.gguf", "lora_output": result.output}
     model, tokenizer, pm = load_for_inference(str(base_dir), {"contacts": adapter})
-    files = {"lora": write_lora_gguf(out / "lora.gguf", model, pm, "contacts")}
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     for type_name in ("f32", "f16"):
         write_gguf(base, tokenizer, out / f"base-{type_name}.gguf", type_name)
@@ -90,12 +109,47 @@ def test_the_lora_gguf_holds_the_update_of_each_base_tensor(exported):
     assert all(np.array_equal(base[name], merged[name]) for name in unchanged)
 
 
+def test_export_lora_only_says_over_which_base_to_apply_it(exported, base_dir):
+    """The file alone is no model: the command's output and the card say which base GGUF it
+    applies over, and how."""
+    out = exported["lora"].parent
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter-f32.gguf"]
+    usage = f"llama-cli -m BASE.gguf --lora {exported['lora']}"
+    assert usage in exported["lora_output"]
+    card = (out / "README.md").read_text()
+    assert "llama-cli -m BASE.gguf --lora adapter-f32.gguf" in card
+    assert f"a GGUF of the base model `{base_dir}`" in card
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--format", "safetensors"], "--lora-only writes a GGUF LoRA: leave out --format safetensors"),
+        (["--type", "q8_0"], "--lora-only --type q8_0: a GGUF LoRA holds its factors as f32 or f16"),
+    ],
+)
+def test_lora_only_refuses_what_it_cannot_write(exported, tmp_path, options, message):
+    adapter = exported["lora"].parent.parent / "adapter"
+    result = export_cli(adapter, "--lora-only", *options, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def weightless_base(path):
+    """A base model directory with the tiny llama's config and no weights: an export that reaches
+    the weights fails there, so a refusal that names the method came before."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    return path
+
+
 def test_a_method_without_lora_factors_is_refused_by_name(tiny_model_dir, tmp_path):
     adapter = saved_adapter(tiny_model_dir, tmp_path, ["prompt_tuning"], prompt_tuning={"num_virtual_tokens": 2})
-    model, _, pm = load_for_inference(str(tiny_model_dir), {"prompt": adapter})
     message = "method PromptTuningMethod of plugin 'prompt_tuning' cannot write its adapter as a LoRA"
-    with pytest.raises(AdapterError, match=message):
-        adapter_methods(pm).check_lora_export(adapter)  # before weights load, for the export command
+    result = export_cli(adapter, "--lora-only", "--model", weightless_base(tmp_path / "base"), "--out", tmp_path / "out")
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    model, _, pm = load_for_inference(str(tiny_model_dir), {"prompt": adapter})
     with pytest.raises(AdapterError, match=message):
         write_lora_gguf(tmp_path / "lora.gguf", model, pm, "prompt")
     assert not (tmp_path / "lora.gguf").exists()
@@ -103,6 +157,9 @@ def test_a_method_without_lora_factors_is_refused_by_name(tiny_model_dir, tmp_pa
 
 def test_a_dora_adapter_is_refused_by_name(tiny_model_dir, tmp_path):
     adapter = saved_adapter(tiny_model_dir, tmp_path, ["lora", "dora"], lora={"r": 4})
+    result = export_cli(adapter, "--lora-only", "--model", weightless_base(tmp_path / "base"), "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{adapter}: a dora adapter (use_dora) cannot be written as a LoRA" in result.output
     model, _, pm = load_for_inference(str(tiny_model_dir), {"d": adapter})
     with pytest.raises(AdapterError, match="adapter 'd' is a dora adapter: method dora cannot be written as a LoRA"):
         write_lora_gguf(tmp_path / "lora.gguf", model, pm, "d")
@@ -186,6 +243,7 @@ def test_llama_cpp_formats_a_chat_as_ftengine_and_answers_the_same(llama_cpp, ex
 
 
 def test_the_lora_applied_over_the_base_gives_the_merged_models_greedy_tokens(llama_cpp, exported):
+    """``ftengine export --lora-only``, end to end: its file over the base GGUF in llama.cpp."""
     ids = prompt_ids(exported["tokenizer"])
     expected = ftengine_greedy(exported["merged"], ids)
     llm = open_llama(llama_cpp, exported["base-f32"], lora_path=str(exported["lora"]))

@@ -43,6 +43,17 @@ def final_records(run_dir):
     return steps, final
 
 
+def lora_usage(base, lora_file):
+    """How to apply the GGUF LoRA ``lora_file`` over a GGUF of ``base`` with llama.cpp: the
+    file alone is no model."""
+    if str(base).endswith(".gguf"):
+        return f"Apply it over the base model's GGUF with llama.cpp:\n\n    llama-cli -m {base} --lora {lora_file}\n"
+    return (
+        f"Apply it over a GGUF of the base model `{base}` with llama.cpp (any type: the model's published GGUF, or "
+        f"llama.cpp's convert_hf_to_gguf.py of it):\n\n    llama-cli -m BASE.gguf --lora {lora_file}\n"
+    )
+
+
 @dataclass
 class ModelCard:
     name: str
@@ -54,21 +65,20 @@ class ModelCard:
     steps: int | None = None
     metrics: dict = field(default_factory=dict)
     other_types: dict = field(default_factory=dict)
+    lora_file: str | None = None
 
     def note_other_types(self, other_types):
         self.other_types = dict(other_types)
 
     def render(self):
         method = ", ".join(f"{k} {v}" for k, v in self.method.items() if v not in (None, False, [], {}))
-        lines = [
-            f"# {self.name}",
-            "",
-            "Exported by `ftengine export`: the adapter merged into its full-precision base model.",
-            "",
-            f"- base model: `{self.base}`",
-            f"- method: {method}",
-            f"- format: {self.format}" + (f", weights {self.type_name}" if self.format == "gguf" else ""),
-        ]
+        if self.lora_file is None:
+            what = "Exported by `ftengine export`: the adapter merged into its full-precision base model."
+            kind = f"- format: {self.format}" + (f", weights {self.type_name}" if self.format == "gguf" else "")
+        else:
+            what = f"Exported by `ftengine export --lora-only`: the adapter alone, `{self.lora_file}`, a GGUF LoRA."
+            kind = f"- format: GGUF LoRA, factors {self.type_name}"
+        lines = [f"# {self.name}", "", what, "", f"- base model: `{self.base}`", f"- method: {method}", kind]
         if self.steps is not None:
             lines.append(f"- steps trained: {self.steps}")
         lines += [f"- training data sha256: `{digest}` ({file})" for file, digest in sorted(self.data.items())]
@@ -79,11 +89,14 @@ class ModelCard:
         if metrics:
             lines += ["", f"## Final evaluation (step {self.metrics.get('step')})", "", "| metric | value |", "|---|---:|"]
             lines += [f"| {k.removeprefix('eval_')} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+        if self.lora_file is not None:
+            lines += ["", "## Using it", "", lora_usage(self.base, self.lora_file).rstrip("\n")]
         return "\n".join(lines) + "\n"
 
 
-def model_card(adapter_dir, run_dir, base, format, type_name):
-    """The card of the export of ``adapter_dir`` (and of its run, when ``run_dir`` is one)."""
+def model_card(adapter_dir, run_dir, base, format, type_name, lora_file=None):
+    """The card of the export of ``adapter_dir`` (and of its run, when ``run_dir`` is one);
+    ``lora_file``: the GGUF LoRA of a ``--lora-only`` export."""
     adapter = read_adapter_config(adapter_dir)
     method = {
         "peft_type": adapter.get("peft_type"),
@@ -94,7 +107,7 @@ def model_card(adapter_dir, run_dir, base, format, type_name):
         "target_modules": adapter.get("target_modules"),
     }
     name = run_dir.name if run_dir is not None else Path(adapter_dir).resolve().name
-    card = ModelCard(name=name, base=base, format=format, type_name=type_name, method=method)
+    card = ModelCard(name=name, base=base, format=format, type_name=type_name, method=method, lora_file=lora_file)
     if run_dir is not None:
         run_config = json.loads((run_dir / "config.json").read_text())
         card.method["plugins"] = run_config.get("plugins")

@@ -249,6 +249,11 @@ class LoraMethod:
         for _, layer in lora_layers(model):
             layer.delete_adapter(name)
 
+    def lora_export_refusal(self, adapter_config):
+        if adapter_config.get("use_dora"):
+            return "a dora adapter (use_dora) cannot be written as a LoRA: DoRA rescales each row of the updated weight"
+        return None
+
     def lora_factors(self, model, name):
         """``{weight name: (A, B, scale)}`` of adapter ``name``. A variant's adapter is refused:
         DoRA rescales each row of the updated weight, which no ``W + scale · B A`` expresses."""
