@@ -15,7 +15,9 @@ stop strings; finished rows leave the batch at once. ``ftengine serve`` (``fteng
 puts an OpenAI-compatible HTTP server and a batching scheduler on top.
 """
 
+import collections
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,18 @@ from .errors import AdapterError, FtengineError
 from .inference import build_for_inference, load_adapter, set_adapter
 from .methods import adapter_methods, plugins_for_adapter
 from .pluginmanager import active_names
+
+TOKENS_PER_S_WINDOW_S = 10
+COUNTERS = (
+    "steps",  # scheduling steps: a prefill of the rows admitted since, then one decode
+    "forwards",
+    "generated_tokens",
+    "rows_admitted",
+    "rows_admitted_mid_batch",  # admitted while other rows were decoding
+    "running_rows",
+    "cancelled_rows",
+    "failed_rows",
+)
 
 
 class RequestError(FtengineError):
@@ -54,6 +68,19 @@ class ContextLengthError(RequestError):
     code = "context_length_exceeded"
 
 
+class GenerationError(RequestError):
+    """One row failed while it generated (its logits are not finite, its sampling failed); the
+    other rows of its batch go on."""
+
+    status = 500
+    code = "generation_failed"
+
+
+# Below these, float32 sampling breaks (logits / temperature overflow; top_p rounds to 0).
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one row is generated; the defaults are OpenAI's (``temperature=0``: greedy)."""
@@ -70,8 +97,13 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         checks = [
             ("max_tokens", self.max_tokens, isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", self.temperature, 0 <= self.temperature <= 2, "between 0 and 2"),
-            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+            (
+                "temperature",
+                self.temperature,
+                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2,
+                f"0 (greedy) or between {MIN_TEMPERATURE} and 2",
+            ),
+            ("top_p", self.top_p, MIN_TOP_P <= self.top_p <= 1, f"between {MIN_TOP_P} and 1"),
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0: off)"),
             (
                 "stop",
@@ -111,7 +143,8 @@ class Completion:
 @dataclass
 class Row:
     """One sequence being generated. ``cancel()`` drops it from its batch at the next step
-    (a client that went away), with finish reason ``"cancelled"``."""
+    (a client that went away), with finish reason ``"cancelled"``; a row that failed alone has
+    finish reason ``"error"`` and its ``error``."""
 
     prompt_ids: list[int]
     adapter: str | None
@@ -123,9 +156,13 @@ class Row:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    error: Exception | None = None
 
     def cancel(self):
         self.cancelled = True
+
+    def fail(self, error):
+        self.error, self.finish_reason = error, "error"
 
     def completion(self):
         return Completion(self.text, self.token_ids, self.finish_reason, len(self.prompt_ids), len(self.token_ids), self.adapter)
@@ -156,6 +193,10 @@ class AdapterServer:
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe across threads
         self._rows_set = None
         self._in_use = {}  # adapter name -> rows generating with it
+        self._stats_lock = threading.Lock()
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._recent_tokens = collections.deque()  # (start, end, tokens) of recent forwards
+        self.evictions = 0  # adapters evicted to make room (incremented by the evicting code)
         self.device = next(self.model.parameters()).device
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
@@ -309,70 +350,89 @@ class AdapterServer:
     def _run_all(self, rows):
         for start in range(0, len(rows), self.max_batch_size):
             for deltas in self.run(rows[start : start + self.max_batch_size]):
-                yield from deltas
+                for delta in deltas:
+                    if delta.finish_reason == "error":
+                        raise delta.row.error
+                    yield delta
 
-    @torch.no_grad()
+    def batch(self):
+        """A new, empty ``Batch``: admit rows into it at any step (continuous batching)."""
+        return Batch(self)
+
     def run(self, rows) -> Iterator[list[Delta]]:
-        """Generate ``rows`` as one batch, one step at a time: yield the deltas of each step.
-
-        Every step sets the rows' adapters and runs one forward under the server's lock, so
-        several ``run`` s (the HTTP scheduler's batches, other threads) interleave safely.
-        """
-        with self._lock:
-            for row in rows:
-                self._in_use[row.adapter] = self._in_use.get(row.adapter, 0) + 1
+        """Generate ``rows`` as one batch, one forward at a time: yield the deltas of each
+        (a failed row's has finish reason ``"error"``; the others go on)."""
+        batch = self.batch()
+        batch.admit(rows)
         try:
-            yield from self._run(rows)
+            while batch:
+                yield from batch.step()
         finally:
-            with self._lock:
-                for row in rows:
-                    self._in_use[row.adapter] -= 1
-                self._set_rows(None)  # the model answers plain forwards again
+            batch.close()
 
-    def _run(self, rows):
-        live = list(rows)
-        width = max(len(r.prompt_ids) for r in live)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _new_cache()
-        while live:
-            with self._lock:
-                self._set_rows([r.adapter for r in live])
-                output = self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self._cache_argument: cache},
+    def stats(self):
+        """The engine's counters: forwards, tokens, rows admitted (into a running batch too),
+        running, cancelled and failed rows, tokens/s over the last ``TOKENS_PER_S_WINDOW_S``,
+        loaded adapters and ``evictions`` (incremented by whoever evicts an adapter)."""
+        with self._stats_lock:
+            now = time.monotonic()
+            while self._recent_tokens and self._recent_tokens[0][1] < now - TOKENS_PER_S_WINDOW_S:
+                self._recent_tokens.popleft()
+            span = now - self._recent_tokens[0][0] if self._recent_tokens else 0
+            recent = sum(tokens for _, _, tokens in self._recent_tokens)
+            return {
+                **self._counters,
+                "tokens_per_s": recent / span if span > 0 else 0.0,
+                "loaded_adapters": len(self._adapters),
+                "evictions": self.evictions,
+            }
+
+    def _count(self, **increments):
+        with self._stats_lock:
+            for name, value in increments.items():
+                self._counters[name] += value
+
+    def _forward(self, adapters, input_ids, mask, positions, cache):
+        """One forward of rows with ``adapters`` under the lock; ``(last logits, cache)``."""
+        start = time.monotonic()
+        with self._lock, torch.no_grad():
+            self._set_rows(adapters)
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_argument: cache},
+            )
+        with self._stats_lock:
+            self._counters["forwards"] += 1
+            self._recent_tokens.append((start, time.monotonic(), len(adapters)))
+        return output.logits[:, -1].float(), output[self._cache_argument]
+
+    def _sample_rows(self, rows, logits):
+        """Sample and advance each of ``rows`` from its own ``logits`` row; a row whose logits
+        are not finite or whose sampling fails gets its error, alone. Return the deltas."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        deltas = []
+        for i, row in enumerate(rows):
+            try:
+                if not finite[i]:
+                    raise GenerationError(
+                        f"adapter '{row.adapter}': the model's logits are not finite (NaN or infinite) at token "
+                        f"{len(row.token_ids) + 1}; the adapter's weights are broken: load a good copy or retrain it"
+                        if row.adapter is not None
+                        else f"the base model's logits are not finite (NaN or infinite) at token {len(row.token_ids) + 1}"
+                    )
+                delta = self._advance(row, _sample(logits[i], row.params, row.generator))
+            except Exception as exc:  # this row fails, not its batch
+                row.fail(
+                    exc if isinstance(exc, FtengineError) else GenerationError(f"sampling failed: {type(exc).__name__}: {exc}")
                 )
-            logits = output.logits[:, -1].float()
-            cache = output[self._cache_argument]
-            deltas, keep, tokens = [], [], []
-            for i, row in enumerate(live):
-                if row.cancelled:
-                    row.finish_reason = "cancelled"
-                    continue
-                token = _sample(logits[i], row.params, row.generator)
-                delta = self._advance(row, token)
-                if delta.text or delta.finish_reason:
-                    deltas.append(delta)
-                if row.finish_reason is None:
-                    keep.append(i)
-                    tokens.append(token)
-            yield deltas
-            if len(keep) < len(live):
-                if not keep:
-                    break
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                live = [live[i] for i in keep]
-                mask, positions = mask[index], positions[index]
-            input_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            positions = positions[:, -1:] + 1
+                delta = Delta(row.index, "", [], "error", row)
+            if delta.text or delta.finish_reason:
+                deltas.append(delta)
+        return deltas
 
     def _advance(self, row, token):
         """Append ``token`` to ``row``: stop at EOS, a stop string or ``max_tokens``; return the
@@ -396,9 +456,190 @@ class AdapterServer:
         return Delta(row.index, row.text[start : row.emitted], [token], row.finish_reason, row)
 
 
+class Batch:
+    """Rows generated together, admitted at any step and retired the moment they finish
+    (iteration-level scheduling, as Orca and vLLM do).
+
+        batch = server.batch()
+        batch.admit(rows)           # any time: prefilled together at the next step
+        while batch:
+            for deltas in batch.step():   # one list per forward: the prefill, then the decode
+                ...
+        batch.close()
+
+    The running rows share one left-padded KV cache (``DynamicCache``) with an attention mask
+    and each row's own positions. A step prefills the rows admitted since the last one in one
+    forward, samples their first tokens, appends their cache rows to the running cache (the
+    shorter side padded on the left) and then decodes every running row by one token. Rows
+    keep their order, so the adapters per row change only when a row joins or leaves. A row
+    whose logits are not finite or whose sampling fails gets its error alone; a forward that
+    raises fails the rows in it (the prefill: only the newcomers).
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.rows, self.pending = [], []  # decoding (in cache order); admitted, not prefilled
+        self.cache = self.mask = self.positions = self.tokens = None
+
+    def __len__(self):
+        return len(self.rows) + len(self.pending)
+
+    def admit(self, rows):
+        """Add ``rows`` (``AdapterServer.row``s); they join at the next ``step``."""
+        with self.server._lock:
+            for row in rows:
+                self.server._in_use[row.adapter] = self.server._in_use.get(row.adapter, 0) + 1
+        running = bool(self.rows or self.pending)
+        self.server._count(rows_admitted=len(rows), rows_admitted_mid_batch=len(rows) if running else 0, running_rows=len(rows))
+        self.pending.extend(rows)
+
+    def step(self) -> Iterator[list[Delta]]:
+        """Prefill the rows admitted since the last step, then decode every running row by one
+        token; yield the deltas after each forward."""
+        self.server._count(steps=1)
+        self._drop(self.pending, [i for i, row in enumerate(self.pending) if not row.cancelled])
+        self._keep([i for i, row in enumerate(self.rows) if not row.cancelled])
+        if self.pending:
+            yield self._prefill()
+        if self.rows:
+            yield self._decode()
+        if not self:
+            with self.server._lock:
+                self.server._set_rows(None)  # the model answers plain forwards again
+
+    def close(self):
+        """Retire every row still in the batch (a caller that stopped early)."""
+        for row in self.rows + self.pending:
+            if row.finish_reason is None:
+                row.cancel()
+        self._drop(self.pending, [])
+        self._keep([])
+        with self.server._lock:
+            self.server._set_rows(None)
+
+    def _prefill(self):
+        newcomers, self.pending = self.pending, []
+        device = self.server.device
+        width = max(len(r.prompt_ids) for r in newcomers)
+        pad = self.server.tokenizer.pad_token_id if self.server.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in newcomers], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in newcomers], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            logits, cache = self.server._forward([r.adapter for r in newcomers], input_ids, mask, positions, _new_cache())
+        except Exception as exc:  # the newcomers fail; the running rows go on
+            deltas = _failed(newcomers, exc)
+            self._retire(newcomers)
+            return deltas
+        deltas = self._sampled(newcomers, logits)
+        keep = [i for i, row in enumerate(newcomers) if row.finish_reason is None]
+        self._drop(newcomers, keep)  # newcomers: now the rows that go on
+        if keep:
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            joined = newcomers
+            tokens = torch.tensor([row.token_ids[-1] for row in joined], device=device)
+            lengths = torch.tensor([len(row.prompt_ids) for row in joined], device=device)
+            self._join(joined, cache, mask[index], lengths, tokens)
+        return deltas
+
+    def _decode(self):
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        try:
+            logits, self.cache = self.server._forward(
+                [r.adapter for r in self.rows], self.tokens.unsqueeze(1), mask, self.positions.unsqueeze(1), self.cache
+            )
+        except Exception as exc:  # every running row was in this forward
+            deltas = _failed(self.rows, exc)
+            self._keep([])
+            return deltas
+        self.mask, self.positions = mask, self.positions + 1
+        deltas = self._sampled(self.rows, logits)
+        self._keep([i for i, row in enumerate(self.rows) if row.finish_reason is None])
+        if self.rows:
+            self.tokens = torch.tensor([row.token_ids[-1] for row in self.rows], device=self.server.device)
+            self._trim()
+        return deltas
+
+    def _sampled(self, rows, logits):
+        deltas = self.server._sample_rows(rows, logits)
+        self.server._count(generated_tokens=sum(1 for row in rows if row.finish_reason != "error"))
+        return deltas
+
+    def _join(self, rows, cache, mask, positions, tokens):
+        """Append rows with their ``cache`` to the running ones, left-padding the shorter side."""
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.tokens = rows, cache, mask, positions, tokens
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for running, joining in zip(self.cache.layers, cache.layers):
+            running.keys = torch.cat([_pad_left(running.keys, width, -2), _pad_left(joining.keys, width, -2)])
+            running.values = torch.cat([_pad_left(running.values, width, -2), _pad_left(joining.values, width, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, -1), _pad_left(mask, width, -1)])
+        self.rows = self.rows + rows
+        self.positions = torch.cat([self.positions, positions])
+        self.tokens = torch.cat([self.tokens, tokens])
+
+    def _keep(self, keep):
+        """Keep only the running rows at indices ``keep`` (in order); retire the others."""
+        if len(keep) == len(self.rows):
+            return
+        self._drop(self.rows, keep)
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions, self.tokens = [], None, None, None, None
+            return
+        index = torch.tensor(keep, device=self.server.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
+
+    def _drop(self, rows, keep):
+        """Retire the rows of ``rows`` not at indices ``keep``, in place."""
+        kept = set(keep)
+        self._retire([row for i, row in enumerate(rows) if i not in kept])
+        rows[:] = [rows[i] for i in keep]
+
+    def _retire(self, rows):
+        for row in rows:
+            if row.cancelled and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+        with self.server._lock:
+            for row in rows:
+                self.server._in_use[row.adapter] -= 1
+        self.server._count(
+            running_rows=-len(rows),
+            cancelled_rows=sum(row.finish_reason == "cancelled" for row in rows),
+            failed_rows=sum(row.finish_reason == "error" for row in rows),
+        )
+
+    def _trim(self):
+        """Drop the cache columns every row pads (left by longer rows that have finished)."""
+        first = int(self.mask.any(0).int().argmax())
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.mask = self.mask[:, first:]
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _failed(rows, exc):
+    """Fail ``rows`` with ``exc``; their last deltas."""
+    for row in rows:
+        row.fail(exc)
+    return [Delta(row.index, "", [], "error", row) for row in rows]
+
+
+def _pad_left(tensor, width, dim):
+    """``tensor`` with zeros added before its entries along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if not missing:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _new_cache():
@@ -438,6 +679,7 @@ def _sample(logits, params, generator):
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 

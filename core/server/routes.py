@@ -2,6 +2,7 @@
 hands them to the scheduler; answers are built by ``models``. Imported only when an app is
 made, since it needs FastAPI."""
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -30,6 +31,17 @@ from .models import (
 from .scheduler import QueueFull, StreamTicket
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_POLL_S = 0.05
+
+
+async def cancel_when_disconnected(request, ticket):
+    """Cancel the rows of a client that went away before its whole answer (a stream notices by
+    itself when it next writes)."""
+    while not ticket.finished:
+        if await request.is_disconnected():
+            ticket.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_queue, max_body_bytes, base_name):
@@ -74,7 +86,7 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
             except Exception as exc:
                 raise ApiError.of(exc) from None
 
-    async def respond(body, rows, chat):
+    async def respond(request, body, rows, chat):
         ticket = StreamTicket(rows)
         try:
             scheduler.submit(ticket)
@@ -84,8 +96,12 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
             ) from None
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if not body.stream:
-            async for _ in deltas(ticket):
-                pass
+            watcher = asyncio.create_task(cancel_when_disconnected(request, ticket))
+            try:
+                async for _ in deltas(ticket):
+                    pass
+            finally:
+                watcher.cancel()
             return JSONResponse(completion_response(head, rows, chat))
 
         async def events():
@@ -114,7 +130,7 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
         encoded = [engine.encode(p) for p in prompts_of(body, engine.max_batch_size)]
         params = sampling(body, [len(e) for e in encoded], default_max_tokens=16)
         rows = [engine.row(ids, adapter, params, index=i) for i, ids in enumerate(encoded)]
-        return await respond(body, rows, chat=False)
+        return await respond(request, body, rows, chat=False)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -122,7 +138,7 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
         adapter = adapter_of(body.model)
         encoded = engine.encode(chat_messages(body.messages), chat=True)
         params = sampling(body, [len(encoded)], default_max_tokens=None)
-        return await respond(body, [engine.row(encoded, adapter, params)], chat=True)
+        return await respond(request, body, [engine.row(encoded, adapter, params)], chat=True)
 
     def check_loading_allowed():
         if not allow_adapter_loading:
