@@ -11,8 +11,9 @@ The base is built once (``ftengine.inference.load_for_inference``, ``plugins=["q
 row (``AdapterMethod.set_rows``), so calls from several threads share the model safely,
 one forward at a time. Generation is a sampling loop over the model's forward and its KV cache
 (left padding, attention mask, position ids), since rows differ in sampling parameters and
-stop strings; finished rows leave the batch at once. ``ftengine serve`` (``ftengine.server``)
-puts an OpenAI-compatible HTTP server and a batching scheduler on top.
+stop strings: a ``Batch`` admits rows at any step and retires each the moment it finishes
+(continuous batching). ``ftengine serve`` (``ftengine.server``) puts an OpenAI-compatible HTTP
+server and its scheduler on top.
 """
 
 import collections

@@ -356,7 +356,7 @@ def test_serving_benchmark_smoke_runs_every_path(tmp_path):
     script = Path(__file__).parent.parent / "examples" / "benchmarks" / "bench_serving.py"
     out = tmp_path / "serving.json"
     child = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--smoke", "--soak", "1", "--out", str(out)], capture_output=True, text=True, timeout=300
     )
     assert child.returncode == 0, child.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -364,5 +364,9 @@ def test_serving_benchmark_smoke_runs_every_path(tmp_path):
         "base", "one adapter", "mixed 1", "mixed 2", "mixed 4", "mixed 8", "grouped", "naive",
     ]  # fmt: skip
     assert all(row["decode_tokens_per_s"] > 0 for row in result["decode"])
-    assert result["server"]["scheduler"]["shared_forwards"] > 0 and result["server"]["ttft_p50_s"] > 0
-    assert len(result["goals"]) == 3 and "(smoke run: not meaningful)" in child.stdout
+    assert [run["scheduler"] for run in result["server"]] == ["continuous", "static"]
+    assert all(run["stats"]["shared_forwards"] > 0 and run["ttft_p50_s"] > 0 for run in result["server"])
+    assert result["server"][0]["stats"]["rows_admitted_mid_batch"] > 0  # staggered clients joined running batches
+    soak = result["soak"]
+    assert soak["requests"] > soak["disconnected"] > 0 and soak["errors"] == soak["wrong_answers"] == 0
+    assert len(result["goals"]) == 5 and "(smoke run: not meaningful)" in child.stdout
