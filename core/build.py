@@ -42,7 +42,9 @@ def configure(config_path=None, plugins=(), overrides=(), base=None, require_dat
     sections = plugin_sections(pm)
     owners = {name: name for name in available_plugins()}
     config = build_config(data, origins, sections, plugin_for_section=owners)
-    problems = [m for messages in pm.hook.ftengine_validate(config=config, active=active_names(pm)) for m in messages or ()]
+    problems = [
+        m for messages in pm.hook.ftengine_validate(config=config, active=active_names(pm), pm=pm) for m in messages or ()
+    ]
     if require_data and not config.data.train:
         problems.append("data.train: no training data given: set data.train to a JSONL file")
     if require_data and not (pm.hook.ftengine_trainable_params.get_hookimpls() or adapter_methods(pm).methods):

@@ -165,13 +165,15 @@ def ftengine_config_section(register: Callable[[str, type[Section]], None]) -> N
 
 
 @hookspec
-def ftengine_validate(config: Config, active: frozenset[str]) -> list[str] | None:
+def ftengine_validate(config: Config, active: frozenset[str], pm: pluggy.PluginManager) -> list[str] | None:
     """Check that the configuration and the active plugin set make sense together.
 
     Called after every config section parsed, before any model is loaded.
 
     :param config: the validated ``ftengine.config.Config``.
     :param active: the names of the active plugins (a ``frozenset`` of str).
+    :param pm: the run's plugin manager, to ask the other plugins' hooks what they contribute
+        (``grpo`` checks ``pm.hook.ftengine_rewards`` before the model loads). Added in 1.1.
     :return: a list of messages, each naming the offending key or plugin and the fix (an empty
         list or ``None`` when all is well). All messages from all plugins are shown together.
     """

@@ -123,17 +123,18 @@ def nonfinite_parameters(model):
     return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False, allow_pickle=False, strict=False):
-    """Fold the adapter in ``adapter_dir`` into ``model_name`` and write a plain transformers
-    model (and tokenizer) to ``out_dir``, atomically; return its path.
+def merged_model(model_name, adapter_dir, plugins=(), allow_pickle=False, strict=False, full_precision=False):
+    """Fold the adapter in ``adapter_dir`` into ``model_name``, in memory; return ``(model,
+    tokenizer)``: a plain transformers model (adapter layers unwrapped) with finite weights.
 
-    :param overwrite: replace a non-empty ``out_dir`` (never the adapter, the base model or
-        the current directory).
+    :param full_precision: load the base without the plugins that changed it in the run
+        (``changes_base``: ``qlora``), so the adapter folds into the original weights rather
+        than into their 4-bit round trip (what an export wants; ``merge`` keeps the base the
+        adapter was trained over).
     :param strict: refuse an adapter trained on another base model (default: warn).
-    :raises FtengineError: for such an ``out_dir``, or when the merged weights are not finite.
+    :raises FtengineError: when no method merges the adapter or the merged weights are not finite.
     """
-    check_merge_target(out_dir, adapter_dir, model_name, overwrite)
-    run_plugins, sections = base_plugins_of_run(adapter_dir)
+    run_plugins, sections = ([], {}) if full_precision else base_plugins_of_run(adapter_dir)
     if allow_pickle:
         sections = {**sections, **allow_pickle_sections()}
     model, tokenizer, pm = load_for_inference(model_name, {"default": adapter_dir}, [*plugins, *run_plugins], sections, strict)
@@ -149,8 +150,22 @@ def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False,
         raise FtengineError(
             f"{adapter_dir}: the merged model holds NaN or infinite weights ({', '.join(bad[:3])}"
             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); the adapter is broken (a run that diverged, "
-            f"e.g. with too high a learning rate). Nothing was written to {out_dir}"
+            f"e.g. with too high a learning rate). Nothing was written"
         )
+    return model, tokenizer
+
+
+def merge_adapter(model_name, adapter_dir, out_dir, plugins=(), overwrite=False, allow_pickle=False, strict=False):
+    """Fold the adapter in ``adapter_dir`` into ``model_name`` and write a plain transformers
+    model (and tokenizer) to ``out_dir``, atomically; return its path.
+
+    :param overwrite: replace a non-empty ``out_dir`` (never the adapter, the base model or
+        the current directory).
+    :param strict: refuse an adapter trained on another base model (default: warn).
+    :raises FtengineError: for such an ``out_dir``, or when the merged weights are not finite.
+    """
+    check_merge_target(out_dir, adapter_dir, model_name, overwrite)
+    model, tokenizer = merged_model(model_name, adapter_dir, plugins, allow_pickle, strict)
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

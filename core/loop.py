@@ -102,11 +102,11 @@ def micro_batch(datasets, config, index):
     return epoch, datasets.collate(examples)
 
 
-def total_steps(config, n_train):
+def total_steps(config, n_train, steps_per_batch=1):
     if config.train.max_steps:
         return config.train.max_steps
     per_epoch = math.ceil(n_train / config.train.batch_size)
-    return max(1, math.ceil((config.train.epochs or 1) * per_epoch / config.train.grad_accum))
+    return max(1, math.ceil((config.train.epochs or 1) * per_epoch / config.train.grad_accum) * steps_per_batch)
 
 
 def _finite_or_none(value):
@@ -381,7 +381,7 @@ def prepare(config, pm, output_dir, resume, world=None):
     # A parallelism plugin may replace the parameters (by shards): take them again, by name.
     params = {n: p for n, p in model.named_parameters() if n in params}
     optimizer = pm.hook.ftengine_make_optimizer(model=model, params=list(params.items()), config=config)
-    max_steps = total_steps(config, len(datasets.train))
+    max_steps = total_steps(config, len(datasets.train), datasets.steps_per_batch)
     schedule = lr_lambda(config.train.warmup_steps, max_steps, config.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = RunState(
@@ -616,7 +616,8 @@ def optimizer_step(run):
     state, parallel, params = run.state, run.parallel, run.params
     config, pm, world = state.config, state.pm, state.world
     started = time.perf_counter()
-    first = state.step * config.train.grad_accum
+    # Datasets.steps_per_batch > 1: consecutive steps train on the same micro-batches.
+    first = state.step // run.datasets.steps_per_batch * config.train.grad_accum
     micro = [micro_batch_rows(run.datasets, config, first + i) for i in range(config.train.grad_accum)]
     state.epoch = micro[-1][0]
     loss_sum, count, tokens, metric_sums = 0.0, 0, 0, {}

@@ -25,6 +25,8 @@ class Datasets:
     sets of ``data.eval_sets``; ``ftengine_eval_metrics`` sees each as ``eval``, named by
     ``eval_name``. ``length`` gives an example's tokens, for ``train.group_by_length``; a
     dataset whose examples hold several sequences (a preference pair) gives its own.
+    ``steps_per_batch``: how many consecutive optimiser steps train on the same micro-batches
+    (``grpo.num_iterations``: several passes over one generation batch).
     """
 
     train: list
@@ -34,6 +36,7 @@ class Datasets:
     eval_sets: dict = field(default_factory=dict)  # {name: examples}, from data.eval_sets
     eval_name: str | None = None  # while one of eval_sets is evaluated, its name
     length: Callable[[dict], int] = token_count
+    steps_per_batch: int = 1
 
 
 @dataclass

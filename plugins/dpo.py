@@ -107,7 +107,7 @@ def tokenize_response(tokenizer, prompt, response, field, where):
     return ids, labels
 
 
-def load_preference_file(path, tokenizer, max_length, split, options=None):
+def load_preference_file(path, tokenizer, max_length, split, options=None, plugin="dpo"):
     """Tokenise preference data (any source ``read_rows`` reads); return ``(examples, stats)``.
 
     Sequences longer than ``max_length`` keep their start (as TRL's ``keep_start``); a pair
@@ -115,12 +115,13 @@ def load_preference_file(path, tokenizer, max_length, split, options=None):
     rows are reported together (``ftengine.data.BadRows``).
 
     :param options: the ``data`` config section (split, subset, limit).
+    :param plugin: the plugin reading the pairs, named in the message for SFT rows.
     """
     examples, truncation, bad = [], Truncation(max_length), BadRows(path)
     for row, where in read_rows(path, options, expected=PREFERENCE_FORMAT):
         sides = None
         with bad.check():
-            sides = _tokenize_pair(row, where, tokenizer, truncation)
+            sides = _tokenize_pair(row, where, tokenizer, truncation, plugin)
         if sides is None:
             continue
         prompt, chosen, _ = pair_messages(row, where)
@@ -142,13 +143,13 @@ def load_preference_file(path, tokenizer, max_length, split, options=None):
     return examples, truncation.stats(kept=len(examples))
 
 
-def _tokenize_pair(row, where, tokenizer, truncation):
+def _tokenize_pair(row, where, tokenizer, truncation, plugin):
     """The (possibly cut) chosen and rejected ``(ids, labels)`` of a row, or ``None`` if dropped."""
     if row.get("chosen") is None and row.get("rejected") is None and (row.get("response") or row.get("messages")) is not None:
         keys = sorted(k for k, v in row.items() if v is not None)
         raise DataError(
-            f"{where}: the dpo plugin expects preference rows {PREFERENCE_FORMAT}; this row looks like SFT "
-            f"data (keys {keys}). Train on it without --plugin dpo, or give preference pairs"
+            f"{where}: the {plugin} plugin expects preference rows {PREFERENCE_FORMAT}; this row looks like SFT "
+            f"data (keys {keys}). Train on it without --plugin {plugin}, or give preference pairs"
         )
     prompt, chosen, rejected = pair_messages(row, where)
     return truncation.cut(
@@ -172,13 +173,29 @@ def collate_pairs(examples, pad_token_id):
     }
 
 
-def load_preferences(config, tokenizer):
+def load_preferences(config, tokenizer, plugin="dpo"):
     return load_splits(
         config,
-        lambda path, split: load_preference_file(path, tokenizer, config.train.max_length, split, config.data),
+        lambda path, split: load_preference_file(path, tokenizer, config.train.max_length, split, config.data, plugin),
         lambda examples: collate_pairs(examples, tokenizer.pad_token_id),
         length=lambda pair: max(len(pair["chosen_ids"]), len(pair["rejected_ids"])),
     )
+
+
+def pair_data_problems(config, plugin, why_whole_rows):
+    """What a plugin reading preference pairs cannot honour: renamed columns and packing."""
+    problems = []
+    if any(config.data.fields.model_dump().values()):
+        problems.append(
+            f"data.fields: the {plugin} plugin reads preference rows (prompt/messages, chosen, rejected) by these names; "
+            "rename the columns in the data, or remove data.fields"
+        )
+    if config.train.packing:
+        problems.append(
+            f"train.packing: the {plugin} plugin scores each chosen/rejected pair as whole padded rows ({why_whole_rows}); "
+            f"packing is not supported with {plugin}: set train.packing: false"
+        )
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,12 +203,17 @@ def load_preferences(config, tokenizer):
 # --------------------------------------------------------------------------------------------
 
 
-def sequence_logps(model, batch):
-    """``(chosen, rejected)``: per row of a pair batch, in one forward pass, the summed
-    log-probability of the labelled (response) tokens given what precedes them."""
+def row_logps(model, batch):
+    """Per row of ``batch``, in one forward pass, the summed log-probability of the labelled
+    (response) tokens given what precedes them."""
     logits, targets = target_logits(model, batch)
     token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return (-token_nll.sum(dim=1)).chunk(2)
+    return -token_nll.sum(dim=1)
+
+
+def sequence_logps(model, batch):
+    """``(chosen, rejected)``: ``row_logps`` of a pair batch, split into its two halves."""
+    return row_logps(model, batch).chunk(2)
 
 
 def pair_losses(options, chosen_logratios, rejected_logratios, chosen_tokens, rejected_tokens):
@@ -246,13 +268,15 @@ class Reference:
     cache: dict | None = None
 
     @torch.no_grad()
-    def compute(self, model, batch):
+    def compute(self, model, batch, score=sequence_logps):
+        """``score(reference, batch)``: by default the pair log-probs; ``row_logps`` gives one
+        log-prob per row, for batches that are not pairs (KTO's)."""
         if self.frozen is not None:
-            return sequence_logps(self.frozen, batch)
+            return score(self.frozen, batch)
         adapter_methods(self.pm).activate(model, self.adapter)
         try:
             with eval_mode(model):
-                return sequence_logps(model, batch)
+                return score(model, batch)
         finally:
             adapter_methods(self.pm).activate(model, self.trained_adapter)
 
@@ -274,20 +298,22 @@ def frozen_copy(model, state):
     return reference.eval()
 
 
-def load_reference_adapter(model, state):
-    """Load ``dpo.init_adapter`` a second time, frozen, as the reference adapter; on a fresh run
-    also copy it into the trained adapter, which therefore starts from it."""
+def load_reference_adapter(model, state, option="dpo.init_adapter"):
+    """Load the adapter that ``option`` (``section.key``) names a second time, frozen, as the
+    reference adapter; on a fresh run also copy it into the trained adapter, which therefore
+    starts from it."""
     config, pm = state.config, state.pm
-    path = Path(config.dpo.init_adapter)
+    section, key = option.split(".")
+    path = Path(getattr(getattr(config, section), key))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     methods = adapter_methods(pm)
     try:
         loaded = methods.load(model, path, REFERENCE_ADAPTER, config)
     except AdapterError as exc:
-        raise FtengineError(f"dpo.init_adapter: {exc}") from None
+        raise FtengineError(f"{option}: {exc}") from None
     if loaded is not model:
         raise FtengineError(
-            f"dpo.init_adapter: loading {path} replaced the model; the method plugin must load adapters into the model in place"
+            f"{option}: loading {path} replaced the model; the method plugin must load adapters into the model in place"
         )
     trained = state.adapter_name
     # Loading may make the new adapter the active one; training goes on with the trained one.
@@ -302,7 +328,7 @@ def load_reference_adapter(model, state):
     mismatched = sorted(n for n, p in trainable.items() if n not in reference or reference[n].shape != p.shape)
     if mismatched or len(reference) != len(trainable):
         raise FtengineError(
-            f"dpo.init_adapter: the adapter in {path} does not have the shape of the one this run trains "
+            f"{option}: the adapter in {path} does not have the shape of the one this run trains "
             f"(first difference: {(mismatched or sorted(set(reference) - set(trainable)))[0]}); "
             f"set the method's options (lora.r, target_modules, ...) to those of the adapter"
         )
@@ -376,16 +402,7 @@ def ftengine_validate(config, active):
             f"plugins 'dpo', 'full' and '{sharding[0]}': DPO's reference for full fine-tuning is a frozen copy of the "
             f"model, which cannot be copied once sharded; use --plugin ddp, or an adapter method (lora) with {sharding[0]}"
         )
-    if any(config.data.fields.model_dump().values()):
-        problems.append(
-            "data.fields: the dpo plugin reads preference rows (prompt/messages, chosen, rejected) by these names; "
-            "rename the columns in the data, or remove data.fields"
-        )
-    if config.train.packing:
-        problems.append(
-            "train.packing: the dpo plugin scores each chosen/rejected pair as whole padded rows (the pair's log-probs "
-            "and the reference's are per sequence); packing is not supported with dpo: set train.packing: false"
-        )
+    problems += pair_data_problems(config, "dpo", "the pair's log-probs and the reference's are per sequence")
     if options.label_smoothing and options.loss_type not in SMOOTHED_LOSSES:
         problems.append(
             f"dpo.label_smoothing: the '{options.loss_type}' loss has no label smoothing; "

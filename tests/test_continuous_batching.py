@@ -113,11 +113,15 @@ def url(engine):
         yield base_url
 
 
-def test_requests_arriving_while_others_decode_join_within_one_step_and_equal_offline(engine, url):
+def test_requests_arriving_while_others_decode_join_within_one_step_and_equal_offline(engine, url, monkeypatch):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
     jobs = [(PROMPTS[i], ADAPTERS[i] or "base", 8 + 4 * i) for i in range(6)]
     expected = [offline(engine, p, None if m == "base" else m, n).text for p, m, n in jobs]
     before = get_json(url, "/v1/stats")
+    # A warm tiny model decodes a request faster than the next one arrives: every step takes
+    # at least 20 ms here, so each request is still decoding when the next one comes.
+    sample_rows = engine._sample_rows
+    monkeypatch.setattr(engine, "_sample_rows", lambda rows, logits: time.sleep(0.02) or sample_rows(rows, logits))
 
     def ask(i):
         time.sleep(0.15 * i)  # staggered: later requests arrive while earlier ones decode

@@ -301,12 +301,14 @@ def wait_for(condition, timeout=20):
 # --------------------------------------------------------------------------------------------
 
 
-def test_serve_command_drains_in_flight_requests_on_sigterm(tiny_model_dir, adapter_dirs):
+def test_serve_command_drains_in_flight_requests_on_sigterm_within_the_shutdown_timeout(tiny_model_dir, adapter_dirs):
+    """A stream in flight finishes; a client that sent half a body is dropped once
+    --shutdown-timeout has passed (without the bound, the server never exited)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [str(Path(sys.executable).parent / "ftengine"), "serve", "--model", str(tiny_model_dir), "--port", str(port)]
-    command += ["--adapter", f"dora={adapter_dirs['dora']}"]
+    command += ["--adapter", f"dora={adapter_dirs['dora']}", "--shutdown-timeout", "3"]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
@@ -326,14 +328,23 @@ def test_serve_command_drains_in_flight_requests_on_sigterm(tiny_model_dir, adap
             data=json.dumps({"model": "dora", "prompt": "Hi", "max_tokens": 40, "temperature": 0, "stream": True}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            first = response.readline()
-            process.send_signal(signal.SIGTERM)
-            rest = response.read().decode()
-        assert first.startswith(b"data: ") and rest.endswith("data: [DONE]\n\n")
-        # uvicorn shuts down gracefully, then re-raises the signal it captured: -SIGTERM.
-        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
-        assert "Finished server process" in process.stdout.read().decode()
+        with socket.create_connection(("127.0.0.1", port)) as half:
+            half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+            half.sendall(b'Content-Length: 100\r\n\r\n{"model": "')
+            with urllib.request.urlopen(request, timeout=60) as response:
+                first = response.readline()
+                process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                rest = response.read().decode()
+            assert first.startswith(b"data: ") and rest.endswith("data: [DONE]\n\n")
+            try:
+                # uvicorn shuts down gracefully, then re-raises the signal it captured: -SIGTERM.
+                assert process.wait(timeout=20) in (0, -signal.SIGTERM)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the server did not exit 20 s after SIGTERM (--shutdown-timeout 3)")
+        assert time.monotonic() - signalled < 20
+        output = process.stdout.read().decode()
+        assert "timeout graceful shutdown exceeded" in output and "Finished server process" in output
     finally:
         if process.poll() is None:
             process.kill()

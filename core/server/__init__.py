@@ -8,19 +8,23 @@ Endpoints: ``GET /v1/models`` (the base and each adapter), ``POST /v1/completion
 ``POST /v1/chat/completions`` (``stream: true`` for server-sent events ending in
 ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's
 names; off unless ``--allow-adapter-loading``), ``GET /v1/stats`` (the scheduler's and engine's counters).
-The request's ``model`` names the adapter (the base model's own name: no adapter).
+The request's ``model`` names the adapter (the base model's own name: no adapter); with
+``--adapter-dir``, any folder of it, loaded on its first request.
 
 One scheduler thread runs every forward over one continuous batch: at every step, waiting
 requests (any mix of adapters) are admitted and prefilled together, then every running row
 decodes one token, and rows leave the moment they finish; each row keeps its own adapter,
 sampling parameters, seed and stop strings, and a row that fails fails alone. Errors are OpenAI's
-JSON (``{"error": {"message", "type", "param", "code"}}``) with the HTTP status OpenAI uses.
+JSON (``{"error": {"message", "type", "param", "code"}}``) with the HTTP status OpenAI uses,
+unknown routes and unforeseen exceptions (500, logged) included.
 
 The pieces, each testable alone: ``models`` (request models, their bounds, the answers'
 JSON), ``scheduler`` (tickets, the queue, the batching thread over the engine; no HTTP),
 ``routes`` (the endpoints, thin). FastAPI and uvicorn are imported only when a server is
 made, so ``ftengine --help`` works without them.
 """
+
+import logging
 
 import click
 
@@ -30,7 +34,16 @@ from ..serving import AdapterServer
 from .models import ApiError
 from .scheduler import Scheduler
 
-DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_tokens_cap": 1024, "max_queue": 64, "max_body_bytes": 1 << 20}
+DEFAULTS = {
+    "host": "127.0.0.1",
+    "port": 8000,
+    "max_tokens_cap": 1024,
+    "max_queue": 64,
+    "max_body_bytes": 1 << 20,
+    "max_loaded_adapters": 8,
+    "shutdown_timeout": 5.0,
+}
+logger = logging.getLogger("ftengine.server")
 
 
 def create_app(
@@ -51,6 +64,7 @@ def create_app(
 
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     from .routes import api_router
 
@@ -84,6 +98,15 @@ def create_app(
 
     @app.exception_handler(FtengineError)
     async def ftengine_error(request, exc):
+        return await api_error(request, ApiError.of(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # an unknown route or method
+        return await api_error(request, ApiError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, exc):  # a bug: the client still gets OpenAI's shape
+        logger.exception("%s %s failed", request.method, request.url.path)
         return await api_error(request, ApiError.of(exc))
 
     return app
@@ -135,6 +158,26 @@ def _require_serve_extra():
     help="Largest request body (413 above).",
 )
 @click.option("--max-batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Rows per forward pass.")
+@click.option(
+    "--adapter-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Serve every adapter folder of DIR by its folder name, loaded on its first request.",
+)
+@click.option(
+    "--max-loaded-adapters",
+    default=DEFAULTS["max_loaded_adapters"],
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Adapters of --adapter-dir loaded at once; the least recently used one no request holds is evicted.",
+)
+@click.option(
+    "--shutdown-timeout",
+    default=DEFAULTS["shutdown_timeout"],
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds SIGTERM waits for in-flight requests before cancelling them and exiting.",
+)
 @click.option("--served-model-name", default=None, help="The base model's name in the API (default: --model).")
 @click.option(
     "--plugin", "-p", "plugins", multiple=True, help="Activate another plugin (repeatable), e.g. qlora for a 4-bit base."
@@ -150,18 +193,30 @@ def serve_command(
     max_queue,
     max_body_bytes,
     max_batch_size,
+    adapter_dir,
+    max_loaded_adapters,
+    shutdown_timeout,
     served_model_name,
     plugins,
 ):
     """Serve a base model and its adapters over an OpenAI-compatible HTTP API.
 
     Each adapter is a model of the API; requests for any mix of adapters share forward passes.
-    SIGTERM (or Ctrl-C) stops taking requests, finishes those in flight, and exits.
+    SIGTERM (or Ctrl-C) stops taking requests, finishes those in flight (for up to
+    --shutdown-timeout seconds, then cancels them), and exits.
     """
     _require_serve_extra()
     import uvicorn
 
-    engine = AdapterServer(model, adapters, plugins, max_batch_size=max_batch_size, strict=strict)
+    engine = AdapterServer(
+        model,
+        adapters,
+        plugins,
+        max_batch_size=max_batch_size,
+        strict=strict,
+        adapter_dir=adapter_dir,
+        max_loaded_adapters=max_loaded_adapters,
+    )
     app = create_app(
         engine,
         allow_adapter_loading=allow_adapter_loading,
@@ -170,4 +225,4 @@ def serve_command(
         max_body_bytes=max_body_bytes,
         base_name=served_model_name,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)

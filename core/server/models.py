@@ -7,13 +7,19 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import FtengineError
-from ..serving import RequestError, SamplingParams
+from ..serving import RequestError, SamplingParams, check_text
 
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {...}}`` with ``status``."""
 
-    TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        403: "permission_error",
+        404: "not_found_error",
+        409: "conflict_error",
+        413: "invalid_request_error",
+    }
 
     def __init__(self, status, message, param=None, code=None, headers=None):
         super().__init__(message)
@@ -53,6 +59,8 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1)
+    # {"type": "text" | "json_object" | "json_schema", ...}: checked by ftengine.structured.
+    response_format: dict | None = None
 
 
 class CompletionRequest(GenerationRequest):
@@ -80,12 +88,29 @@ def parse_body(raw, schema):
         raise ApiError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    for key, value in data.items():
+        check_text(key, "body")
+        _check_texts(value, key)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         param = ".".join(str(p) for p in error["loc"])
         raise ApiError(400, f"{param}: {error['msg']}", param=str(error["loc"][0]) if error["loc"] else None) from None
+
+
+def _check_texts(value, param):
+    """``RequestError`` for a lone surrogate in any string within the field ``param``: the
+    tokenizer, and the JSON of an answer quoting it, would fail on it."""
+    if isinstance(value, str):
+        check_text(value, param)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_texts(key, param)
+            _check_texts(item, param)
+    elif isinstance(value, list):
+        for item in value:
+            _check_texts(item, param)
 
 
 def prompts_of(body, max_batch_size):

@@ -44,6 +44,32 @@ async def cancel_when_disconnected(request, ticket):
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
+class HeldTicket(StreamTicket):
+    """A ticket whose adapters the request holds (``AdapterServer.acquire``) until the
+    scheduler delivers its end: its rows have left the engine, so its adapter may go."""
+
+    def __init__(self, rows, release):
+        self.release = release
+        super().__init__(rows)
+
+    def _push(self, item):
+        super()._push(item)
+        if item is None or isinstance(item, Exception):
+            self.release()
+
+
+def release_once(engine, adapter):
+    """A callable releasing ``adapter`` the first time it is called."""
+    released = []
+
+    def release():
+        if not released:
+            released.append(True)
+            engine.release([adapter])
+
+    return release
+
+
 def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_queue, max_body_bytes, base_name):
     """The ``/v1`` endpoints over ``engine`` (an ``AdapterServer``) and its ``scheduler``."""
     router = APIRouter()
@@ -62,11 +88,12 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
                 raise ApiError(413, f"the request body is over {max_body_bytes} bytes (--max-body-bytes)")
         return parse_body(body, schema)
 
-    def adapter_of(model):
-        if model == base_name:
-            return None
-        engine.check_adapter(model)
-        return model
+    async def hold(model):
+        """The adapter ``model`` names (``None``: the base), held (loaded on demand, off the
+        event loop), and the callable that releases it."""
+        adapter = None if model == base_name else model
+        await run_in_threadpool(engine.acquire, [adapter])
+        return adapter, release_once(engine, adapter)
 
     def sampling(body, prompt_lengths, default_max_tokens):
         return sampling_params(
@@ -86,11 +113,13 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
             except Exception as exc:
                 raise ApiError.of(exc) from None
 
-    async def respond(request, body, rows, chat):
-        ticket = StreamTicket(rows)
+    async def respond(request, body, rows, chat, release):
+        """Queue ``rows``; from then on their ticket releases the adapter when they are done."""
+        ticket = HeldTicket(rows, release)
         try:
             scheduler.submit(ticket)
         except QueueFull:
+            release()
             raise ApiError(
                 503, f"the server has {max_queue} requests waiting (--max-queue); retry shortly", headers={"Retry-After": "1"}
             ) from None
@@ -121,24 +150,35 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
 
     @router.get("/v1/models")
     async def models():
-        return model_cards(base_name, engine.adapters, created)
+        return model_cards(base_name, await run_in_threadpool(lambda: engine.servable), created)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request, CompletionRequest)
-        adapter = adapter_of(body.model)
-        encoded = [engine.encode(p) for p in prompts_of(body, engine.max_batch_size)]
-        params = sampling(body, [len(e) for e in encoded], default_max_tokens=16)
-        rows = [engine.row(ids, adapter, params, index=i) for i, ids in enumerate(encoded)]
-        return await respond(request, body, rows, chat=False)
+        constraint = await run_in_threadpool(engine.constraint, body.response_format)
+        adapter, release = await hold(body.model)
+        try:
+            encoded = [engine.encode(p) for p in prompts_of(body, engine.max_batch_size)]
+            params = sampling(body, [len(e) for e in encoded], default_max_tokens=16)
+            rows = [engine.row(ids, adapter, params, index=i, constraint=constraint) for i, ids in enumerate(encoded)]
+        except BaseException:
+            release()
+            raise
+        return await respond(request, body, rows, chat=False, release=release)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request, ChatRequest)
-        adapter = adapter_of(body.model)
-        encoded = engine.encode(chat_messages(body.messages), chat=True)
-        params = sampling(body, [len(encoded)], default_max_tokens=None)
-        return await respond(request, body, [engine.row(encoded, adapter, params)], chat=True)
+        constraint = await run_in_threadpool(engine.constraint, body.response_format)
+        adapter, release = await hold(body.model)
+        try:
+            encoded = engine.encode(chat_messages(body.messages), chat=True)
+            params = sampling(body, [len(encoded)], default_max_tokens=None)
+            rows = [engine.row(encoded, adapter, params, constraint=constraint)]
+        except BaseException:
+            release()
+            raise
+        return await respond(request, body, rows, chat=True, release=release)
 
     def check_loading_allowed():
         if not allow_adapter_loading:
@@ -165,6 +205,6 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
 
     @router.get("/v1/stats")
     async def stats():
-        return scheduler.snapshot()
+        return {**scheduler.snapshot(), "loaded_adapters": len(engine.adapters), "evictions": engine.evictions}
 
     return router

@@ -11,11 +11,13 @@ import time
 
 class Ticket:
     """One request's rows, and ``deliver``, called from the scheduler's thread with each of
-    their ``Delta``s, the exception if their batch failed, then ``None`` once all finished."""
+    their ``Delta``s, then, once all have left the engine, their end: ``None``, or the
+    exception that failed one of them."""
 
     def __init__(self, rows, deliver):
         self.rows, self.deliver = rows, deliver
         self.done = False  # the end of its deltas was delivered
+        self.error = None  # a row's error, delivered as its end once its other rows have left
         self.submitted_step = 0  # the scheduler's step count when it was queued
 
     @property
@@ -125,6 +127,9 @@ class Scheduler:
                     self.stats["max_admission_wait_steps"] = max(
                         self.stats["max_admission_wait_steps"], self.step_count - ticket.submitted_step
                     )
+                else:  # abandoned while it waited: its end is still delivered
+                    ticket.done = True
+                    ticket.deliver(None)
         return taken
 
     def _loop(self):
@@ -148,18 +153,18 @@ class Scheduler:
                         self.stats["shared_forwards"] += sharing
                     self._deliver(deltas, owners)
             except Exception as exc:  # a failed step fails its requests, not the server
-                for ticket in tickets:
-                    if not ticket.done:
-                        ticket.done = True
-                        ticket.deliver(exc)
                 batch.close()
+                for ticket in tickets:
+                    ticket.error = ticket.error or exc
                 batch, owners = self.engine.batch(), {}
             with self.condition:
                 self.step_count += 1
+            # A ticket's end goes out only once its rows have left the engine (cancelled ones
+            # too): the end releases its adapter, which may then be evicted or unloaded.
             for ticket in list(tickets):
                 if ticket.finished and not ticket.done:
                     ticket.done = True
-                    ticket.deliver(None)
+                    ticket.deliver(ticket.error)
                 if ticket.done and ticket.finished:
                     for row in ticket.rows:
                         owners.pop(id(row), None)
@@ -181,15 +186,14 @@ class Scheduler:
 
     @staticmethod
     def _deliver(deltas, owners):
-        """Each delta to its ticket; a failed row's error ends its ticket (its other rows are
-        cancelled)."""
+        """Each delta to its ticket; a failed row's error becomes its ticket's end (its other
+        rows are cancelled and leave at the next step)."""
         for delta in deltas:
             ticket = owners[id(delta.row)]
-            if ticket.done:
+            if ticket.done or ticket.error is not None:
                 continue
             if delta.finish_reason == "error":
-                ticket.done = True
+                ticket.error = delta.row.error
                 ticket.cancel()
-                ticket.deliver(delta.row.error)
             else:
                 ticket.deliver(delta)

@@ -398,7 +398,9 @@ def main():
         if args.smoke:
             from ftengine.testing import save_tiny_model
 
-            model, r, tokens, clients = str(save_tiny_model(Path(tmp) / "tiny")), 4, min(args.tokens, 4), [4]
+            # Enough tokens and close enough arrivals that a warm tiny model's requests overlap.
+            model, r, tokens, clients = str(save_tiny_model(Path(tmp) / "tiny")), 4, min(args.tokens, 16), [4]
+            args.stagger = min(args.stagger, 0.01)
         else:
             model, r, tokens, clients = "default", 16, args.tokens, [int(c) for c in args.clients.split(",")]
         paths = make_adapters(model, Path(tmp) / "adapters", 8, r, args.smoke)

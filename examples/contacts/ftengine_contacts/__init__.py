@@ -12,6 +12,9 @@ before each message as earlier user/assistant turns.
 Options, in the ``contacts:`` config section: ``eval_batch_size``, ``max_new_tokens`` and
 ``eval_limit`` (score only the first N eval rows, to keep evaluation cheap on a CPU).
 
+For ``--plugin grpo`` it gives the reward ``contacts`` (``ftengine_contacts.rewards``): schema
+validity plus the share of fields exactly right, by the same scorer.
+
 The package also provides ftengine's default job (``ftengine run`` with no arguments), the file
 ``default_job.yaml`` (see ``ftengine_contacts.default_job``), whether or not ``contacts`` is
 selected.
@@ -104,6 +107,13 @@ def ftengine_default_job():
     from .default_job import default_job_config
 
     return default_job_config()
+
+
+@hookimpl
+def ftengine_rewards():
+    from .rewards import contact_reward
+
+    return {"contacts": contact_reward}
 
 
 @hookimpl
