@@ -96,6 +96,32 @@ def test_a_row_with_nan_logits_fails_alone_and_its_batch_goes_on(engine):
         engine.generate(["Hi"], adapters=["nan"], max_tokens=3)
 
 
+def test_setting_the_rows_copies_no_adapter_weights(engine):
+    """A row joining or leaving costs its index, not a copy of every row's A and B (which made
+    each change of the rows cost more than a decode step): what a LoRA layer keeps for its rows
+    is views of its adapter stack, or at most a few numbers per row."""
+    from ftengine.plugins.lora.layer import lora_layers
+
+    names = ["a", "b", None, "a", "b", "a", None, "b"]
+    try:
+        engine._set_rows(names)
+        for path, layer in lora_layers(engine.model):
+            stack = layer.adapter_stack()
+            stack_storages = {t.untyped_storage().data_ptr() for t in stack if isinstance(t, torch.Tensor)}
+            kept = [t for t in _tensors(layer._rows) if t.untyped_storage().data_ptr() not in stack_storages]
+            assert all(t.numel() <= len(names) for t in kept), (path, [tuple(t.shape) for t in kept])
+    finally:
+        engine._set_rows(None)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
 @pytest.mark.parametrize("field, value", [("temperature", 1e-300), ("top_p", 1e-300)])
 def test_sampling_parameters_that_cannot_be_sampled_are_refused(field, value):
     with pytest.raises(RequestError, match=f"{field}: 1e-300 is not valid"):
