@@ -19,7 +19,7 @@ tokens; decode tokens/s counts the tokens after the first (the prefill is timed 
 * ``naive``: batch size 1, swapping the active adapter before each of the 8 requests.
 * ``mixed k fused`` (``--fused``, CUDA only): as ``mixed k`` with ``fused_lora`` active, every
   layer's mixed batch through its Triton kernel (``kernel.mixed_lora_``), next to the eager
-  gathered matmuls of ``mixed k`` in the same server (the kernels are switched off for those);
+  grouped matmuls of ``mixed k`` in the same server (the kernels are switched off for those);
   the script also checks that both give the same greedy tokens for 8 rows over 4 adapters.
 
 Goals (the issue's): mixed 8 rows over 4 adapters >= 0.8x the one-adapter batch and >= 3x the
@@ -418,7 +418,7 @@ def main():
         def set_rows_ms():
             return median_ms(lambda: [server._set_rows([names[(i + j) % 8] for i in range(8)]) for j in range(8)], 20) / 8
 
-        with RowsKernels(server, on=False):  # eager: each row's A, B gathered from the stacks
+        with RowsKernels(server, on=False):  # eager: the rows grouped by adapter (index tensors)
             rows_ms = set_rows_ms()
         rows_fused_ms = set_rows_ms() if args.fused else None  # the kernel reads the stacks: slots only
         server._set_rows(None)
