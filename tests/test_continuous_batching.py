@@ -217,3 +217,32 @@ def test_the_scheduler_thread_survives_a_batch_whose_step_raises(engine, url, mo
     status, _, text = post(url, "/v1/completions", {"model": "a", "prompt": "Hi", "max_tokens": 3, "temperature": 0})
     assert status == 500 and "boom" in text
     assert post(url, "/v1/completions", {"model": "a", "prompt": "Hi", "max_tokens": 3, "temperature": 0})[0] == 200
+
+
+def test_a_failed_rows_error_ends_its_request_only_once_its_other_rows_have_left(engine):
+    """The end of a request releases the adapter it holds, which eviction or unload may then
+    take: so a failed row's error is delivered only after the request's other rows (cancelled
+    by it) have left the batch, not while they still run with the adapter."""
+    import queue
+
+    from ftengine.server.scheduler import Scheduler, Ticket
+
+    at_end, items = [], queue.Queue()
+
+    def deliver(item):
+        if item is None or isinstance(item, Exception):
+            at_end.append(([row.finish_reason for row in ticket.rows], engine._in_use.get("a")))
+        items.put(item)
+
+    long_row = engine.row(engine.encode("Hi"), "a", SamplingParams(max_tokens=50, temperature=0))
+    ticket = Ticket([long_row, engine.row(engine.encode("Hi"), "nan", SamplingParams(max_tokens=50), index=1)], deliver)
+    scheduler = Scheduler(engine, max_queue=4, max_batch_size=engine.max_batch_size, batch_window_s=0)
+    scheduler.submit(ticket)
+    scheduler.start()
+    try:
+        while not isinstance(item := items.get(timeout=60), Exception):
+            assert item is not None, "the failed row's error never came"
+    finally:
+        scheduler.stop()
+    assert isinstance(item, GenerationError)
+    assert at_end == [(["cancelled", "error"], 0)], at_end
