@@ -10,7 +10,7 @@ CONSTRAINTS ?= constraints.txt
 BIN = $(VENV)/bin
 PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: run test test-latest lint format install docs constraints
+.PHONY: run test test-latest test-export lint format install docs constraints
 
 $(BIN)/.installed: pyproject.toml examples/neftune_plugin/pyproject.toml examples/contacts/pyproject.toml tests/ia3_plugin/pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,25 @@ install: $(BIN)/.installed
 run: $(BIN)/.installed
 	$(BIN)/ftengine run
 
+# Files are spread over TEST_WORKERS processes, one torch thread each (threads of two workers
+# sharing two cores only wait for each other); `pytest -q` alone runs them in one process.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# GGUF exports judged by llama.cpp itself (tests/test_export_llamacpp.py; CI skips them: building
+# llama-cpp-python from its sdist takes minutes, see docs/export-runtimes.md). The CPU wheel is
+# built once, without -march=native so the cached wheel runs on any x86-64 with AVX2, into
+# $(WHEELS), and installed from there.
+WHEELS ?= $(HOME)/.cache/ftengine/wheels
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+test-export: $(BIN)/.installed
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
+		$(BIN)/python -m pip wheel --no-deps -w $(WHEELS) llama_cpp_python==$(LLAMA_CPP_VERSION)
+	$(BIN)/python -m pip install -q $(PIP_CONSTRAINTS) --find-links $(WHEELS) -e ".[llamacpp]"
+	$(BIN)/python -m pytest -q tests/test_export_llamacpp.py tests/test_export_ollama.py
 
 # The formatter and linter CI runs (configured in pyproject.toml); `make format` applies them.
 lint: $(BIN)/.installed

@@ -392,7 +392,7 @@ def _offline_message(spec):
     return (
         f"{spec}: not a local file or directory, so it was taken for a Hugging Face dataset id, but the Hub cannot be "
         f"reached (no network, or HF_HUB_OFFLINE=1) and the dataset is not in the local datasets cache. Download it where "
-        f"there is internet (datasets.load_dataset('{spec.split(':')[0]}').save_to_disk(...) or export it to JSONL/Parquet) "
+        f"there is internet (datasets.load_dataset('{spec.split(':')[0]}').save_to_disk(...) or write it out as JSONL/Parquet) "
         f"and point data.train / data.eval at the files"
     )
 

@@ -84,6 +84,8 @@ def _eval_loss(model, datasets, state):
         for key, value in out.metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value)
     loss_sum, count, *values = world.sum([loss_sum, count, *metric_sums.values()])
+    if not count:  # a loss that scores nothing in evaluation (a count of 0) logs no eval loss
+        return {}
     return {"eval_loss": loss_sum / max(count, 1)} | {f"eval_{k}": v / max(count, 1) for k, v in zip(metric_sums, values)}
 
 

@@ -357,7 +357,8 @@ def ftengine_compute_loss(model: nn.Module, batch: dict[str, Any], state: RunSta
     :param batch: what ``Datasets.collate`` returned, moved to the model's device.
     :param state: the ``ftengine.state.RunState``.
     :return: an ``ftengine.state.LossOutput(loss_sum, count, metrics)``; ``metrics`` values are
-        sums too, divided by the total count when logged (as ``eval_<name>`` in evaluation).
+        sums too, divided by the total count when logged (as ``eval_<name>`` in evaluation). A loss
+        that scores nothing in evaluation returns a count of 0: the core then logs no ``eval_loss``.
     """
 
 

@@ -17,6 +17,7 @@ returns from ``ftengine_adapter_methods``; it owns the whole lifecycle of its ad
         def unmerge(self, model): ...
         def unwrap(self, model): ...
         def delete(self, model, name): ...
+        def lora_factors(self, model, name): ...      # optional (plugin API 1.1)
 
 The core (``AdapterMethods``) knows which method holds which adapter name, from each method's
 ``loaded(model)``, and sends each call to the method concerned: ``activate(name)`` goes to the
@@ -26,7 +27,9 @@ gives each method only its own names (the other rows ``None``). A method therefo
 
 A member may accept any subset of the protocol's parameters, by name, as hook
 implementations may; ``check_method`` names a missing member or an unknown parameter when the
-plugin is selected, before anything loads.
+plugin is selected, before anything loads. The members in ``OPTIONAL_MEMBERS`` may be left
+out: a method without one is refused by name when it is needed (``lora_factors``: a LoRA
+export), and works for everything else.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from .errors import AdapterError
 
 if TYPE_CHECKING:  # annotations only
     import pluggy
-    from torch import nn
+    from torch import Tensor, nn
     from transformers import PreTrainedTokenizerBase
 
     from .config import Config
@@ -110,27 +113,43 @@ class AdapterMethod(Protocol):
     def delete(self, model: nn.Module, name: str) -> None:
         """Remove adapter ``name`` and free its parameters; the name may be loaded again."""
 
+    def lora_factors(self, model: nn.Module, name: str) -> dict[str, tuple[Tensor, Tensor, float]]:
+        """Optional (plugin API 1.1). Adapter ``name`` as low-rank updates of the base weights:
+        ``{weight name: (A [r, in], B [out, r], scale)}``, each weight becoming
+        ``W + scale · B A``, named as in the merged model's ``state_dict()``
+        (``model.layers.0.self_attn.q_proj.weight``). What a LoRA export (``--lora-only``, a
+        GGUF that llama.cpp applies over the base) writes. Leave it out when the method's
+        adapters are not such updates (prompt tuning adds tokens); raise ``AdapterError`` for one
+        adapter that is not (a DoRA adapter rescales each row of W)."""
 
-MEMBERS = tuple(name for name in AdapterMethod.__dict__ if not name.startswith("_") and callable(AdapterMethod.__dict__[name]))
+
+OPTIONAL_MEMBERS = ("lora_factors",)
+PROTOCOL_MEMBERS = tuple(
+    name for name in AdapterMethod.__dict__ if not name.startswith("_") and callable(AdapterMethod.__dict__[name])
+)
+MEMBERS = tuple(name for name in PROTOCOL_MEMBERS if name not in OPTIONAL_MEMBERS)
 
 
 def _parameters(function):
     return [p for p in inspect.signature(function).parameters.values() if p.name != "self"]
 
 
-PROTOCOL_PARAMETERS = {member: [p.name for p in _parameters(getattr(AdapterMethod, member))] for member in MEMBERS}
+PROTOCOL_PARAMETERS = {member: [p.name for p in _parameters(getattr(AdapterMethod, member))] for member in PROTOCOL_MEMBERS}
 
 
 def check_method(method, plugin):
     """Problems with the method object ``method`` of ``plugin``: a missing member, a member that
-    is not callable, or one whose signature does not fit the protocol; each names the fix."""
+    is not callable, or one whose signature does not fit the protocol; each names the fix. An
+    optional member is checked only when the method has it."""
     label = f"plugin '{plugin}': adapter method {type(method).__name__}"
     problems = []
-    for member in MEMBERS:
+    for member in PROTOCOL_MEMBERS:
         function = getattr(method, member, None)
         expected = PROTOCOL_PARAMETERS[member]
         signature = f"{member}(self{''.join(f', {p}' for p in expected)})"
         if function is None:
+            if member in OPTIONAL_MEMBERS:
+                continue
             problems.append(f"{label} has no member '{member}': add {signature} (see ftengine.AdapterMethod)")
             continue
         if not callable(function):
@@ -161,10 +180,15 @@ class _Bound:
     def __init__(self, method, plugin):
         self.method, self.plugin = method, plugin
         self._accepts = {}
-        for member in MEMBERS:
+        for member in PROTOCOL_MEMBERS:
+            if not hasattr(method, member):  # an optional member left out
+                continue
             parameters = _parameters(getattr(method, member))
             takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
             self._accepts[member] = None if takes_all else {p.name for p in parameters}
+
+    def has(self, member):
+        return member in self._accepts
 
     def call(self, member, **kwargs):
         accepts = self._accepts[member]
@@ -282,6 +306,33 @@ class AdapterMethods:
         for bound in self.holding(model):
             model = bound.call("unwrap", model=model) or model
         return model
+
+    # exporting -----------------------------------------------------------------------------
+
+    def lora_factors(self, model, name):
+        """Adapter ``name`` as ``{weight name: (A, B, scale)}``, from the method that holds it;
+        a method without ``lora_factors`` is refused by name."""
+        owner = self.owners(model).get(name)
+        if owner is None:
+            raise AdapterError(f"no adapter named '{name}' is loaded (loaded: {', '.join(self.loaded(model)) or 'none'})")
+        _refuse_without_lora_factors(owner, f"adapter '{name}'")
+        return owner.call("lora_factors", model=model, name=name)
+
+    def check_lora_export(self, path):
+        """Refuse, before any weights load, the adapter directory ``path`` when the method that
+        loads it cannot export a LoRA."""
+        adapter_config = read_adapter_config(path)
+        for bound in self.methods:
+            if bound.call("claims", adapter_config=adapter_config):
+                _refuse_without_lora_factors(bound, str(path))
+
+
+def _refuse_without_lora_factors(bound, what):
+    if not bound.has("lora_factors"):
+        raise AdapterError(
+            f"{what}: method {type(bound.method).__name__} of plugin '{bound.plugin}' cannot write its adapter as a LoRA "
+            f"(it has no lora_factors); write the merged model instead"
+        )
 
 
 def adapter_methods(pm):

@@ -43,7 +43,7 @@ def render_specs(module):
 def render_protocol():
     """The members of ``ftengine.AdapterMethod``, in source order."""
     parts = ["\n# Adapter methods: `ftengine.AdapterMethod`\n\n", inspect.getdoc(methods), "\n"]
-    for member in methods.MEMBERS:
+    for member in methods.PROTOCOL_MEMBERS:
         function = getattr(methods.AdapterMethod, member)
         parts.append(f"\n## `AdapterMethod.{member}{signature(function).replace('(self, ', '(').replace('(self)', '()')}`\n")
         parts.append("\n" + inspect.getdoc(function) + "\n")

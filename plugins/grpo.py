@@ -60,6 +60,12 @@ class GrpoOptions(Section):
     num_generations: int = Field(
         8, ge=2, description="completions sampled per prompt (a group); a micro-batch has train.batch_size x this"
     )
+    num_generations_eval: int | None = Field(
+        None,
+        ge=0,
+        description="completions per prompt in evaluation (default: num_generations); 0 computes no eval loss or "
+        "rewards, leaving evaluation to the task's metrics (an on-policy GRPO loss is ~0 by construction)",
+    )
     max_completion_length: int = Field(256, ge=1, description="most tokens generated per completion")
     temperature: float = Field(
         1.0, gt=0, le=2, description="sampling temperature (log-probs are computed at it too, as TRL does)"
@@ -301,8 +307,8 @@ class Generation:
     old_logps: torch.Tensor | None = None
 
 
-def generate(model, tokenizer, batch, state, generation_round):
-    """Sample ``num_generations`` completions of every prompt of ``batch`` with ``model``."""
+def generate(model, tokenizer, batch, state, generation_round, group):
+    """Sample ``group`` completions of every prompt of ``batch`` with ``model``."""
     options, device = state.config.grpo, state.device
     params = SamplingParams(
         max_tokens=options.max_completion_length,
@@ -313,7 +319,7 @@ def generate(model, tokenizer, batch, state, generation_round):
     )
     rows = []
     for prompt_ids, index in zip(batch["prompt_ids"], batch["index"].tolist()):
-        for g in range(options.num_generations):
+        for g in range(group):
             generator = torch.Generator(device=device).manual_seed(
                 completion_seed(state.config.train.seed, generation_round, index, g)
             )
@@ -322,10 +328,9 @@ def generate(model, tokenizer, batch, state, generation_round):
         return generate_rows(model, tokenizer, rows)
 
 
-def score_generation(rows, batch, run, state):
-    """The tensors and rewards of generated ``rows`` (``num_generations`` per prompt of ``batch``)."""
+def score_generation(rows, batch, run, state, repeat):
+    """The tensors and rewards of generated ``rows`` (``repeat`` per prompt of ``batch``)."""
     options, device, pad = state.config.grpo, state.device, run.tokenizer.pad_token_id or 0
-    repeat = options.num_generations
     prompts = [p for p in batch["prompts"] for _ in range(repeat)]
     data_rows = [r for r in batch["rows"] for _ in range(repeat)]
     sources = [s for s in batch["sources"] for _ in range(repeat)]
@@ -399,13 +404,16 @@ def generation_for(model, batch, state, run):
     generation_round = state.step // options.num_iterations
     inner = inner_model(model)
     if not model.training:
-        rows = generate(inner, run.tokenizer, batch, state, generation_round)
-        return score_generation(rows, batch, run, state)
+        group = options.num_generations_eval or options.num_generations
+        return score_generation(generate(inner, run.tokenizer, batch, state, generation_round, group), batch, run, state, group)
     micro = run.next_micro(state.step)
     if run.cache_round != generation_round:
         run.cache, run.cache_round = {}, generation_round
     if micro not in run.cache:
-        generation = score_generation(generate(inner, run.tokenizer, batch, state, generation_round), batch, run, state)
+        group = options.num_generations
+        generation = score_generation(
+            generate(inner, run.tokenizer, batch, state, generation_round, group), batch, run, state, group
+        )
         if options.num_iterations > 1:  # the log-probs of the policy that sampled, for the later steps' ratios
             with torch.no_grad(), eval_mode(inner):
                 generation.old_logps = per_token_logps(
@@ -446,6 +454,11 @@ def ftengine_validate(config, active, pm):
                 f"grpo.reward_weights.{name}: no reward function has this name (the active ones: "
                 f"{', '.join(sorted(functions)) or 'none'}); fix the name or remove the key"
             )
+    if options.num_generations_eval == 1:
+        problems.append(
+            "grpo.num_generations_eval=1: a group of one completion has no reward spread to learn or score from; "
+            "use 0 (no eval loss) or at least 2"
+        )
     if config.train.packing:
         problems.append("train.packing: grpo generates completions for each prompt and packs nothing; set train.packing: false")
     if options.max_completion_length >= config.train.max_length:
@@ -483,6 +496,8 @@ def ftengine_on_train_start(model, tokenizer, state):
 @hookimpl
 def ftengine_compute_loss(model, batch, state):
     options, run = state.config.grpo, grpo_run(state)
+    if not model.training and options.num_generations_eval == 0:  # counts nothing: the core logs no eval loss
+        return LossOutput(loss=torch.zeros((), device=state.device), count=0, metrics={})
     generation = generation_for(model, batch, state, run)
     logps = per_token_logps(
         model,

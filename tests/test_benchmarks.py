@@ -133,3 +133,23 @@ def test_3_sft_benchmark_alternating_modes_run(mode):
     sides = re.findall(r"^(ftengine|trl) (packed|padded).*: (\d+) batches, (\d+) (?:target )?tokens", child.stdout, re.M)
     assert len(sides) == 2 and sides[0][3] == sides[1][3], child.stdout  # both sides see the same tokens
     assert "median pass time ratio" in child.stdout and "(smoke run: not meaningful)" in child.stdout
+
+
+def test_4_grpo_benchmark_runs_ftengine_and_trl_on_the_same_prompts(tmp_path, capsys):
+    """In this process (its children still import TRL, the bulk of its cost): both sides take
+    every step, generate no more than the group and length allow, and report their memory."""
+    spec = importlib.util.spec_from_file_location("bench_grpo", BENCHMARKS / "bench_grpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path / "grpo.json")])
+    result = json.loads((tmp_path / "grpo.json").read_text())
+    sizes = result["sizes"]
+    assert result["smoke"] and result["failed"] == [] and set(result["results"]) == {"ftengine", "trl"}
+    most_tokens = sizes["prompts"] * sizes["generations"] * sizes["completion-length"]
+    for side in result["results"].values():
+        assert side["steps"] == len(side["rewards"]) == len(side["completion_tokens"]) == len(side["step_cpu_times"])
+        assert side["steps"] == sizes["steps"], side
+        assert all(0 < tokens <= most_tokens for tokens in side["completion_tokens"]), side
+        assert side["median_step_s"] > 0 and side["median_step_cpu_s"] > 0 and side["peak_rss_mb"] >= side["loaded_rss_mb"] > 0
+    assert all(ratio > 0 for ratio in result["ratios_trl_over_ftengine"].values())
+    assert "(smoke run: not meaningful)" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from ftengine.loop import train
 from ftengine.plugins import export
 from ftengine.plugins.export import export_model, gguf_file_name
 from ftengine.plugins.export.gguf_model import ExportError, write_gguf
-from ftengine.testing import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, sft_rows, write_jsonl
+from ftengine.testing import sft_rows, tiny_base, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = ["Reverse: alpha", "Hi!", "What is 2+2?", "Name a city.", "ok"]
@@ -30,60 +30,6 @@ NEW_TOKENS = 8
 # even f16 flips argmax ties of margin ~0.001): f16 0.037, bf16 0.23, q8_0 0.87, q4_0 5.5.
 # The bounds leave about 2x room; the exact checks are the weights read back.
 LOGIT_ATOL = {"f16": 0.1, "bf16": 0.5, "q8_0": 2.0, "q4_0": 11.0}
-
-
-def bpe_tokenizer():
-    """A byte-level BPE tokenizer with a few merges (llama.cpp needs some) and a ChatML template:
-    ``ftengine.testing.tiny_tokenizer`` with GPT-2's split regex and merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    merges = [("a", "l"), ("e", "r"), ("Ġ", "a"), ("t", "h"), ("th", "e"), ("i", "n"), ("o", "n")]
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in [a + b for a, b in merges] + SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS,
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_base(path, model_type, tie=False, seed=0):
-    """A random-init tiny model of ``model_type`` (weights ~N(0, 0.2), as ``core/testing.py``'s)
-    with ``bpe_tokenizer``, saved to ``path``; 288 embedding rows, some unused (as real vocabularies pad)."""
-    from transformers import AutoConfig
-
-    tokenizer = bpe_tokenizer()
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=288,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model.eval()
 
 
 def peft_adapter(base, path, name):

@@ -15,7 +15,7 @@ from ftengine.build import configure
 from ftengine.errors import ConfigError, DataError, FtengineError
 from ftengine.loop import train
 from ftengine.plugins.grpo import GrpoOptions, advantages, per_token_logps, policy_loss
-from ftengine.testing import KillAfter, tiny_model, write_jsonl
+from ftengine.testing import KillAfter, save_tiny_model, tiny_model, write_jsonl
 
 REWARDS = "tests.sample_plugins.grpo_rewards"
 LETTERS = "abcdefgh"
@@ -216,10 +216,36 @@ def test_resume_reproduces_the_uninterrupted_run(resumed_runs):
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in straight]
 
 
-@pytest.mark.parametrize("method", ["full", "dora"])
-def test_composes_with_full_and_dora(method, tiny_model_dir, prompts, tmp_path):
-    plugins = ["lora", "dora"] if method == "dora" else ["full"]
-    overrides = grpo_overrides(tiny_model_dir, prompts, tmp_path / "out", "train.max_steps=1", "grpo.beta=0.04")
+@pytest.mark.parametrize("eval_generations, scored, logs_loss", [(None, [8, 32], True), (2, [8, 16], True), (0, [8], False)])
+def test_evaluation_samples_num_generations_eval_per_prompt(
+    eval_generations, scored, logs_loss, tiny_model_dir, prompts, tmp_path
+):
+    """Evaluating the 8 prompts samples num_generations_eval completions of each (default:
+    num_generations); 0 samples none and logs no eval loss, leaving it to the task's metrics."""
+    extra = ["train.max_steps=1", f"data.eval={prompts}", "train.eval_batch_size=8"]
+    if eval_generations is not None:
+        extra.append(f"grpo.num_generations_eval={eval_generations}")
+    config, pm = configure(None, ["lora", "grpo", REWARDS], grpo_overrides(tiny_model_dir, prompts, tmp_path / "out", *extra))
+    counting = CountingReward()
+    pm.register(counting)
+    train(config, pm)
+    assert counting.scored == scored
+    (evaluation,) = [r for r in records(tmp_path / "out") if "eval_time_s" in r]
+    assert ("eval_loss" in evaluation) is logs_loss and ("eval_reward" in evaluation) is logs_loss
+
+
+def test_one_eval_generation_is_a_config_error(tiny_model_dir, prompts, tmp_path):
+    overrides = grpo_overrides(tiny_model_dir, prompts, tmp_path / "out", "grpo.num_generations_eval=1")
+    with pytest.raises(ConfigError, match="num_generations_eval=1"):
+        configure(None, ["lora", "grpo", REWARDS], overrides)
+
+
+@pytest.mark.parametrize("method", ["full", "dora", "qlora"])
+def test_composes_with_full_dora_and_qlora(method, tiny_model_dir, prompts, tmp_path):
+    plugins = {"full": ["full"], "dora": ["lora", "dora"], "qlora": ["lora", "qlora"]}[method]
+    # qlora's 4-bit blocks need widths they divide; its reference forward runs the NF4 base.
+    model_dir = save_tiny_model(tmp_path / "model64", hidden_size=64) if method == "qlora" else tiny_model_dir
+    overrides = grpo_overrides(model_dir, prompts, tmp_path / "out", "train.max_steps=1", "grpo.beta=0.04")
     summary = train(*configure(None, [*plugins, "grpo", REWARDS], overrides))
     (record,) = step_records(tmp_path / "out")
     assert torch.isfinite(torch.tensor(record["loss"])) and record["grad_norm"] > 0

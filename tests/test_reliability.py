@@ -41,9 +41,10 @@ def run_args(overrides, *plugins):
     return args
 
 
-def spawn(args, step_sleep="0"):
-    """Start ``ftengine ARGS`` as a real process (sample plugins importable)."""
-    env = dict(os.environ, PYTHONPATH=str(TESTS), FTENGINE_TEST_STEP_SLEEP=step_sleep)
+def spawn(args, step_sleep="0", hold_file=""):
+    """Start ``ftengine ARGS`` as a real process (sample plugins importable); with ``hold_file``,
+    ``sample_plugins.slow`` holds it after each step while that file exists."""
+    env = dict(os.environ, PYTHONPATH=str(TESTS), FTENGINE_TEST_STEP_SLEEP=step_sleep, FTENGINE_TEST_HOLD_FILE=str(hold_file))
     return subprocess.Popen([str(FTENGINE), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -116,7 +117,9 @@ def test_1_merge_refuses_a_non_empty_out_and_the_adapters_own_directory(lora_run
 def test_2_a_second_run_into_a_busy_output_dir_is_refused_at_once(run_overrides, tmp_path):
     out = tmp_path / "out"
     args = run_args(run_overrides + ["train.max_steps=6"], "lora", "sample_plugins.slow")
-    first = spawn(args, step_sleep="0.5")
+    hold = tmp_path / "hold"
+    hold.touch()  # the first run waits after its first step until the second has been refused
+    first = spawn(args, step_sleep="0", hold_file=hold)
     try:
         wait_for(lambda: metrics_lines(out), what="the first run's first step")
         started = time.monotonic()
@@ -130,6 +133,7 @@ def test_2_a_second_run_into_a_busy_output_dir_is_refused_at_once(run_overrides,
         assert "Traceback" not in second.stderr
         assert first.poll() is None, "the first run must still be running"
     finally:
+        hold.unlink()
         stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     assert [step for step, _ in step_losses(out)] == [1, 2, 3, 4, 5, 6]

@@ -250,5 +250,25 @@ class LoraMethod:
         for _, layer in lora_layers(model):
             layer.delete_adapter(name)
 
+    def lora_factors(self, model, name):
+        """``{weight name: (A, B, scale)}`` of adapter ``name``. A variant's adapter is refused:
+        DoRA rescales each row of the updated weight, which no ``W + scale · B A`` expresses."""
+        factors = {}
+        for path, layer in lora_layers(model):
+            if name not in layer.lora_A:
+                continue
+            variant = layer.variant[name]
+            if variant is not None:
+                raise AdapterError(
+                    f"adapter '{name}' is a {variant.name} adapter: method {variant.name} cannot be written as a LoRA "
+                    f"(it rescales the weights); write the merged model instead: leave out --lora-only"
+                )
+            factors[f"{path}.weight"] = (
+                layer.lora_A[name].weight.detach(),
+                layer.lora_B[name].weight.detach(),
+                layer.scaling[name],
+            )
+        return factors
+
 
 LORA = LoraMethod()
