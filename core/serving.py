@@ -13,8 +13,9 @@ The base is built once (``ftengine.inference.load_for_inference``, ``plugins=["q
 row (``AdapterMethod.set_rows``), so calls from several threads share the model safely,
 one forward at a time. Generation is a sampling loop over the model's forward and its KV cache
 (left padding, attention mask, position ids), since rows differ in sampling parameters and
-stop strings; finished rows leave the batch at once. ``ftengine serve`` (``ftengine.server``)
-puts an OpenAI-compatible HTTP server and a batching scheduler on top.
+stop strings: a ``Batch`` admits rows at any step and retires each the moment it finishes
+(continuous batching). ``ftengine serve`` (``ftengine.server``) puts an OpenAI-compatible HTTP
+server and its scheduler on top.
 
 With ``adapter_dir``, every folder of it is an adapter served by its folder name, loaded on its
 first request; beyond ``max_loaded_adapters`` of them, the least recently used one that no
@@ -28,7 +29,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +44,18 @@ from .pluginmanager import active_names
 
 if TYPE_CHECKING:
     from .structured import Constraint
+
+TOKENS_PER_S_WINDOW_S = 10
+COUNTERS = (
+    "steps",  # scheduling steps: a prefill of the rows admitted since, then one decode
+    "forwards",
+    "generated_tokens",
+    "rows_admitted",
+    "rows_admitted_mid_batch",  # admitted while other rows were decoding
+    "running_rows",
+    "cancelled_rows",
+    "failed_rows",
+)
 
 
 class RequestError(FtengineError):
@@ -68,6 +80,19 @@ class ContextLengthError(RequestError):
     """The prompt plus ``max_tokens`` do not fit the model's context."""
 
     code = "context_length_exceeded"
+
+
+class GenerationError(RequestError):
+    """One row failed while it generated (its logits are not finite, its sampling failed); the
+    other rows of its batch go on."""
+
+    status = 500
+    code = "generation_failed"
+
+
+# Below these, float32 sampling breaks (logits / temperature overflow; top_p rounds to 0).
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
 
 
 class AdapterInUseError(RequestError):
@@ -113,8 +138,13 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         checks = [
             ("max_tokens", self.max_tokens, isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", self.temperature, 0 <= self.temperature <= 2, "between 0 and 2"),
-            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+            (
+                "temperature",
+                self.temperature,
+                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2,
+                f"0 (greedy) or between {MIN_TEMPERATURE} and 2",
+            ),
+            ("top_p", self.top_p, MIN_TOP_P <= self.top_p <= 1, f"between {MIN_TOP_P} and 1"),
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0: off)"),
             (
                 "seed",
@@ -160,7 +190,8 @@ class Completion:
 @dataclass
 class Row:
     """One sequence being generated. ``cancel()`` drops it from its batch at the next step
-    (a client that went away), with finish reason ``"cancelled"``."""
+    (a client that went away), with finish reason ``"cancelled"``; a row that failed alone has
+    finish reason ``"error"`` and its ``error``."""
 
     prompt_ids: list[int]
     adapter: str | None
@@ -172,16 +203,106 @@ class Row:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    error: Exception | None = None
     constraint: "Constraint | None" = field(default=None, repr=False, compare=False)  # structured output
 
     def cancel(self):
         self.cancelled = True
 
+    def fail(self, error):
+        self.error, self.finish_reason = error, "error"
+
     def completion(self):
         return Completion(self.text, self.token_ids, self.finish_reason, len(self.prompt_ids), len(self.token_ids), self.adapter)
 
 
-class AdapterServer:
+class Engine:
+    """A model and its tokenizer generating ``Row`` s in ``Batch`` es, the model as it is (its
+    active adapter, its mode): what ``generate_rows`` samples with at training time.
+    ``AdapterServer`` is one, which sets one adapter per row and serialises forwards."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.eos_ids = model_eos_ids(model, tokenizer)
+        self._cache_argument = kv_cache_argument(model)
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe across threads
+        self._stats_lock = threading.Lock()
+        self._counters = dict.fromkeys(COUNTERS, 0)
+
+    def batch(self):
+        """A new, empty ``Batch``: admit rows into it at any step (continuous batching)."""
+        return Batch(self)
+
+    def run(self, rows) -> Iterator[list[Delta]]:
+        """Generate ``rows`` as one batch, one forward at a time: yield the deltas of each
+        (a failed row's has finish reason ``"error"``; the others go on)."""
+        batch = self.batch()
+        batch.admit(rows)
+        try:
+            while batch:
+                yield from batch.step()
+        finally:
+            batch.close()
+
+    def _count(self, **increments):
+        with self._stats_lock:
+            for name, value in increments.items():
+                self._counters[name] += value
+
+    @torch.no_grad()
+    def _forward(self, adapters, input_ids, mask, positions, cache):
+        """One forward of rows with ``adapters`` (one name or ``None`` per row);
+        ``(last logits, cache)``."""
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_argument: cache},
+        )
+        self._count(forwards=1)
+        return output.logits[:, -1].float(), output[self._cache_argument]
+
+    def _sample_rows(self, rows, logits):
+        """Sample and advance each of ``rows`` from its own ``logits`` row (masked to what its
+        structured-output constraint allows); a row whose logits are not finite or whose
+        sampling fails gets its error, alone. Return the deltas."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        deltas = []
+        for i, row in enumerate(rows):
+            try:
+                if not finite[i]:
+                    raise GenerationError(
+                        f"adapter '{row.adapter}': the model's logits are not finite (NaN or infinite) at token "
+                        f"{len(row.token_ids) + 1}; the adapter's weights are broken: load a good copy or retrain it"
+                        if row.adapter is not None
+                        else f"the model's logits are not finite (NaN or infinite) at token {len(row.token_ids) + 1}"
+                    )
+                allowed = row.constraint.allowed(logits.shape[-1]) if row.constraint is not None else None
+                token = _sample(logits[i], row.params, row.generator, allowed)
+                delta = _advance(row, token, self.tokenizer, self.eos_ids, self._tokenizer_lock)
+            except Exception as exc:  # this row fails, not its batch
+                row.fail(
+                    exc if isinstance(exc, FtengineError) else GenerationError(f"sampling failed: {type(exc).__name__}: {exc}")
+                )
+                delta = Delta(row.index, "", [], "error", row)
+            if delta.text or delta.finish_reason:
+                deltas.append(delta)
+        return deltas
+
+    def _rows_joined(self, rows):
+        """``rows`` were admitted into a batch."""
+
+    def _rows_left(self, rows):
+        """``rows`` left their batch (finished, failed or cancelled)."""
+
+    def _idle(self):
+        """A batch has no rows left."""
+
+
+class AdapterServer(Engine):
     """One base model and any number of named adapters, each request row naming its own.
 
     :param model_name: the base model (local directory, hub id, ``.gguf`` file or ``"default"``).
@@ -221,15 +342,15 @@ class AdapterServer:
         # The plugins every adapter under adapter_dir needs are active from the start (an
         # unreadable one is refused at its first request, naming its problem).
         on_demand_plugins = [p for path in self._adapter_folders().values() for p in _plugins_or_none(path)]
-        self.model, self.tokenizer, self.pm, self._config = build_for_inference(
+        model, tokenizer, self.pm, self._config = build_for_inference(
             model_name, adapters, [*plugins, *on_demand_plugins], sections, strict
         )
+        super().__init__(model, tokenizer)
         set_adapter(self.model, self.pm, None)  # rows name their adapters; none is active
         self.model_name = model_name
         self.max_batch_size = max_batch_size
         self._adapters = {name: Path(path) for name, path in adapters.items()}
         self._lock = threading.RLock()  # one forward (or load/unload) at a time
-        self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe across threads
         self._rows_set = None
         self._in_use = {}  # adapter name -> rows in a running batch
         # Requests holding each adapter, from before they queue until their rows leave the
@@ -238,11 +359,9 @@ class AdapterServer:
         self._released = threading.Condition()
         self._on_demand = collections.OrderedDict()  # adapters loaded from adapter_dir, least recently used first
         self._loading = {}  # name -> its lock: concurrent first requests load it once
-        self.evictions = 0
-        self.device = next(self.model.parameters()).device
+        self.evictions = 0  # adapters of adapter_dir evicted to make room
+        self._recent_tokens = collections.deque()  # (start, end, tokens) of recent forwards
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 2048
-        self.eos_ids = model_eos_ids(self.model, self.tokenizer)
-        self._cache_argument = kv_cache_argument(self.model)
         self._vocabulary = None  # ftengine.structured.Vocabulary, built at the first response_format
         if adapters:  # an adapter that cannot share a batch (prompt tuning) is refused now
             try:
@@ -340,8 +459,8 @@ class AdapterServer:
                         f"in use by in-flight requests; retry shortly, or start the server with a larger --max-loaded-adapters",
                         "model",
                     )
-                # Woken by a release; polled too, since a batch's rows leave it (_in_use) just
-                # after their requests release the adapter.
+                # Woken by a release (a request lets go once its rows have left the batch);
+                # polled too, so a missed notification costs 50 ms, not the whole wait.
                 with self._released:
                     self._released.wait(min(left, 0.05))
 
@@ -578,36 +697,50 @@ class AdapterServer:
     def _run_all(self, rows):
         for start in range(0, len(rows), self.max_batch_size):
             for deltas in self.run(rows[start : start + self.max_batch_size]):
-                yield from deltas
+                for delta in deltas:
+                    if delta.finish_reason == "error":
+                        raise delta.row.error
+                    yield delta
 
-    @torch.no_grad()
-    def run(self, rows) -> Iterator[list[Delta]]:
-        """Generate ``rows`` as one batch, one step at a time: yield the deltas of each step.
-        Their adapters must be held (``acquire``) until it ends.
+    def stats(self):
+        """The engine's counters: forwards, tokens, rows admitted (into a running batch too),
+        running, cancelled and failed rows, tokens/s over the last ``TOKENS_PER_S_WINDOW_S``,
+        loaded adapters and ``evictions`` (adapters of ``adapter_dir`` evicted to make room)."""
+        with self._stats_lock:
+            now = time.monotonic()
+            while self._recent_tokens and self._recent_tokens[0][1] < now - TOKENS_PER_S_WINDOW_S:
+                self._recent_tokens.popleft()
+            span = now - self._recent_tokens[0][0] if self._recent_tokens else 0
+            recent = sum(tokens for _, _, tokens in self._recent_tokens)
+            return {
+                **self._counters,
+                "tokens_per_s": recent / span if span > 0 else 0.0,
+                "loaded_adapters": len(self._adapters),
+                "evictions": self.evictions,
+            }
 
-        Every step sets the rows' adapters and runs one forward under the server's lock, so
-        several ``run`` s (the HTTP scheduler's batches, other threads) interleave safely.
-        """
+    def _forward(self, adapters, input_ids, mask, positions, cache):
+        start = time.monotonic()
+        with self._lock:
+            self._set_rows(adapters)
+            output = super()._forward(adapters, input_ids, mask, positions, cache)
+        with self._stats_lock:
+            self._recent_tokens.append((start, time.monotonic(), len(adapters)))
+        return output
+
+    def _rows_joined(self, rows):
         with self._lock:
             for row in rows:
                 self._in_use[row.adapter] = self._in_use.get(row.adapter, 0) + 1
-        try:
-            yield from self._run(rows)
-        finally:
-            with self._lock:
-                for row in rows:
-                    self._in_use[row.adapter] -= 1
-                self._set_rows(None)  # the model answers plain forwards again
 
-    def _run(self, rows):
-        return sample_rows(
-            self._forward, rows, self.tokenizer, self.eos_ids, self._cache_argument, self.device, self._tokenizer_lock
-        )
-
-    def _forward(self, live, inputs):
+    def _rows_left(self, rows):
         with self._lock:
-            self._set_rows([r.adapter for r in live])
-            return self.model(**inputs)
+            for row in rows:
+                self._in_use[row.adapter] -= 1
+
+    def _idle(self):
+        with self._lock:
+            self._set_rows(None)  # the model answers plain forwards again
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,73 +750,16 @@ class AdapterServer:
 
 def generate_rows(model, tokenizer, rows):
     """Generate ``rows`` (``Row`` s, each with its own ``SamplingParams`` and seeded
-    ``generator``) as one batch with ``model`` as it is (its active adapter, its mode); return
-    them, finished: ``token_ids`` (the EOS that ended a row included) and ``text`` (cut at a
-    stop string). Call it under ``torch.no_grad``. Training-time sampling (``grpo``) uses it."""
-    device = next(model.parameters()).device
-    for _ in sample_rows(
-        lambda live, inputs: model(**inputs), rows, tokenizer, model_eos_ids(model, tokenizer), kv_cache_argument(model), device
-    ):
+    ``generator``) as one ``Batch`` with ``model`` as it is (its active adapter, its mode);
+    return them, finished: ``token_ids`` (the EOS that ended a row included) and ``text`` (cut
+    at a stop string). A row that failed (non-finite logits) raises its error. Training-time
+    sampling (``grpo``) uses it."""
+    for _ in Engine(model, tokenizer).run(rows):
         pass
+    failed = next((row for row in rows if row.error is not None), None)
+    if failed is not None:
+        raise failed.error
     return rows
-
-
-def sample_rows(forward, rows, tokenizer, eos_ids, cache_argument, device, tokenizer_lock=None):
-    """Generate ``rows`` as one batch, one token per step: yield the deltas of each step.
-
-    Prompts are left-padded, with an attention mask and position ids; the KV cache keeps the
-    past, and a finished row leaves the batch (and the cache) at once.
-
-    :param forward: ``forward(live_rows, inputs) -> output``: the model's forward over
-        ``inputs`` for the rows still generating (the server sets their adapters first).
-    :param eos_ids: the token ids that end a row.
-    :param cache_argument: the forward's KV-cache argument (``kv_cache_argument``).
-    :param tokenizer_lock: held while decoding (a fast tokenizer is not safe across threads).
-    """
-    tokenizer_lock = tokenizer_lock or nullcontext()
-    live = list(rows)
-    width = max(len(r.prompt_ids) for r in live)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live], device=device)
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = _new_cache()
-    while live:
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "use_cache": True,
-            "logits_to_keep": 1,
-            cache_argument: cache,
-        }
-        output = forward(live, inputs)
-        logits = output.logits[:, -1].float()
-        cache = output[cache_argument]
-        deltas, keep, tokens = [], [], []
-        for i, row in enumerate(live):
-            if row.cancelled:
-                row.finish_reason = "cancelled"
-                continue
-            allowed = row.constraint.allowed(logits.shape[-1]) if row.constraint is not None else None
-            token = _sample(logits[i], row.params, row.generator, allowed)
-            delta = _advance(row, token, tokenizer, eos_ids, tokenizer_lock)
-            if delta.text or delta.finish_reason:
-                deltas.append(delta)
-            if row.finish_reason is None:
-                keep.append(i)
-                tokens.append(token)
-        yield deltas
-        if len(keep) < len(live):
-            if not keep:
-                break
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            live = [live[i] for i in keep]
-            mask, positions = mask[index], positions[index]
-        input_ids = torch.tensor(tokens, device=device).unsqueeze(1)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        positions = positions[:, -1:] + 1
 
 
 def _advance(row, token, tokenizer, eos_ids, tokenizer_lock):
@@ -715,9 +791,184 @@ def _advance(row, token, tokenizer, eos_ids, tokenizer_lock):
     return Delta(row.index, row.text[start : row.emitted], [token], row.finish_reason, row)
 
 
+class Batch:
+    """Rows generated together, admitted at any step and retired the moment they finish
+    (iteration-level scheduling, as Orca and vLLM do).
+
+        batch = server.batch()
+        batch.admit(rows)           # any time: prefilled together at the next step
+        while batch:
+            for deltas in batch.step():   # one list per forward: the prefill, then the decode
+                ...
+        batch.close()
+
+    The running rows share one left-padded KV cache (``DynamicCache``) with an attention mask
+    and each row's own positions. A step prefills the rows admitted since the last one in one
+    forward, samples their first tokens, appends their cache rows to the running cache (the
+    shorter side padded on the left) and then decodes every running row by one token. Rows
+    keep their order, so the adapters per row change only when a row joins or leaves. A row
+    whose logits are not finite or whose sampling fails gets its error alone; a forward that
+    raises fails the rows in it (the prefill: only the newcomers).
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.rows, self.pending = [], []  # decoding (in cache order); admitted, not prefilled
+        self.cache = self.mask = self.positions = self.tokens = None
+
+    def __len__(self):
+        return len(self.rows) + len(self.pending)
+
+    def admit(self, rows):
+        """Add ``rows`` (``AdapterServer.row`` s); they join at the next ``step``."""
+        self.engine._rows_joined(rows)
+        running = bool(self.rows or self.pending)
+        self.engine._count(rows_admitted=len(rows), rows_admitted_mid_batch=len(rows) if running else 0, running_rows=len(rows))
+        self.pending.extend(rows)
+
+    def step(self) -> Iterator[list[Delta]]:
+        """Prefill the rows admitted since the last step, then decode every running row by one
+        token; yield the deltas after each forward."""
+        self.engine._count(steps=1)
+        self._drop(self.pending, [i for i, row in enumerate(self.pending) if not row.cancelled])
+        self._keep([i for i, row in enumerate(self.rows) if not row.cancelled])
+        if self.pending:
+            yield self._prefill()
+        if self.rows:
+            yield self._decode()
+        if not self:
+            self.engine._idle()
+
+    def close(self):
+        """Retire every row still in the batch (a caller that stopped early)."""
+        for row in self.rows + self.pending:
+            if row.finish_reason is None:
+                row.cancel()
+        self._drop(self.pending, [])
+        self._keep([])
+        self.engine._idle()
+
+    def _prefill(self):
+        newcomers, self.pending = self.pending, []
+        device = self.engine.device
+        width = max(len(r.prompt_ids) for r in newcomers)
+        pad = self.engine.tokenizer.pad_token_id if self.engine.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in newcomers], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in newcomers], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            logits, cache = self.engine._forward([r.adapter for r in newcomers], input_ids, mask, positions, _new_cache())
+        except Exception as exc:  # the newcomers fail; the running rows go on
+            deltas = _failed(newcomers, exc)
+            self._retire(newcomers)
+            return deltas
+        deltas = self._sampled(newcomers, logits)
+        keep = [i for i, row in enumerate(newcomers) if row.finish_reason is None]
+        self._drop(newcomers, keep)  # newcomers: now the rows that go on
+        if keep:
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            joined = newcomers
+            tokens = torch.tensor([row.token_ids[-1] for row in joined], device=device)
+            lengths = torch.tensor([len(row.prompt_ids) for row in joined], device=device)
+            self._join(joined, cache, mask[index], lengths, tokens)
+        return deltas
+
+    def _decode(self):
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        try:
+            logits, self.cache = self.engine._forward(
+                [r.adapter for r in self.rows], self.tokens.unsqueeze(1), mask, self.positions.unsqueeze(1), self.cache
+            )
+        except Exception as exc:  # every running row was in this forward
+            deltas = _failed(self.rows, exc)
+            self._keep([])
+            return deltas
+        self.mask, self.positions = mask, self.positions + 1
+        deltas = self._sampled(self.rows, logits)
+        self._keep([i for i, row in enumerate(self.rows) if row.finish_reason is None])
+        if self.rows:
+            self.tokens = torch.tensor([row.token_ids[-1] for row in self.rows], device=self.engine.device)
+            self._trim()
+        return deltas
+
+    def _sampled(self, rows, logits):
+        deltas = self.engine._sample_rows(rows, logits)
+        self.engine._count(generated_tokens=sum(1 for row in rows if row.finish_reason != "error"))
+        return deltas
+
+    def _join(self, rows, cache, mask, positions, tokens):
+        """Append rows with their ``cache`` to the running ones, left-padding the shorter side."""
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.tokens = rows, cache, mask, positions, tokens
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for running, joining in zip(self.cache.layers, cache.layers):
+            running.keys = torch.cat([_pad_left(running.keys, width, -2), _pad_left(joining.keys, width, -2)])
+            running.values = torch.cat([_pad_left(running.values, width, -2), _pad_left(joining.values, width, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, -1), _pad_left(mask, width, -1)])
+        self.rows = self.rows + rows
+        self.positions = torch.cat([self.positions, positions])
+        self.tokens = torch.cat([self.tokens, tokens])
+
+    def _keep(self, keep):
+        """Keep only the running rows at indices ``keep`` (in order); retire the others."""
+        if len(keep) == len(self.rows):
+            return
+        self._drop(self.rows, keep)
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions, self.tokens = [], None, None, None, None
+            return
+        index = torch.tensor(keep, device=self.engine.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
+
+    def _drop(self, rows, keep):
+        """Retire the rows of ``rows`` not at indices ``keep``, in place."""
+        kept = set(keep)
+        self._retire([row for i, row in enumerate(rows) if i not in kept])
+        rows[:] = [rows[i] for i in keep]
+
+    def _retire(self, rows):
+        for row in rows:
+            if row.cancelled and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+        self.engine._rows_left(rows)
+        self.engine._count(
+            running_rows=-len(rows),
+            cancelled_rows=sum(row.finish_reason == "cancelled" for row in rows),
+            failed_rows=sum(row.finish_reason == "error" for row in rows),
+        )
+
+    def _trim(self):
+        """Drop the cache columns every row pads (left by longer rows that have finished)."""
+        first = int(self.mask.any(0).int().argmax())
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.mask = self.mask[:, first:]
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _failed(rows, exc):
+    """Fail ``rows`` with ``exc``; their last deltas."""
+    for row in rows:
+        row.fail(exc)
+    return [Delta(row.index, "", [], "error", row) for row in rows]
+
+
+def _pad_left(tensor, width, dim):
+    """``tensor`` with zeros added before its entries along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if not missing:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _new_cache():
@@ -790,6 +1041,7 @@ def _sample(logits, params, generator, allowed=None):
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 

@@ -260,19 +260,19 @@ def test_limits_adapter_loading_off_full_queue_and_a_client_that_goes_away(engin
             assert first.result()[0] == second.result()[0] == 200
 
         # A streaming client that disconnects: its row leaves the batch (cancelled), not at max_tokens.
-        # The engine pauses after its first step until the server has seen the client go: taking
-        # engine._lock after the first chunk raced the scheduler, which re-takes that (unfair) lock
-        # step after step and could finish all 400 tokens first on a busy machine.
-        gate, streamed_rows, run_batch = threading.Event(), [], engine._run
+        # The engine pauses after its first sampling (the prefill) until the server has seen the
+        # client go: taking engine._lock after the first chunk raced the scheduler, which re-takes
+        # that (unfair) lock step after step and could finish all 400 tokens first on a busy machine.
+        gate, streamed_rows, sample_rows = threading.Event(), [], engine._sample_rows
 
-        def run_first_step_then_wait_at_the_gate(rows):
+        def sample_then_wait_at_the_gate(rows, logits):
+            deltas = sample_rows(rows, logits)
+            if streamed_rows:
+                assert gate.wait(timeout=30), "the test never opened the gate"
             streamed_rows.extend(rows)
-            steps = run_batch(rows)
-            yield next(steps)
-            assert gate.wait(timeout=30), "the test never opened the gate"
-            yield from steps
+            return deltas
 
-        monkeypatch.setattr(engine, "_run", run_first_step_then_wait_at_the_gate)
+        monkeypatch.setattr(engine, "_sample_rows", sample_then_wait_at_the_gate)
         request = json.dumps({**body, "max_tokens": 400, "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
             conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
@@ -286,7 +286,7 @@ def test_limits_adapter_loading_off_full_queue_and_a_client_that_goes_away(engin
         gate.set()
         wait_for(lambda: get_json(url, "/v1/stats")["cancelled_rows"] == 1)
         assert get_json(url, "/v1/stats")["running_rows"] == 0
-        assert streamed_rows[0].finish_reason == "cancelled" and len(streamed_rows[0].token_ids) == 1
+        assert streamed_rows[0].finish_reason == "cancelled" and len(streamed_rows[0].token_ids) <= 2  # prefill, one decode
 
 
 def wait_for(condition, timeout=20):
@@ -367,7 +367,7 @@ def test_serving_benchmark_smoke_runs_every_path(tmp_path):
     script = Path(__file__).parent.parent / "examples" / "benchmarks" / "bench_serving.py"
     out = tmp_path / "serving.json"
     child = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--smoke", "--soak", "1", "--out", str(out)], capture_output=True, text=True, timeout=300
     )
     assert child.returncode == 0, child.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -375,5 +375,9 @@ def test_serving_benchmark_smoke_runs_every_path(tmp_path):
         "base", "one adapter", "mixed 1", "mixed 2", "mixed 4", "mixed 8", "grouped", "naive",
     ]  # fmt: skip
     assert all(row["decode_tokens_per_s"] > 0 for row in result["decode"])
-    assert result["server"]["scheduler"]["shared_forwards"] > 0 and result["server"]["ttft_p50_s"] > 0
-    assert len(result["goals"]) == 3 and "(smoke run: not meaningful)" in child.stdout
+    assert [run["scheduler"] for run in result["server"]] == ["continuous", "static"]
+    assert all(run["stats"]["shared_forwards"] > 0 and run["ttft_p50_s"] > 0 for run in result["server"])
+    assert result["server"][0]["stats"]["rows_admitted_mid_batch"] > 0  # staggered clients joined running batches
+    soak = result["soak"]
+    assert soak["requests"] > soak["disconnected"] > 0 and soak["errors"] == soak["wrong_answers"] == 0
+    assert len(result["goals"]) == 5 and "(smoke run: not meaningful)" in child.stdout

@@ -153,17 +153,17 @@ def test_an_adapter_that_fails_to_load_leaves_nothing_registered(pinned, adapter
 def test_unloading_an_adapter_a_queued_request_uses_is_refused_and_nobody_fails(pinned, reference, adapter_root, monkeypatch):
     engine, url = pinned
     assert post(url, "/v1/load_lora_adapter", {"lora_name": "a1", "lora_path": str(adapter_root / "adapters" / "a1")})[0] == 200
-    # The first batch (a base request) waits at a gate before its first step, so the next two
-    # requests queue behind it; they share the next batch once the gate opens.
-    gate, run_batch, calls = threading.Event(), engine._run, []
+    # The first request (the base) waits at a gate in its first step, so the next two requests
+    # queue behind it; they join its batch once the gate opens.
+    gate, sample_rows, calls = threading.Event(), engine._sample_rows, []
 
-    def first_batch_waits_at_the_gate(rows):
+    def first_step_waits_at_the_gate(rows, logits):
         calls.append(rows)
         if len(calls) == 1:
             assert gate.wait(timeout=30), "the test never opened the gate"
-        yield from run_batch(rows)
+        return sample_rows(rows, logits)
 
-    monkeypatch.setattr(engine, "_run", first_batch_waits_at_the_gate)
+    monkeypatch.setattr(engine, "_sample_rows", first_step_waits_at_the_gate)
     body = {"prompt": "Hi", "max_tokens": 5, "temperature": 0}
     with ThreadPoolExecutor(3) as pool:
         blocker = pool.submit(post, url, "/v1/completions", {**body, "model": "base"})

@@ -7,13 +7,14 @@
 Endpoints: ``GET /v1/models`` (the base and each adapter), ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` for server-sent events ending in
 ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's
-names; off unless ``--allow-adapter-loading``), ``GET /v1/stats`` (the scheduler's counters).
+names; off unless ``--allow-adapter-loading``), ``GET /v1/stats`` (the scheduler's and engine's counters).
 The request's ``model`` names the adapter (the base model's own name: no adapter); with
 ``--adapter-dir``, any folder of it, loaded on its first request.
 
-One scheduler thread runs every forward: requests that wait are taken together (any mix of
-adapters) into one batch, whose rows each keep their own adapter, sampling parameters, seed
-and stop strings; batches started while others run are stepped in turn. Errors are OpenAI's
+One scheduler thread runs every forward over one continuous batch: at every step, waiting
+requests (any mix of adapters) are admitted and prefilled together, then every running row
+decodes one token, and rows leave the moment they finish; each row keeps its own adapter,
+sampling parameters, seed and stop strings, and a row that fails fails alone. Errors are OpenAI's
 JSON (``{"error": {"message", "type", "param", "code"}}``) with the HTTP status OpenAI uses,
 unknown routes and unforeseen exceptions (500, logged) included.
 
@@ -54,9 +55,11 @@ def create_app(
     max_body_bytes=DEFAULTS["max_body_bytes"],
     base_name=None,
     batch_window_s=0.01,
+    continuous=True,
 ):
     """The FastAPI application serving ``engine`` (an ``AdapterServer``); its lifespan starts
-    and stops the scheduler thread."""
+    and stops the scheduler thread. ``continuous=False`` admits requests only into an empty
+    batch (the benchmark's baseline)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -65,7 +68,9 @@ def create_app(
 
     from .routes import api_router
 
-    scheduler = Scheduler(engine, max_queue=max_queue, max_batch_size=engine.max_batch_size, batch_window_s=batch_window_s)
+    scheduler = Scheduler(
+        engine, max_queue=max_queue, max_batch_size=engine.max_batch_size, batch_window_s=batch_window_s, continuous=continuous
+    )
 
     @asynccontextmanager
     async def lifespan(app):

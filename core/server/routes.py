@@ -2,6 +2,7 @@
 hands them to the scheduler; answers are built by ``models``. Imported only when an app is
 made, since it needs FastAPI."""
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -30,6 +31,17 @@ from .models import (
 from .scheduler import QueueFull, StreamTicket
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_POLL_S = 0.05
+
+
+async def cancel_when_disconnected(request, ticket):
+    """Cancel the rows of a client that went away before its whole answer (a stream notices by
+    itself when it next writes)."""
+    while not ticket.finished:
+        if await request.is_disconnected():
+            ticket.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 class HeldTicket(StreamTicket):
@@ -101,7 +113,7 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
             except Exception as exc:
                 raise ApiError.of(exc) from None
 
-    async def respond(body, rows, chat, release):
+    async def respond(request, body, rows, chat, release):
         """Queue ``rows``; from then on their ticket releases the adapter when they are done."""
         ticket = HeldTicket(rows, release)
         try:
@@ -113,8 +125,12 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
             ) from None
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if not body.stream:
-            async for _ in deltas(ticket):
-                pass
+            watcher = asyncio.create_task(cancel_when_disconnected(request, ticket))
+            try:
+                async for _ in deltas(ticket):
+                    pass
+            finally:
+                watcher.cancel()
             return JSONResponse(completion_response(head, rows, chat))
 
         async def events():
@@ -148,7 +164,7 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
         except BaseException:
             release()
             raise
-        return await respond(body, rows, chat=False, release=release)
+        return await respond(request, body, rows, chat=False, release=release)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -162,7 +178,7 @@ def api_router(engine, scheduler, *, allow_adapter_loading, max_tokens_cap, max_
         except BaseException:
             release()
             raise
-        return await respond(body, rows, chat=True, release=release)
+        return await respond(request, body, rows, chat=True, release=release)
 
     def check_loading_allowed():
         if not allow_adapter_loading:

@@ -1,7 +1,8 @@
 """Serving many adapters over one base: load/swap latency, memory per adapter, decode speed of
 mixed-adapter batches against the alternatives, and the HTTP server under concurrent clients.
 
-    python examples/benchmarks/bench_serving.py [--tokens 32] [--clients 16] [--out serving.json]
+    python examples/benchmarks/bench_serving.py [--tokens 32] [--clients 16,64] [--out serving.json]
+    python examples/benchmarks/bench_serving.py --soak 300   # also 16 clients for 5 minutes, a fifth leaving mid-stream
     python examples/benchmarks/bench_serving.py --smoke      # the tiny test model: every path, meaningless timings
     python examples/benchmarks/bench_serving.py --fused      # CUDA: also the fused_lora kernel's mixed batches
 
@@ -18,18 +19,26 @@ tokens; decode tokens/s counts the tokens after the first (the prefill is timed 
 * ``naive``: batch size 1, swapping the active adapter before each of the 8 requests.
 * ``mixed k fused`` (``--fused``, CUDA only): as ``mixed k`` with ``fused_lora`` active, every
   layer's mixed batch through its Triton kernel (``kernel.mixed_lora_``), next to the eager
-  gathered matmuls of ``mixed k`` in the same server (the kernels are switched off for those);
+  grouped matmuls of ``mixed k`` in the same server (the kernels are switched off for those);
   the script also checks that both give the same greedy tokens for 8 rows over 4 adapters.
 
 Goals (the issue's): mixed 8 rows over 4 adapters >= 0.8x the one-adapter batch and >= 3x the
-naive path; an adapter swap < 1 ms. Then the server (``ftengine.server``) on a loopback port
-under ``--clients`` concurrent streaming clients over 4 adapters: p50/p95 latency and time to
-first token.
+naive path; an adapter swap < 1 ms. Then the server (``ftengine.server``) on a loopback port:
+one request on the idle server (its time to the first token, the time per decode step), then
+each of ``--clients`` streaming clients over 4 adapters, arriving ``--stagger`` seconds apart,
+under the continuous-batching scheduler and under the static one (a batch admits rows only
+when it is empty; ``--scheduler`` picks one): throughput, p50/p95 latency and time to first
+token. Goals: continuous >= 2x static throughput at the first client count, and its p95 time
+to first token within the idle server's prefill plus two decode steps. ``--soak SECONDS``: 16
+clients for that long, every fifth disconnecting after its first token, counting errors,
+answers unlike offline greedy generation, and the growth of resident memory.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -210,14 +219,15 @@ def fused_tokens_match(server, prompt_ids, tokens):
     return results[0] == results[1]
 
 
-def serve_clients(server, clients, tokens):
-    """p50/p95 latency and time to first token of ``clients`` concurrent streaming requests."""
+@contextlib.contextmanager
+def serving(server, continuous, max_queue):
+    """The server's HTTP API on a loopback port; yields its base URL."""
     import socket
 
     import uvicorn
     from ftengine.server import create_app
 
-    app = create_app(server, base_name="base", max_queue=max(64, clients))
+    app = create_app(server, base_name="base", max_queue=max_queue, continuous=continuous)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -225,50 +235,126 @@ def serve_clients(server, clients, tokens):
     thread.start()
     while not uv.started:
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
-    names = list(server.adapters)
-    barrier = threading.Barrier(clients)
-
-    def client(i):
-        body = {
-            "model": names[i % 4],
-            "prompt": f"Request {i}: tell me about the sea.",
-            "max_tokens": tokens,
-            "temperature": 0,
-            "stream": True,
-        }
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        barrier.wait()
-        start = time.perf_counter()
-        first = None
-        with urllib.request.urlopen(request, timeout=600) as response:
-            for line in response:
-                if first is None and line.startswith(b"data: {"):
-                    first = time.perf_counter() - start
-        return first, time.perf_counter() - start
-
     try:
-        with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(client, range(clients)))
-        stats = json.loads(urllib.request.urlopen(url.replace("/completions", "/stats")).read())
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         uv.should_exit = True
         thread.join(timeout=60)
         sock.close()
-    ttft = sorted(r[0] for r in results)
-    latency = sorted(r[1] for r in results)
 
-    def pct(values, q):
-        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
+def stream_request(url, model, prompt, tokens, leave_after_first=False):
+    """``(seconds to the first token, seconds in all, text)`` of one streaming completion; with
+    ``leave_after_first`` the client disconnects after its first token."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    request = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    start, first, text = time.perf_counter(), None, ""
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[len(b"data: ") :])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            first = first if first is not None else time.perf_counter() - start
+            text += event["choices"][0]["text"]
+            if leave_after_first:
+                break
+    return first, time.perf_counter() - start, text
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def serve_clients(server, clients, tokens, continuous, stagger_s):
+    """Throughput, p50/p95 latency and time to first token of ``clients`` streaming clients over
+    4 adapters, client ``i`` arriving ``i * stagger_s`` after the first."""
+    names = list(server.adapters)
+    with serving(server, continuous, max_queue=max(64, clients)) as url:
+        stream_request(url, names[0], "warm-up", 2)
+
+        def client(i):
+            time.sleep(i * stagger_s)
+            return stream_request(url, names[i % 4], f"Request {i}: tell me about the sea.", tokens)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(client, range(clients)))
+        wall = time.perf_counter() - start
+        stats = json.loads(urllib.request.urlopen(url + "/v1/stats").read())
     return {
+        "scheduler": "continuous" if continuous else "static",
         "clients": clients,
         "max_tokens": tokens,
-        "latency_p50_s": pct(latency, 0.5),
-        "latency_p95_s": pct(latency, 0.95),
-        "ttft_p50_s": pct(ttft, 0.5),
-        "ttft_p95_s": pct(ttft, 0.95),
-        "scheduler": stats,
+        "stagger_s": stagger_s,
+        "tokens_per_s": clients * tokens / wall,
+        "latency_p50_s": pct([r[1] for r in results], 0.5),
+        "latency_p95_s": pct([r[1] for r in results], 0.95),
+        "ttft_p50_s": pct([r[0] for r in results], 0.5),
+        "ttft_p95_s": pct([r[0] for r in results], 0.95),
+        "stats": stats,
+    }
+
+
+def idle_server(server, tokens):
+    """One request on an idle server: its time to the first token (the prefill) and the time
+    per decode step after it."""
+    with serving(server, True, max_queue=4) as url:
+        stream_request(url, "base", "warm-up", 2)
+        first, total, _ = stream_request(url, list(server.adapters)[0], "Request 0: tell me about the sea.", tokens)
+    return {"ttft_s": first, "decode_step_s": (total - first) / max(1, tokens - 1)}
+
+
+def resident_mib():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def soak(server, seconds, clients, tokens):
+    """``clients`` clients sending streaming requests for ``seconds``, every fifth of them
+    disconnecting after its first token: errors, answers that differ from offline greedy
+    generation, and the growth of resident memory."""
+    names = list(server.adapters)
+    jobs = [(names[i % 4], f"Soak {i % 8}: tell me about the sea.") for i in range(clients)]
+    expected = {job: server.generate([job[1]], adapters=[job[0]], max_tokens=tokens, temperature=0)[0].text for job in set(jobs)}
+    counts = {"requests": 0, "disconnected": 0, "errors": 0, "wrong_answers": 0}
+    lock = threading.Lock()
+    with serving(server, True, max_queue=max(64, clients)) as url:
+        stream_request(url, names[0], "warm-up", 2)
+        rss_start = resident_mib()
+        deadline = time.monotonic() + seconds
+
+        def client(i):
+            leaves = i % 5 == 0
+            while time.monotonic() < deadline:
+                try:
+                    _, _, text = stream_request(url, *jobs[i], tokens, leave_after_first=leaves)
+                    wrong = not leaves and text != expected[jobs[i]]
+                    error = False
+                except Exception:
+                    wrong, error = False, True
+                with lock:
+                    counts["requests"] += 1
+                    counts["disconnected"] += leaves
+                    counts["errors"] += error
+                    counts["wrong_answers"] += wrong
+
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client, range(clients)))
+        stats = json.loads(urllib.request.urlopen(url + "/v1/stats").read())
+        rss_end = resident_mib()
+    return {
+        "seconds": seconds,
+        "clients": clients,
+        **counts,
+        "rss_start_mib": rss_start,
+        "rss_end_mib": rss_end,
+        "rss_growth": rss_end / rss_start - 1,
+        "stats": stats,
     }
 
 
@@ -276,7 +362,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny test model: every path runs, the timings mean nothing")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--clients", default="16,64", help="concurrent clients of the server runs, comma-separated (default: 16,64)"
+    )
+    parser.add_argument("--stagger", type=float, default=0.05, help="seconds between two clients' arrivals")
+    parser.add_argument(
+        "--scheduler",
+        choices=["both", "continuous", "static"],
+        default="both",
+        help="the server's scheduler: continuous batching, static (a batch admits rows only when empty), or both",
+    )
+    parser.add_argument(
+        "--soak", type=float, metavar="SECONDS", help="also a soak of 16 clients for SECONDS (a fifth disconnect mid-stream)"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument(
@@ -300,9 +398,11 @@ def main():
         if args.smoke:
             from ftengine.testing import save_tiny_model
 
-            model, r, tokens, clients = str(save_tiny_model(Path(tmp) / "tiny")), 4, min(args.tokens, 4), min(args.clients, 4)
+            # Enough tokens and close enough arrivals that a warm tiny model's requests overlap.
+            model, r, tokens, clients = str(save_tiny_model(Path(tmp) / "tiny")), 4, min(args.tokens, 16), [4]
+            args.stagger = min(args.stagger, 0.01)
         else:
-            model, r, tokens, clients = "default", 16, args.tokens, args.clients
+            model, r, tokens, clients = "default", 16, args.tokens, [int(c) for c in args.clients.split(",")]
         paths = make_adapters(model, Path(tmp) / "adapters", 8, r, args.smoke)
         server = AdapterServer(model, {}, plugins=["lora", "fused_lora"] if args.fused else ["lora"], max_batch_size=16)
         server.eos_ids = set()  # every row decodes exactly --tokens tokens
@@ -318,7 +418,7 @@ def main():
         def set_rows_ms():
             return median_ms(lambda: [server._set_rows([names[(i + j) % 8] for i in range(8)]) for j in range(8)], 20) / 8
 
-        with RowsKernels(server, on=False):  # eager: each row's A, B gathered from the stacks
+        with RowsKernels(server, on=False):  # eager: the rows grouped by adapter (index tensors)
             rows_ms = set_rows_ms()
         rows_fused_ms = set_rows_ms() if args.fused else None  # the kernel reads the stacks: slots only
         server._set_rows(None)
@@ -341,7 +441,19 @@ def main():
             decode_rows.append(decode_speed(server, prompt_ids, tokens, configuration))
             print(f"{configuration:>13}: {decode_rows[-1]['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
         speed = {row["configuration"]: row["decode_tokens_per_s"] for row in decode_rows}
-        served = serve_clients(server, clients, tokens)
+        idle = idle_server(server, tokens)
+        schedulers = [True, False] if args.scheduler == "both" else [args.scheduler == "continuous"]
+        served = []
+        for count in clients:
+            for continuous in schedulers:
+                served.append(serve_clients(server, count, tokens, continuous, args.stagger))
+                print(
+                    f"server, {count} clients, {served[-1]['scheduler']}: {served[-1]['tokens_per_s']:.1f} tokens/s, "
+                    f"latency p50 {served[-1]['latency_p50_s']:.2f} s p95 {served[-1]['latency_p95_s']:.2f} s, "
+                    f"ttft p50 {served[-1]['ttft_p50_s']:.2f} s p95 {served[-1]['ttft_p95_s']:.2f} s",
+                    flush=True,
+                )
+        soaked = soak(server, args.soak, 16 if not args.smoke else 5, tokens) if args.soak else None
 
     goals = [
         {
@@ -356,6 +468,24 @@ def main():
         },
         {"goal": "adapter swap < 1 ms", "ms": swap_ms, "target": 1.0},
     ]
+    by_run = {(run["scheduler"], run["clients"]): run for run in served}
+    if ("continuous", clients[0]) in by_run and ("static", clients[0]) in by_run:
+        goals.append(
+            {
+                "goal": f"continuous batching >= 2x the static scheduler's throughput at {clients[0]} clients",
+                "ratio": by_run["continuous", clients[0]]["tokens_per_s"] / by_run["static", clients[0]]["tokens_per_s"],
+                "target": 2.0,
+            }
+        )
+    if ("continuous", clients[0]) in by_run:
+        budget = idle["ttft_s"] + 2 * idle["decode_step_s"]
+        goals.append(
+            {
+                "goal": f"p95 time to first token at {clients[0]} clients <= idle prefill + 2 decode steps ({budget:.3f} s)",
+                "ms": 1000 * by_run["continuous", clients[0]]["ttft_p95_s"],
+                "target": 1000 * budget,
+            }
+        )
     if args.fused:
         fused["speedup_over_eager"] = {f"mixed {k}": speed[f"mixed {k} fused"] / speed[f"mixed {k}"] for k in (1, 2, 4, 8)}
         goals.append(
@@ -387,6 +517,8 @@ def main():
         "decode": decode_rows,
         "fused": fused,
         "server": served,
+        "idle_server": idle,
+        "soak": soaked,
         "goals": goals,
     }
     suffix = " (smoke run: not meaningful)" if args.smoke else ""
@@ -397,10 +529,13 @@ def main():
     print(
         f"memory per adapter: {memory['adapter_parameters_mib']:.2f} MiB parameters + {memory['stacked_copies_mib_per_adapter']:.2f} MiB stacked"
     )
-    print(
-        f"server, {clients} clients: latency p50 {served['latency_p50_s']:.2f} s p95 {served['latency_p95_s']:.2f} s, "
-        f"ttft p50 {served['ttft_p50_s']:.2f} s p95 {served['ttft_p95_s']:.2f} s, shared forwards {served['scheduler']['shared_forwards']}"
-    )
+    print(f"idle server: first token {idle['ttft_s']:.3f} s, then {idle['decode_step_s']:.3f} s per token{suffix}")
+    if soaked:
+        print(
+            f"soak {soaked['seconds']:.0f} s: {soaked['requests']} requests ({soaked['disconnected']} disconnected), "
+            f"{soaked['errors']} errors, {soaked['wrong_answers']} answers unlike offline greedy, "
+            f"resident memory {100 * soaked['rss_growth']:+.1f}%{suffix}"
+        )
     for goal in goals:
         value = f"{goal['ratio']:.2f}x" if "ratio" in goal else f"{goal['ms']:.3f} ms"
         print(f"goal: {goal['goal']}: {value} -> {'met' if goal['met'] else 'NOT met'}{suffix}")

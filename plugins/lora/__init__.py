@@ -229,8 +229,9 @@ class LoraMethod:
     def set_rows(self, model, names):
         """Per-row adapters in every LoRA layer; a layer lacking a row's adapter runs its base for
         that row (an adapter targeting fewer layers)."""
+        shared = {}  # layers with the same adapters share the rows' index tensors
         for _, layer in lora_layers(model):
-            layer.set_adapter_rows(names)
+            layer.set_adapter_rows(names, shared)
 
     def merge(self, model):
         layers = [layer for _, layer in lora_layers(model)]

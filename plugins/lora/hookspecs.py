@@ -68,7 +68,7 @@ def ftengine_lora_kernel(layer: LoraLinear, name: str) -> Callable[[torch.Tensor
 @hookspec(firstresult=True)
 def ftengine_lora_rows_kernel(layer: LoraLinear) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """Return a function computing a ``LoraLinear``'s whole output in a mixed-adapter batch
-    (``AdapterMethod.set_rows``), or ``None`` to keep the eager gathered matmuls.
+    (``AdapterMethod.set_rows``), or ``None`` to keep the eager matmuls per adapter.
 
     Called by ``lora`` for every layer an adapter is loaded into (``LoraMethod.load``),
     once per load; the result is stored in ``layer.rows_kernel``. The function is called as

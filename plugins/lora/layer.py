@@ -24,20 +24,23 @@ again by recomputing the same delta, so nothing but the ``merged`` flag is kept.
 
 Mixed batches (serving many adapters at once): ``set_adapter_rows(names)`` makes row ``i`` of
 the following forwards use adapter ``names[i]`` (``None`` or a name the layer lacks: the base
-alone), until ``set_adapter_rows(None)``. Each row gets its own low-rank matrices, gathered
-once per call from a stack of every adapter the layer holds (padded with zeros to the largest
-rank; slot 0, all zeros, is the base), and the update is two batched matmuls::
+alone), until ``set_adapter_rows(None)``. Every adapter the layer holds is kept in a stack
+(padded with zeros to the largest rank; slot 0 is the base); setting the rows only groups the
+rows by slot (a slice where they are consecutive, else an index tensor), and a forward runs the
+base once for the whole batch, then each adapter of the batch once over its own rows (taken,
+then added back: S-LoRA's and Punica's grouping, a loop over the few distinct adapters)::
 
-    y[i] = W x[i] + b + s_i · (x[i] · A_i) · B_i        A_i [in, r_max], B_i [r_max, out]
+    y = W x + b;   y[rows_a] += s_a · (x[rows_a] · A_a) · B_a      for each adapter a in the batch
     DoRA rows:  y[i] = base[i] + (g_i − 1) ⊙ (base[i] − b) + g_i ⊙ s_i · (x[i] · A_i) · B_i
 
 where ``g_i`` is the variant's per-column scale (DoRA: ``m / ‖W + ΔW‖``), constant at
 inference and computed when the stack is built, not per forward; plain rows have ``g = 1``.
-Gathering beat grouping rows by adapter on CPU (docs/serving.md): the decode step costs the
-same as a one-adapter batch whatever the number of adapters. A *rows kernel* (from
-``ftengine_lora_rows_kernel``, asked when an adapter is loaded: ``fused_lora`` on CUDA) may
-instead compute the whole mixed output reading the stack by slot, so nothing is gathered. The
-path is for inference: no dropout, no gradients for the adapters, and a merged layer refuses it.
+A row joining or leaving costs its index, not a copy of every row's matrices (which the
+earlier gathered path paid at every change of the rows, more than a decode step), and a row
+only ever meets its own adapter's weights: a broken adapter fails its own rows alone. A *rows
+kernel* (from ``ftengine_lora_rows_kernel``, asked when an adapter is loaded: ``fused_lora``
+on CUDA) may instead compute the whole mixed output reading the stack by slot. The path is for
+inference: no dropout, no gradients for the adapters, and a merged layer refuses it.
 
 The base layer is never copied: a wrapper only holds a reference to it. Adapter parameters are
 created in float32 on the base weight's device, whatever the base dtype (4-bit included).
@@ -85,6 +88,7 @@ class AdapterStack(NamedTuple):
     scaling: torch.Tensor  # [slots]
     column_scale: torch.Tensor | None  # [slots, out]: the variant's g (ones for plain LoRA), or None
     scaled: set  # the slots with a variant's column scale
+    by_slot: list  # (A [in, r_max], B [r_max, out], scaling as a float) of each slot: views, for the grouped forward
 
 
 class LoraLinear(nn.Module):
@@ -111,7 +115,7 @@ class LoraLinear(nn.Module):
         self.merged = False
         # What the merged variant needs to unmerge and cannot recompute (DoRA's row norms).
         self._unmerge_info = None
-        # Mixed batches: every adapter stacked (built on demand), and the per-row matrices.
+        # Mixed batches: every adapter stacked (built on demand), and the rows' slots and groups.
         self._stack = None
         self._rows = None
         self.train(base_layer.training)
@@ -245,44 +249,60 @@ class LoraLinear(nn.Module):
             scales[slot] = column_scale(self, name)
             scaled.add(slot)
         slots = {name: slot for slot, name in enumerate(names, start=1)}
-        self._stack = AdapterStack(slots, stack_a, stack_b, scaling, scales, scaled)
+        by_slot = [(a, b, float(s)) for a, b, s in zip(stack_a, stack_b, scaling)]
+        self._stack = AdapterStack(slots, stack_a, stack_b, scaling, scales, scaled, by_slot)
         return self._stack
 
-    def set_adapter_rows(self, names):
+    def set_adapter_rows(self, names, shared=None):
         """Use adapter ``names[i]`` for row ``i`` of the next forwards (``None`` or a name this
         layer lacks: the base layer alone for that row); ``names=None``: back to the active
         adapter. Adapter weights changed after this call are not seen until it is called again
-        after an adapter is added or deleted (the stack is cached). With a rows kernel only the
-        rows' slots are kept: the kernel reads the stack itself."""
+        after an adapter is added or deleted (the stack is cached). Costs index tensors of the
+        rows, never a copy of adapter matrices; with a rows kernel only the rows' slots are
+        kept: the kernel reads the stack itself. ``shared``: a dict kept across the layers of
+        one call, so layers whose rows fall in the same slots build their indices once."""
         if names is None:
             self._rows = None
             return
         if self.merged:
             raise AdapterError("a merged LoRA layer cannot use one adapter per row: unmerge the adapters first")
         stack = self.adapter_stack()
-        row_slots = [stack.slots.get(name, 0) for name in names]
-        index = torch.tensor(row_slots, device=stack.lora_a.device)
-        self._rows = (index, None if self.rows_kernel is not None else self._gather_rows(stack, index, row_slots))
+        row_slots = tuple(stack.slots.get(name, 0) for name in names)
+        shared = {} if shared is None else shared
+        if row_slots not in shared:
+            shared[row_slots] = _slot_indices(row_slots, stack.lora_a.device)
+        index, rows_of = shared[row_slots]
+        self._rows = (index, None if self.rows_kernel is not None else self._row_groups(stack, index, rows_of))
 
     @staticmethod
-    def _gather_rows(stack, index, row_slots):
-        """Each row's ``(A [rows, in, r_max], B [rows, r_max, out], scaling [rows, 1, 1], g
-        [rows, out] or None)``, copied out of the stack."""
-        row_scales = stack.column_scale[index] if stack.scaled.intersection(row_slots) else None
-        return (stack.lora_a[index], stack.lora_b[index], stack.scaling[index].view(-1, 1, 1), row_scales)
+    def _row_groups(stack, index, rows_of):
+        """``([(A [in, r_max], B [r_max, out], scaling, its rows: a slice or indices), ...], g
+        [rows, out] or None)``: each adapter of the batch with its rows (views of the stack;
+        the base's rows need nothing), and each row's column scale where a row's adapter has
+        one."""
+        groups = [(*stack.by_slot[slot], rows) for slot, rows in rows_of.items()]
+        row_scales = stack.column_scale[index] if stack.scaled.intersection(rows_of) else None
+        return groups, row_scales
 
     def _forward_rows(self, x):
-        index, gathered = self._rows
+        index, grouped = self._rows
         if x.shape[0] != index.shape[0]:
             raise AdapterError(f"a batch of {x.shape[0]} rows, but adapters were set for {index.shape[0]} rows")
-        if gathered is None:
+        stack = self.adapter_stack()
+        if grouped is None:
             if not self._needs_autograd(x):
                 return self.rows_kernel(x, index)
-            gathered = self._gather_rows(self.adapter_stack(), index, index.tolist())  # the kernel has no backward
-        rows_a, rows_b, row_scaling, row_scales = gathered
+            grouped = self._row_groups(stack, index, _slot_indices(index.tolist(), index.device)[1])  # the kernel has no backward
+        groups, row_scales = grouped
         base_output = self.base_layer(x)
-        flat = x.to(rows_a.dtype).reshape(x.shape[0], -1, self.in_features)
-        update = (torch.bmm(torch.bmm(flat, rows_a), rows_b) * row_scaling).view(*x.shape[:-1], self.out_features)
+        flat = x.to(stack.lora_a.dtype).reshape(x.shape[0], -1, self.in_features)
+        update = flat.new_zeros(flat.shape[0], flat.shape[1], self.out_features)
+        for lora_a, lora_b, scaling, rows in groups:
+            if isinstance(rows, slice):
+                update[rows].add_((flat[rows] @ lora_a) @ lora_b, alpha=scaling)
+            else:
+                update.index_add_(0, rows, (flat.index_select(0, rows) @ lora_a) @ lora_b, alpha=scaling)
+        update = update.view(*x.shape[:-1], self.out_features)
         if row_scales is None:
             return (base_output + update).to(base_output.dtype)
         scale = row_scales.view(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
@@ -331,6 +351,23 @@ class LoraLinear(nn.Module):
     def extra_repr(self):
         adapters = ", ".join(f"{n}: r={self.lora_A[n].out_features}" for n in self.lora_A)
         return f"adapters=[{adapters}], active={self.active_adapter!r}, merged={self.merged}"
+
+
+def _slot_indices(row_slots, device):
+    """``(slots [rows], {slot: its rows})`` for the rows' stack slots ``row_slots``, slot 0 (the
+    base) left out; a slot's rows are a ``slice`` when they are consecutive (a view of the
+    batch, no copy: one adapter for every row, a request's rows), else an index tensor."""
+    rows_of = {}
+    for row, slot in enumerate(row_slots):
+        if slot:
+            rows_of.setdefault(slot, []).append(row)
+    return (
+        torch.tensor(row_slots, device=device),
+        {
+            slot: slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else torch.tensor(rows, device=device)
+            for slot, rows in rows_of.items()
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------
