@@ -23,39 +23,25 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (256 byte tokens + 3 specials) with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS,
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
+    return _byte_level_tokenizer(merges=[], split_words=False)
 
 
 def bpe_tokenizer():
     """A byte-level BPE tokenizer with a few merges (llama.cpp needs some) and a ChatML template:
     ``tiny_tokenizer`` with GPT-2's split regex and merges, for tests of GGUF exports."""
+    merges = [("a", "l"), ("e", "r"), ("Ġ", "a"), ("t", "h"), ("th", "e"), ("i", "n"), ("o", "n")]
+    return _byte_level_tokenizer(merges, split_words=True)
+
+
+def _byte_level_tokenizer(merges, split_words):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    merges = [("a", "l"), ("e", "r"), ("Ġ", "a"), ("t", "h"), ("th", "e"), ("i", "n"), ("o", "n")]
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for token in [a + b for a, b in merges] + SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
