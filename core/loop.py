@@ -655,7 +655,8 @@ def optimizer_step(run):
         "loss": loss,
         "lr": lr,
         "grad_norm": grad_norm,
-        "tokens_per_s": tokens / elapsed if elapsed else None,
+        # Batches without an attention_mask (prompts a loss samples from) count no tokens: None, not 0.
+        "tokens_per_s": tokens / elapsed if elapsed and tokens else None,
         "step_time_s": elapsed,
     }
     if skipped:
