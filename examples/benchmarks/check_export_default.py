@@ -15,18 +15,25 @@ renders them) it compares, against the merged model:
   that differs and the logit margins of both models there, with the merged answer as the prefix:
   a margin near zero is a near-tie that rounding flipped;
 * the logits on the merged model's answers (teacher-forced): max and mean absolute difference
-  over the positions that predict the answer tokens, against ``LOGIT_TOLERANCE``.
+  over the positions that predict the answer tokens, against ``LOGIT_TOLERANCE``;
+* with llama-cpp-python installed and f32 among the types, each quantised file's tensors against
+  those llama.cpp's own quantiser (``llama_model_quantize``, i.e. ``llama-quantize``) writes
+  from the f32 file: how many are byte-identical.
 
 The exit status is 1 when an f32/f16/bf16 answer differs other than at a near-tie of the merged
 model (``NEAR_TIE``), or a type's logits exceed its ``LOGIT_TOLERANCE``. One torch thread.
 """
 
 import argparse
+import ctypes
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 from ftengine.data import encode_chat_text, read_jsonl
 from ftengine.inference import merged_model
@@ -96,6 +103,27 @@ def first_difference(tokenizer, reference_ids, ids, reference_logits, logits):
     }
 
 
+def same_tensors_as_llama_quantize(f32_path, path, type_name):
+    """How many of the tensors of ``path`` are byte-identical to llama.cpp's own quantisation of
+    ``f32_path`` to ``type_name``, of how many."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}")
+    params.nthread = 1
+    theirs_path = path.with_name(f"llama-quantize-{path.name}")
+    if llama_cpp.llama_model_quantize(str(f32_path).encode(), str(theirs_path).encode(), ctypes.byref(params)):
+        raise RuntimeError(f"llama_model_quantize failed on {f32_path}")
+    ours = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    theirs = gguf.GGUFReader(theirs_path).tensors
+    same = sum(
+        t.tensor_type == ours[t.name].tensor_type and np.array_equal(ours[t.name].data.view(np.uint8), t.data.view(np.uint8))
+        for t in theirs
+    )
+    theirs_path.unlink()
+    return f"{same}/{len(theirs)}"
+
+
 def check_type(path, tokenizer, prompts, merged, max_new_tokens):
     """The comparison of the GGUF at ``path``, read by transformers, with the merged model's
     ``merged`` answers (``[(prompt ids, answer ids, answer logits)]``)."""
@@ -155,6 +183,9 @@ def main():
         other_types = write_gguf(model, tokenizer, path, type_name, name="contacts")
         entry = {"write_seconds": time.perf_counter() - start, "bytes": path.stat().st_size, "other_types": other_types}
         entry |= check_type(path, tokenizer, prompts, merged, args.max_new_tokens)
+        f32_path = args.work / gguf_file_name("f32")
+        if type_name.startswith("q") and "f32" in args.types and importlib.util.find_spec("llama_cpp"):
+            entry["same_tensors_as_llama_quantize"] = same_tensors_as_llama_quantize(f32_path, path, type_name)
         result["types"][type_name] = entry
         print(type_name, json.dumps(entry), flush=True)
         measured = (entry["max_logit_difference"], entry["mean_logit_difference"])
