@@ -16,12 +16,13 @@ renders them) it compares, against the merged model:
   a margin near zero is a near-tie that rounding flipped;
 * the logits on the merged model's answers (teacher-forced): max and mean absolute difference
   over the positions that predict the answer tokens, against ``LOGIT_TOLERANCE``;
-* with llama-cpp-python installed and f32 among the types, each quantised file's tensors against
-  those llama.cpp's own quantiser (``llama_model_quantize``, i.e. ``llama-quantize``) writes
-  from the f32 file: how many are byte-identical.
+* with llama-cpp-python installed and f32 before them in ``--types``, each quantised file's
+  tensors against those llama.cpp's own quantiser (``llama_model_quantize``, i.e.
+  ``llama-quantize``) writes from the f32 file: how many are byte-identical.
 
 The exit status is 1 when an f32/f16/bf16 answer differs other than at a near-tie of the merged
-model (``NEAR_TIE``), or a type's logits exceed its ``LOGIT_TOLERANCE``. One torch thread.
+model (``NEAR_TIE``), a type's logits exceed its ``LOGIT_TOLERANCE``, or a quantised tensor is
+not llama.cpp's. One torch thread.
 """
 
 import argparse
@@ -35,6 +36,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from ftengine.checkpoint import atomic_write_text
 from ftengine.data import encode_chat_text, read_jsonl
 from ftengine.inference import merged_model
 from ftengine.modeling import stop_token_ids
@@ -104,8 +106,8 @@ def first_difference(tokenizer, reference_ids, ids, reference_logits, logits):
 
 
 def same_tensors_as_llama_quantize(f32_path, path, type_name):
-    """How many of the tensors of ``path`` are byte-identical to llama.cpp's own quantisation of
-    ``f32_path`` to ``type_name``, of how many."""
+    """``(same, total)``: how many of the tensors of ``path`` are byte-identical to llama.cpp's own
+    quantisation of ``f32_path`` to ``type_name``, of how many."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -121,7 +123,7 @@ def same_tensors_as_llama_quantize(f32_path, path, type_name):
         for t in theirs
     )
     theirs_path.unlink()
-    return f"{same}/{len(theirs)}"
+    return same, len(theirs)
 
 
 def check_type(path, tokenizer, prompts, merged, max_new_tokens):
@@ -183,9 +185,11 @@ def main():
         other_types = write_gguf(model, tokenizer, path, type_name, name="contacts")
         entry = {"write_seconds": time.perf_counter() - start, "bytes": path.stat().st_size, "other_types": other_types}
         entry |= check_type(path, tokenizer, prompts, merged, args.max_new_tokens)
-        f32_path = args.work / gguf_file_name("f32")
-        if type_name.startswith("q") and "f32" in args.types and importlib.util.find_spec("llama_cpp"):
-            entry["same_tensors_as_llama_quantize"] = same_tensors_as_llama_quantize(f32_path, path, type_name)
+        if type_name.startswith("q") and "f32" in result["types"] and importlib.util.find_spec("llama_cpp"):
+            same, total = same_tensors_as_llama_quantize(args.work / gguf_file_name("f32"), path, type_name)
+            entry["same_tensors_as_llama_quantize"] = f"{same}/{total}"
+            if same != total:
+                failed.append(f"{type_name}: {total - same} of {total} tensors differ from llama.cpp's quantisation")
         result["types"][type_name] = entry
         print(type_name, json.dumps(entry), flush=True)
         measured = (entry["max_logit_difference"], entry["mean_logit_difference"])
@@ -194,7 +198,7 @@ def main():
         flips = [d for d in entry["differences"] if d.get("merged_margin", NEAR_TIE) >= NEAR_TIE]
         if type_name in ROUNDED and flips:
             failed.append(f"{type_name}: {len(flips)} answers differ other than by a near-tie: {flips}")
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     for failure in failed:
         print("FAILED", failure)
     sys.exit(1 if failed else 0)
