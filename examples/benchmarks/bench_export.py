@@ -9,13 +9,21 @@ answer the same prompt tokens (ftengine's chat template) and stop as ``predict``
 stop token or after the token that writes a newline. Needs llama-cpp-python (``make
 test-export`` builds it). ``--lora-only`` also times the GGUF LoRA and scores it applied over
 the base's f16 GGUF. ``--prepare-only`` does all but llama.cpp's part, which a later run reuses.
+``--out`` is rewritten after each type, so a run stopped early keeps the types it finished.
+
+llama.cpp runs on ``--threads`` threads (1 by default) for both prompt and generation: its
+threads wait for each other by spinning, so on a machine whose cores are busy with other work a
+second thread is descheduled at every barrier; with 2 threads on the 2-core box under a load
+average of 5, a held-out row took 50-105 s against 9-16 s with 1 (docs/benchmarks.md, "Export").
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
+from ftengine.checkpoint import atomic_write_text
 from ftengine.data import encode_chat_text, read_jsonl
 from ftengine.inference import load_for_inference
 from ftengine.methods import adapter_methods
@@ -88,7 +96,7 @@ def main():
     parser.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_0"])
     parser.add_argument("--rows", type=int, default=100, help="held-out rows to score")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp's threads (see above: more can be slower)")
     parser.add_argument("--lora-only", action="store_true", help="also the GGUF LoRA, applied over the base's f16 GGUF")
     parser.add_argument("--work", type=Path, default=Path("bench-export"), help="where the GGUF files go")
     parser.add_argument("--prepare-only", action="store_true", help="stop before llama.cpp (its results reuse this)")
@@ -109,18 +117,22 @@ def main():
     result["ftengine_on_these_rows"] = scores(answers, rows)  # --rows may be fewer than were prepared
 
     def run_llama(entry, model_path, **kwargs):
-        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=1024, n_threads=args.threads, verbose=False, **kwargs)
+        threads = {"n_threads": args.threads, "n_threads_batch": args.threads}  # the batch default is every core
+        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=1024, verbose=False, **threads, **kwargs)
         start = time.perf_counter()
         llama = llama_answers(llm, tokenizer, rows, args.max_new_tokens)
-        entry |= scores(llama, rows) | {"seconds": time.perf_counter() - start}
+        entry |= scores(llama, rows) | {"seconds": time.perf_counter() - start, "load_average": os.getloadavg()}
         entry["same_answers_as_ftengine"] = sum(a == b for a, b in zip(llama, answers))
+        entry["different_answers"] = [
+            {"row": i, "ftengine": a, "llama.cpp": b} for i, (a, b) in enumerate(zip(answers, llama)) if a != b
+        ]
         print(entry, flush=True)
+        atomic_write_text(args.out, json.dumps(result, indent=2))
 
     for type_name, entry in result["types"].items():
         run_llama(entry, args.work / f"model-{type_name}.gguf")
     if "lora" in result:
         run_llama(result["lora"], args.work / "base-f16.gguf", lora_path=str(args.work / "adapter-lora.gguf"))
-    args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
