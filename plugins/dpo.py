@@ -286,6 +286,18 @@ class Reference:
         return self.cache[batch["split"]][batch["index"].cpu()].to(batch["input_ids"].device).unbind(1)
 
 
+def frozen_reference_problems(active, plugin, method):
+    """The config problem of a loss whose reference under ``full`` is ``frozen_copy``, which a
+    sharding plugin (``fsdp``) makes impossible."""
+    sharding = sorted(name for name in active if plugin_attribute(name, "shards_parameters", False))
+    if "full" not in active or not sharding:
+        return []
+    return [
+        f"plugins '{plugin}', 'full' and '{sharding[0]}': {method}'s reference for full fine-tuning is a frozen copy of the "
+        f"model, which cannot be copied once sharded; use --plugin ddp, or an adapter method (lora) with {sharding[0]}"
+    ]
+
+
 def frozen_copy(model, state):
     """The full fine-tuning reference: the model as it starts, frozen. On resume the model
     already holds trained weights, so the original is reloaded through the model loader."""
@@ -395,13 +407,7 @@ def ftengine_config_section(register):
 
 @hookimpl
 def ftengine_validate(config, active):
-    options, problems = config.dpo, []
-    sharding = sorted(name for name in active if plugin_attribute(name, "shards_parameters", False))
-    if "full" in active and sharding:
-        problems.append(
-            f"plugins 'dpo', 'full' and '{sharding[0]}': DPO's reference for full fine-tuning is a frozen copy of the "
-            f"model, which cannot be copied once sharded; use --plugin ddp, or an adapter method (lora) with {sharding[0]}"
-        )
+    options, problems = config.dpo, frozen_reference_problems(active, "dpo", "DPO")
     problems += pair_data_problems(config, "dpo", "the pair's log-probs and the reference's are per sequence")
     if options.label_smoothing and options.loss_type not in SMOOTHED_LOSSES:
         problems.append(

@@ -27,12 +27,12 @@ from ftengine.config import Section
 from ftengine.data import IGNORE_INDEX, BadRows, Truncation, load_splits, pad_batch, read_rows, require_messages, require_str
 from ftengine.errors import DataError, FtengineError
 from ftengine.log import warn
-from ftengine.pluginmanager import plugin_attribute
 from ftengine.plugins.dpo import (
     REFERENCE_ADAPTER,
     Reference,
     _response,
     frozen_copy,
+    frozen_reference_problems,
     load_reference_adapter,
     row_logps,
     tokenize_response,
@@ -252,13 +252,7 @@ def ftengine_config_section(register):
 
 @hookimpl
 def ftengine_validate(config, active):
-    options, problems = config.kto, []
-    sharding = sorted(name for name in active if plugin_attribute(name, "shards_parameters", False))
-    if "full" in active and sharding:
-        problems.append(
-            f"plugins 'kto', 'full' and '{sharding[0]}': KTO's reference for full fine-tuning is a frozen copy of the "
-            f"model, which cannot be copied once sharded; use --plugin ddp, or an adapter method (lora) with {sharding[0]}"
-        )
+    options, problems = config.kto, frozen_reference_problems(active, "kto", "KTO")
     if any(config.data.fields.model_dump().values()):
         problems.append(
             "data.fields: the kto plugin reads unpaired rows (prompt/messages, completion, label) by these names; "
